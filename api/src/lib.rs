@@ -1,0 +1,4 @@
+//! gefyra-api: the GefyraClient resource, its states, the client-file format and the
+//! IP-range math shared by the operator, Stowaway and the CLI.
+//!
+//! Pure data and pure functions only: no I/O, no async runtime.

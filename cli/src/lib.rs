@@ -1,0 +1,1 @@
+//! kubectl-gefyra: the companion CLI for GefyraClient resources.

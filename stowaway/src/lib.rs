@@ -1,0 +1,1 @@
+//! Stowaway: the userspace WireGuard endpoint on UDP 31820.

@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# The local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager,
+# built from their published Go modules and run as loopback processes.
+#
+# Usage:
+#   tests/controlplane.sh build            build (or reuse) the pinned binaries; prints their dir
+#   tests/controlplane.sh up   [DIR]       start a control plane whose state lives in DIR
+#   tests/controlplane.sh down [DIR]       stop it and remove every process it started
+#   tests/controlplane.sh run  [DIR] -- CMD...
+#                                          start, run CMD with KUBECONFIG set, always tear down
+#   tests/controlplane.sh bin-dir          print the directory holding kubectl, helm, ...
+#
+# DIR defaults to $GEFYRA_CLUSTER_DIR, else $GEFYRA_CACHE_DIR/cluster. The kubeconfig of the
+# admin (O=system:masters) is written to DIR/kubeconfig.
+# Extra flags per component (word-split): GEFYRA_ETCD_ARGS, GEFYRA_KUBE_APISERVER_ARGS,
+# GEFYRA_KUBE_CONTROLLER_MANAGER_ARGS.
+# Binaries are cached per version in $GEFYRA_CACHE_DIR (default ~/.cache/gefyra-operator).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+. "$here/versions.env"
+
+cache_dir=${GEFYRA_CACHE_DIR:-$HOME/.cache/gefyra-operator}
+k8s_bin=$cache_dir/kubernetes-$KUBERNETES_VERSION
+etcd_bin=$cache_dir/etcd-$ETCD_VERSION
+helm_bin=$cache_dir/helm-$HELM_VERSION
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------
+# Building
+
+# A throw-away module that requires MODULE@VERSION, with extra go.mod edits from stdin.
+throwaway_module() {
+  local dir=$1
+  rm -rf "$dir" && mkdir -p "$dir"
+  (cd "$dir" && go mod init gefyra.local/controlplane-build >/dev/null 2>&1)
+}
+
+build_kubernetes() {
+  [ -x "$k8s_bin/kube-apiserver" ] && [ -x "$k8s_bin/kube-controller-manager" ] && [ -x "$k8s_bin/kubectl" ] && return 0
+  local started=$SECONDS work minor gomod
+  work=$(mktemp -d)
+  log "building kube-apiserver, kube-controller-manager, kubectl $KUBERNETES_VERSION (cold build: several minutes)"
+  throwaway_module "$work"
+  gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
+  [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$KUBERNETES_VERSION from the Go module proxy"
+  # Every staging module the release replaces with a local path is published as v0.<minor>.<patch>.
+  local staging_version="v0.${KUBERNETES_VERSION#v1.}"
+  local -a edits=(-require "k8s.io/kubernetes@$KUBERNETES_VERSION")
+  while read -r mod; do
+    edits+=(-replace "$mod=$mod@$staging_version")
+  done < <(sed -n 's|^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\) => \./staging/src/.*$|\1|p' "$gomod")
+  [ "${#edits[@]}" -gt 10 ] || die "found no staging replacements in $gomod"
+  (cd "$work" && go mod edit "${edits[@]}")
+  minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  local ldflags="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitCommit=0000000000000000000000000000000000000000 -X $pkg.gitTreeState=clean"
+    ldflags+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  mkdir -p "$k8s_bin.tmp"
+  log "  resolving and downloading modules"
+  (cd "$work" && go mod download -x 2>&1 | grep -c '^# get' | sed 's/^/  modules fetched: /' >&2 || true)
+  for pkg in kube-apiserver kube-controller-manager kubectl; do
+    log "  compiling $pkg ($((SECONDS - started)) s so far)"
+    (cd "$work" && go build -v -trimpath -ldflags "$ldflags" -o "$k8s_bin.tmp/$pkg" "k8s.io/kubernetes/cmd/$pkg" 2>&1 |
+      awk '{ n++; if (n % 200 == 0) { printf "  ... %d packages compiled\n", n > "/dev/stderr" } }')
+    [ -x "$k8s_bin.tmp/$pkg" ] || die "building $pkg failed; rerun with: cd $work && go build k8s.io/kubernetes/cmd/$pkg"
+  done
+  rm -rf "$k8s_bin" && mv "$k8s_bin.tmp" "$k8s_bin"
+  rm -rf "$work"
+  log "  kubernetes binaries built in $((SECONDS - started)) s"
+}
+
+build_etcd() {
+  [ -x "$etcd_bin/etcd" ] && return 0
+  local started=$SECONDS work
+  work=$(mktemp -d)
+  log "building etcd $ETCD_VERSION"
+  throwaway_module "$work"
+  (cd "$work" && go mod edit -require "go.etcd.io/etcd/server/v3@$ETCD_VERSION")
+  mkdir -p "$etcd_bin.tmp"
+  (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$etcd_bin.tmp/etcd" go.etcd.io/etcd/server/v3) ||
+    die "building etcd failed"
+  rm -rf "$etcd_bin" && mv "$etcd_bin.tmp" "$etcd_bin"
+  rm -rf "$work"
+  log "  etcd built in $((SECONDS - started)) s"
+}
+
+build_helm() {
+  [ -x "$helm_bin/helm" ] && return 0
+  local started=$SECONDS v=helm.sh/helm/v3/internal/version
+  log "building helm $HELM_VERSION"
+  mkdir -p "$helm_bin.tmp"
+  GOFLAGS= GOBIN="$helm_bin.tmp" go install -trimpath \
+    -ldflags "-s -w -X $v.version=$HELM_VERSION -X $v.gitCommit=0000000000000000000000000000000000000000 -X $v.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "building helm failed"
+  rm -rf "$helm_bin" && mv "$helm_bin.tmp" "$helm_bin"
+  log "  helm built in $((SECONDS - started)) s"
+}
+
+cmd_build() {
+  "$here/prereqs.sh" go openssl iproute2
+  build_etcd
+  build_kubernetes
+  build_helm
+  ln -sfn "$k8s_bin/kubectl" "$cache_dir/kubectl"
+  ln -sfn "$helm_bin/helm" "$cache_dir/helm"
+}
+
+cmd_bin_dir() { printf '%s\n' "$cache_dir"; }
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+state_dir() { printf '%s\n' "${1:-${GEFYRA_CLUSTER_DIR:-$cache_dir/cluster}}"; }
+
+# A loopback TCP port that nothing listens on or uses right now.
+free_port() {
+  local port
+  for _ in $(seq 1 200); do
+    port=$((20000 + RANDOM % 30000))
+    if [ -z "$(ss -Htan "( sport = :$port )" 2>/dev/null)" ] && ! grep -qx "$port" "$ports_taken" 2>/dev/null; then
+      echo "$port" >>"$ports_taken"
+      echo "$port"
+      return 0
+    fi
+  done
+  die "no free loopback port found"
+}
+
+make_pki() {
+  local pki=$1 api_port=$2
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+      -keyout ca.key -out ca.crt -subj "/CN=gefyra-local-ca" 2>/dev/null
+    issue() { # name subject [san]
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+      if [ -n "${3:-}" ]; then printf 'subjectAltName=%s\n' "$3" >"$1.ext"; else : >"$1.ext"; fi
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -out "$1.crt" -extfile "$1.ext" 2>/dev/null
+      rm -f "$1.csr" "$1.ext"
+    }
+    issue apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    issue admin "/O=system:masters/CN=gefyra-local-admin"
+    issue controller-manager "/CN=system:kube-controller-manager"
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    chmod 600 ./*.key
+  )
+}
+
+write_kubeconfig() { # file server pki user
+  local file=$1 server=$2 pki=$3 user=$4
+  cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: gefyra-local
+  cluster:
+    server: $server
+    certificate-authority: $pki/ca.crt
+users:
+- name: $user
+  user:
+    client-certificate: $pki/$user.crt
+    client-key: $pki/$user.key
+contexts:
+- name: gefyra-local
+  context: {cluster: gefyra-local, user: $user}
+current-context: gefyra-local
+EOF
+  chmod 600 "$file"
+}
+
+# start NAME CMD... — runs a component in its own process group, logging to DIR/logs/NAME.log
+start_component() {
+  local name=$1; shift
+  setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$dir/pids/$name.pid"
+}
+
+fail_component() {
+  local name=$1 why=$2
+  printf 'error: %s %s; last lines of %s:\n' "$name" "$why" "$dir/logs/$name.log" >&2
+  tail -n 30 "$dir/logs/$name.log" | sed 's/^/    /' >&2
+  cmd_down "$dir"
+  exit 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1"); }
+
+alive() { kill -0 "$(cat "$dir/pids/$1.pid")" 2>/dev/null; }
+
+# wait_for NAME TIMEOUT CHECK... — until CHECK succeeds; fails with NAME's log if it dies.
+wait_for() {
+  local name=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    alive "$name" || fail_component "$name" "exited during start-up"
+    [ "$SECONDS" -lt "$deadline" ] || fail_component "$name" "was not ready within ${timeout}s"
+    sleep 0.2
+  done
+}
+
+cmd_up() {
+  dir=$(state_dir "${1:-}")
+  "$here/prereqs.sh" openssl iproute2
+  cmd_build >/dev/null
+  if [ -d "$dir/pids" ] && [ -n "$(running_pids "$dir")" ]; then
+    die "a control plane already runs in $dir (stop it with: $0 down $dir)"
+  fi
+  if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ] && [ ! -e "$dir/.gefyra-controlplane" ]; then
+    die "$dir is not empty and holds no control plane; choose another directory"
+  fi
+  rm -rf "$dir/etcd" "$dir/pki" "$dir/logs" "$dir/pids" "$dir/apiserver" "$dir/controller-manager" "$dir/ports" "$dir/server"
+  mkdir -p "$dir/logs" "$dir/pids"
+  touch "$dir/.gefyra-controlplane"
+  dir=$(cd "$dir" && pwd)
+  ports_taken=$dir/ports
+  local started=$SECONDS
+  local etcd_port etcd_peer_port api_port kcm_port
+  etcd_port=$(free_port); etcd_peer_port=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
+  local pki=$dir/pki server="https://127.0.0.1:$api_port"
+  make_pki "$pki" "$api_port"
+
+  start_component etcd "$etcd_bin/etcd" --name local --data-dir "$dir/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster "local=http://127.0.0.1:$etcd_peer_port" --unsafe-no-fsync --log-level warn \
+    ${GEFYRA_ETCD_ARGS:-}
+  wait_for etcd 30 port_open "$etcd_port"
+
+  start_component kube-apiserver "$k8s_bin/kube-apiserver" \
+    --bind-address=127.0.0.1 --secure-port="$api_port" --advertise-address=127.0.0.1 \
+    --endpoint-reconciler-type=none --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --cert-dir="$dir/apiserver" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" --authorization-mode=RBAC \
+    --service-cluster-ip-range=10.0.0.0/24 --service-node-port-range=30000-32767 \
+    --service-account-issuer="$server" --service-account-key-file="$pki/sa.pub" \
+    --service-account-signing-key-file="$pki/sa.key" --profiling=false \
+    ${GEFYRA_KUBE_APISERVER_ARGS:-}
+  write_kubeconfig "$dir/kubeconfig" "$server" "$pki" admin
+  write_kubeconfig "$dir/controller-manager.kubeconfig" "$server" "$pki" controller-manager
+  local kubectl=("$k8s_bin/kubectl" --kubeconfig "$dir/kubeconfig")
+  wait_for kube-apiserver 120 "${kubectl[@]}" get --raw /readyz
+
+  start_component kube-controller-manager "$k8s_bin/kube-controller-manager" \
+    --kubeconfig="$dir/controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$dir/controller-manager.kubeconfig" \
+    --authorization-kubeconfig="$dir/controller-manager.kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$kcm_port" --cert-dir="$dir/controller-manager" \
+    --controllers='*' --use-service-account-credentials=true --leader-elect=false \
+    --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+    --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" --profiling=false \
+    ${GEFYRA_KUBE_CONTROLLER_MANAGER_ARGS:-}
+  wait_for kube-controller-manager 120 "${kubectl[@]}" -n default get serviceaccount default
+
+  echo "$server" >"$dir/server"
+  log "control plane ready in $((SECONDS - started)) s: $server"
+  log "export KUBECONFIG=$dir/kubeconfig"
+}
+
+running_pids() {
+  local d=$1 f pid
+  for f in "$d"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    kill -0 "$pid" 2>/dev/null && echo "$pid"
+  done
+  return 0
+}
+
+cmd_down() {
+  local d
+  d=$(state_dir "${1:-}")
+  [ -d "$d/pids" ] || return 0
+  local name f pid
+  # Reverse start order: the controller-manager first, etcd last.
+  for name in kube-controller-manager kube-apiserver etcd; do
+    f=$d/pids/$name.pid
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$f"
+  done
+}
+
+cmd_run() {
+  local d=""
+  if [ "${1:-}" != "--" ]; then d=${1:-}; shift || true; fi
+  [ "${1:-}" = "--" ] || die "usage: $0 run [DIR] -- CMD..."
+  shift
+  [ -n "$d" ] || d=$(mktemp -d "${TMPDIR:-/tmp}/gefyra-cluster.XXXXXX")
+  trap 'cmd_down "$d"' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  cmd_up "$d"
+  # If this script is killed outright, a watchdog still tears the control plane down.
+  (
+    trap '' INT TERM
+    owner=$$
+    while kill -0 "$owner" 2>/dev/null; do sleep 1; done
+    "$0" down "$d"
+  ) </dev/null >/dev/null 2>&1 &
+  local status=0
+  KUBECONFIG=$dir/kubeconfig GEFYRA_KUBECONFIG=$dir/kubeconfig GEFYRA_CLUSTER_DIR=$dir "$@" || status=$?
+  return "$status"
+}
+
+case "${1:-}" in
+  build) cmd_build ;;
+  bin-dir) cmd_bin_dir ;;
+  up) shift; cmd_up "${1:-}" ;;
+  down) shift; cmd_down "${1:-}" ;;
+  run) shift; cmd_run "$@" ;;
+  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+esac
