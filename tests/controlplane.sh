@@ -141,15 +141,16 @@ make_pki() {
     cd "$pki"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
       -keyout ca.key -out ca.crt -subj "/CN=gefyra-local-ca" 2>/dev/null
-    issue() { # name subject [san]
+    issue() { # name subject usage [san] — X.509 v3 (rustls accepts no v1 certificates)
       openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-      if [ -n "${3:-}" ]; then printf 'subjectAltName=%s\n' "$3" >"$1.ext"; else : >"$1.ext"; fi
+      printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=%s\n' "$3" >"$1.ext"
+      if [ -n "${4:-}" ]; then printf 'subjectAltName=%s\n' "$4" >>"$1.ext"; fi
       openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -out "$1.crt" -extfile "$1.ext" 2>/dev/null
       rm -f "$1.csr" "$1.ext"
     }
-    issue apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
-    issue admin "/O=system:masters/CN=gefyra-local-admin"
-    issue controller-manager "/CN=system:kube-controller-manager"
+    issue apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    issue admin "/O=system:masters/CN=gefyra-local-admin" clientAuth
+    issue controller-manager "/CN=system:kube-controller-manager" clientAuth
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
     chmod 600 ./*.key
@@ -300,9 +301,12 @@ cmd_run() {
   [ "${1:-}" = "--" ] || die "usage: $0 run [DIR] -- CMD..."
   shift
   [ -n "$d" ] || d=$(mktemp -d "${TMPDIR:-/tmp}/gefyra-cluster.XXXXXX")
+  local child=""
   trap 'cmd_down "$d"' EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
+  # Bash runs traps only between commands: CMD runs in the background and we `wait` for it,
+  # so an interrupt is handled at once; CMD is stopped with us.
+  trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 130' INT
+  trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 143' TERM
   cmd_up "$d"
   # If this script is killed outright, a watchdog still tears the control plane down.
   (
@@ -312,7 +316,10 @@ cmd_run() {
     "$0" down "$d"
   ) </dev/null >/dev/null 2>&1 &
   local status=0
-  KUBECONFIG=$dir/kubeconfig GEFYRA_KUBECONFIG=$dir/kubeconfig GEFYRA_CLUSTER_DIR=$dir "$@" || status=$?
+  KUBECONFIG=$dir/kubeconfig GEFYRA_KUBECONFIG=$dir/kubeconfig GEFYRA_CLUSTER_DIR=$dir "$@" &
+  child=$!
+  wait "$child" || status=$?
+  child=""
   return "$status"
 }
 

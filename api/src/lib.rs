@@ -2,3 +2,8 @@
 //! IP-range math shared by the operator, Stowaway and the CLI.
 //!
 //! Pure data and pure functions only: no I/O, no async runtime.
+
+pub mod client;
+pub mod crd;
+
+pub use client::{ClientState, ClientStatus, GefyraClient, Provider, ServiceAccountData};

@@ -1,2 +1,11 @@
 //! gefyra-operator: reconciles GefyraClient resources into credentials, RBAC and
 //! exclusive WireGuard IP ranges.
+
+pub mod controller;
+pub mod credentials;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod run;

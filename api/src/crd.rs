@@ -1,0 +1,160 @@
+//! The GefyraClient CustomResourceDefinition, generated from the Rust types plus what a
+//! schema derive cannot say: CEL rules, the `state` default, printer columns, the status
+//! subresource.
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionNames,
+    CustomResourceDefinitionSpec, CustomResourceDefinitionVersion, CustomResourceSubresources,
+    CustomResourceValidation, JSONSchemaProps, ValidationRule,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{Value, json};
+
+use crate::client::{GROUP, GefyraClient, KIND, PLURAL, VERSION};
+
+/// RFC 3339 with a mandatory zone, as `sunset` must be written.
+const RFC3339: &str = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$";
+
+fn rule(
+    rule: &str,
+    message: &str,
+    reason: Option<&str>,
+    field_path: Option<&str>,
+) -> ValidationRule {
+    ValidationRule {
+        rule: rule.to_string(),
+        message: Some(message.to_string()),
+        reason: reason.map(str::to_string),
+        field_path: field_path.map(str::to_string),
+        ..ValidationRule::default()
+    }
+}
+
+fn schema() -> JSONSchemaProps {
+    let generator = schemars::generate::SchemaSettings::openapi3()
+        .with(|s| {
+            s.inline_subschemas = true;
+            s.meta_schema = None;
+        })
+        .with_transform(schemars::transform::AddNullable::default())
+        .with_transform(kube_core::schema::StructuralSchemaRewriter)
+        .with_transform(kube_core::schema::OptionalEnum)
+        .into_generator();
+    let mut value = serde_json::to_value(generator.into_root_schema_for::<GefyraClient>())
+        .expect("the GefyraClient schema serializes");
+    let root = value.as_object_mut().expect("the schema is an object");
+    root.remove("title");
+    let properties = root
+        .get_mut("properties")
+        .and_then(Value::as_object_mut)
+        .expect("the schema has properties");
+    properties.insert("apiVersion".into(), json!({"type": "string"}));
+    properties.insert("kind".into(), json!({"type": "string"}));
+    properties.insert("metadata".into(), json!({"type": "object"}));
+    properties["state"]["default"] = json!("REQUESTED");
+    properties["sunset"]["format"] = json!("date-time");
+    properties["maxConnectionAge"]["minimum"] = json!(1);
+
+    let mut schema: JSONSchemaProps =
+        serde_json::from_value(value).expect("a valid JSONSchemaProps");
+    schema.x_kubernetes_validations = Some(vec![
+        rule(
+            "self.provider == 'stowaway'",
+            "provider must be 'stowaway', the only connection provider",
+            Some("FieldValueNotSupported"),
+            Some(".provider"),
+        ),
+        rule(
+            &format!(
+                "!has(self.sunset) || self.sunset.matches('{}')",
+                RFC3339.replace('\\', "\\\\")
+            ),
+            "sunset must be an RFC 3339 date-time with a zone, e.g. 2030-01-31T18:00:00Z",
+            Some("FieldValueInvalid"),
+            Some(".sunset"),
+        ),
+        rule(
+            "!has(self.maxConnectionAge) || self.maxConnectionAge > 0",
+            "maxConnectionAge is a number of seconds and must be greater than 0",
+            Some("FieldValueInvalid"),
+            Some(".maxConnectionAge"),
+        ),
+        ValidationRule {
+            optional_old_self: Some(true),
+            ..rule(
+                "oldSelf.hasValue() || !has(self.providerParameter)",
+                "providerParameter may not be set at creation: create the client, wait for state WAITING, then set providerParameter to connect",
+                Some("FieldValueForbidden"),
+                Some(".providerParameter"),
+            )
+        },
+    ]);
+    schema
+}
+
+fn column(
+    name: &str,
+    type_: &str,
+    json_path: &str,
+    description: &str,
+) -> CustomResourceColumnDefinition {
+    CustomResourceColumnDefinition {
+        name: name.to_string(),
+        type_: type_.to_string(),
+        json_path: json_path.to_string(),
+        description: Some(description.to_string()),
+        ..CustomResourceColumnDefinition::default()
+    }
+}
+
+/// The CRD `gefyraclients.gefyra.dev`.
+pub fn crd() -> CustomResourceDefinition {
+    CustomResourceDefinition {
+        metadata: ObjectMeta {
+            name: Some(format!("{PLURAL}.{GROUP}")),
+            ..ObjectMeta::default()
+        },
+        spec: CustomResourceDefinitionSpec {
+            group: GROUP.to_string(),
+            names: CustomResourceDefinitionNames {
+                kind: KIND.to_string(),
+                list_kind: Some(format!("{KIND}List")),
+                plural: PLURAL.to_string(),
+                singular: Some(KIND.to_string()),
+                short_names: Some(vec!["gclients".into(), "gclient".into()]),
+                ..CustomResourceDefinitionNames::default()
+            },
+            scope: "Namespaced".to_string(),
+            versions: vec![CustomResourceDefinitionVersion {
+                name: VERSION.to_string(),
+                served: true,
+                storage: true,
+                schema: Some(CustomResourceValidation { open_api_v3_schema: Some(schema()) }),
+                subresources: Some(CustomResourceSubresources {
+                    status: Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceSubresourceStatus(
+                        serde_json::Map::new().into(),
+                    )),
+                    ..CustomResourceSubresources::default()
+                }),
+                additional_printer_columns: Some(vec![
+                    column("State", "string", ".state", "The lifecycle state"),
+                    column("Address", "string", ".providerConfig.Interface\\.Address", "The client's tunnel address"),
+                    column("Subnet", "string", ".providerParameter.subnet", "The client's routed range"),
+                    column("Handshake", "date", ".status.wireguard.latest_handshake", "The latest WireGuard handshake"),
+                    column("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
+                ]),
+                ..CustomResourceDefinitionVersion::default()
+            }],
+            ..CustomResourceDefinitionSpec::default()
+        },
+        status: None,
+    }
+}
+
+/// The CRD as the YAML committed in `crds/`.
+pub fn crd_yaml() -> String {
+    let mut yaml =
+        String::from("# Generated by `gefyra-operator crd` from api/src; do not edit.\n");
+    yaml.push_str(&serde_yaml::to_string(&crd()).expect("the CRD serializes to YAML"));
+    yaml
+}

@@ -1,0 +1,525 @@
+//! The GefyraClient reconciler: validate → build the client's identity → apply → record
+//! the state. Every write is idempotent, so a crash at any line converges on the next run.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use gefyra_api::{ClientState, GefyraClient};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::credentials::{self, ClientRbac, CredentialsNeed};
+use crate::error::{Error, Result};
+use crate::lifecycle;
+use crate::metrics::Metrics;
+
+pub const FINALIZER: &str = "gefyra.dev/cleanup";
+pub const FIELD_MANAGER: &str = "gefyra-operator";
+
+/// What the operator is told on its command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub namespace: String,
+    pub client_rbac: ClientRbac,
+    /// Token lifetime; `None`: until the client's sunset, else 365 days.
+    pub token_lifetime: Option<SignedDuration>,
+    pub concurrency: u16,
+}
+
+/// Built once, shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Consecutive failures per client, for the retry backoff only (never for correctness).
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+        }
+    }
+
+    async fn event(&self, client: &GefyraClient, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &client.object_ref(&())).await {
+            warn!(client = %client.name_any(), %error, "could not publish event {reason}");
+        }
+    }
+}
+
+/// Runs the controller until shutdown; `ready` is told once the cache is synced.
+pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
+    let namespace = ctx.settings.namespace.clone();
+    let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    let controller = Controller::new(clients, watcher::Config::default())
+        .owns(
+            accounts,
+            watcher::Config::default().labels(&format!(
+                "app.kubernetes.io/managed-by={}",
+                credentials::MANAGED_BY
+            )),
+        )
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
+        )
+        .shutdown_on_signal();
+    let store = controller.store();
+    ctx.metrics.watch_store(store.clone());
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            ready();
+        }
+    });
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(client: Arc<GefyraClient>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let api: Api<GefyraClient> =
+        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
+    let shared = ctx.clone();
+    let result = finalizer(&api, FINALIZER, client.clone(), |event| async move {
+        let ctx = &shared;
+        let result = match &event {
+            Finalizer::Apply(client) => apply(client, ctx).await,
+            Finalizer::Cleanup(client) => cleanup(client, ctx).await,
+        };
+        if let Err(error) = &result {
+            report_failure(&event, error, ctx).await;
+        }
+        result
+    })
+    .await
+    .map_err(|error| match error {
+        kube::runtime::finalizer::Error::ApplyFailed(error)
+        | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("failures lock")
+            .remove(&client.name_any());
+    }
+    result
+}
+
+/// Retries with exponential backoff: 1 s, 2 s, 4 s, ... up to 5 minutes.
+fn error_policy(client: Arc<GefyraClient>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().expect("failures lock");
+    let count = failures.entry(client.name_any()).or_insert(0);
+    *count = count.saturating_add(1);
+    let delay = Duration::from_secs(1u64 << (*count - 1).min(8)).min(Duration::from_secs(300));
+    warn!(client = %client.name_any(), category = error.category(), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// A failure lands in the CR (`ERROR` plus the `Ready` condition), in an Event and the log.
+async fn report_failure(event: &Finalizer<GefyraClient>, error: &Error, ctx: &Context) {
+    let (client, deleting) = match event {
+        Finalizer::Apply(client) => (client, false),
+        Finalizer::Cleanup(client) => (client, true),
+    };
+    let message = error.to_string();
+    ctx.event(
+        client,
+        EventType::Warning,
+        error.category(),
+        message.clone(),
+    )
+    .await;
+    let api: Api<GefyraClient> =
+        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
+    let now = Timestamp::now();
+    if !deleting && client.state != ClientState::Error {
+        let _ = api
+            .patch(
+                &client.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(lifecycle::enter(ClientState::Error, now)),
+            )
+            .await;
+    }
+    let condition = lifecycle::ready_condition(
+        client.ready_condition(),
+        false,
+        error.category(),
+        &message,
+        client.metadata.generation,
+        now,
+    );
+    if let Err(error) = api
+        .patch_status(
+            &client.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "conditions": [condition] } })),
+        )
+        .await
+    {
+        warn!(client = %client.name_any(), %error, "could not record the failure in the client's status");
+    }
+}
+
+async fn enter(
+    api: &Api<GefyraClient>,
+    client: &GefyraClient,
+    state: ClientState,
+    ctx: &Context,
+) -> Result<()> {
+    if client.state == state {
+        return Ok(());
+    }
+    let name = client.name_any();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(lifecycle::enter(state, Timestamp::now())),
+    )
+    .await
+    .map_err(|source| Error::RecordState {
+        client: name.clone(),
+        state,
+        source,
+    })?;
+    info!(client = %name, from = %client.state, to = %state, "state changed");
+    ctx.event(
+        client,
+        EventType::Normal,
+        "StateChanged",
+        format!("{} -> {}", client.state, state),
+    )
+    .await;
+    Ok(())
+}
+
+fn sunset_of(client: &GefyraClient) -> Result<Option<Timestamp>> {
+    client
+        .sunset
+        .as_deref()
+        .map(|sunset| {
+            sunset
+                .parse::<Timestamp>()
+                .map_err(|_| Error::InvalidSunset {
+                    client: client.name_any(),
+                    sunset: sunset.to_string(),
+                })
+        })
+        .transpose()
+}
+
+async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
+    let name = client.name_any();
+    let namespace = client.namespace().unwrap_or_default();
+    let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
+    let now = Timestamp::now();
+
+    // Validate (pure).
+    let sunset = sunset_of(client)?;
+    if let Some(sunset) = sunset
+        && sunset <= now
+    {
+        info!(client = %name, %sunset, "sunset reached; deleting the client");
+        ctx.event(
+            client,
+            EventType::Normal,
+            "Sunset",
+            format!("sunset {sunset} reached; deleting the client"),
+        )
+        .await;
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .map_err(|source| Error::Delete {
+                client: name.clone(),
+                source,
+            })?;
+        return Ok(Action::await_change());
+    }
+    if matches!(client.state, ClientState::Requested) {
+        enter(&api, client, ClientState::Creating, ctx).await?;
+    }
+
+    // Build and apply the identity.
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let account = credentials::service_account(client);
+    let sa_name = account.name_any();
+    let account = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace)
+        .patch(&sa_name, &params, &Patch::Apply(&account))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "ServiceAccount",
+            name: sa_name.clone(),
+            source,
+        })?;
+    Api::<Role>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &sa_name,
+            &params,
+            &Patch::Apply(credentials::role(client, ctx.settings.client_rbac)),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "Role",
+            name: sa_name.clone(),
+            source,
+        })?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &sa_name,
+            &params,
+            &Patch::Apply(credentials::role_binding(client)),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "RoleBinding",
+            name: sa_name.clone(),
+            source,
+        })?;
+
+    // Credentials: minted with the TokenRequest API, renewed before they expire.
+    let account_uid = account.uid().unwrap_or_default();
+    let need =
+        credentials::credentials_need(client.service_account_data.as_ref(), &account_uid, now);
+    let mut patch = serde_json::Map::new();
+    let mut expires_at = client
+        .status
+        .as_ref()
+        .and_then(|status| status.credentials_expire_at.clone());
+    let mut renew_at = client
+        .service_account_data
+        .as_ref()
+        .and_then(stored_token)
+        .as_deref()
+        .and_then(renew_at_of);
+    if need != CredentialsNeed::Fresh
+        || client.service_account_name.as_deref() != Some(sa_name.as_str())
+    {
+        let lifetime = credentials::requested_lifetime(now, sunset, ctx.settings.token_lifetime);
+        let (token, expiry) = mint_token(ctx, &namespace, &sa_name, lifetime).await?;
+        let ca = cluster_ca(ctx, &namespace).await?;
+        patch.insert("serviceAccountName".into(), json!(sa_name));
+        patch.insert(
+            "serviceAccountData".into(),
+            json!(credentials::service_account_data(&token, &ca, &namespace)),
+        );
+        expires_at = Some(expiry.to_string());
+        renew_at = renew_at_of(&token);
+        if need == CredentialsNeed::Renew {
+            ctx.event(
+                client,
+                EventType::Normal,
+                "CredentialsRenewed",
+                format!("the client's token was renewed (valid until {expiry}); re-issue the client file: kubectl gefyra clients config {name}"),
+            )
+            .await;
+        }
+    }
+    if matches!(
+        client.state,
+        ClientState::Requested | ClientState::Creating | ClientState::Error
+    ) {
+        patch.extend(
+            lifecycle::enter(ClientState::Waiting, now)
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    if !patch.is_empty() {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::Value::Object(patch)),
+        )
+        .await
+        .map_err(|source| Error::RecordCredentials {
+            client: name.clone(),
+            source,
+        })?;
+        if client.state != ClientState::Waiting {
+            info!(client = %name, from = %client.state, to = "WAITING", "state changed");
+            ctx.event(
+                client,
+                EventType::Normal,
+                "StateChanged",
+                format!("{} -> WAITING: credentials issued", client.state),
+            )
+            .await;
+        }
+    }
+    let condition = lifecycle::ready_condition(
+        client.ready_condition(),
+        true,
+        "CredentialsIssued",
+        "the client's credentials are ready",
+        client.metadata.generation,
+        now,
+    );
+    let status = client.status.clone().unwrap_or_default();
+    let condition_changed = client.ready_condition().is_none_or(|c| {
+        c.status != "True" || c.observed_generation != condition.observed_generation
+    });
+    if condition_changed || status.credentials_expire_at != expires_at {
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "conditions": [condition], "credentialsExpireAt": expires_at } })),
+        )
+        .await
+        .map_err(|source| Error::RecordCredentials { client: name.clone(), source })?;
+    }
+
+    // Come back exactly when something is due: the renewal or the sunset.
+    let renew_at = renew_at.unwrap_or(now + SignedDuration::from_hours(1));
+    let due = sunset.map_or(renew_at, |sunset| sunset.min(renew_at));
+    Ok(Action::requeue(
+        due.duration_since(now)
+            .max(SignedDuration::from_secs(1))
+            .unsigned_abs(),
+    ))
+}
+
+fn renew_at_of(token: &str) -> Option<Timestamp> {
+    credentials::token_claims(token).map(|claims| credentials::renew_at(&claims))
+}
+
+fn stored_token(data: &gefyra_api::ServiceAccountData) -> Option<String> {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD
+        .decode(&data.token)
+        .ok()?;
+    String::from_utf8(token).ok()
+}
+
+async fn mint_token(
+    ctx: &Context,
+    namespace: &str,
+    account: &str,
+    lifetime: SignedDuration,
+) -> Result<(String, Timestamp)> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(lifetime.as_secs()),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let minted = Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .map_err(|source| Error::MintToken {
+            account: account.to_string(),
+            source,
+        })?;
+    let status = minted.status.unwrap_or_default();
+    match (status.token, status.expiration_timestamp) {
+        (Some(token), Some(expiry)) => Ok((token, expiry.0)),
+        _ => Err(Error::EmptyToken {
+            account: account.to_string(),
+        }),
+    }
+}
+
+/// The API server's CA, as the controller-manager publishes it into every namespace.
+async fn cluster_ca(ctx: &Context, namespace: &str) -> Result<String> {
+    let configmap = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+        .get("kube-root-ca.crt")
+        .await
+        .map_err(|source| Error::ClusterCa {
+            namespace: namespace.to_string(),
+            source: Some(source),
+        })?;
+    configmap
+        .data
+        .and_then(|mut data| data.remove("ca.crt"))
+        .ok_or(Error::ClusterCa {
+            namespace: namespace.to_string(),
+            source: None,
+        })
+}
+
+/// Removes everything the client owns, and only then lets it go: the RoleBinding, the Role,
+/// the ServiceAccount (which invalidates every token minted for it).
+async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
+    let name = client.name_any();
+    let namespace = client.namespace().unwrap_or_default();
+    let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
+    if client.state != ClientState::Terminating {
+        enter(&api, client, ClientState::Terminating, ctx).await?;
+    }
+    let sa_name = GefyraClient::service_account_name_for(&name);
+    delete_if_present(
+        Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
+        "RoleBinding",
+        &sa_name,
+    )
+    .await?;
+    delete_if_present(
+        Api::<Role>::namespaced(ctx.client.clone(), &namespace),
+        "Role",
+        &sa_name,
+    )
+    .await?;
+    delete_if_present(
+        Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace),
+        "ServiceAccount",
+        &sa_name,
+    )
+    .await?;
+    info!(client = %name, "client removed with its ServiceAccount, Role and RoleBinding");
+    Ok(Action::await_change())
+}
+
+async fn delete_if_present<K>(api: Api<K>, kind: &'static str, name: &str) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Cleanup {
+            kind,
+            name: name.to_string(),
+            source,
+        }),
+    }
+}

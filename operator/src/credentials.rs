@@ -1,0 +1,307 @@
+//! A client's identity: its ServiceAccount, the namespaced Role and RoleBinding that grant
+//! the least it needs, and the token minted for it. Pure builders; the controller applies them.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use gefyra_api::{GefyraClient, ServiceAccountData};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+pub const MANAGED_BY: &str = "gefyra-operator";
+pub const CLIENT_LABEL: &str = "gefyra.dev/client";
+
+/// How much a client's Role grants beyond its own GefyraClient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientRbac {
+    /// `get`, `watch`, `patch` on the client's own GefyraClient, nothing else.
+    Minimal,
+    /// Also `list` on all GefyraClients of the namespace, which Gefyra's CLI needs to pick
+    /// a subnet; every client then sees the others' objects, credentials included.
+    GefyraCompat,
+}
+
+fn meta(client: &GefyraClient) -> ObjectMeta {
+    let name = client.name_any();
+    ObjectMeta {
+        name: Some(GefyraClient::service_account_name_for(&name)),
+        namespace: client.namespace(),
+        labels: Some(BTreeMap::from([
+            (
+                "app.kubernetes.io/managed-by".to_string(),
+                MANAGED_BY.to_string(),
+            ),
+            (CLIENT_LABEL.to_string(), name),
+        ])),
+        owner_references: owner_reference(client).map(|owner| vec![owner]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The client owns its objects, so the garbage collector removes them even if the
+/// finalizer was forced away.
+fn owner_reference(client: &GefyraClient) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: GefyraClient::api_version(&()).into_owned(),
+        kind: GefyraClient::kind(&()).into_owned(),
+        name: client.name_any(),
+        uid: client.uid()?,
+        controller: Some(true),
+        block_owner_deletion: None,
+    })
+}
+
+pub fn service_account(client: &GefyraClient) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(client),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+pub fn role(client: &GefyraClient, rbac: ClientRbac) -> Role {
+    let group = GefyraClient::group(&()).into_owned();
+    let plural = GefyraClient::plural(&()).into_owned();
+    let mut rules = vec![PolicyRule {
+        api_groups: Some(vec![group.clone()]),
+        resources: Some(vec![plural.clone()]),
+        resource_names: Some(vec![client.name_any()]),
+        verbs: vec!["get".into(), "watch".into(), "patch".into()],
+        ..PolicyRule::default()
+    }];
+    if rbac == ClientRbac::GefyraCompat {
+        rules.push(PolicyRule {
+            api_groups: Some(vec![group]),
+            resources: Some(vec![plural]),
+            verbs: vec!["list".into()],
+            ..PolicyRule::default()
+        });
+    }
+    Role {
+        metadata: meta(client),
+        rules: Some(rules),
+    }
+}
+
+pub fn role_binding(client: &GefyraClient) -> RoleBinding {
+    let name = GefyraClient::service_account_name_for(&client.name_any());
+    RoleBinding {
+        metadata: meta(client),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name,
+            namespace: client.namespace(),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// The claims of a service-account token we act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub service_account_uid: Option<String>,
+}
+
+/// Reads the claims of a JWT without verifying it: the token is ours, we only need to know
+/// when to renew it and whether it belongs to the current ServiceAccount.
+pub fn token_claims(token: &str) -> Option<TokenClaims> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let at = |key: &str| Timestamp::from_second(claims.get(key)?.as_i64()?).ok();
+    Some(TokenClaims {
+        issued_at: at("iat")?,
+        expires_at: at("exp")?,
+        service_account_uid: claims
+            .pointer("/kubernetes.io/serviceaccount/uid")
+            .and_then(|uid| uid.as_str())
+            .map(str::to_string),
+    })
+}
+
+/// When a token is renewed: after 80 % of its lifetime, so a client always has a fifth of
+/// it left to fetch the new one.
+pub fn renew_at(claims: &TokenClaims) -> Timestamp {
+    let lifetime = claims.expires_at.duration_since(claims.issued_at);
+    claims.issued_at + lifetime * 4 / 5
+}
+
+/// The lifetime to ask the API server for: the configured one, else until the client's
+/// sunset, else 365 days. At least 10 minutes (the API server's minimum).
+pub fn requested_lifetime(
+    now: Timestamp,
+    sunset: Option<Timestamp>,
+    configured: Option<SignedDuration>,
+) -> SignedDuration {
+    let wanted = configured
+        .or_else(|| sunset.map(|sunset| sunset.duration_since(now)))
+        .unwrap_or(SignedDuration::from_hours(365 * 24));
+    wanted.max(SignedDuration::from_mins(10))
+}
+
+/// Why credentials must be (re)issued, if they must.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialsNeed {
+    Fresh,
+    Issue,
+    Renew,
+}
+
+pub fn credentials_need(
+    data: Option<&ServiceAccountData>,
+    service_account_uid: &str,
+    now: Timestamp,
+) -> CredentialsNeed {
+    let Some(data) = data else {
+        return CredentialsNeed::Issue;
+    };
+    let claims = STANDARD
+        .decode(&data.token)
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|token| token_claims(&token));
+    match claims {
+        None => CredentialsNeed::Issue,
+        // A token of a deleted and re-created ServiceAccount no longer authenticates.
+        Some(claims) if claims.service_account_uid.as_deref() != Some(service_account_uid) => {
+            CredentialsNeed::Issue
+        }
+        Some(claims) if now >= renew_at(&claims) => CredentialsNeed::Renew,
+        Some(_) => CredentialsNeed::Fresh,
+    }
+}
+
+/// `serviceAccountData` as Gefyra writes it: every value base64-encoded.
+pub fn service_account_data(token: &str, ca_crt: &str, namespace: &str) -> ServiceAccountData {
+    ServiceAccountData {
+        token: STANDARD.encode(token),
+        ca_crt: STANDARD.encode(ca_crt),
+        namespace: STANDARD.encode(namespace),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn client(name: &str) -> GefyraClient {
+        let mut client = GefyraClient::default();
+        client.metadata.name = Some(name.into());
+        client.metadata.namespace = Some("gefyra".into());
+        client.metadata.uid = Some("uid-1".into());
+        client
+    }
+
+    fn jwt(claims: serde_json::Value) -> String {
+        format!(
+            "eyJhbGciOiJSUzI1NiJ9.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        )
+    }
+
+    #[test]
+    fn minimal_role_grants_only_the_clients_own_object() {
+        let role = serde_json::to_value(role(&client("abc"), ClientRbac::Minimal)).unwrap();
+        assert_eq!(
+            role["rules"],
+            json!([{"apiGroups":["gefyra.dev"],"resources":["gefyraclients"],"resourceNames":["abc"],"verbs":["get","watch","patch"]}])
+        );
+        assert_eq!(role["metadata"]["name"], "gefyra-client-abc");
+        assert_eq!(
+            role["metadata"]["ownerReferences"][0]["kind"],
+            "gefyraclient"
+        );
+    }
+
+    #[test]
+    fn gefyra_compat_role_adds_list_only() {
+        let role = role(&client("abc"), ClientRbac::GefyraCompat);
+        let rules = role.rules.unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1].verbs, vec!["list".to_string()]);
+        assert_eq!(rules[1].resource_names, None);
+    }
+
+    #[test]
+    fn binding_names_the_service_account_in_the_clients_namespace() {
+        let binding = serde_json::to_value(role_binding(&client("abc"))).unwrap();
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind":"ServiceAccount","name":"gefyra-client-abc","namespace":"gefyra"}])
+        );
+        assert_eq!(
+            binding["roleRef"],
+            json!({"apiGroup":"rbac.authorization.k8s.io","kind":"Role","name":"gefyra-client-abc"})
+        );
+    }
+
+    #[test]
+    fn token_claims_are_read_and_renewal_is_at_four_fifths() {
+        let token = jwt(
+            json!({"iat": 1000, "exp": 2000, "kubernetes.io": {"serviceaccount": {"uid": "sa-1"}}}),
+        );
+        let claims = token_claims(&token).unwrap();
+        assert_eq!(claims.service_account_uid.as_deref(), Some("sa-1"));
+        assert_eq!(renew_at(&claims), Timestamp::from_second(1800).unwrap());
+        let data = service_account_data(&token, "ca", "gefyra");
+        let at = |s| Timestamp::from_second(s).unwrap();
+        assert_eq!(
+            credentials_need(Some(&data), "sa-1", at(1799)),
+            CredentialsNeed::Fresh
+        );
+        assert_eq!(
+            credentials_need(Some(&data), "sa-1", at(1800)),
+            CredentialsNeed::Renew
+        );
+        assert_eq!(
+            credentials_need(Some(&data), "sa-2", at(1000)),
+            CredentialsNeed::Issue
+        );
+        assert_eq!(
+            credentials_need(None, "sa-1", at(1000)),
+            CredentialsNeed::Issue
+        );
+        let garbage = ServiceAccountData {
+            token: "not base64!".into(),
+            ..data
+        };
+        assert_eq!(
+            credentials_need(Some(&garbage), "sa-1", at(1000)),
+            CredentialsNeed::Issue
+        );
+    }
+
+    #[test]
+    fn lifetime_follows_configuration_then_sunset_then_a_year() {
+        let now = Timestamp::from_second(0).unwrap();
+        let sunset = Timestamp::from_second(7200).unwrap();
+        assert_eq!(
+            requested_lifetime(now, Some(sunset), None),
+            SignedDuration::from_hours(2)
+        );
+        assert_eq!(
+            requested_lifetime(now, Some(sunset), Some(SignedDuration::from_hours(1))),
+            SignedDuration::from_hours(1)
+        );
+        assert_eq!(
+            requested_lifetime(now, None, None),
+            SignedDuration::from_hours(365 * 24)
+        );
+        assert_eq!(
+            requested_lifetime(now, Some(now), None),
+            SignedDuration::from_mins(10)
+        );
+    }
+}

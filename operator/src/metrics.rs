@@ -1,0 +1,118 @@
+//! Prometheus metrics with bounded labels: no per-client label.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use gefyra_api::{ClientState, GefyraClient};
+use kube::runtime::reflector::Store;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::error::Error;
+
+pub struct Metrics {
+    registry: Registry,
+    reconciles: IntCounterVec,
+    reconcile_errors: IntCounterVec,
+    reconcile_duration: HistogramVec,
+    clients: IntGaugeVec,
+    store: OnceLock<Store<GefyraClient>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new("gefyra_operator_reconciles_total", "Reconciles run"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "gefyra_operator_reconcile_errors_total",
+                "Failed reconciles by error category",
+            ),
+            &["category"],
+        )
+        .expect("valid metric");
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gefyra_operator_reconcile_duration_seconds",
+                "Time one reconcile takes",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &[],
+        )
+        .expect("valid metric");
+        let clients = IntGaugeVec::new(
+            Opts::new("gefyra_operator_clients", "GefyraClients by state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_errors.clone()),
+            Box::new(reconcile_duration.clone()),
+            Box::new(clients.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric registered once");
+        }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            clients,
+            store: OnceLock::new(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn watch_store(&self, store: Store<GefyraClient>) {
+        let _ = self.store.set(store);
+    }
+
+    pub fn observe_reconcile(&self, duration: Duration, error: Option<&Error>) {
+        self.reconcile_duration
+            .with_label_values::<&str>(&[])
+            .observe(duration.as_secs_f64());
+        match error {
+            None => self.reconciles.with_label_values(&["ok"]).inc(),
+            Some(error) => {
+                self.reconciles.with_label_values(&["error"]).inc();
+                self.reconcile_errors
+                    .with_label_values(&[error.category()])
+                    .inc();
+            }
+        }
+    }
+
+    /// The text exposition format; client counts are taken from the cache at scrape time.
+    pub fn render(&self) -> String {
+        if let Some(store) = self.store.get() {
+            let clients = store.state();
+            for state in ClientState::ALL {
+                let count = clients
+                    .iter()
+                    .filter(|client| client.state == state)
+                    .count();
+                self.clients
+                    .with_label_values(&[state.as_str()])
+                    .set(count as i64);
+            }
+        }
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding never fails");
+        String::from_utf8(buffer).expect("metrics are UTF-8")
+    }
+}
+
+pub type SharedMetrics = Arc<Metrics>;

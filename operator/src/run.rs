@@ -1,0 +1,185 @@
+//! The command line and the process around the controller: logging, the HTTP endpoints,
+//! waiting for the CRD, leader election, shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use gefyra_api::GefyraClient;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::controller::{self, Context, Settings};
+use crate::credentials::ClientRbac;
+use crate::http::{self, Health};
+use crate::leader::LeaderElection;
+use crate::metrics::Metrics;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gefyra-operator",
+    version,
+    about = "The Gefyra operator: GefyraClients to credentials, RBAC and WireGuard peers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the GefyraClient CRD as YAML.
+    Crd,
+    /// Run the operator (the default).
+    Run,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The namespace whose GefyraClients this operator manages.
+    #[arg(long, env = "GEFYRA_NAMESPACE", default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// What a client's Role grants: `minimal` (its own GefyraClient only) or
+    /// `gefyra-compat` (also `list` on all GefyraClients, which Gefyra's CLI needs).
+    #[arg(
+        long,
+        value_enum,
+        env = "GEFYRA_CLIENT_RBAC",
+        default_value = "minimal"
+    )]
+    pub client_rbac: ClientRbac,
+    /// Token lifetime in seconds; default: until the client's sunset, else 365 days.
+    #[arg(long, env = "GEFYRA_TOKEN_LIFETIME")]
+    pub token_lifetime: Option<u64>,
+    /// Reconcile only while holding the Lease (for more than one replica).
+    #[arg(long, env = "GEFYRA_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// The Lease's name, in --namespace.
+    #[arg(long, default_value = "gefyra-operator-leader")]
+    pub lease_name: String,
+    /// This process's identity in the Lease (default: POD_NAME, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Where /livez, /readyz and /metrics are served.
+    #[arg(long, env = "GEFYRA_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub http_address: SocketAddr,
+    /// Clients reconciled at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: u16,
+    #[arg(long, value_enum, env = "GEFYRA_LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Crd) = cli.command {
+        print!("{}", gefyra_api::crd::crd_yaml());
+        return Ok(());
+    }
+    let args = cli.run;
+    init_logging(args.log_format);
+    let client = Client::try_default().await.map_err(|error| {
+        anyhow::anyhow!(
+            "cannot reach the Kubernetes API ({error}); set KUBECONFIG or run in-cluster"
+        )
+    })?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let server = tokio::spawn(http::serve(args.http_address, health));
+
+    let settings = Settings {
+        namespace: args.namespace.clone(),
+        client_rbac: args.client_rbac,
+        token_lifetime: args
+            .token_lifetime
+            .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
+        concurrency: args.concurrency,
+    };
+    let ctx = Arc::new(Context::new(client.clone(), metrics, settings));
+
+    let election = args.leader_elect.then(|| {
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+        LeaderElection::new(client.clone(), &args.namespace, &args.lease_name, identity)
+    });
+    let work = async {
+        wait_for_crd(&client, &args.namespace).await;
+        let set_ready = {
+            let ready = ready.clone();
+            move || {
+                info!("cache synced; ready");
+                ready.store(true, Ordering::Relaxed);
+            }
+        };
+        match &election {
+            None => controller::run(ctx.clone(), set_ready).await,
+            Some(election) => {
+                election.acquire().await;
+                tokio::select! {
+                    _ = controller::run(ctx.clone(), set_ready) => {},
+                    _ = election.keep() => {
+                        // Exiting is the only safe reaction: a new leader may already reconcile.
+                        anyhow::bail!("lost the leader lease; exiting so that only one operator reconciles");
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        result = work => result?,
+        _ = http::shutdown_signal() => info!("shutting down"),
+    }
+    server.abort();
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "gefyra-operator".into())
+}
+
+/// Waits until the GefyraClient CRD is served, saying so every 10 s.
+async fn wait_for_crd(client: &Client, namespace: &str) {
+    let api: Api<GefyraClient> = Api::namespaced(client.clone(), namespace);
+    let mut waited = 0u64;
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(error) => {
+                if waited.is_multiple_of(10) {
+                    warn!(%error, "waiting for the GefyraClient CRD (apply crds/gefyraclients.yaml)");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += 1;
+    }
+}
