@@ -10,7 +10,7 @@ CONTROLPLANE := tests/controlplane.sh
 # Debian packages the whole system needs (installed when root, else the apt-get line is shown).
 DEBIAN_PACKAGES := openssl iproute2 procps wireguard-go wireguard-tools iperf3
 
-.PHONY: help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench
+.PHONY: generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench
 
 help:
 	@echo "make up          start the whole system locally (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
@@ -35,10 +35,17 @@ cluster-down:
 	@$(CONTROLPLANE) down $(CLUSTER_DIR)
 
 up: cluster-up
+	cargo build -p gefyra-operator --locked
+	@tests/system.sh up $(CLUSTER_DIR)
+	@echo "export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"
 
 down: cluster-down
 
 test: prereqs lint unit e2e
+
+# Regenerates every generated file that is committed (drift is checked by `make test`).
+generate:
+	cargo run -q -p gefyra-operator --locked -- crd > crds/gefyraclients.yaml
 
 lint:
 	cargo fmt --all --check
@@ -50,6 +57,7 @@ unit:
 # One control plane for the whole run, torn down whatever happens; then proof that no
 # process of it is left.
 e2e: controlplane
+	cargo build -p gefyra-operator --locked
 	cargo test -p gefyra-e2e --locked --no-run
 	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
 	status=0; $(CONTROLPLANE) run "$$dir" -- cargo test -p gefyra-e2e --locked -- --test-threads=4 || status=$$?; \

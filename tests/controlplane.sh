@@ -282,9 +282,15 @@ cmd_down() {
   local d
   d=$(state_dir "${1:-}")
   [ -d "$d/pids" ] || return 0
-  local name f pid
-  # Reverse start order: the controller-manager first, etcd last.
-  for name in kube-controller-manager kube-apiserver etcd; do
+  local name f pid others=()
+  for f in "$d"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f" .pid)
+    case "$name" in kube-controller-manager | kube-apiserver | etcd) ;; *) others+=("$name") ;; esac
+  done
+  # What runs on the control plane first (the operator, ...), then the controller-manager,
+  # the API server, and etcd last.
+  for name in "${others[@]}" kube-controller-manager kube-apiserver etcd; do
     f=$d/pids/$name.pid
     [ -f "$f" ] || continue
     pid=$(cat "$f")

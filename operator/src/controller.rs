@@ -96,9 +96,15 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         .shutdown_on_signal();
     let store = controller.store();
     ctx.metrics.watch_store(store.clone());
+    // The store's readiness signal wakes only its latest waiter (the controller's own), so
+    // poll it again every second instead of waiting once.
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => return ready(),
+                Ok(Err(_)) => return,
+                Err(_elapsed) => {}
+            }
         }
     });
     controller

@@ -134,3 +134,125 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The operator binary built next to this test binary (`make e2e` builds it first).
+pub fn operator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = dir.join("gefyra-operator");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p gefyra-operator` (make e2e does)",
+        binary.display()
+    );
+    binary
+}
+
+/// A loopback TCP port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+/// An operator process for one namespace; killed when dropped.
+pub struct Operator {
+    pub child: tokio::process::Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `gefyra-operator` against the cluster, for `namespace`, with `extra` flags.
+    pub fn start(cluster: &Cluster, namespace: &str, extra: &[&str]) -> Result<Self> {
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!("gefyra-operator-{namespace}-{http_port}.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(operator_binary())
+            .args([
+                "--namespace",
+                namespace,
+                "--http-address",
+                &format!("127.0.0.1:{http_port}"),
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting gefyra-operator")?;
+        Ok(Self {
+            child,
+            http_port,
+            log,
+        })
+    }
+
+    /// GETs one of the operator's HTTP endpoints; `(status, body)`.
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .context("an HTTP status line")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// Kills the process outright (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Installs (server-side apply) the GefyraClient CRD and waits until it is served.
+pub async fn install_crd(cluster: &Cluster) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.admin()?);
+    let crd = gefyra_api::crd::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("gefyra-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    eventually(
+        "the GefyraClient CRD is established",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get(&name).await?;
+            let established = crd
+                .status
+                .and_then(|status| status.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|condition| condition.type_ == "Established" && condition.status == "True");
+            Ok(established.then_some(()))
+        },
+    )
+    .await
+}

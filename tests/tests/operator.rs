@@ -1,0 +1,450 @@
+//! The operator against the real control plane: the lifecycle, least privilege checked
+//! with the client's own token, cleanup, schema validation, leader election and crashes.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use base64::Engine;
+use gefyra_api::{ClientState, GefyraClient};
+use gefyra_e2e::{Cluster, Operator, api_status, eventually, install_crd};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
+use kube::{Api, Client};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Exactly the body Gefyra's CLI sends.
+fn gefyra_cli_body(name: &str, namespace: &str) -> serde_json::Value {
+    json!({"apiVersion":"gefyra.dev/v1","kind":"gefyraclient",
+        "metadata":{"name":name,"namespace":namespace},"provider":"stowaway","status":{}})
+}
+
+fn dynamic_api(client: Client, namespace: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gefyra.dev", "v1", "gefyraclient"),
+        "gefyraclients",
+    );
+    Api::namespaced_with(client, namespace, &resource)
+}
+
+async fn create_client(client: Client, namespace: &str, name: &str) -> Result<()> {
+    let object: DynamicObject = serde_json::from_value(gefyra_cli_body(name, namespace))?;
+    dynamic_api(client, namespace)
+        .create(&PostParams::default(), &object)
+        .await?;
+    Ok(())
+}
+
+async fn wait_for_state(
+    api: &Api<GefyraClient>,
+    name: &str,
+    state: ClientState,
+) -> Result<GefyraClient> {
+    eventually(&format!("client {name} reaches {state}"), WAIT, || async {
+        let client = api.get(name).await?;
+        Ok((client.state == state).then_some(client))
+    })
+    .await
+}
+
+async fn wait_gone<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} is gone"), WAIT, || async {
+        Ok(api.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+fn token_of(client: &GefyraClient) -> Result<String> {
+    let data = client
+        .service_account_data
+        .as_ref()
+        .context("serviceAccountData is set")?;
+    let token = base64::engine::general_purpose::STANDARD.decode(&data.token)?;
+    Ok(String::from_utf8(token)?)
+}
+
+#[tokio::test]
+async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("lifecycle").await?;
+    let admin = cluster.admin()?;
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+
+    create_client(admin.clone(), &ns, "0123456789abcdef0123456789abcdef").await?;
+    create_client(admin.clone(), &ns, "other").await?;
+    let client = wait_for_state(
+        &clients,
+        "0123456789abcdef0123456789abcdef",
+        ClientState::Waiting,
+    )
+    .await?;
+    wait_for_state(&clients, "other", ClientState::Waiting).await?;
+
+    assert_eq!(
+        client.service_account_name.as_deref(),
+        Some("gefyra-client-0123456789abcdef0123456789abcdef")
+    );
+    for state in ["CREATING", "WAITING"] {
+        assert!(
+            client.state_transitions.contains_key(state),
+            "stateTransitions records {state}: {:?}",
+            client.state_transitions
+        );
+    }
+    let data = client
+        .service_account_data
+        .clone()
+        .context("serviceAccountData")?;
+    let decode = |value: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(decode(&data.namespace), ns);
+    assert!(decode(&data.ca_crt).contains("BEGIN CERTIFICATE"));
+    let ready = client.ready_condition().context("a Ready condition")?;
+    assert_eq!(ready.status, "True");
+
+    // Least privilege, with the client's own token and real requests.
+    let as_client = cluster.with_token(&token_of(&client)?)?;
+    let own: Api<GefyraClient> = Api::namespaced(as_client.clone(), &ns);
+    own.get("0123456789abcdef0123456789abcdef")
+        .await
+        .context("the client reads its own GefyraClient")?;
+    own.patch(
+        "0123456789abcdef0123456789abcdef",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"patched-by": "client"}}})),
+    )
+    .await
+    .context("the client patches its own GefyraClient")?;
+    let forbidden = |result: Result<(), kube::Error>, what: &str| -> Result<()> {
+        let error = result
+            .err()
+            .with_context(|| format!("{what} must be refused"))?;
+        ensure!(
+            api_status(&error) == Some(403),
+            "{what}: expected 403, got {error}"
+        );
+        Ok(())
+    };
+    forbidden(
+        own.get("other").await.map(drop),
+        "reading another client's GefyraClient",
+    )?;
+    forbidden(
+        own.list(&ListParams::default()).await.map(drop),
+        "listing GefyraClients",
+    )?;
+    forbidden(
+        Api::<Secret>::namespaced(as_client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .map(drop),
+        "listing Secrets",
+    )?;
+    forbidden(
+        Api::<Namespace>::all(as_client.clone())
+            .delete(&ns, &DeleteParams::default())
+            .await
+            .map(drop),
+        "deleting the namespace",
+    )?;
+    let exec = http::Request::post(format!(
+        "/api/v1/namespaces/{ns}/pods/any/exec?command=sh&stdout=true"
+    ))
+    .body(Vec::new())?;
+    forbidden(as_client.request_text(exec).await.map(drop), "pods/exec")?;
+
+    // Deletion removes the identity, and the token stops working.
+    clients
+        .delete("0123456789abcdef0123456789abcdef", &DeleteParams::default())
+        .await?;
+    wait_gone(&clients, "0123456789abcdef0123456789abcdef").await?;
+    let sa = "gefyra-client-0123456789abcdef0123456789abcdef";
+    ensure!(
+        Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+            .get_opt(sa)
+            .await?
+            .is_none(),
+        "ServiceAccount removed"
+    );
+    ensure!(
+        Api::<Role>::namespaced(admin.clone(), &ns)
+            .get_opt(sa)
+            .await?
+            .is_none(),
+        "Role removed"
+    );
+    ensure!(
+        Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+            .get_opt(sa)
+            .await?
+            .is_none(),
+        "RoleBinding removed"
+    );
+    eventually("the deleted client's token gets 401", WAIT, || async {
+        match own.get("other").await {
+            Err(error) if api_status(&error) == Some(401) => Ok(Some(())),
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_serves_health_and_metrics() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("metrics").await?;
+    let operator = Operator::start(&cluster, &ns, &[])?;
+    create_client(cluster.admin()?, &ns, "measured").await?;
+    wait_for_state(
+        &Api::namespaced(cluster.admin()?, &ns),
+        "measured",
+        ClientState::Waiting,
+    )
+    .await?;
+    eventually("/readyz answers 200", WAIT, || async {
+        Ok((operator.http_get("/readyz").await?.0 == 200).then_some(()))
+    })
+    .await?;
+    assert_eq!(operator.http_get("/livez").await?.0, 200);
+    let (status, metrics) = operator.http_get("/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("gefyra_operator_clients{state=\"WAITING\"} 1"),
+        "clients by state: {metrics}"
+    );
+    assert!(
+        metrics.contains("gefyra_operator_reconcile_duration_seconds_bucket"),
+        "duration histogram: {metrics}"
+    );
+    assert!(
+        metrics.contains("gefyra_operator_reconciles_total{result=\"ok\"}"),
+        "reconciles: {metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_rejected_with_a_readable_message() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("invalid").await?;
+    let api = dynamic_api(cluster.admin()?, &ns);
+    let cases = [
+        (
+            json!({"provider": "openvpn"}),
+            "supported values: \"stowaway\"",
+        ),
+        (
+            json!({"provider": "stowaway", "sunset": "tomorrow"}),
+            "sunset must be an RFC 3339 date-time",
+        ),
+        (
+            json!({"provider": "stowaway", "maxConnectionAge": 0}),
+            "maxConnectionAge",
+        ),
+        (
+            json!({"provider": "stowaway", "providerParameter": {"subnet": "10.9.0.0/24"}}),
+            "providerParameter may not be set at creation",
+        ),
+    ];
+    for (index, (fields, expected)) in cases.into_iter().enumerate() {
+        let mut body = gefyra_cli_body(&format!("bad-{index}"), &ns);
+        body.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        let object: DynamicObject = serde_json::from_value(body)?;
+        let error = api
+            .create(&PostParams::default(), &object)
+            .await
+            .err()
+            .with_context(|| format!("case {index} must be rejected"))?;
+        let message = error.to_string();
+        ensure!(
+            api_status(&error) == Some(422),
+            "case {index}: expected 422, got {message}"
+        );
+        ensure!(
+            message.contains(expected),
+            "case {index}: {message:?} should contain {expected:?}"
+        );
+    }
+    // A valid sunset and age are accepted, and providerParameter may be set later.
+    let mut body = gefyra_cli_body("good", &ns);
+    body["sunset"] = json!("2099-01-01T00:00:00Z");
+    body["maxConnectionAge"] = json!(3600);
+    api.create(&PostParams::default(), &serde_json::from_value(body)?)
+        .await?;
+    api.patch(
+        "good",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"providerParameter": {"subnet": "10.9.0.0/24"}})),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_follower_takes_over() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("leader").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let mut first = Operator::start(&cluster, &ns, &["--leader-elect", "--identity", "first"])?;
+    create_client(admin.clone(), &ns, "before").await?;
+    wait_for_state(&clients, "before", ClientState::Waiting).await?;
+    let second = Operator::start(&cluster, &ns, &["--leader-elect", "--identity", "second"])?;
+    create_client(admin.clone(), &ns, "during").await?;
+    wait_for_state(&clients, "during", ClientState::Waiting).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, follower_metrics) = second.http_get("/metrics").await?;
+    ensure!(
+        !follower_metrics.contains("gefyra_operator_reconciles_total"),
+        "the follower reconciled: {follower_metrics}"
+    );
+    ensure!(
+        !second.log_text().contains("became the leader"),
+        "the follower must not lead"
+    );
+
+    first.kill().await?;
+    create_client(admin.clone(), &ns, "after").await?;
+    wait_for_state(&clients, "after", ClientState::Waiting).await?;
+    ensure!(
+        second.log_text().contains("became the leader"),
+        "the follower took over: {}",
+        second.log_text()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn crashes_at_random_points_converge_without_orphans() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("chaos").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let names: Vec<String> = (0..100).map(|i| format!("chaos-{i:03}")).collect();
+
+    let mut operator = Operator::start(&cluster, &ns, &[])?;
+    let workload = {
+        let (admin, ns, names) = (admin.clone(), ns.clone(), names.clone());
+        tokio::spawn(async move {
+            for name in &names {
+                create_client(admin.clone(), &ns, name).await?;
+            }
+            // Every other client is deleted again while the operator keeps crashing.
+            let api: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+            for name in names.iter().step_by(2) {
+                api.delete(name, &DeleteParams::default()).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    for _ in 0..4 {
+        let pause = 300 + u64::from(rand_u16() % 1500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        operator.kill().await?;
+        operator = Operator::start(&cluster, &ns, &[])?;
+    }
+    workload.await??;
+
+    let kept: Vec<&String> = names.iter().skip(1).step_by(2).collect();
+    eventually(
+        "every kept client is WAITING and every deleted one is gone",
+        Duration::from_secs(180),
+        || async {
+            let list = clients.list(&ListParams::default()).await?;
+            let waiting = list
+                .items
+                .iter()
+                .filter(|c| c.state == ClientState::Waiting)
+                .count();
+            Ok((list.items.len() == kept.len() && waiting == kept.len()).then_some(()))
+        },
+    )
+    .await?;
+    let list = clients.list(&ListParams::default()).await?;
+    let living: std::collections::BTreeSet<String> = list
+        .items
+        .iter()
+        .map(|c| {
+            GefyraClient::service_account_name_for(c.metadata.name.as_deref().unwrap_or_default())
+        })
+        .collect();
+    let selector = ListParams::default().labels("app.kubernetes.io/managed-by=gefyra-operator");
+    let orphans = |names: Vec<String>, kind: &str| -> Result<()> {
+        let orphaned: Vec<&String> = names
+            .iter()
+            .filter(|name| !living.contains(*name))
+            .collect();
+        ensure!(orphaned.is_empty(), "{kind} without a client: {orphaned:?}");
+        ensure!(
+            names.len() == living.len(),
+            "{kind}: {} for {} clients",
+            names.len(),
+            living.len()
+        );
+        Ok(())
+    };
+    let names_of = |items: Vec<Option<String>>| items.into_iter().flatten().collect::<Vec<_>>();
+    orphans(
+        names_of(
+            Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+                .list(&selector)
+                .await?
+                .items
+                .into_iter()
+                .map(|o| o.metadata.name)
+                .collect(),
+        ),
+        "ServiceAccount",
+    )?;
+    orphans(
+        names_of(
+            Api::<Role>::namespaced(admin.clone(), &ns)
+                .list(&selector)
+                .await?
+                .items
+                .into_iter()
+                .map(|o| o.metadata.name)
+                .collect(),
+        ),
+        "Role",
+    )?;
+    orphans(
+        names_of(
+            Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+                .list(&selector)
+                .await?
+                .items
+                .into_iter()
+                .map(|o| o.metadata.name)
+                .collect(),
+        ),
+        "RoleBinding",
+    )?;
+    Ok(())
+}
+
+fn rand_u16() -> u16 {
+    rand::random()
+}
