@@ -302,24 +302,25 @@ cmd_down() {
 }
 
 cmd_run() {
-  local d=""
-  if [ "${1:-}" != "--" ]; then d=${1:-}; shift || true; fi
+  # Globals: the EXIT trap runs after this function's locals are gone.
+  run_dir=""
+  if [ "${1:-}" != "--" ]; then run_dir=${1:-}; shift || true; fi
   [ "${1:-}" = "--" ] || die "usage: $0 run [DIR] -- CMD..."
   shift
-  [ -n "$d" ] || d=$(mktemp -d "${TMPDIR:-/tmp}/gefyra-cluster.XXXXXX")
-  local child=""
-  trap 'cmd_down "$d"' EXIT
+  [ -n "$run_dir" ] || run_dir=$(mktemp -d "${TMPDIR:-/tmp}/gefyra-cluster.XXXXXX")
+  child=""
+  trap 'cmd_down "$run_dir"' EXIT
   # Bash runs traps only between commands: CMD runs in the background and we `wait` for it,
   # so an interrupt is handled at once; CMD is stopped with us.
   trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 130' INT
   trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 143' TERM
-  cmd_up "$d"
+  cmd_up "$run_dir"
   # If this script is killed outright, a watchdog still tears the control plane down.
   (
     trap '' INT TERM
     owner=$$
     while kill -0 "$owner" 2>/dev/null; do sleep 1; done
-    "$0" down "$d"
+    "$0" down "$run_dir"
   ) </dev/null >/dev/null 2>&1 &
   local status=0
   KUBECONFIG=$dir/kubeconfig GEFYRA_KUBECONFIG=$dir/kubeconfig GEFYRA_CLUSTER_DIR=$dir "$@" &

@@ -243,7 +243,7 @@ async fn no_process_left(dir: &std::path::Path) -> Result<()> {
 }
 
 #[tokio::test]
-async fn interrupted_run_leaves_no_process_behind() -> Result<()> {
+async fn terminated_run_leaves_no_process_behind() -> Result<()> {
     let dir = tempdir("interrupt")?;
     let mut run = spawn_run(&dir, &["sleep", "600"], &[])?;
     eventually(
@@ -258,7 +258,7 @@ async fn interrupted_run_leaves_no_process_behind() -> Result<()> {
     );
     let pid = run.id().context("script has a pid")?;
     std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()?;
     let status = tokio::time::timeout(Duration::from_secs(60), run.wait()).await??;
     assert!(
