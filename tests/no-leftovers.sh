@@ -3,10 +3,10 @@
 # the time the teardown watchdog needs to notice its owner is gone).
 set -euo pipefail
 dir=${1:?usage: tests/no-leftovers.sh DIR}
-self=$$
-others() { # processes mentioning DIR, other than this script and its own subshells
+others() { # live processes mentioning DIR, other than this script and its subshells
   pgrep -f -- "$dir" | while read -r pid; do
-    [ "$pid" = "$self" ] || [ "$(ps -o ppid= -p "$pid" | tr -d ' ')" = "$self" ] || echo "$pid"
+    args=$(ps -o args= -p "$pid" || true)
+    case "$args" in "" | *no-leftovers.sh*) ;; *) echo "$pid" ;; esac
   done
 }
 for _ in $(seq 1 50); do
