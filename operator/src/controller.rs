@@ -370,17 +370,21 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
                 .unwrap_or_default(),
         );
     }
+    let mut generation = client.metadata.generation;
     if !patch.is_empty() {
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::Value::Object(patch)),
-        )
-        .await
-        .map_err(|source| Error::RecordCredentials {
-            client: name.clone(),
-            source,
-        })?;
+        let patched = api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::Value::Object(patch)),
+            )
+            .await
+            .map_err(|source| Error::RecordCredentials {
+                client: name.clone(),
+                source,
+            })?;
+        // The patch bumps the generation; the condition describes the object as written.
+        generation = patched.metadata.generation;
         if client.state != ClientState::Waiting {
             info!(client = %name, from = %client.state, to = "WAITING", "state changed");
             ctx.event(
@@ -397,7 +401,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         true,
         "CredentialsIssued",
         "the client's credentials are ready",
-        client.metadata.generation,
+        generation,
         now,
     );
     let status = client.status.clone().unwrap_or_default();

@@ -51,6 +51,22 @@ async fn wait_for_state(
     .await
 }
 
+/// WAITING with a `Ready=True` condition that describes the object's current generation.
+async fn wait_for_ready(api: &Api<GefyraClient>, name: &str) -> Result<GefyraClient> {
+    eventually(
+        &format!("client {name} is WAITING and Ready"),
+        WAIT,
+        || async {
+            let client = api.get(name).await?;
+            let ready = client.ready_condition().is_some_and(|ready| {
+                ready.status == "True" && ready.observed_generation == client.metadata.generation
+            });
+            Ok((client.state == ClientState::Waiting && ready).then_some(client))
+        },
+    )
+    .await
+}
+
 async fn wait_gone<K>(api: &Api<K>, name: &str) -> Result<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -81,12 +97,7 @@ async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()
 
     create_client(admin.clone(), &ns, "0123456789abcdef0123456789abcdef").await?;
     create_client(admin.clone(), &ns, "other").await?;
-    let client = wait_for_state(
-        &clients,
-        "0123456789abcdef0123456789abcdef",
-        ClientState::Waiting,
-    )
-    .await?;
+    let client = wait_for_ready(&clients, "0123456789abcdef0123456789abcdef").await?;
     wait_for_state(&clients, "other", ClientState::Waiting).await?;
 
     assert_eq!(
@@ -114,8 +125,6 @@ async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()
     };
     assert_eq!(decode(&data.namespace), ns);
     assert!(decode(&data.ca_crt).contains("BEGIN CERTIFICATE"));
-    let ready = client.ready_condition().context("a Ready condition")?;
-    assert_eq!(ready.status, "True");
 
     // Least privilege, with the client's own token and real requests.
     let as_client = cluster.with_token(&token_of(&client)?)?;
