@@ -8,7 +8,8 @@ export GEFYRA_CACHE_DIR ?= $(HOME)/.cache/gefyra-operator
 CLUSTER_DIR ?= $(GEFYRA_CACHE_DIR)/cluster
 CONTROLPLANE := tests/controlplane.sh
 # Debian packages the whole system needs (installed when root, else the apt-get line is shown).
-DEBIAN_PACKAGES := openssl iproute2 procps wireguard-go wireguard-tools iperf3
+# docker.io: the real Gefyra CLI needs a Docker daemon even for `gefyra clients ...`.
+DEBIAN_PACKAGES := openssl iproute2 procps wireguard-go wireguard-tools iperf3 docker.io
 
 .PHONY: generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench
 
@@ -59,7 +60,8 @@ unit:
 e2e: controlplane
 	cargo build -p gefyra-operator --locked
 	cargo test -p gefyra-e2e --locked --no-run
-	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
+	@tests/gefyra-cli.sh >/dev/null
+	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
 	status=0; $(CONTROLPLANE) run "$$dir" -- cargo test -p gefyra-e2e --locked -- --test-threads=4 || status=$$?; \
 	tests/no-leftovers.sh "$$dir" || status=1; \
 	exit $$status

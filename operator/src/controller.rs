@@ -364,7 +364,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         ClientState::Requested | ClientState::Creating | ClientState::Error
     ) {
         patch.extend(
-            lifecycle::enter(ClientState::Waiting, now)
+            lifecycle::enter(ClientState::Waiting, Timestamp::now())
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),

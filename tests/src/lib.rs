@@ -256,3 +256,83 @@ pub async fn install_crd(cluster: &Cluster) -> Result<()> {
     )
     .await
 }
+
+/// A private Docker daemon (Debian's `dockerd`, no bridge, no iptables, its own socket and
+/// data directory). The real Gefyra CLI refuses to start without a Docker daemon, even for
+/// `gefyra clients ...`, which only talks to the API server. Stopped with SIGTERM when
+/// dropped, so it takes its containerd down with it.
+pub struct DockerDaemon {
+    child: std::process::Child,
+    root: PathBuf,
+    pub host: String,
+}
+
+impl DockerDaemon {
+    pub async fn start() -> Result<Self> {
+        let dockerd = ["/usr/sbin/dockerd", "/usr/bin/dockerd"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| path.exists())
+            .context("dockerd is not installed: run `make prereqs` (Debian package docker.io)")?;
+        let root =
+            std::env::temp_dir().join(format!("gefyra-dockerd-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&root)?;
+        let socket = root.join("docker.sock");
+        let log = std::fs::File::create(root.join("dockerd.log"))?;
+        let child = std::process::Command::new(dockerd)
+            .arg(format!("--host=unix://{}", socket.display()))
+            .arg(format!("--data-root={}", root.join("data").display()))
+            .arg(format!("--exec-root={}", root.join("exec").display()))
+            .arg(format!("--pidfile={}", root.join("dockerd.pid").display()))
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--storage-driver=vfs",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd")?;
+        let daemon = Self {
+            child,
+            host: format!("unix://{}", socket.display()),
+            root,
+        };
+        let ready = eventually(
+            "dockerd answers on its socket",
+            Duration::from_secs(30),
+            || async {
+                Ok(tokio::net::UnixStream::connect(&socket)
+                    .await
+                    .ok()
+                    .map(drop))
+            },
+        )
+        .await;
+        if let Err(error) = ready {
+            let log = std::fs::read_to_string(daemon.root.join("dockerd.log")).unwrap_or_default();
+            bail!("{error}; dockerd log:\n{log}");
+        }
+        Ok(daemon)
+    }
+}
+
+impl Drop for DockerDaemon {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}

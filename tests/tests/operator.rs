@@ -111,6 +111,11 @@ async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()
             client.state_transitions
         );
     }
+    ensure!(
+        client.state_transitions["CREATING"] <= client.state_transitions["WAITING"],
+        "CREATING is recorded before WAITING: {:?}",
+        client.state_transitions
+    );
     let data = client
         .service_account_data
         .clone()
