@@ -35,6 +35,8 @@ pub struct Settings {
     pub client_rbac: ClientRbac,
     /// Token lifetime; `None`: until the client's sunset, else 365 days.
     pub token_lifetime: Option<SignedDuration>,
+    /// Renew this long before expiry; `None`: after 80 % of the lifetime.
+    pub renew_before: Option<SignedDuration>,
     pub concurrency: u16,
 }
 
@@ -323,8 +325,12 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
 
     // Credentials: minted with the TokenRequest API, renewed before they expire.
     let account_uid = account.uid().unwrap_or_default();
-    let need =
-        credentials::credentials_need(client.service_account_data.as_ref(), &account_uid, now);
+    let need = credentials::credentials_need(
+        client.service_account_data.as_ref(),
+        &account_uid,
+        ctx.settings.renew_before,
+        now,
+    );
     let mut patch = serde_json::Map::new();
     let mut expires_at = client
         .status
@@ -335,7 +341,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         .as_ref()
         .and_then(stored_token)
         .as_deref()
-        .and_then(renew_at_of);
+        .and_then(|token| renew_at_of(token, ctx.settings.renew_before));
     if need != CredentialsNeed::Fresh
         || client.service_account_name.as_deref() != Some(sa_name.as_str())
     {
@@ -348,7 +354,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
             json!(credentials::service_account_data(&token, &ca, &namespace)),
         );
         expires_at = Some(expiry.to_string());
-        renew_at = renew_at_of(&token);
+        renew_at = renew_at_of(&token, ctx.settings.renew_before);
         if need == CredentialsNeed::Renew {
             ctx.event(
                 client,
@@ -428,8 +434,8 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     ))
 }
 
-fn renew_at_of(token: &str) -> Option<Timestamp> {
-    credentials::token_claims(token).map(|claims| credentials::renew_at(&claims))
+fn renew_at_of(token: &str, renew_before: Option<SignedDuration>) -> Option<Timestamp> {
+    credentials::token_claims(token).map(|claims| credentials::renew_at(&claims, renew_before))
 }
 
 fn stored_token(data: &gefyra_api::ServiceAccountData) -> Option<String> {

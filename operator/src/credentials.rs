@@ -130,11 +130,16 @@ pub fn token_claims(token: &str) -> Option<TokenClaims> {
     })
 }
 
-/// When a token is renewed: after 80 % of its lifetime, so a client always has a fifth of
-/// it left to fetch the new one.
-pub fn renew_at(claims: &TokenClaims) -> Timestamp {
-    let lifetime = claims.expires_at.duration_since(claims.issued_at);
-    claims.issued_at + lifetime * 4 / 5
+/// When a token is renewed: `renew_before` its expiry if configured, else after 80 % of its
+/// lifetime, so a client always has a fifth of it left to fetch the new one.
+pub fn renew_at(claims: &TokenClaims, renew_before: Option<SignedDuration>) -> Timestamp {
+    match renew_before {
+        Some(before) => claims.expires_at - before,
+        None => {
+            let lifetime = claims.expires_at.duration_since(claims.issued_at);
+            claims.issued_at + lifetime * 4 / 5
+        }
+    }
 }
 
 /// The lifetime to ask the API server for: the configured one, else until the client's
@@ -161,6 +166,7 @@ pub enum CredentialsNeed {
 pub fn credentials_need(
     data: Option<&ServiceAccountData>,
     service_account_uid: &str,
+    renew_before: Option<SignedDuration>,
     now: Timestamp,
 ) -> CredentialsNeed {
     let Some(data) = data else {
@@ -177,7 +183,7 @@ pub fn credentials_need(
         Some(claims) if claims.service_account_uid.as_deref() != Some(service_account_uid) => {
             CredentialsNeed::Issue
         }
-        Some(claims) if now >= renew_at(&claims) => CredentialsNeed::Renew,
+        Some(claims) if now >= renew_at(&claims, renew_before) => CredentialsNeed::Renew,
         Some(_) => CredentialsNeed::Fresh,
     }
 }
@@ -254,32 +260,48 @@ mod tests {
         );
         let claims = token_claims(&token).unwrap();
         assert_eq!(claims.service_account_uid.as_deref(), Some("sa-1"));
-        assert_eq!(renew_at(&claims), Timestamp::from_second(1800).unwrap());
+        assert_eq!(
+            renew_at(&claims, None),
+            Timestamp::from_second(1800).unwrap()
+        );
+        assert_eq!(
+            renew_at(&claims, Some(SignedDuration::from_secs(100))),
+            Timestamp::from_second(1900).unwrap()
+        );
         let data = service_account_data(&token, "ca", "gefyra");
         let at = |s| Timestamp::from_second(s).unwrap();
         assert_eq!(
-            credentials_need(Some(&data), "sa-1", at(1799)),
+            credentials_need(Some(&data), "sa-1", None, at(1799)),
             CredentialsNeed::Fresh
         );
         assert_eq!(
-            credentials_need(Some(&data), "sa-1", at(1800)),
+            credentials_need(Some(&data), "sa-1", None, at(1800)),
             CredentialsNeed::Renew
         );
         assert_eq!(
-            credentials_need(Some(&data), "sa-2", at(1000)),
+            credentials_need(Some(&data), "sa-2", None, at(1000)),
             CredentialsNeed::Issue
         );
         assert_eq!(
-            credentials_need(None, "sa-1", at(1000)),
+            credentials_need(None, "sa-1", None, at(1000)),
             CredentialsNeed::Issue
         );
         let garbage = ServiceAccountData {
             token: "not base64!".into(),
-            ..data
+            ..data.clone()
         };
         assert_eq!(
-            credentials_need(Some(&garbage), "sa-1", at(1000)),
+            credentials_need(Some(&garbage), "sa-1", None, at(1000)),
             CredentialsNeed::Issue
+        );
+        assert_eq!(
+            credentials_need(
+                Some(&data),
+                "sa-1",
+                Some(SignedDuration::from_secs(100)),
+                at(1900)
+            ),
+            CredentialsNeed::Renew
         );
     }
 

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// Token lifetime in seconds; default: until the client's sunset, else 365 days.
     #[arg(long, env = "GEFYRA_TOKEN_LIFETIME")]
     pub token_lifetime: Option<u64>,
+    /// Renew a client's token this many seconds before it expires; default: after 80 % of
+    /// its lifetime.
+    #[arg(long, env = "GEFYRA_TOKEN_RENEW_BEFORE")]
+    pub token_renew_before: Option<u64>,
     /// Reconcile only while holding the Lease (for more than one replica).
     #[arg(long, env = "GEFYRA_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -116,6 +120,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         client_rbac: args.client_rbac,
         token_lifetime: args
             .token_lifetime
+            .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
+        renew_before: args
+            .token_renew_before
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
         concurrency: args.concurrency,
     };

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::{Cluster, Operator, api_status, eventually, install_crd};
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Event, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DynamicObject, GroupVersionKind};
@@ -461,4 +461,119 @@ async fn crashes_at_random_points_converge_without_orphans() -> Result<()> {
 
 fn rand_u16() -> u16 {
     rand::random()
+}
+
+/// Reasons of the Events recorded about a client.
+async fn event_reasons(admin: Client, namespace: &str, name: &str) -> Result<Vec<String>> {
+    let events: Api<Event> = Api::namespaced(admin, namespace);
+    let listed = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await?;
+    Ok(listed
+        .items
+        .into_iter()
+        .filter_map(|event| event.reason)
+        .collect())
+}
+
+#[tokio::test]
+async fn tokens_are_renewed_before_they_expire_and_the_admin_is_told() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("renewal").await?;
+    let admin = cluster.admin()?;
+    // 10 minutes is the API server's shortest lifetime; renew 6 s after issue.
+    let _operator = Operator::start(
+        &cluster,
+        &ns,
+        &["--token-lifetime", "600", "--token-renew-before", "594"],
+    )?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    create_client(admin.clone(), &ns, "renewed").await?;
+    let first = wait_for_ready(&clients, "renewed").await?;
+    let first_token = token_of(&first)?;
+    let first_expiry = first
+        .status
+        .as_ref()
+        .and_then(|status| status.credentials_expire_at.clone())
+        .context("status.credentialsExpireAt is set")?;
+
+    let renewed = eventually("the token is renewed", WAIT, || async {
+        let client = clients.get("renewed").await?;
+        Ok((token_of(&client)? != first_token).then_some(client))
+    })
+    .await?;
+    let renewed_expiry = renewed
+        .status
+        .as_ref()
+        .and_then(|status| status.credentials_expire_at.clone())
+        .context("status.credentialsExpireAt is set")?;
+    ensure!(
+        renewed_expiry > first_expiry,
+        "credentialsExpireAt moves on: {first_expiry} -> {renewed_expiry}"
+    );
+    Api::<GefyraClient>::namespaced(cluster.with_token(&token_of(&renewed)?)?, &ns)
+        .get("renewed")
+        .await
+        .context("the renewed token works")?;
+    eventually("a CredentialsRenewed Event", WAIT, || async {
+        let reasons = event_reasons(admin.clone(), &ns, "renewed").await?;
+        Ok(reasons
+            .iter()
+            .any(|reason| reason == "CredentialsRenewed")
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sunset_deletes_the_client_and_its_identity_at_that_time() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("sunset").await?;
+    let admin = cluster.admin()?;
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let sunset = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(8);
+    let mut body = gefyra_cli_body("ephemeral", &ns);
+    body["sunset"] = json!(sunset.to_string());
+    let object: DynamicObject = serde_json::from_value(body)?;
+    dynamic_api(admin.clone(), &ns)
+        .create(&PostParams::default(), &object)
+        .await?;
+    let ready = wait_for_ready(&clients, "ephemeral").await?;
+    ensure!(
+        jiff::Timestamp::now() < sunset,
+        "the client was ready before its sunset"
+    );
+    // The token does not outlive the client: its lifetime is capped by the API server's
+    // minimum of 10 minutes, but the client (and so the ServiceAccount) is gone at sunset.
+    let token = token_of(&ready)?;
+    wait_gone(&clients, "ephemeral").await?;
+    ensure!(
+        jiff::Timestamp::now() >= sunset,
+        "deleted no earlier than its sunset"
+    );
+    ensure!(
+        Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+            .get_opt("gefyra-client-ephemeral")
+            .await?
+            .is_none(),
+        "ServiceAccount removed at sunset"
+    );
+    let as_client: Api<GefyraClient> = Api::namespaced(cluster.with_token(&token)?, &ns);
+    eventually("the sunset client's token gets 401", WAIT, || async {
+        match as_client.get("ephemeral").await {
+            Err(error) if api_status(&error) == Some(401) => Ok(Some(())),
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    let reasons = event_reasons(admin, &ns, "ephemeral").await?;
+    ensure!(
+        reasons.iter().any(|reason| reason == "Sunset"),
+        "a Sunset Event: {reasons:?}"
+    );
+    Ok(())
 }
