@@ -8,4 +8,5 @@ pub mod http;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod rbac;
 pub mod run;

@@ -31,10 +31,24 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
+const DEFAULT_LEASE_NAME: &str = "gefyra-operator-leader";
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the GefyraClient CRD as YAML.
     Crd,
+    /// Print the operator's own ServiceAccount, Role and RoleBinding for --namespace.
+    Rbac {
+        /// Name of the ServiceAccount, Role and RoleBinding.
+        #[arg(long, default_value = "gefyra-operator")]
+        name: String,
+        /// The namespace the operator manages (its Role lives there).
+        #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// The Lease the operator uses for leader election.
+        #[arg(long, default_value = DEFAULT_LEASE_NAME)]
+        lease_name: String,
+    },
     /// Run the operator (the default).
     Run,
 }
@@ -70,7 +84,7 @@ pub struct RunArgs {
     #[arg(long, env = "GEFYRA_LEADER_ELECT")]
     pub leader_elect: bool,
     /// The Lease's name, in --namespace.
-    #[arg(long, default_value = "gefyra-operator-leader")]
+    #[arg(long, default_value = DEFAULT_LEASE_NAME)]
     pub lease_name: String,
     /// This process's identity in the Lease (default: POD_NAME, else host name and pid).
     #[arg(long, env = "POD_NAME")]
@@ -96,11 +110,25 @@ fn init_logging(format: LogFormat) {
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Crd) = cli.command {
-        print!("{}", gefyra_api::crd::crd_yaml());
-        return Ok(());
-    }
     let args = cli.run;
+    match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", gefyra_api::crd::crd_yaml());
+            return Ok(());
+        }
+        Some(Command::Rbac {
+            name,
+            namespace,
+            lease_name,
+        }) => {
+            print!(
+                "{}",
+                crate::rbac::operator_rbac_yaml(&name, &namespace, &lease_name)
+            );
+            return Ok(());
+        }
+        Some(Command::Run) | None => {}
+    }
     init_logging(args.log_format);
     let client = Client::try_default().await.map_err(|error| {
         anyhow::anyhow!(

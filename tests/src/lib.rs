@@ -63,6 +63,44 @@ impl Cluster {
         Ok(Client::try_from(config)?)
     }
 
+    /// Mints a token for ServiceAccount `account` in `namespace` with the TokenRequest API.
+    pub async fn mint_token(&self, namespace: &str, account: &str, seconds: i64) -> Result<String> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(seconds),
+                ..TokenRequestSpec::default()
+            }),
+            ..TokenRequest::default()
+        };
+        let minted = Api::<ServiceAccount>::namespaced(self.admin()?, namespace)
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("TokenRequest for {namespace}/{account}"))?;
+        minted
+            .status
+            .and_then(|status| status.token)
+            .context("TokenRequest returned no token")
+    }
+
+    /// Writes a kubeconfig for the same server and CA whose user has only `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> Result<PathBuf> {
+        let mut raw = Kubeconfig::read_from(&self.kubeconfig)?;
+        for named in &mut raw.auth_infos {
+            named.auth_info = Some(AuthInfo {
+                token: Some(token.to_string().into()),
+                ..AuthInfo::default()
+            });
+        }
+        let path = std::env::temp_dir().join(format!(
+            "gefyra-kubeconfig-{:08x}.yaml",
+            rand::random::<u32>()
+        ));
+        std::fs::write(&path, serde_yaml::to_string(&raw)?)?;
+        Ok(path)
+    }
+
     /// The API server's URL.
     pub fn server(&self) -> String {
         self.config.cluster_url.to_string()
@@ -169,6 +207,11 @@ pub struct Operator {
 impl Operator {
     /// Starts `gefyra-operator` against the cluster, for `namespace`, with `extra` flags.
     pub fn start(cluster: &Cluster, namespace: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_with(&cluster.kubeconfig, namespace, extra)
+    }
+
+    /// Starts `gefyra-operator` with the identity in `kubeconfig`.
+    pub fn start_with(kubeconfig: &Path, namespace: &str, extra: &[&str]) -> Result<Self> {
         let http_port = free_port();
         let log = std::env::temp_dir().join(format!("gefyra-operator-{namespace}-{http_port}.log"));
         let log_file = std::fs::File::create(&log)?;
@@ -180,7 +223,7 @@ impl Operator {
                 &format!("127.0.0.1:{http_port}"),
             ])
             .args(extra)
-            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(std::process::Stdio::null())
             .stdout(log_file.try_clone()?)

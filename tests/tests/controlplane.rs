@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gefyra_e2e::{Cluster, api_status, controlplane_script, eventually, processes_mentioning};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
@@ -79,20 +78,7 @@ async fn token_request_rbac_allows_forbids_and_dies_with_its_service_account() -
         .create(&pp, &binding)
         .await?;
 
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    let minted = accounts
-        .create_token_request("reader", &pp, &request)
-        .await?;
-    let token = minted
-        .status
-        .and_then(|status| status.token)
-        .context("TokenRequest returned no token")?;
+    let token = cluster.mint_token(&ns, "reader", 3600).await?;
     let as_reader = cluster.with_token(&token)?;
 
     // RBAC decides per request; the binding may need a moment to reach the authorizer's cache.

@@ -577,3 +577,66 @@ async fn sunset_deletes_the_client_and_its_identity_at_that_time() -> Result<()>
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_operator_does_its_whole_job_with_its_own_minimal_role() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("own-rbac").await?;
+    let admin = cluster.admin()?;
+
+    // Install exactly what `gefyra-operator rbac` prints.
+    let printed = tokio::process::Command::new(gefyra_e2e::operator_binary())
+        .args(["rbac", "--namespace", &ns])
+        .output()
+        .await?;
+    ensure!(printed.status.success(), "gefyra-operator rbac failed");
+    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_slice(&printed.stdout)
+        .map(serde::Deserialize::deserialize)
+        .collect::<Result<_, _>>()?;
+    let pp = PostParams::default();
+    for document in documents {
+        match document["kind"].as_str() {
+            Some("ServiceAccount") => drop(
+                Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(document)?)
+                    .await?,
+            ),
+            Some("Role") => drop(
+                Api::<Role>::namespaced(admin.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(document)?)
+                    .await?,
+            ),
+            Some("RoleBinding") => drop(
+                Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(document)?)
+                    .await?,
+            ),
+            other => anyhow::bail!("unexpected object in `gefyra-operator rbac`: {other:?}"),
+        }
+    }
+    let token = cluster.mint_token(&ns, "gefyra-operator", 3600).await?;
+    let kubeconfig = cluster.kubeconfig_with_token(&token)?;
+    // Both Role variants, and leader election, with nothing but that Role.
+    let operator = Operator::start_with(
+        &kubeconfig,
+        &ns,
+        &["--leader-elect", "--client-rbac", "gefyra-compat"],
+    )?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    create_client(admin.clone(), &ns, "first").await?;
+    let first = wait_for_ready(&clients, "first").await?;
+    Api::<GefyraClient>::namespaced(cluster.with_token(&token_of(&first)?)?, &ns)
+        .list(&ListParams::default())
+        .await
+        .context("gefyra-compat grants list, which the operator itself holds")?;
+    clients.delete("first", &DeleteParams::default()).await?;
+    wait_gone(&clients, "first").await?;
+    let log = operator.log_text();
+    ensure!(
+        !log.contains("forbidden") && !log.contains("Forbidden") && !log.contains("403"),
+        "the operator was refused something:\n{log}"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The operator's own permissions: a namespaced Role in the namespace it manages, and
+//! nothing cluster-wide. It must hold every permission it grants to clients (the API server
+//! refuses to let it create a Role granting more, since it has no `escalate` or `bind`).
+//! `gefyra-operator rbac` prints these objects; the chart renders the same rules.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::credentials::MANAGED_BY;
+
+fn rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
+    let strings = |items: &[&str]| items.iter().map(|item| item.to_string()).collect();
+    PolicyRule {
+        api_groups: Some(vec![group.to_string()]),
+        resources: Some(strings(resources)),
+        resource_names: (!names.is_empty()).then(|| strings(names)),
+        verbs: strings(verbs),
+        ..PolicyRule::default()
+    }
+}
+
+/// Every rule the operator needs in its namespace, for a Lease named `lease_name`.
+pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
+    vec![
+        // Watch and drive clients; `list` and `watch` are also granted onward to clients.
+        rule(
+            "gefyra.dev",
+            &["gefyraclients"],
+            &[],
+            &["get", "list", "watch", "patch", "update", "delete"],
+        ),
+        rule(
+            "gefyra.dev",
+            &["gefyraclients/status"],
+            &[],
+            &["get", "patch", "update"],
+        ),
+        // Each client's identity.
+        rule(
+            "",
+            &["serviceaccounts"],
+            &[],
+            &["get", "list", "watch", "create", "patch", "delete"],
+        ),
+        rule("", &["serviceaccounts/token"], &[], &["create"]),
+        rule(
+            "rbac.authorization.k8s.io",
+            &["roles", "rolebindings"],
+            &[],
+            &["get", "create", "patch", "delete"],
+        ),
+        // The API server's CA for client files.
+        rule("", &["configmaps"], &["kube-root-ca.crt"], &["get"]),
+        rule("events.k8s.io", &["events"], &[], &["create", "patch"]),
+        // Leader election: creating cannot be limited by name, the rest can.
+        rule("coordination.k8s.io", &["leases"], &[], &["create"]),
+        rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &[lease_name],
+            &["get", "update"],
+        ),
+    ]
+}
+
+fn meta(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        // Not `managed-by`: these objects are installed for the operator, not by it.
+        labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/name".to_string(),
+            MANAGED_BY.to_string(),
+        )])),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The operator's ServiceAccount, Role and RoleBinding, all named `name`, as one YAML stream.
+pub fn operator_rbac_yaml(name: &str, namespace: &str, lease_name: &str) -> String {
+    let account = ServiceAccount {
+        metadata: meta(name, namespace),
+        ..ServiceAccount::default()
+    };
+    let role = Role {
+        metadata: meta(name, namespace),
+        rules: Some(operator_rules(lease_name)),
+    };
+    let binding = RoleBinding {
+        metadata: meta(name, namespace),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: name.to_string(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: name.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Subject::default()
+        }]),
+    };
+    let documents = [
+        with_type_meta(&account, "v1", "ServiceAccount"),
+        with_type_meta(&role, "rbac.authorization.k8s.io/v1", "Role"),
+        with_type_meta(&binding, "rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ];
+    documents
+        .iter()
+        .map(|document| serde_yaml::to_string(document).expect("RBAC objects serialize"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn with_type_meta(
+    object: &impl serde::Serialize,
+    api_version: &str,
+    kind: &str,
+) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).expect("RBAC objects serialize");
+    value["apiVersion"] = api_version.into();
+    value["kind"] = kind.into();
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::{ClientRbac, role};
+    use gefyra_api::GefyraClient;
+
+    fn covers(rules: &[PolicyRule], wanted: &PolicyRule) -> bool {
+        let names = wanted.resource_names.clone().unwrap_or_default();
+        wanted.verbs.iter().all(|verb| {
+            rules.iter().any(|rule| {
+                rule.api_groups == wanted.api_groups
+                    && wanted
+                        .resources
+                        .iter()
+                        .flatten()
+                        .all(|resource| rule.resources.iter().flatten().any(|r| r == resource))
+                    && rule.verbs.contains(verb)
+                    && rule.resource_names.as_ref().is_none_or(|allowed| {
+                        !names.is_empty() && names.iter().all(|name| allowed.contains(name))
+                    })
+            })
+        })
+    }
+
+    #[test]
+    fn the_operator_holds_everything_it_grants_and_cannot_escalate() {
+        let rules = operator_rules("lease");
+        let client: GefyraClient = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+            "metadata": {"name": "abc", "namespace": "gefyra", "uid": "uid"},
+            "provider": "stowaway"
+        }))
+        .unwrap();
+        for rbac in [ClientRbac::Minimal, ClientRbac::GefyraCompat] {
+            for granted in role(&client, rbac).rules.unwrap() {
+                assert!(covers(&rules, &granted), "operator lacks {granted:?}");
+            }
+        }
+        for rule in &rules {
+            for verb in ["escalate", "bind", "impersonate", "*"] {
+                assert!(!rule.verbs.iter().any(|v| v == verb), "{rule:?}");
+            }
+            assert!(
+                !rule
+                    .resources
+                    .iter()
+                    .flatten()
+                    .any(|r| r == "secrets" || r == "*")
+            );
+        }
+    }
+
+    #[test]
+    fn rbac_yaml_is_three_namespaced_objects() {
+        let yaml = operator_rbac_yaml("gefyra-operator", "gefyra", "lease");
+        let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|document| serde::Deserialize::deserialize(document).unwrap())
+            .collect();
+        let kinds: Vec<_> = documents
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["ServiceAccount", "Role", "RoleBinding"]);
+        assert!(
+            documents
+                .iter()
+                .all(|d| d["metadata"]["namespace"] == "gefyra")
+        );
+    }
+}
