@@ -66,5 +66,11 @@ e2e: controlplane
 	tests/no-leftovers.sh "$$dir" || status=1; \
 	exit $$status
 
-bench:
-	@echo "no benchmarks yet: the operator, IPAM and Stowaway issues add them"
+# Figures, not assertions: the operator against the same writes done by a plain loop, in one
+# run on one fresh control plane. BENCH_CLIENTS=N to change the size.
+BENCH_CLIENTS ?= 1000
+bench: controlplane
+	cargo build --release --locked -p gefyra-operator -p gefyra-e2e --bin gefyra-operator --bin bench-clients
+	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-bench-cluster.XXXXXX"); \
+	GEFYRA_BENCH_CLIENTS=$(BENCH_CLIENTS) GEFYRA_OPERATOR_BINARY=$(CURDIR)/target/release/gefyra-operator \
+	$(CONTROLPLANE) run "$$dir" -- target/release/bench-clients

@@ -175,11 +175,15 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 /// The operator binary built next to this test binary (`make e2e` builds it first).
 pub fn operator_binary() -> PathBuf {
+    if let Some(binary) = std::env::var_os("GEFYRA_OPERATOR_BINARY") {
+        return PathBuf::from(binary);
+    }
+    // Next to this executable: target/<profile>/deps/<test> or target/<profile>/<bin>.
     let exe = std::env::current_exe().expect("the test binary has a path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let mut dir = exe.parent().expect("an executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>/deps");
+    }
     let binary = dir.join("gefyra-operator");
     assert!(
         binary.exists(),

@@ -1,0 +1,295 @@
+//! `make bench`: N GefyraClients created → all WAITING, through the operator, against the
+//! floor — the same API writes done by a plain loop without the operator, in the same run,
+//! on the same control plane, with the same concurrency.
+//!
+//! Environment: GEFYRA_KUBECONFIG (the control plane), GEFYRA_OPERATOR_BINARY (the operator
+//! to measure, normally a release build), GEFYRA_BENCH_CLIENTS (default 1000).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use gefyra_api::{ClientState, GefyraClient};
+use gefyra_e2e::{Cluster, Operator, install_crd};
+use gefyra_operator::{credentials, lifecycle};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, ObjectReference, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const CONCURRENCY: usize = 32;
+
+fn new_client(name: &str, namespace: &str) -> Result<GefyraClient> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+        "metadata": {"name": name, "namespace": namespace}, "provider": "stowaway"
+    }))?)
+}
+
+struct Run {
+    wall: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[index]
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "{what:<10} {:>6} clients  {:>7.2} s  {:>7.1} clients/s  p50 {:>6} ms  p99 {:>6} ms",
+            self.latencies.len(),
+            self.wall.as_secs_f64(),
+            self.per_second(),
+            self.percentile(0.50).as_millis(),
+            self.percentile(0.99).as_millis()
+        );
+    }
+}
+
+async fn event(client: &Client, object: &GefyraClient, reason: &str) -> Result<()> {
+    let namespace = object.namespace().unwrap_or_default();
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", object.name_any())),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("gefyra.dev/v1".into()),
+            kind: Some("gefyraclient".into()),
+            name: Some(object.name_any()),
+            namespace: Some(namespace.clone()),
+            uid: object.uid(),
+            ..ObjectReference::default()
+        },
+        reason: Some(reason.into()),
+        type_: Some("Normal".into()),
+        ..Event::default()
+    };
+    Api::<Event>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &event)
+        .await?;
+    Ok(())
+}
+
+/// What the operator writes for one client, done in a straight line.
+async fn floor_one(client: Client, namespace: String, name: String) -> Result<Duration> {
+    let start = Instant::now();
+    let api: Api<GefyraClient> = Api::namespaced(client.clone(), &namespace);
+    let created = api
+        .create(&PostParams::default(), &new_client(&name, &namespace)?)
+        .await?;
+    let merge = PatchParams::default();
+    api.patch(
+        &name,
+        &merge,
+        &Patch::Merge(json!({"metadata": {"finalizers": ["gefyra.dev/cleanup"]}})),
+    )
+    .await?;
+    api.patch(
+        &name,
+        &merge,
+        &Patch::Merge(lifecycle::enter(ClientState::Creating, Timestamp::now())),
+    )
+    .await?;
+    event(&client, &created, "StateChanged").await?;
+    let apply = PatchParams::apply("gefyra-bench-floor").force();
+    let account = credentials::service_account(&created);
+    let sa = account.name_any();
+    Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+        .patch(&sa, &apply, &Patch::Apply(&account))
+        .await?;
+    Api::<Role>::namespaced(client.clone(), &namespace)
+        .patch(
+            &sa,
+            &apply,
+            &Patch::Apply(credentials::role(
+                &created,
+                credentials::ClientRbac::Minimal,
+            )),
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+        .patch(
+            &sa,
+            &apply,
+            &Patch::Apply(credentials::role_binding(&created)),
+        )
+        .await?;
+    let token = {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(365 * 24 * 3600),
+                ..TokenRequestSpec::default()
+            }),
+            ..TokenRequest::default()
+        };
+        Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await?
+            .status
+            .and_then(|status| status.token)
+            .context("no token")?
+    };
+    let ca = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
+        .get("kube-root-ca.crt")
+        .await?
+        .data
+        .and_then(|mut data| data.remove("ca.crt"))
+        .unwrap_or_default();
+    let mut patch = lifecycle::enter(ClientState::Waiting, Timestamp::now());
+    patch["serviceAccountName"] = json!(sa);
+    patch["serviceAccountData"] = json!(credentials::service_account_data(&token, &ca, &namespace));
+    api.patch(&name, &merge, &Patch::Merge(patch)).await?;
+    event(&client, &created, "StateChanged").await?;
+    let condition = lifecycle::ready_condition(
+        None,
+        true,
+        "CredentialsIssued",
+        "the client's credentials are ready",
+        created.metadata.generation,
+        Timestamp::now(),
+    );
+    api.patch_status(
+        &name,
+        &merge,
+        &Patch::Merge(json!({"status": {"conditions": [condition]}})),
+    )
+    .await?;
+    Ok(start.elapsed())
+}
+
+async fn floor(cluster: &Cluster, n: usize) -> Result<Run> {
+    let namespace = cluster.namespace("bench-floor").await?;
+    let client = cluster.admin()?;
+    let start = Instant::now();
+    let latencies = futures::stream::iter(0..n)
+        .map(|i| floor_one(client.clone(), namespace.clone(), format!("floor-{i:05}")))
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(Run {
+        wall: start.elapsed(),
+        latencies,
+    })
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+async fn with_operator(cluster: &Cluster, n: usize) -> Result<(Run, Option<f64>)> {
+    let namespace = cluster.namespace("bench-operator").await?;
+    let operator = Operator::start(cluster, &namespace, &["--log-format", "json"])?;
+    let pid = operator.child.id().context("operator pid")?;
+    let ready = Instant::now();
+    while operator
+        .http_get("/readyz")
+        .await
+        .map(|(code, _)| code)
+        .ok()
+        != Some(200)
+    {
+        if ready.elapsed() > Duration::from_secs(60) {
+            bail!("the operator did not get ready:\n{}", operator.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let client = cluster.admin()?;
+    let api: Api<GefyraClient> = Api::namespaced(client.clone(), &namespace);
+    let waiting: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen = waiting.clone();
+    let watch = tokio::spawn(
+        watcher(api.clone(), watcher::Config::default())
+            .applied_objects()
+            .try_for_each(move |object| {
+                if object.state == ClientState::Waiting {
+                    seen.lock()
+                        .unwrap()
+                        .entry(object.name_any())
+                        .or_insert_with(Instant::now);
+                }
+                futures::future::ready(Ok(()))
+            }),
+    );
+
+    let start = Instant::now();
+    let created: HashMap<String, Instant> = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let namespace = namespace.clone();
+            async move {
+                let name = format!("client-{i:05}");
+                let at = Instant::now();
+                api.create(&PostParams::default(), &new_client(&name, &namespace)?)
+                    .await?;
+                anyhow::Ok((name, at))
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while waiting.lock().unwrap().len() < n {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} clients reached WAITING in 10 minutes",
+                waiting.lock().unwrap().len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waiting = waiting.lock().unwrap().clone();
+    let wall = waiting.values().max().copied().unwrap_or(start) - start;
+    watch.abort();
+    let rss = peak_rss_mib(pid);
+    let latencies = created
+        .iter()
+        .map(|(name, at)| waiting[name].saturating_duration_since(*at))
+        .collect();
+    Ok((Run { wall, latencies }, rss))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = std::env::var("GEFYRA_BENCH_CLIENTS")
+        .ok()
+        .map(|value| value.parse())
+        .transpose()
+        .context("GEFYRA_BENCH_CLIENTS must be a number")?
+        .unwrap_or(1000);
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    println!("== GefyraClients: create -> WAITING, N = {n}, concurrency {CONCURRENCY}");
+    let floor = floor(&cluster, n).await?;
+    let (operator, rss) = with_operator(&cluster, n).await?;
+    floor.print("floor");
+    operator.print("operator");
+    println!(
+        "ratio      {:.2} (operator throughput / floor; aim >= 0.7)",
+        operator.per_second() / floor.per_second()
+    );
+    match rss {
+        Some(mib) => println!("operator   peak RSS {mib:.1} MiB"),
+        None => println!("operator   peak RSS unavailable"),
+    }
+    Ok(())
+}
