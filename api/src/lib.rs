@@ -5,5 +5,6 @@
 
 pub mod client;
 pub mod crd;
+pub mod ipam;
 
 pub use client::{ClientState, ClientStatus, GefyraClient, Provider, ServiceAccountData};
