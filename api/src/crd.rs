@@ -56,7 +56,30 @@ fn schema() -> JSONSchemaProps {
     // gives the clearer message.
     properties["maxConnectionAge"]["minimum"] = json!(1);
     // CEL has no overloads for nullable scalars; these are omitted, never null.
-    for field in ["sunset", "maxConnectionAge"] {
+    // What a client may ask for when it connects (other keys are kept, unused).
+    properties["providerParameter"]["properties"] = json!({
+        "subnet": {
+            "type": "string",
+            "maxLength": 64,
+            "description": "The range the client routes through the tunnel (CIDR), exclusive to it.",
+            "x-kubernetes-validations": [{
+                "rule": "isCIDR(self) && cidr(self).masked() == cidr(self)",
+                "message": "subnet must be a network in CIDR notation, e.g. 172.20.0.0/16",
+                "reason": "FieldValueInvalid"
+            }]
+        },
+        "publicKey": {
+            "type": "string",
+            "maxLength": 64,
+            "description": "The client's WireGuard public key (base64 of 32 bytes); its private key never leaves the client.",
+            "x-kubernetes-validations": [{
+                "rule": "self.matches('^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$')",
+                "message": "publicKey must be a WireGuard public key: base64 of 32 bytes, as `wg pubkey` prints it",
+                "reason": "FieldValueInvalid"
+            }]
+        }
+    });
+    for field in ["sunset", "maxConnectionAge", "providerParameter"] {
         properties[field]
             .as_object_mut()
             .expect("a property schema")
@@ -96,8 +119,25 @@ fn schema() -> JSONSchemaProps {
                 Some(".providerParameter"),
             )
         },
+        rule(
+            &format!(
+                "oldSelf.state in ['WAITING', 'ACTIVE', 'ERROR'] || (has(self.providerParameter) == has(oldSelf.providerParameter) && (!has(self.providerParameter) || ({} == {} && {} == {})))",
+                optional_text("self", "subnet"),
+                optional_text("oldSelf", "subnet"),
+                optional_text("self", "publicKey"),
+                optional_text("oldSelf", "publicKey"),
+            ),
+            "providerParameter may change only while the client is WAITING, ACTIVE or ERROR; it is being set up or connected/disconnected right now, try again in a moment",
+            Some("FieldValueForbidden"),
+            Some(".providerParameter"),
+        ),
     ]);
     schema
+}
+
+/// CEL: `object.providerParameter.field`, or '' when absent.
+fn optional_text(object: &str, field: &str) -> String {
+    format!("(has({object}.providerParameter.{field}) ? {object}.providerParameter.{field} : '')")
 }
 
 fn column(

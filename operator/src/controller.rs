@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use gefyra_api::ipam::{self, IpamError};
 use gefyra_api::{ClientState, GefyraClient};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -20,6 +21,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::allocator;
+use crate::connection::{self, ConfigInputs, KeyPair};
 use crate::credentials::{self, ClientRbac, CredentialsNeed};
 use crate::error::{Error, Result};
 use crate::lifecycle;
@@ -38,6 +41,12 @@ pub struct Settings {
     /// Renew this long before expiry; `None`: after 80 % of the lifetime.
     pub renew_before: Option<SignedDuration>,
     pub concurrency: u16,
+    /// Tunnel-address pool and reserved ranges.
+    pub pool: gefyra_api::ipam::Pool,
+    /// `Peer.Endpoint` written into every client's `providerConfig`.
+    pub wireguard_endpoint: String,
+    /// Disconnect ACTIVE clients after this long, unless the client sets its own.
+    pub max_connection_age: Option<SignedDuration>,
 }
 
 /// Built once, shared by every reconcile.
@@ -48,6 +57,8 @@ pub struct Context {
     pub settings: Settings,
     /// Consecutive failures per client, for the retry backoff only (never for correctness).
     failures: Mutex<HashMap<String, u32>>,
+    /// The Stowaway server's key pair, read (or created) once.
+    server_key: tokio::sync::OnceCell<KeyPair>,
 }
 
 impl Context {
@@ -62,7 +73,15 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::default(),
+            server_key: tokio::sync::OnceCell::new(),
         }
+    }
+
+    async fn server_key(&self) -> Result<&KeyPair> {
+        self.server_key
+            .get_or_try_init(|| allocator::server_key(&self.client, &self.settings.namespace))
+            .await
+            .map_err(|source| Error::ServerKey { source })
     }
 
     async fn event(&self, client: &GefyraClient, type_: EventType, reason: &str, note: String) {
@@ -109,14 +128,65 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
             }
         }
     });
-    controller
+    let sweeper = sweep_allocations_forever(ctx.clone());
+    let reconciler = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(%error, "reconcile failed");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = reconciler => {},
+        _ = sweeper => {},
+    }
+}
+
+/// Every 30 s, frees the ranges of clients that no longer exist (e.g. deleted while no
+/// operator ran and their finalizer was forced away).
+async fn sweep_allocations_forever(ctx: Arc<Context>) {
+    loop {
+        if let Err(error) = sweep_allocations(&ctx).await {
+            warn!(%error, "sweeping stale allocations failed; trying again in 30 s");
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
+async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
+    let namespace = &ctx.settings.namespace;
+    // Only entries seen *before* listing the clients are candidates: an allocation made
+    // after the list belongs to a client the list may not show yet.
+    let before = allocator::read(&ctx.client, namespace).await?;
+    if before.is_empty() {
+        return Ok(());
+    }
+    let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), namespace);
+    let live: std::collections::BTreeSet<String> = clients
+        .list_metadata(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|client| client.metadata.uid)
+        .collect();
+    let (swept, table) = allocator::modify(&ctx.client, namespace, |table| {
+        let mut stale: Vec<String> = Vec::new();
+        for (name, allocation) in before.iter() {
+            if !live.contains(&allocation.uid) && table.get(name) == Some(allocation) {
+                table.remove(name);
+                stale.push(name.clone());
+            }
+        }
+        Ok(stale)
+    })
+    .await?;
+    ctx.metrics
+        .observe_pool(ctx.settings.pool.capacity(), table.len());
+    let swept = swept.unwrap_or_default();
+    if !swept.is_empty() {
+        info!(clients = ?swept, "freed the ranges of clients that no longer exist");
+    }
+    Ok(())
 }
 
 async fn reconcile(client: Arc<GefyraClient>, ctx: Arc<Context>) -> Result<Action> {
@@ -157,7 +227,11 @@ fn error_policy(client: Arc<GefyraClient>, error: &Error, ctx: Arc<Context>) -> 
     let mut failures = ctx.failures.lock().expect("failures lock");
     let count = failures.entry(client.name_any()).or_insert(0);
     *count = count.saturating_add(1);
-    let delay = Duration::from_secs(1u64 << (*count - 1).min(8)).min(Duration::from_secs(300));
+    let delay = match error {
+        // Addresses free up when other clients disconnect: look again soon.
+        Error::PoolExhausted { .. } => Duration::from_secs(2),
+        _ => Duration::from_secs(1u64 << (*count - 1).min(8)).min(Duration::from_secs(300)),
+    };
     warn!(client = %client.name_any(), category = error.category(), %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -365,10 +439,15 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
             .await;
         }
     }
-    if matches!(
-        client.state,
-        ClientState::Requested | ClientState::Creating | ClientState::Error
-    ) {
+    let mut state = client.state;
+    let settles = match client.state {
+        ClientState::Requested | ClientState::Creating => true,
+        // A failed connect stays in ERROR until the connection step succeeds.
+        ClientState::Error => client.provider_parameter.is_none(),
+        _ => false,
+    };
+    if settles {
+        state = ClientState::Waiting;
         patch.extend(
             lifecycle::enter(ClientState::Waiting, Timestamp::now())
                 .as_object()
@@ -391,7 +470,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
             })?;
         // The patch bumps the generation; the condition describes the object as written.
         generation = patched.metadata.generation;
-        if client.state != ClientState::Waiting {
+        if settles && client.state != ClientState::Waiting {
             info!(client = %name, from = %client.state, to = "WAITING", "state changed");
             ctx.event(
                 client,
@@ -402,17 +481,31 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
             .await;
         }
     }
+    // Connect or disconnect; a failure returns here, before Ready is claimed.
+    let (connection_due, connected, connection_generation) =
+        connect_or_disconnect(client, state, ctx, now).await?;
+    let generation = connection_generation.or(generation);
+    let (reason, message) = if connected {
+        (
+            "Connected",
+            "the client's credentials are ready and it is connected",
+        )
+    } else {
+        ("CredentialsIssued", "the client's credentials are ready")
+    };
     let condition = lifecycle::ready_condition(
         client.ready_condition(),
         true,
-        "CredentialsIssued",
-        "the client's credentials are ready",
+        reason,
+        message,
         generation,
         now,
     );
     let status = client.status.clone().unwrap_or_default();
     let condition_changed = client.ready_condition().is_none_or(|c| {
-        c.status != "True" || c.observed_generation != condition.observed_generation
+        c.status != "True"
+            || c.reason != condition.reason
+            || c.observed_generation != condition.observed_generation
     });
     if condition_changed || status.credentials_expire_at != expires_at {
         api.patch_status(
@@ -426,12 +519,230 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
 
     // Come back exactly when something is due: the renewal or the sunset.
     let renew_at = renew_at.unwrap_or(now + SignedDuration::from_hours(1));
-    let due = sunset.map_or(renew_at, |sunset| sunset.min(renew_at));
+    let due = [sunset, connection_due]
+        .into_iter()
+        .flatten()
+        .fold(renew_at, Timestamp::min);
     Ok(Action::requeue(
         due.duration_since(now)
             .max(SignedDuration::from_secs(1))
             .unsigned_abs(),
     ))
+}
+
+/// Records `to` (from `from`) with an Event.
+async fn transition(
+    api: &Api<GefyraClient>,
+    client: &GefyraClient,
+    from: ClientState,
+    to: ClientState,
+    extra: serde_json::Value,
+    note: String,
+    ctx: &Context,
+) -> Result<Option<i64>> {
+    let name = client.name_any();
+    let mut patch = lifecycle::enter(to, Timestamp::now());
+    if let (Some(patch), serde_json::Value::Object(extra)) = (patch.as_object_mut(), extra) {
+        patch.extend(extra);
+    }
+    let patched = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::RecordConnection {
+            client: name.clone(),
+            source,
+        })?;
+    info!(client = %name, %from, %to, "state changed");
+    ctx.event(
+        client,
+        EventType::Normal,
+        "StateChanged",
+        format!("{from} -> {to}: {note}"),
+    )
+    .await;
+    Ok(patched.metadata.generation)
+}
+
+/// The connection state machine: `providerParameter` set → ENABLING → ACTIVE (range
+/// recorded in the allocation table before any configuration is published); unset →
+/// DISABLING → WAITING (ranges released). Returns when `maxConnectionAge` is due, whether
+/// the client is connected, and the generation of the last write.
+async fn connect_or_disconnect(
+    client: &GefyraClient,
+    mut state: ClientState,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<(Option<Timestamp>, bool, Option<i64>)> {
+    let name = client.name_any();
+    let namespace = client.namespace().unwrap_or_default();
+    let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pool = &ctx.settings.pool;
+
+    let Some(parameter) = client.provider_parameter.as_ref() else {
+        let connected = client.provider_config.is_some()
+            || matches!(
+                state,
+                ClientState::Enabling | ClientState::Active | ClientState::Disabling
+            );
+        if !connected {
+            return Ok((None, false, None));
+        }
+        if state != ClientState::Disabling {
+            transition(
+                &api,
+                client,
+                state,
+                ClientState::Disabling,
+                json!({}),
+                "disconnect requested".into(),
+                ctx,
+            )
+            .await?;
+            state = ClientState::Disabling;
+        }
+        let (_, table) = allocator::modify(&ctx.client, &namespace, |table| {
+            Ok(ipam::release(table, &name))
+        })
+        .await?;
+        ctx.metrics.observe_pool(pool.capacity(), table.len());
+        let generation = transition(
+            &api,
+            client,
+            state,
+            ClientState::Waiting,
+            json!({"providerConfig": null}),
+            "disconnected; its ranges were released".into(),
+            ctx,
+        )
+        .await?;
+        return Ok((None, false, generation));
+    };
+
+    let request =
+        connection::parse_request(parameter).map_err(|message| Error::InvalidParameter {
+            client: name.clone(),
+            message,
+        })?;
+    if matches!(state, ClientState::Waiting | ClientState::Error) {
+        transition(
+            &api,
+            client,
+            state,
+            ClientState::Enabling,
+            json!({}),
+            "connect requested".into(),
+            ctx,
+        )
+        .await?;
+        state = ClientState::Enabling;
+    }
+    // The range is recorded in the API server before any configuration is published.
+    let uid = client.uid().unwrap_or_default();
+    let (result, table) = allocator::modify(&ctx.client, &namespace, |table| {
+        ipam::allocate(pool, table, &name, &uid, request.subnet)
+    })
+    .await?;
+    ctx.metrics.observe_pool(pool.capacity(), table.len());
+    let allocation = result.map_err(|source| match source {
+        IpamError::PoolExhausted { .. } => Error::PoolExhausted {
+            client: name.clone(),
+            source,
+        },
+        IpamError::Overlap { .. } => Error::SubnetConflict {
+            client: name.clone(),
+            source,
+        },
+        IpamError::NotNetworkAddress { .. } => Error::InvalidParameter {
+            client: name.clone(),
+            message: format!("providerParameter.{source}"),
+        },
+    })?;
+
+    let mut generation = None;
+    let mut active_since = client
+        .state_transitions
+        .get(ClientState::Active.as_str())
+        .and_then(|since| since.parse::<Timestamp>().ok());
+    let current = client.provider_config.as_ref().filter(|config| {
+        state == ClientState::Active && connection::config_matches(config, &allocation, &request)
+    });
+    if current.is_none() {
+        let server = ctx.server_key().await?;
+        let generated = request
+            .public_key
+            .is_none()
+            .then(connection::generate_key_pair);
+        let client_public = request
+            .public_key
+            .clone()
+            .or_else(|| generated.as_ref().map(|pair| pair.public.clone()))
+            .unwrap_or_default();
+        let preshared_key = connection::generate_preshared_key();
+        let config = connection::provider_config(&ConfigInputs {
+            allocation: &allocation,
+            client_public: &client_public,
+            client_private: generated.as_ref().map(|pair| pair.private.as_str()),
+            server_public: &server.public,
+            preshared_key: &preshared_key,
+            endpoint: &ctx.settings.wireguard_endpoint,
+        });
+        // Replace the whole map: keys of an older config are removed.
+        let mut replacement = serde_json::Map::new();
+        for stale in client.provider_config.iter().flat_map(|old| old.keys()) {
+            replacement.insert(stale.clone(), serde_json::Value::Null);
+        }
+        replacement.extend(config);
+        let routed = allocation
+            .routed
+            .map(|routed| format!(", routing {routed}"))
+            .unwrap_or_default();
+        generation = transition(
+            &api,
+            client,
+            state,
+            ClientState::Active,
+            json!({ "providerConfig": replacement }),
+            format!(
+                "connected with tunnel address {}{routed}",
+                allocation.tunnel.addr()
+            ),
+            ctx,
+        )
+        .await?;
+        active_since = Some(now);
+    }
+
+    let max_age = client
+        .max_connection_age
+        .map(SignedDuration::from_secs)
+        .or(ctx.settings.max_connection_age);
+    let due = max_age.zip(active_since).map(|(age, since)| since + age);
+    if let Some(due) = due
+        && due <= now
+    {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "providerParameter": null })),
+        )
+        .await
+        .map_err(|source| Error::RecordConnection {
+            client: name.clone(),
+            source,
+        })?;
+        ctx.event(
+            client,
+            EventType::Normal,
+            "MaxConnectionAge",
+            format!(
+                "connected since {}: maxConnectionAge reached; disconnecting",
+                active_since.unwrap_or(now)
+            ),
+        )
+        .await;
+        return Ok((None, false, None));
+    }
+    Ok((due, true, generation))
 }
 
 fn renew_at_of(token: &str, renew_before: Option<SignedDuration>) -> Option<Timestamp> {
@@ -502,6 +813,13 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     if client.state != ClientState::Terminating {
         enter(&api, client, ClientState::Terminating, ctx).await?;
     }
+    // The peer goes first: its ranges become free for others.
+    let (_, table) = allocator::modify(&ctx.client, &namespace, |table| {
+        Ok(ipam::release(table, &name))
+    })
+    .await?;
+    ctx.metrics
+        .observe_pool(ctx.settings.pool.capacity(), table.len());
     let sa_name = GefyraClient::service_account_name_for(&name);
     delete_if_present(
         Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),

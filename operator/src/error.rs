@@ -59,6 +59,38 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("client {client}: {message}")]
+    InvalidParameter { client: String, message: String },
+    #[error(
+        "client {client}: {source}; it connects as soon as an address is free (disconnect idle clients or enlarge --tunnel-pool)"
+    )]
+    PoolExhausted {
+        client: String,
+        #[source]
+        source: gefyra_api::ipam::IpamError,
+    },
+    #[error("client {client}: {source}; choose another providerParameter.subnet")]
+    SubnetConflict {
+        client: String,
+        #[source]
+        source: gefyra_api::ipam::IpamError,
+    },
+    #[error("allocating a range failed: {0}")]
+    AllocationTable(#[from] crate::allocator::TableError),
+    #[error(
+        "reading or creating the Stowaway key Secret {}: {source}",
+        crate::allocator::SERVER_KEY_SECRET
+    )]
+    ServerKey {
+        #[source]
+        source: kube::Error,
+    },
+    #[error("client {client}: recording the connection failed: {source}")]
+    RecordConnection {
+        client: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -76,6 +108,12 @@ impl Error {
             Self::RecordState { .. } | Self::RecordCredentials { .. } => "StatusWriteFailed",
             Self::Delete { .. } => "SunsetDeleteFailed",
             Self::Cleanup { .. } => "CleanupFailed",
+            Self::InvalidParameter { .. } => "InvalidParameter",
+            Self::PoolExhausted { .. } => "PoolExhausted",
+            Self::SubnetConflict { .. } => "SubnetConflict",
+            Self::AllocationTable(_) => "AllocationTableFailed",
+            Self::ServerKey { .. } => "ServerKeyFailed",
+            Self::RecordConnection { .. } => "StatusWriteFailed",
             Self::Finalizer(_) => "FinalizerFailed",
         }
     }

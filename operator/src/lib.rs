@@ -1,6 +1,7 @@
 //! gefyra-operator: reconciles GefyraClient resources into credentials, RBAC and
 //! exclusive WireGuard IP ranges.
 
+pub mod allocator;
 pub mod connection;
 pub mod controller;
 pub mod credentials;

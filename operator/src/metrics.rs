@@ -17,6 +17,7 @@ pub struct Metrics {
     reconcile_errors: IntCounterVec,
     reconcile_duration: HistogramVec,
     clients: IntGaugeVec,
+    pool: IntGaugeVec,
     store: OnceLock<Store<GefyraClient>>,
 }
 
@@ -52,8 +53,17 @@ impl Default for Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let pool = IntGaugeVec::new(
+            Opts::new(
+                "gefyra_operator_ip_pool_addresses",
+                "Tunnel addresses by use (`capacity`, `allocated`), as last written",
+            ),
+            &["use"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pool.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconciles.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(clients.clone()),
@@ -68,6 +78,7 @@ impl Default for Metrics {
             reconcile_errors,
             reconcile_duration,
             clients,
+            pool,
             store: OnceLock::new(),
         }
     }
@@ -76,6 +87,14 @@ impl Default for Metrics {
 impl Metrics {
     pub fn watch_store(&self, store: Store<GefyraClient>) {
         let _ = self.store.set(store);
+    }
+
+    pub fn observe_pool(&self, capacity: u128, allocated: usize) {
+        let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
+        self.pool.with_label_values(&["capacity"]).set(capacity);
+        self.pool
+            .with_label_values(&["allocated"])
+            .set(allocated as i64);
     }
 
     pub fn observe_reconcile(&self, duration: Duration, error: Option<&Error>) {

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::allocator::{ALLOCATIONS_CONFIGMAP, SERVER_KEY_SECRET};
 use crate::credentials::MANAGED_BY;
 
 fn rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -52,8 +53,18 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             &[],
             &["get", "create", "patch", "delete"],
         ),
-        // The API server's CA for client files.
+        // The API server's CA for client files; the allocation table (compare-and-swap).
         rule("", &["configmaps"], &["kube-root-ca.crt"], &["get"]),
+        rule("", &["configmaps"], &[], &["create"]),
+        rule(
+            "",
+            &["configmaps"],
+            &[ALLOCATIONS_CONFIGMAP],
+            &["get", "update"],
+        ),
+        // The Stowaway server's key pair: created once, then only read, by name.
+        rule("", &["secrets"], &[], &["create"]),
+        rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
         rule("events.k8s.io", &["events"], &[], &["create", "patch"]),
         // Leader election: creating cannot be limited by name, the rest can.
         rule("coordination.k8s.io", &["leases"], &[], &["create"]),
@@ -168,13 +179,15 @@ mod tests {
             for verb in ["escalate", "bind", "impersonate", "*"] {
                 assert!(!rule.verbs.iter().any(|v| v == verb), "{rule:?}");
             }
-            assert!(
-                !rule
-                    .resources
-                    .iter()
-                    .flatten()
-                    .any(|r| r == "secrets" || r == "*")
-            );
+            assert!(!rule.resources.iter().flatten().any(|r| r == "*"));
+            // Secrets: create, and read only the server key by name; never list or watch.
+            if rule.resources.iter().flatten().any(|r| r == "secrets") {
+                let by_name = rule.resource_names.is_some();
+                assert!(
+                    rule.verbs == ["create"] || (by_name && rule.verbs == ["get"]),
+                    "{rule:?}"
+                );
+            }
         }
     }
 

@@ -80,6 +80,27 @@ pub struct RunArgs {
     /// its lifetime.
     #[arg(long, env = "GEFYRA_TOKEN_RENEW_BEFORE")]
     pub token_renew_before: Option<u64>,
+    /// Tunnel-address pool(s), comma-separated CIDRs (IPv4 and/or IPv6). 192.168.99.1 is
+    /// the server's and never given out.
+    #[arg(
+        long,
+        env = "GEFYRA_TUNNEL_POOL",
+        value_delimiter = ',',
+        default_value = "192.168.96.0/20"
+    )]
+    pub tunnel_pool: Vec<ipnet::IpNet>,
+    /// Ranges no client may route, comma-separated CIDRs (the cluster's pod and service
+    /// CIDRs).
+    #[arg(long, env = "GEFYRA_RESERVED_RANGES", value_delimiter = ',')]
+    pub reserved_ranges: Vec<ipnet::IpNet>,
+    /// `Peer.Endpoint` in each client's providerConfig (Gefyra's clients take the endpoint
+    /// from their client file instead); default: the Stowaway Service in --namespace.
+    #[arg(long, env = "GEFYRA_WIREGUARD_ENDPOINT")]
+    pub wireguard_endpoint: Option<String>,
+    /// Disconnect ACTIVE clients after this many seconds unless a client sets its own
+    /// maxConnectionAge.
+    #[arg(long, env = "GEFYRA_MAX_CONNECTION_AGE")]
+    pub max_connection_age: Option<u64>,
     /// Reconcile only while holding the Lease (for more than one replica).
     #[arg(long, env = "GEFYRA_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -153,6 +174,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             .token_renew_before
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
         concurrency: args.concurrency,
+        pool: gefyra_api::ipam::Pool {
+            tunnel: args.tunnel_pool.clone(),
+            reserved: args.reserved_ranges.clone(),
+        },
+        wireguard_endpoint: args
+            .wireguard_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("gefyra-stowaway-wireguard.{}.svc:31820", args.namespace)),
+        max_connection_age: args
+            .max_connection_age
+            .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
     };
     let ctx = Arc::new(Context::new(client.clone(), metrics, settings));
 

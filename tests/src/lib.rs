@@ -8,10 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine;
+use gefyra_api::{ClientState, GefyraClient};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::core::{DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
 use kube::{Api, Client, Config};
+use serde_json::json;
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
@@ -382,4 +387,77 @@ impl Drop for DockerDaemon {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+// ---- GefyraClient helpers shared by the tests ----
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Exactly the body Gefyra's CLI sends.
+pub fn gefyra_cli_body(name: &str, namespace: &str) -> serde_json::Value {
+    json!({"apiVersion":"gefyra.dev/v1","kind":"gefyraclient",
+        "metadata":{"name":name,"namespace":namespace},"provider":"stowaway","status":{}})
+}
+
+pub fn dynamic_api(client: Client, namespace: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gefyra.dev", "v1", "gefyraclient"),
+        "gefyraclients",
+    );
+    Api::namespaced_with(client, namespace, &resource)
+}
+
+pub async fn create_client(client: Client, namespace: &str, name: &str) -> Result<()> {
+    let object: DynamicObject = serde_json::from_value(gefyra_cli_body(name, namespace))?;
+    dynamic_api(client, namespace)
+        .create(&PostParams::default(), &object)
+        .await?;
+    Ok(())
+}
+
+pub async fn wait_for_state(
+    api: &Api<GefyraClient>,
+    name: &str,
+    state: ClientState,
+) -> Result<GefyraClient> {
+    eventually(&format!("client {name} reaches {state}"), WAIT, || async {
+        let client = api.get(name).await?;
+        Ok((client.state == state).then_some(client))
+    })
+    .await
+}
+
+/// WAITING with a `Ready=True` condition that describes the object's current generation.
+pub async fn wait_for_ready(api: &Api<GefyraClient>, name: &str) -> Result<GefyraClient> {
+    eventually(
+        &format!("client {name} is WAITING and Ready"),
+        WAIT,
+        || async {
+            let client = api.get(name).await?;
+            let ready = client.ready_condition().is_some_and(|ready| {
+                ready.status == "True" && ready.observed_generation == client.metadata.generation
+            });
+            Ok((client.state == ClientState::Waiting && ready).then_some(client))
+        },
+    )
+    .await
+}
+
+pub async fn wait_gone<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} is gone"), WAIT, || async {
+        Ok(api.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+pub fn token_of(client: &GefyraClient) -> Result<String> {
+    let data = client
+        .service_account_data
+        .as_ref()
+        .context("serviceAccountData is set")?;
+    let token = base64::engine::general_purpose::STANDARD.decode(&data.token)?;
+    Ok(String::from_utf8(token)?)
 }

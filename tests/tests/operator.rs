@@ -6,85 +6,16 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use gefyra_api::{ClientState, GefyraClient};
-use gefyra_e2e::{Cluster, Operator, api_status, eventually, install_crd};
+use gefyra_e2e::{
+    Cluster, Operator, WAIT, api_status, create_client, dynamic_api, eventually, gefyra_cli_body,
+    install_crd, token_of, wait_for_ready, wait_for_state, wait_gone,
+};
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{DynamicObject, GroupVersionKind};
-use kube::discovery::ApiResource;
+use kube::core::DynamicObject;
 use kube::{Api, Client};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-/// Exactly the body Gefyra's CLI sends.
-fn gefyra_cli_body(name: &str, namespace: &str) -> serde_json::Value {
-    json!({"apiVersion":"gefyra.dev/v1","kind":"gefyraclient",
-        "metadata":{"name":name,"namespace":namespace},"provider":"stowaway","status":{}})
-}
-
-fn dynamic_api(client: Client, namespace: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("gefyra.dev", "v1", "gefyraclient"),
-        "gefyraclients",
-    );
-    Api::namespaced_with(client, namespace, &resource)
-}
-
-async fn create_client(client: Client, namespace: &str, name: &str) -> Result<()> {
-    let object: DynamicObject = serde_json::from_value(gefyra_cli_body(name, namespace))?;
-    dynamic_api(client, namespace)
-        .create(&PostParams::default(), &object)
-        .await?;
-    Ok(())
-}
-
-async fn wait_for_state(
-    api: &Api<GefyraClient>,
-    name: &str,
-    state: ClientState,
-) -> Result<GefyraClient> {
-    eventually(&format!("client {name} reaches {state}"), WAIT, || async {
-        let client = api.get(name).await?;
-        Ok((client.state == state).then_some(client))
-    })
-    .await
-}
-
-/// WAITING with a `Ready=True` condition that describes the object's current generation.
-async fn wait_for_ready(api: &Api<GefyraClient>, name: &str) -> Result<GefyraClient> {
-    eventually(
-        &format!("client {name} is WAITING and Ready"),
-        WAIT,
-        || async {
-            let client = api.get(name).await?;
-            let ready = client.ready_condition().is_some_and(|ready| {
-                ready.status == "True" && ready.observed_generation == client.metadata.generation
-            });
-            Ok((client.state == ClientState::Waiting && ready).then_some(client))
-        },
-    )
-    .await
-}
-
-async fn wait_gone<K>(api: &Api<K>, name: &str) -> Result<()>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    eventually(&format!("{name} is gone"), WAIT, || async {
-        Ok(api.get_opt(name).await?.is_none().then_some(()))
-    })
-    .await
-}
-
-fn token_of(client: &GefyraClient) -> Result<String> {
-    let data = client
-        .service_account_data
-        .as_ref()
-        .context("serviceAccountData is set")?;
-    let token = base64::engine::general_purpose::STANDARD.decode(&data.token)?;
-    Ok(String::from_utf8(token)?)
-}
 
 #[tokio::test]
 async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()> {
