@@ -623,7 +623,9 @@ async fn connect_or_disconnect(
             client: name.clone(),
             message,
         })?;
-    if matches!(state, ClientState::Waiting | ClientState::Error) {
+    // From WAITING the client enters ENABLING; a retry from ERROR goes straight to ACTIVE
+    // once it succeeds, so a client that cannot connect stays in ERROR (no flapping).
+    if state == ClientState::Waiting {
         transition(
             &api,
             client,

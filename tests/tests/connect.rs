@@ -1,0 +1,359 @@
+//! Connect and disconnect against the real control plane: exclusive ranges decided by the
+//! API server, pool exhaustion, reconnects, and two operators with a crash in between.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use base64::Engine;
+use gefyra_api::ipam::{self, Allocation};
+use gefyra_api::{ClientState, GefyraClient};
+use gefyra_e2e::{
+    Cluster, Operator, WAIT, api_status, create_client, eventually, install_crd, wait_for_ready,
+    wait_for_state, wait_gone,
+};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+async fn connect(api: &Api<GefyraClient>, name: &str, parameter: Value) -> Result<()> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "providerParameter": parameter })),
+    )
+    .await
+    .with_context(|| format!("connecting {name}"))?;
+    Ok(())
+}
+
+async fn allocations(admin: Client, namespace: &str) -> Result<BTreeMap<String, Allocation>> {
+    let config_map = Api::<ConfigMap>::namespaced(admin, namespace)
+        .get_opt("gefyra-ip-allocations")
+        .await?;
+    config_map
+        .and_then(|config_map| config_map.data)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, value)| Ok((name, serde_json::from_str(&value)?)))
+        .collect()
+}
+
+fn config_text<'a>(client: &'a GefyraClient, key: &str) -> Option<&'a str> {
+    client.provider_config.as_ref()?.get(key)?.as_str()
+}
+
+fn public_key_of(private: &str) -> Result<String> {
+    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(private)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a private key is 32 bytes"))?;
+    let secret = x25519_dalek::StaticSecret::from(bytes);
+    Ok(base64::engine::general_purpose::STANDARD
+        .encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+}
+
+fn reason_of(client: &GefyraClient) -> Option<String> {
+    client.ready_condition().map(|ready| ready.reason.clone())
+}
+
+#[tokio::test]
+async fn connect_disconnect_reconnect_and_delete_while_active() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("connect").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+
+    // Before the operator runs the client is REQUESTED: connecting is refused with a reason.
+    create_client(admin.clone(), &ns, "dev").await?;
+    let refused = connect(&clients, "dev", json!({"subnet": "172.20.0.0/16"}))
+        .await
+        .unwrap_err();
+    let refused = refused
+        .downcast_ref::<kube::Error>()
+        .context("an API error")?;
+    ensure!(
+        api_status(refused) == Some(422) && refused.to_string().contains("may change only while"),
+        "{refused}"
+    );
+
+    let _operator = Operator::start(
+        &cluster,
+        &ns,
+        &["--wireguard-endpoint", "203.0.113.7:31820"],
+    )?;
+    wait_for_ready(&clients, "dev").await?;
+
+    // Our way: the client keeps its private key.
+    let own_public = public_key_of(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))?;
+    connect(&clients, "dev", json!({"publicKey": own_public})).await?;
+    let active = wait_for_state(&clients, "dev", ClientState::Active).await?;
+    let server = Api::<Secret>::namespaced(admin.clone(), &ns)
+        .get("gefyra-stowaway-key")
+        .await?;
+    let server_public = String::from_utf8(server.data.unwrap_or_default()["publicKey"].0.clone())?;
+    ensure!(config_text(&active, "Peer.PublicKey") == Some(server_public.as_str()));
+    ensure!(config_text(&active, "Interface.PublicKey") == Some(own_public.as_str()));
+    ensure!(
+        config_text(&active, "Interface.PrivateKey").is_none(),
+        "no private key is written when the client sent its public key"
+    );
+    ensure!(config_text(&active, "Interface.DNS") == Some("192.168.99.1"));
+    ensure!(config_text(&active, "Peer.Endpoint") == Some("203.0.113.7:31820"));
+    let address = config_text(&active, "Interface.Address").context("an address")?;
+    let table = allocations(admin.clone(), &ns).await?;
+    ensure!(
+        table["dev"].tunnel.addr().to_string() == address,
+        "the table holds the published address: {table:?}"
+    );
+
+    // Disconnect: WAITING, no config, nothing allocated.
+    connect(&clients, "dev", Value::Null).await?;
+    let waiting = eventually("dev is disconnected", WAIT, || async {
+        let client = clients.get("dev").await?;
+        Ok(
+            (client.state == ClientState::Waiting && client.provider_config.is_none())
+                .then_some(client),
+        )
+    })
+    .await?;
+    ensure!(waiting.state_transitions.contains_key("DISABLING"));
+    ensure!(allocations(admin.clone(), &ns).await?.is_empty());
+
+    // Gefyra's way: only a subnet; the operator generates the key pair.
+    connect(&clients, "dev", json!({"subnet": "172.20.0.0/16"})).await?;
+    let again = wait_for_state(&clients, "dev", ClientState::Active).await?;
+    let private = config_text(&again, "Interface.PrivateKey").context("a generated key")?;
+    ensure!(Some(public_key_of(private)?.as_str()) == config_text(&again, "Interface.PublicKey"));
+    ensure!(allocations(admin.clone(), &ns).await?["dev"].routed == Some("172.20.0.0/16".parse()?));
+    let log = _operator.log_text();
+    ensure!(
+        !log.contains(private),
+        "the private key never reaches the log"
+    );
+
+    // Deleting an ACTIVE client releases its ranges.
+    clients.delete("dev", &DeleteParams::default()).await?;
+    wait_gone(&clients, "dev").await?;
+    ensure!(
+        allocations(admin, &ns).await?.is_empty(),
+        "released on delete"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pool_of_four_serves_four_and_the_next_connects_when_one_leaves() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("pool").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    // Two /30s: two usable addresses each.
+    let _operator = Operator::start(
+        &cluster,
+        &ns,
+        &["--tunnel-pool", "10.99.0.0/30,10.99.0.4/30"],
+    )?;
+    let names: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+    for name in &names {
+        create_client(admin.clone(), &ns, name).await?;
+    }
+    for name in &names {
+        wait_for_ready(&clients, name).await?;
+        connect(&clients, name, json!({})).await?;
+    }
+    let settled = eventually("4 ACTIVE and 2 PoolExhausted", WAIT, || async {
+        let listed = clients.list(&Default::default()).await?.items;
+        let active = listed
+            .iter()
+            .filter(|c| c.state == ClientState::Active)
+            .count();
+        let exhausted = listed
+            .iter()
+            .filter(|c| {
+                c.state == ClientState::Error && reason_of(c).as_deref() == Some("PoolExhausted")
+            })
+            .count();
+        Ok((active == 4 && exhausted == 2).then_some(listed))
+    })
+    .await?;
+    let addresses: std::collections::BTreeSet<_> = settled
+        .iter()
+        .filter_map(|c| config_text(c, "Interface.Address"))
+        .collect();
+    ensure!(
+        addresses == ["10.99.0.1", "10.99.0.2", "10.99.0.5", "10.99.0.6"].into(),
+        "four distinct host addresses, no network or broadcast address: {addresses:?}"
+    );
+    let waiting_one = settled
+        .iter()
+        .find(|c| c.state == ClientState::Error)
+        .context("an exhausted client")?;
+    let message = waiting_one
+        .ready_condition()
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message.contains("pool is exhausted"), "{message}");
+
+    let leaving = settled
+        .iter()
+        .find(|c| c.state == ClientState::Active)
+        .context("an active client")?;
+    connect(
+        &clients,
+        &leaving.metadata.name.clone().unwrap_or_default(),
+        Value::Null,
+    )
+    .await?;
+    eventually(
+        "the next client connects on the freed address",
+        WAIT,
+        || async {
+            let listed = clients.list(&Default::default()).await?.items;
+            let active = listed
+                .iter()
+                .filter(|c| c.state == ClientState::Active)
+                .count();
+            let errors = listed
+                .iter()
+                .filter(|c| c.state == ClientState::Error)
+                .count();
+            Ok((active == 4 && errors == 1).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_operators_and_a_crash_never_hand_out_overlapping_ranges() -> Result<()> {
+    const N: usize = 200;
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("exclusive").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    // No leader election: both reconcile everything, only the API server keeps them apart.
+    let mut first = Operator::start(&cluster, &ns, &[])?;
+    let _second = Operator::start(&cluster, &ns, &[])?;
+
+    let names: Vec<String> = (0..N).map(|i| format!("peer-{i:03}")).collect();
+    futures::future::try_join_all(
+        names
+            .iter()
+            .map(|name| create_client(admin.clone(), &ns, name)),
+    )
+    .await?;
+    for name in &names {
+        wait_for_ready(&clients, name).await?;
+    }
+    // Half ask for 10.i.0.0/16, the other half for 10.i.128.0/17: pairs that overlap.
+    let subnet = |i: usize| {
+        if i < N / 2 {
+            format!("10.{i}.0.0/16")
+        } else {
+            format!("10.{}.128.0/17", i - N / 2)
+        }
+    };
+    let connects = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| connect(&clients, name, json!({ "subnet": subnet(i) })));
+    let connecting = futures::future::try_join_all(connects);
+    let crash = async {
+        eventually("some clients are ACTIVE", WAIT, || async {
+            let listed = clients.list(&Default::default()).await?.items;
+            let active = listed
+                .iter()
+                .filter(|c| c.state == ClientState::Active)
+                .count();
+            Ok((active >= N / 8).then_some(()))
+        })
+        .await?;
+        first.kill().await
+    };
+    let (connected, crashed) = tokio::join!(connecting, crash);
+    connected?;
+    crashed?;
+
+    let settled = eventually(
+        "every client is ACTIVE or rejected",
+        Duration::from_secs(180),
+        || async {
+            let listed = clients.list(&Default::default()).await?.items;
+            let done = listed.iter().all(|c| {
+                c.state == ClientState::Active
+                    || (c.state == ClientState::Error
+                        && reason_of(c).as_deref() == Some("SubnetConflict"))
+            });
+            Ok(done.then_some(listed))
+        },
+    )
+    .await?;
+    let table = allocations(admin.clone(), &ns).await?;
+    let mut live: Vec<(String, IpNet)> = Vec::new();
+    for client in settled.iter().filter(|c| c.state == ClientState::Active) {
+        let name = client.metadata.name.clone().unwrap_or_default();
+        let allocation = table
+            .get(&name)
+            .with_context(|| format!("ACTIVE {name} has an allocation"))?;
+        ensure!(
+            config_text(client, "Interface.Address")
+                == Some(allocation.tunnel.addr().to_string().as_str()),
+            "{name}'s config matches its allocation"
+        );
+        live.extend(allocation.ranges().map(|range| (name.clone(), range)));
+    }
+    for (i, (a_name, a)) in live.iter().enumerate() {
+        for (b_name, b) in &live[i + 1..] {
+            ensure!(!ipam::overlaps(a, b), "{a_name} {a} overlaps {b_name} {b}");
+        }
+    }
+    for pair in 0..N / 2 {
+        let states: Vec<ClientState> = [pair, pair + N / 2]
+            .iter()
+            .map(|&i| {
+                settled
+                    .iter()
+                    .find(|c| c.metadata.name.as_deref() == Some(names[i].as_str()))
+                    .map(|c| c.state)
+                    .unwrap_or(ClientState::Error)
+            })
+            .collect();
+        ensure!(
+            states.iter().filter(|s| **s == ClientState::Active).count() == 1,
+            "exactly one of {} and {} holds 10.{pair}.x: {states:?}",
+            names[pair],
+            names[pair + N / 2]
+        );
+    }
+    for rejected in settled.iter().filter(|c| c.state == ClientState::Error) {
+        let message = rejected
+            .ready_condition()
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        ensure!(
+            message.contains("overlaps") && message.contains("of client"),
+            "{message}"
+        );
+    }
+
+    // Everyone disconnects and is deleted: nothing stays allocated.
+    for name in &names {
+        connect(&clients, name, Value::Null).await?;
+    }
+    let delete = DeleteParams::default();
+    futures::future::try_join_all(names.iter().map(|name| clients.delete(name, &delete))).await?;
+    for name in &names {
+        wait_gone(&clients, name).await?;
+    }
+    ensure!(
+        allocations(admin, &ns).await?.is_empty(),
+        "no allocation is left"
+    );
+    Ok(())
+}
