@@ -230,12 +230,47 @@ async fn invalid_manifests_are_rejected_with_a_readable_message() -> Result<()> 
             "case {index}: {message:?} should contain {expected:?}"
         );
     }
-    // A valid sunset and age are accepted, and providerParameter may be set later.
+    // A valid sunset and age are accepted; providerParameter may be set once the client is
+    // WAITING (no operator runs here, so it is set as the operator would).
     let mut body = gefyra_cli_body("good", &ns);
     body["sunset"] = json!("2099-01-01T00:00:00Z");
     body["maxConnectionAge"] = json!(3600);
     api.create(&PostParams::default(), &serde_json::from_value(body)?)
         .await?;
+    let early = api
+        .patch(
+            "good",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"providerParameter": {"subnet": "10.9.0.0/24"}})),
+        )
+        .await
+        .err()
+        .context("connecting before WAITING must be refused")?;
+    ensure!(
+        api_status(&early) == Some(422) && early.to_string().contains("may change only while"),
+        "{early}"
+    );
+    api.patch(
+        "good",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"state": "WAITING"})),
+    )
+    .await?;
+    for bad in [
+        json!({"subnet": "10.9.0.1/24"}),
+        json!({"publicKey": "abc"}),
+    ] {
+        let error = api
+            .patch(
+                "good",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "providerParameter": bad })),
+            )
+            .await
+            .err()
+            .with_context(|| format!("{bad} must be refused"))?;
+        ensure!(api_status(&error) == Some(422), "{error}");
+    }
     api.patch(
         "good",
         &PatchParams::default(),
@@ -429,10 +464,19 @@ async fn tokens_are_renewed_before_they_expire_and_the_admin_is_told() -> Result
         .and_then(|status| status.credentials_expire_at.clone())
         .context("status.credentialsExpireAt is set")?;
 
-    let renewed = eventually("the token is renewed", WAIT, || async {
-        let client = clients.get("renewed").await?;
-        Ok((token_of(&client)? != first_token).then_some(client))
-    })
+    let renewed = eventually(
+        "the token is renewed and its expiry recorded",
+        WAIT,
+        || async {
+            let client = clients.get("renewed").await?;
+            let expiry = client
+                .status
+                .as_ref()
+                .and_then(|status| status.credentials_expire_at.clone());
+            let moved = expiry.is_some_and(|expiry| expiry > first_expiry);
+            Ok((token_of(&client)? != first_token && moved).then_some(client))
+        },
+    )
     .await?;
     let renewed_expiry = renewed
         .status
