@@ -364,38 +364,33 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let account = credentials::service_account(client);
     let sa_name = account.name_any();
-    let account = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace)
-        .patch(&sa_name, &params, &Patch::Apply(&account))
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "ServiceAccount",
-            name: sa_name.clone(),
-            source,
-        })?;
-    Api::<Role>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &sa_name,
-            &params,
-            &Patch::Apply(credentials::role(client, ctx.settings.client_rbac)),
-        )
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "Role",
-            name: sa_name.clone(),
-            source,
-        })?;
-    Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &sa_name,
-            &params,
-            &Patch::Apply(credentials::role_binding(client)),
-        )
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "RoleBinding",
-            name: sa_name.clone(),
-            source,
-        })?;
+    let account = apply_owned(
+        ctx,
+        &namespace,
+        "ServiceAccount",
+        &sa_name,
+        &params,
+        &account,
+    )
+    .await?;
+    apply_owned(
+        ctx,
+        &namespace,
+        "Role",
+        &sa_name,
+        &params,
+        &credentials::role(client, ctx.settings.client_rbac),
+    )
+    .await?;
+    apply_owned(
+        ctx,
+        &namespace,
+        "RoleBinding",
+        &sa_name,
+        &params,
+        &credentials::role_binding(client),
+    )
+    .await?;
 
     // Credentials: minted with the TokenRequest API, renewed before they expire.
     let account_uid = account.uid().unwrap_or_default();
@@ -528,6 +523,33 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
             .max(SignedDuration::from_secs(1))
             .unsigned_abs(),
     ))
+}
+
+/// Server-side applies one of the client's objects; a failure names its kind and name.
+async fn apply_owned<K>(
+    ctx: &Context,
+    namespace: &str,
+    kind: &'static str,
+    name: &str,
+    params: &PatchParams,
+    object: &K,
+) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(ctx.client.clone(), namespace)
+        .patch(name, params, &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind,
+            name: name.to_string(),
+            source,
+        })
 }
 
 /// Records `to` (from `from`) with an Event.

@@ -385,41 +385,13 @@ async fn crashes_at_random_points_converge_without_orphans() -> Result<()> {
         );
         Ok(())
     };
-    let names_of = |items: Vec<Option<String>>| items.into_iter().flatten().collect::<Vec<_>>();
     orphans(
-        names_of(
-            Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
-                .list(&selector)
-                .await?
-                .items
-                .into_iter()
-                .map(|o| o.metadata.name)
-                .collect(),
-        ),
+        names_of::<ServiceAccount>(&admin, &ns, &selector).await?,
         "ServiceAccount",
     )?;
+    orphans(names_of::<Role>(&admin, &ns, &selector).await?, "Role")?;
     orphans(
-        names_of(
-            Api::<Role>::namespaced(admin.clone(), &ns)
-                .list(&selector)
-                .await?
-                .items
-                .into_iter()
-                .map(|o| o.metadata.name)
-                .collect(),
-        ),
-        "Role",
-    )?;
-    orphans(
-        names_of(
-            Api::<RoleBinding>::namespaced(admin.clone(), &ns)
-                .list(&selector)
-                .await?
-                .items
-                .into_iter()
-                .map(|o| o.metadata.name)
-                .collect(),
-        ),
+        names_of::<RoleBinding>(&admin, &ns, &selector).await?,
         "RoleBinding",
     )?;
     Ok(())
@@ -427,6 +399,24 @@ async fn crashes_at_random_points_converge_without_orphans() -> Result<()> {
 
 fn rand_u16() -> u16 {
     rand::random()
+}
+
+/// Names of the objects of kind `K` in `namespace` that `selector` matches.
+async fn names_of<K>(admin: &Client, namespace: &str, selector: &ListParams) -> Result<Vec<String>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Ok(Api::<K>::namespaced(admin.clone(), namespace)
+        .list(selector)
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|object| object.meta().name.clone())
+        .collect())
 }
 
 /// Reasons of the Events recorded about a client.
