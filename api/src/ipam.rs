@@ -1,9 +1,10 @@
-//! IP-range math: the tunnel-address pool and exclusive routed ranges. Pure functions over
-//! the allocation table; the operator stores that table in the API server and decides
-//! exclusivity there (compare-and-swap), never in process.
+//! IP-range math: the tunnel-address pool and exclusive routed ranges. Pure functions; the
+//! operator keeps their inputs in the API server, which decides exclusivity: one claim
+//! object per tunnel address (created by unique name, 409 = taken) and a routes table changed
+//! only by compare-and-swap — never an in-process lock.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -30,31 +31,90 @@ impl Default for Pool {
     }
 }
 
+/// The offsets (from the network address) of the addresses of `net` a client may get:
+/// never the network address; for IPv4 below /31 never the broadcast address either.
+fn host_offsets(net: &IpNet) -> (u128, u128) {
+    match net {
+        IpNet::V4(v4) => {
+            let all = 1u128 << (32 - v4.prefix_len());
+            if v4.prefix_len() < 31 {
+                (1, all - 1)
+            } else {
+                (1, all)
+            }
+        }
+        IpNet::V6(v6) => {
+            let all = 1u128
+                .checked_shl(128 - u32::from(v6.prefix_len()))
+                .unwrap_or(u128::MAX);
+            (1, all)
+        }
+    }
+}
+
+fn at_offset(net: &IpNet, offset: u128) -> IpAddr {
+    match net {
+        IpNet::V4(v4) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(v4.network()).wrapping_add(offset as u32),
+        )),
+        IpNet::V6(v6) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(v6.network()).wrapping_add(offset),
+        )),
+    }
+}
+
 impl Pool {
     /// How many client addresses the pool holds.
     pub fn capacity(&self) -> u128 {
         self.tunnel
             .iter()
             .map(|net| {
-                let all = match net {
-                    IpNet::V4(net) => 1u128 << (32 - net.prefix_len()),
-                    IpNet::V6(net) => 1u128
-                        .checked_shl(128 - u32::from(net.prefix_len()))
-                        .unwrap_or(u128::MAX),
-                };
-                let edges = if matches!(net, IpNet::V4(_)) && net.prefix_len() < 31 {
-                    2
-                } else {
-                    1
-                };
+                let (first, end) = host_offsets(net);
                 let server = u128::from(net.contains(&SERVER_ADDRESS));
-                all.saturating_sub(edges + server)
+                end.saturating_sub(first).saturating_sub(server)
             })
-            .sum()
+            .fold(0u128, u128::saturating_add)
+    }
+
+    /// Why this pool cannot work, if it cannot: tunnel ranges that overlap each other or a
+    /// reserved range, or no address to give out.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, a) in self.tunnel.iter().enumerate() {
+            if let Some(b) = self.tunnel[i + 1..].iter().find(|b| overlaps(a, b)) {
+                return Err(format!("tunnel pool ranges {a} and {b} overlap"));
+            }
+            if let Some(reserved) = self.reserved.iter().find(|r| overlaps(a, r)) {
+                return Err(format!(
+                    "tunnel pool range {a} overlaps the reserved range {reserved}"
+                ));
+            }
+        }
+        if self.capacity() == 0 {
+            return Err("the tunnel pool has no address to give out".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `address` is one the pool gives out.
+    pub fn gives_out(&self, address: IpAddr) -> bool {
+        address != SERVER_ADDRESS
+            && self.tunnel.iter().any(|net| {
+                let (first, end) = host_offsets(net);
+                let offset = match (net, address) {
+                    (IpNet::V4(net), IpAddr::V4(address)) if net.contains(&address) => {
+                        u128::from(u32::from(address) - u32::from(net.network()))
+                    }
+                    (IpNet::V6(net), IpAddr::V6(address)) if net.contains(&address) => {
+                        u128::from(address) - u128::from(net.network())
+                    }
+                    _ => return false,
+                };
+                (first..end).contains(&offset)
+            })
     }
 }
 
-/// One client's exclusive ranges.
+/// What one client holds: its tunnel address and the routed range it asked for, if any.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     /// The client object's uid: an entry whose client is gone (or was re-created) is stale.
@@ -72,8 +132,19 @@ impl Allocation {
     }
 }
 
-/// Every live allocation, by client name.
+/// Every client's allocation, by client name (a read-only view for sweeps and tests).
 pub type Allocations = BTreeMap<String, Allocation>;
+
+/// One client's routed range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The client object's uid.
+    pub uid: String,
+    pub subnet: IpNet,
+}
+
+/// Every routed range, by client name: the table the operator changes by compare-and-swap.
+pub type Routes = BTreeMap<String, Route>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IpamError {
@@ -89,10 +160,11 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Why `subnet` may not be routed to `client`, if it may not.
+/// Why `subnet` may not be routed to `client`, if it may not. Tunnel addresses all lie in
+/// the pool, so checking the pool covers every client's tunnel address.
 pub fn check_routed(
     pool: &Pool,
-    allocations: &Allocations,
+    routes: &Routes,
     client: &str,
     subnet: IpNet,
 ) -> Result<(), IpamError> {
@@ -110,91 +182,104 @@ pub fn check_routed(
     if let Some(reserved) = pool.reserved.iter().find(|net| overlaps(&subnet, net)) {
         return conflict(format!("the reserved range {reserved}"));
     }
-    for (other, allocation) in allocations {
-        if other == client {
-            continue;
+    match routes
+        .iter()
+        .find(|(other, route)| *other != client && overlaps(&subnet, &route.subnet))
+    {
+        Some((other, route)) => conflict(format!("{} of client {other}", route.subnet)),
+        None => Ok(()),
+    }
+}
+
+/// Records `client`'s routed range (`None`: it routes nothing). Idempotent; a rejected
+/// request changes nothing.
+pub fn route(
+    pool: &Pool,
+    routes: &mut Routes,
+    client: &str,
+    uid: &str,
+    subnet: Option<IpNet>,
+) -> Result<(), IpamError> {
+    match subnet {
+        Some(subnet) => {
+            check_routed(pool, routes, client, subnet)?;
+            routes.insert(
+                client.to_string(),
+                Route {
+                    uid: uid.to_string(),
+                    subnet,
+                },
+            );
         }
-        if let Some(range) = allocation.ranges().find(|range| overlaps(&subnet, range)) {
-            return conflict(format!("{range} of client {other}"));
+        None => {
+            routes.remove(client);
         }
     }
     Ok(())
 }
 
-fn host_prefix(address: IpAddr) -> IpNet {
-    IpNet::from(address)
-}
-
-/// The first free client address of the pool: never the network or broadcast address,
-/// never the server's.
-pub fn free_tunnel_address(pool: &Pool, allocations: &Allocations) -> Result<IpAddr, IpamError> {
-    let mut taken: Vec<IpAddr> = allocations.values().map(|a| a.tunnel.addr()).collect();
-    taken.sort_unstable();
-    for net in &pool.tunnel {
-        // Walk the pool's hosts and the sorted taken addresses side by side: O(n).
-        let mut next_taken = taken
-            .iter()
-            .skip_while(|address| !net.contains(*address))
-            .peekable();
-        for address in net.hosts() {
-            while next_taken.next_if(|taken| **taken < address).is_some() {}
-            if next_taken.peek() == Some(&&address) || address == SERVER_ADDRESS {
-                continue;
-            }
-            return Ok(address);
-        }
-    }
-    Err(IpamError::PoolExhausted {
-        capacity: pool.capacity(),
-    })
-}
-
-/// Allocates (or confirms) `client`'s ranges in `allocations`. Idempotent: a client that
-/// already holds an allocation for the same uid and subnet keeps it.
-pub fn allocate(
+/// A free client address of the pool, searching from the `start`-th one onwards (wrapping),
+/// so that concurrent claimers spread out: never the network or broadcast address, never
+/// the server's, never one in `taken`.
+pub fn free_tunnel_address(
     pool: &Pool,
-    allocations: &mut Allocations,
-    client: &str,
-    uid: &str,
-    routed: Option<IpNet>,
-) -> Result<Allocation, IpamError> {
-    if let Some(routed) = routed {
-        check_routed(pool, allocations, client, routed)?;
-    }
-    if let Some(existing) = allocations.get_mut(client)
-        && existing.uid == uid
-        && pool
-            .tunnel
-            .iter()
-            .any(|net| net.contains(&existing.tunnel.addr()))
-    {
-        existing.routed = routed;
-        return Ok(existing.clone());
-    }
-    allocations.remove(client);
-    let allocation = Allocation {
-        uid: uid.to_string(),
-        tunnel: host_prefix(free_tunnel_address(pool, allocations)?),
-        routed,
+    taken: &BTreeSet<IpAddr>,
+    start: u128,
+) -> Result<IpAddr, IpamError> {
+    let exhausted = || IpamError::PoolExhausted {
+        capacity: pool.capacity(),
     };
-    allocations.insert(client.to_string(), allocation.clone());
-    Ok(allocation)
-}
-
-/// Releases `client`'s ranges; true if it held any.
-pub fn release(allocations: &mut Allocations, client: &str) -> bool {
-    allocations.remove(client).is_some()
-}
-
-/// Removes allocations whose client no longer exists (by uid); the names removed.
-pub fn sweep(allocations: &mut Allocations, live_uids: &BTreeSet<String>) -> Vec<String> {
-    let stale: Vec<String> = allocations
+    let in_use = taken
         .iter()
-        .filter(|(_, allocation)| !live_uids.contains(&allocation.uid))
+        .filter(|address| pool.gives_out(**address))
+        .count();
+    if u128::try_from(in_use).unwrap_or(u128::MAX) >= pool.capacity() {
+        return Err(exhausted());
+    }
+    let spans: Vec<(IpNet, u128, u128)> = pool
+        .tunnel
+        .iter()
+        .map(|net| {
+            let (first, end) = host_offsets(net);
+            (*net, first, end.saturating_sub(first))
+        })
+        .collect();
+    let total = spans
+        .iter()
+        .fold(0u128, |sum, (_, _, len)| sum.saturating_add(*len));
+    // Fewer addresses are taken than the pool holds, so a free one lies within the next
+    // in_use + 2 candidates (the server's address may be among them).
+    let mut index = start % total.max(1);
+    // Overlapping tunnel nets list an address more than once, hence the factor.
+    let bound = (in_use as u128 + 2)
+        .saturating_mul(spans.len() as u128)
+        .min(total);
+    for _ in 0..bound {
+        let mut rest = index;
+        for (net, first, len) in &spans {
+            if rest < *len {
+                let address = at_offset(net, first + rest);
+                if address != SERVER_ADDRESS && !taken.contains(&address) {
+                    return Ok(address);
+                }
+                break;
+            }
+            rest -= len;
+        }
+        index = (index + 1) % total.max(1);
+    }
+    Err(exhausted())
+}
+
+/// Removes routes whose client no longer exists (by uid); the names removed.
+pub fn sweep(routes: &mut Routes, live_uids: &BTreeSet<String>) -> Vec<String> {
+    let stale: Vec<String> = routes
+        .iter()
+        .filter(|(_, route)| !live_uids.contains(&route.uid))
         .map(|(name, _)| name.clone())
         .collect();
     for name in &stale {
-        allocations.remove(name);
+        routes.remove(name);
     }
     stale
 }
@@ -208,30 +293,109 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Claims addresses one by one as the operator does, each from a different start.
+    fn claim_all(pool: &Pool, starts: impl Iterator<Item = u128>) -> BTreeSet<IpAddr> {
+        let mut taken = BTreeSet::new();
+        for start in starts {
+            match free_tunnel_address(pool, &taken, start) {
+                Ok(address) => assert!(taken.insert(address), "{address} given twice"),
+                Err(IpamError::PoolExhausted { .. }) => break,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        taken
+    }
+
     #[test]
     fn the_default_pool_holds_4000_peers_and_never_gives_out_edges_or_the_server() {
         let pool = Pool::default();
         assert_eq!(pool.capacity(), 4093);
-        let mut allocations = Allocations::new();
-        let mut given = BTreeSet::new();
-        for i in 0..4093 {
-            let a = allocate(&pool, &mut allocations, &format!("c{i}"), "u", None).unwrap();
-            assert!(given.insert(a.tunnel.addr()));
-        }
-        assert!(!given.contains(&SERVER_ADDRESS));
-        assert!(!given.contains(&"192.168.96.0".parse::<IpAddr>().unwrap()));
-        assert!(!given.contains(&"192.168.111.255".parse::<IpAddr>().unwrap()));
+        let taken = claim_all(&pool, (0..5000u128).map(|i| i * 7919));
+        assert_eq!(taken.len(), 4093);
+        assert!(!taken.contains(&SERVER_ADDRESS));
+        assert!(!taken.contains(&ip("192.168.96.0")));
+        assert!(!taken.contains(&ip("192.168.111.255")));
+        assert!(taken.iter().all(|address| pool.gives_out(*address)));
         assert_eq!(
-            allocate(&pool, &mut allocations, "one-more", "u", None),
+            free_tunnel_address(&pool, &taken, 0),
             Err(IpamError::PoolExhausted { capacity: 4093 })
         );
-        release(&mut allocations, "c7");
+        let mut taken = taken;
+        taken.remove(&ip("192.168.96.8"));
         assert_eq!(
-            allocate(&pool, &mut allocations, "one-more", "u", None)
-                .unwrap()
-                .tunnel,
-            net("192.168.96.8/32")
+            free_tunnel_address(&pool, &taken, 12345),
+            Ok(ip("192.168.96.8"))
         );
+    }
+
+    #[test]
+    fn pools_that_cannot_work_are_refused() {
+        let pool = |tunnel: &[&str], reserved: &[&str]| Pool {
+            tunnel: tunnel.iter().map(|t| net(t)).collect(),
+            reserved: reserved.iter().map(|r| net(r)).collect(),
+        };
+        assert_eq!(Pool::default().validate(), Ok(()));
+        assert_eq!(
+            pool(&["10.0.0.0/16", "10.0.8.0/24"], &[]).validate(),
+            Err("tunnel pool ranges 10.0.0.0/16 and 10.0.8.0/24 overlap".into())
+        );
+        assert!(pool(&["10.0.0.0/16"], &["10.0.0.0/8"]).validate().is_err());
+        assert!(pool(&["10.0.0.1/32"], &[]).validate().is_err());
+        assert_eq!(
+            pool(&["fd00::/120", "192.168.96.0/20"], &[]).validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_search_starts_where_asked_and_wraps() {
+        let pool = Pool {
+            tunnel: vec![net("10.0.0.0/29")],
+            reserved: vec![],
+        };
+        assert_eq!(pool.capacity(), 6);
+        assert_eq!(
+            free_tunnel_address(&pool, &BTreeSet::new(), 0),
+            Ok(ip("10.0.0.1"))
+        );
+        assert_eq!(
+            free_tunnel_address(&pool, &BTreeSet::new(), 5),
+            Ok(ip("10.0.0.6"))
+        );
+        assert_eq!(
+            free_tunnel_address(&pool, &BTreeSet::new(), 6),
+            Ok(ip("10.0.0.1"))
+        );
+        let taken = BTreeSet::from([ip("10.0.0.6"), ip("10.0.0.1")]);
+        assert_eq!(free_tunnel_address(&pool, &taken, 5), Ok(ip("10.0.0.2")));
+        // Addresses outside the pool (an older pool's) do not count as in use.
+        let taken = BTreeSet::from([ip("10.9.0.1")]);
+        assert_eq!(free_tunnel_address(&pool, &taken, 0), Ok(ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn ipv6_pools_give_out_every_address_but_the_first() {
+        let pool = Pool {
+            tunnel: vec![net("fd00:99::/126")],
+            reserved: vec![],
+        };
+        assert_eq!(pool.capacity(), 3);
+        let taken = claim_all(&pool, 0..10);
+        assert_eq!(
+            taken,
+            BTreeSet::from([ip("fd00:99::1"), ip("fd00:99::2"), ip("fd00:99::3")])
+        );
+        let big = Pool {
+            tunnel: vec![net("fd00:99::/64"), net("192.168.96.0/20")],
+            reserved: vec![],
+        };
+        assert_eq!(big.capacity(), (1u128 << 64) - 1 + 4093);
+        let address = free_tunnel_address(&big, &BTreeSet::new(), u128::MAX).unwrap();
+        assert!(big.gives_out(address));
     }
 
     #[test]
@@ -240,125 +404,129 @@ mod tests {
             tunnel: vec![net("192.168.96.0/20")],
             reserved: vec![net("10.96.0.0/12")],
         };
-        let mut allocations = Allocations::new();
-        allocate(
-            &pool,
-            &mut allocations,
-            "a",
-            "ua",
-            Some(net("172.20.0.0/16")),
-        )
-        .unwrap();
-        let error = allocate(
-            &pool,
-            &mut allocations,
-            "b",
-            "ub",
-            Some(net("172.20.4.0/24")),
-        )
-        .unwrap_err();
+        let mut routes = Routes::new();
+        route(&pool, &mut routes, "a", "ua", Some(net("172.20.0.0/16"))).unwrap();
+        let error = route(&pool, &mut routes, "b", "ub", Some(net("172.20.4.0/24"))).unwrap_err();
         assert_eq!(
             error.to_string(),
             "subnet 172.20.4.0/24 overlaps 172.20.0.0/16 of client a"
         );
-        let error = check_routed(&pool, &allocations, "b", net("10.100.0.0/16")).unwrap_err();
+        let error = check_routed(&pool, &routes, "b", net("10.100.0.0/16")).unwrap_err();
         assert_eq!(
             error.to_string(),
             "subnet 10.100.0.0/16 overlaps the reserved range 10.96.0.0/12"
         );
-        let error = check_routed(&pool, &allocations, "b", net("192.168.100.0/24")).unwrap_err();
+        let error = check_routed(&pool, &routes, "b", net("192.168.100.0/24")).unwrap_err();
         assert!(error.to_string().contains("tunnel pool"), "{error}");
-        let error = check_routed(&pool, &allocations, "b", net("172.21.0.1/16")).unwrap_err();
+        let error = check_routed(&pool, &routes, "b", net("192.168.99.0/30")).unwrap_err();
+        assert!(error.to_string().contains("192.168.99.1"), "{error}");
+        let error = check_routed(&pool, &routes, "b", net("172.21.0.1/16")).unwrap_err();
         assert!(
             error.to_string().contains("did you mean 172.21.0.0/16"),
             "{error}"
         );
-        // The client itself may keep or change its own range.
-        allocate(
-            &pool,
-            &mut allocations,
-            "a",
-            "ua",
-            Some(net("172.20.0.0/24")),
-        )
-        .unwrap();
+        // The client itself may keep or change its own range, or drop it.
+        route(&pool, &mut routes, "a", "ua", Some(net("172.20.0.0/24"))).unwrap();
         assert!(
-            !allocations.contains_key("b"),
+            !routes.contains_key("b"),
             "a rejected client changes nothing"
         );
+        route(&pool, &mut routes, "a", "ua", None).unwrap();
+        assert!(routes.is_empty());
     }
 
     #[test]
-    fn an_allocation_is_stable_for_its_uid_and_stale_ones_are_swept() {
+    fn stale_routes_are_swept() {
         let pool = Pool::default();
-        let mut allocations = Allocations::new();
-        let first = allocate(&pool, &mut allocations, "a", "u1", None).unwrap();
-        assert_eq!(
-            allocate(&pool, &mut allocations, "a", "u1", None).unwrap(),
-            first
-        );
-        allocate(&pool, &mut allocations, "b", "u2", None).unwrap();
-        let swept = sweep(&mut allocations, &BTreeSet::from(["u2".to_string()]));
+        let mut routes = Routes::new();
+        route(&pool, &mut routes, "a", "u1", Some(net("10.1.0.0/16"))).unwrap();
+        route(&pool, &mut routes, "b", "u2", Some(net("10.2.0.0/16"))).unwrap();
+        let swept = sweep(&mut routes, &BTreeSet::from(["u2".to_string()]));
         assert_eq!(swept, ["a"]);
+        assert_eq!(routes.keys().collect::<Vec<_>>(), ["b"]);
     }
 
     #[derive(Debug, Clone)]
     enum Op {
-        Allocate {
+        Connect {
             client: u8,
             routed: Option<(u8, u8)>,
+            start: u16,
         },
-        Release {
+        Disconnect {
             client: u8,
         },
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u8..24, proptest::option::of((0u8..16, 20u8..=28)))
-                .prop_map(|(client, routed)| Op::Allocate { client, routed }),
-            (0u8..24).prop_map(|client| Op::Release { client }),
+            (
+                0u8..24,
+                proptest::option::of((0u8..16, 20u8..=28)),
+                any::<u16>()
+            )
+                .prop_map(|(client, routed, start)| Op::Connect {
+                    client,
+                    routed,
+                    start
+                }),
+            (0u8..24).prop_map(|client| Op::Disconnect { client }),
         ]
     }
 
     proptest! {
+        /// Connect and disconnect as the operator does: the route first (compare-and-swap),
+        /// then a tunnel address claim; disconnect releases both.
         #[test]
         fn random_sequences_never_yield_overlapping_live_ranges(ops in proptest::collection::vec(op(), 1..200)) {
             // A small pool (10.99.0.0/29: 6 addresses) so exhaustion and reuse happen.
             let pool = Pool { tunnel: vec![net("10.99.0.0/29")], reserved: vec![net("172.16.12.0/22")] };
-            let mut allocations = Allocations::new();
+            let mut routes = Routes::new();
+            let mut tunnels: BTreeMap<String, IpAddr> = BTreeMap::new();
             for op in ops {
                 match op {
-                    Op::Allocate { client, routed } => {
+                    Op::Connect { client, routed, start } => {
                         let routed = routed.map(|(third, prefix)| IpNet::new(
                             IpAddr::V4(Ipv4Addr::new(172, 16, third, 0)), prefix).unwrap().trunc());
-                        let before = allocations.clone();
+                        let before = routes.clone();
                         let name = format!("c{client}");
-                        match allocate(&pool, &mut allocations, &name, "uid", routed) {
-                            Ok(allocation) => prop_assert_eq!(allocations.get(&name), Some(&allocation)),
-                            Err(IpamError::Overlap { .. }) | Err(IpamError::NotNetworkAddress { .. }) =>
-                                prop_assert_eq!(&allocations, &before, "a rejected request changes nothing"),
-                            Err(IpamError::PoolExhausted { .. }) => {
-                                prop_assert!(allocations.len() >= 6 || before.contains_key(&name));
+                        match route(&pool, &mut routes, &name, "uid", routed) {
+                            Ok(()) => prop_assert_eq!(routes.get(&name).map(|r| r.subnet), routed),
+                            Err(IpamError::Overlap { .. }) | Err(IpamError::NotNetworkAddress { .. }) => {
+                                prop_assert_eq!(&routes, &before, "a rejected request changes nothing");
+                                continue;
                             }
+                            Err(error @ IpamError::PoolExhausted { .. }) => prop_assert!(false, "{error}"),
+                        }
+                        if tunnels.contains_key(&name) {
+                            continue;
+                        }
+                        let taken: BTreeSet<IpAddr> = tunnels.values().copied().collect();
+                        match free_tunnel_address(&pool, &taken, u128::from(start)) {
+                            Ok(address) => {
+                                prop_assert!(pool.gives_out(address));
+                                tunnels.insert(name, address);
+                            }
+                            Err(IpamError::PoolExhausted { .. }) => prop_assert_eq!(tunnels.len(), 6),
+                            Err(error) => prop_assert!(false, "{error}"),
                         }
                     }
-                    Op::Release { client } => {
+                    Op::Disconnect { client } => {
                         let name = format!("c{client}");
-                        release(&mut allocations, &name);
-                        prop_assert!(!allocations.contains_key(&name));
+                        route(&pool, &mut routes, &name, "uid", None).unwrap();
+                        tunnels.remove(&name);
                         // What was released is allocatable again.
-                        if allocations.len() < 6 {
-                            let mut probe = allocations.clone();
-                            prop_assert!(allocate(&pool, &mut probe, "probe", "p", None).is_ok());
+                        if tunnels.len() < 6 {
+                            let taken: BTreeSet<IpAddr> = tunnels.values().copied().collect();
+                            prop_assert!(free_tunnel_address(&pool, &taken, 0).is_ok());
                         }
                     }
                 }
-                let live: Vec<(String, IpNet)> = allocations.iter()
-                    .flat_map(|(name, a)| a.ranges().map(move |r| (name.clone(), r)))
+                let live: Vec<(String, IpNet)> = tunnels.iter()
+                    .map(|(name, address)| (name.clone(), IpNet::from(*address)))
+                    .chain(routes.iter().map(|(name, route)| (name.clone(), route.subnet)))
                     .collect();
                 for (i, (owner_a, a)) in live.iter().enumerate() {
-                    prop_assert!(pool.tunnel.iter().any(|t| t.contains(a)) || !pool.tunnel.iter().any(|t| overlaps(t, a)));
                     prop_assert!(a.addr() != SERVER_ADDRESS);
                     for (owner_b, b) in &live[i + 1..] {
                         prop_assert!(!overlaps(a, b), "{owner_a} {a} overlaps {owner_b} {b}");

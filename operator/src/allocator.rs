@@ -1,23 +1,37 @@
-//! The allocation table in the API server: one ConfigMap, changed only by compare-and-swap
-//! (`replace` with the `resourceVersion` read), so the API server decides who gets a range —
-//! across reconciles, processes and crashes. And the Stowaway server's key pair, in a Secret
-//! created once.
+//! Exclusive ranges, decided by the API server:
+//! - a tunnel address is held by a **claim**: a `coordination.k8s.io` Lease named after the
+//!   address, created by unique name (409 = taken), owned by the client (so the garbage
+//!   collector removes it if the client disappears while no operator runs);
+//! - routed ranges live in one ConfigMap, changed only by compare-and-swap (`replace` with
+//!   the `resourceVersion` read), because an overlap is only visible with every range in view.
+//!
+//! And the Stowaway server's key pair, in a Secret created once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use gefyra_api::ipam::{Allocation, Allocations, IpamError};
+use gefyra_api::GefyraClient;
+use gefyra_api::ipam::{self, Allocation, Allocations, IpamError, Pool, Route, Routes};
+use ipnet::IpNet;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Client};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
 use tracing::warn;
 
 use crate::connection::{KeyPair, generate_key_pair};
 use crate::credentials::MANAGED_BY;
 
-pub const ALLOCATIONS_CONFIGMAP: &str = "gefyra-ip-allocations";
+pub const ROUTES_CONFIGMAP: &str = "gefyra-routes";
 pub const SERVER_KEY_SECRET: &str = "gefyra-stowaway-key";
+/// Selects the tunnel-address claims among the namespace's Leases.
+pub const CLAIM_SELECTOR: &str = "app.kubernetes.io/component=gefyra-tunnel-address";
+pub const CLIENT_UID_LABEL: &str = "gefyra.dev/client-uid";
+pub const CLIENT_LABEL: &str = "gefyra.dev/client";
+pub const ADDRESS_ANNOTATION: &str = "gefyra.dev/tunnel-address";
 
 fn meta(name: &str, namespace: &str) -> ObjectMeta {
     ObjectMeta {
@@ -31,34 +45,97 @@ fn meta(name: &str, namespace: &str) -> ObjectMeta {
     }
 }
 
-/// The table as stored: one key per client, its allocation as JSON. Entries that do not
-/// parse are kept as they are (nothing is lost) and named in a warning.
-fn read_table(config_map: &ConfigMap) -> (Allocations, BTreeMap<String, String>) {
-    let mut allocations = Allocations::new();
+/// The claim's name for `address`: readable, valid for any IPv4 or IPv6 address.
+pub fn claim_name(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("gefyra-ip-{a}-{b}-{c}-{d}")
+        }
+        IpAddr::V6(v6) => {
+            let groups: Vec<String> = v6.segments().iter().map(|g| format!("{g:04x}")).collect();
+            format!("gefyra-ip-{}", groups.join("-"))
+        }
+    }
+}
+
+/// The claim of `address` by `client` (pure).
+pub fn claim(client: &GefyraClient, address: IpAddr) -> Lease {
+    let mut metadata = meta(
+        &claim_name(address),
+        &client.namespace().unwrap_or_default(),
+    );
+    let (component, value) = CLAIM_SELECTOR
+        .split_once('=')
+        .expect("a key=value selector");
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(component.to_string(), value.to_string());
+    labels.insert(CLIENT_LABEL.to_string(), client.name_any());
+    labels.insert(
+        CLIENT_UID_LABEL.to_string(),
+        client.uid().unwrap_or_default(),
+    );
+    metadata.annotations = Some(BTreeMap::from([(
+        ADDRESS_ANNOTATION.to_string(),
+        IpNet::from(address).to_string(),
+    )]));
+    metadata.owner_references = client.controller_owner_ref(&()).map(|mut owner| {
+        // Garbage collection only; the operator releases claims itself.
+        owner.controller = Some(false);
+        owner.block_owner_deletion = None;
+        vec![owner]
+    });
+    Lease {
+        metadata,
+        spec: Some(LeaseSpec {
+            holder_identity: Some(client.name_any()),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+/// The address a claim holds, and the uid of the client holding it.
+pub fn claimed(lease: &Lease) -> Option<(IpAddr, &str)> {
+    let address = lease
+        .annotations()
+        .get(ADDRESS_ANNOTATION)?
+        .parse::<IpNet>()
+        .ok()?
+        .addr();
+    let uid = lease.labels().get(CLIENT_UID_LABEL)?;
+    Some((address, uid.as_str()))
+}
+
+/// The routes table as stored (the ConfigMap's `data`): one key per client, its route as
+/// JSON. Entries that do not parse are kept as they are (nothing is lost) and named in a
+/// warning.
+pub fn decode_table(data: &BTreeMap<String, String>) -> (Routes, BTreeMap<String, String>) {
+    let mut routes = Routes::new();
     let mut unreadable = BTreeMap::new();
-    for (client, value) in config_map.data.clone().unwrap_or_default() {
-        match serde_json::from_str::<Allocation>(&value) {
-            Ok(allocation) => {
-                allocations.insert(client, allocation);
+    for (client, value) in data {
+        match serde_json::from_str::<Route>(value) {
+            Ok(route) => {
+                routes.insert(client.clone(), route);
             }
             Err(error) => {
-                warn!(configmap = ALLOCATIONS_CONFIGMAP, key = %client, %error, "unreadable allocation entry left as it is");
-                unreadable.insert(client, value);
+                warn!(configmap = ROUTES_CONFIGMAP, key = %client, %error, "unreadable route entry left as it is");
+                unreadable.insert(client.clone(), value.clone());
             }
         }
     }
-    (allocations, unreadable)
+    (routes, unreadable)
 }
 
-fn write_table(
-    allocations: &Allocations,
+/// The ConfigMap `data` for `routes`, with the entries that did not parse as they were.
+pub fn encode_table(
+    routes: &Routes,
     unreadable: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut data = unreadable.clone();
-    for (client, allocation) in allocations {
+    for (client, route) in routes {
         data.insert(
             client.clone(),
-            serde_json::to_string(allocation).expect("allocations serialize"),
+            serde_json::to_string(route).expect("routes serialize"),
         );
     }
     data
@@ -66,28 +143,28 @@ fn write_table(
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("ConfigMap {ALLOCATIONS_CONFIGMAP}: {0}")]
+    #[error("ConfigMap {ROUTES_CONFIGMAP}: {0}")]
     Api(#[from] kube::Error),
     #[error(
-        "ConfigMap {ALLOCATIONS_CONFIGMAP}: still conflicting after {0} attempts; the API server is very busy"
+        "ConfigMap {ROUTES_CONFIGMAP}: still conflicting after {0} attempts; the API server is very busy"
     )]
     Contended(u32),
 }
 
-/// Applies `change` to the table atomically; retried on write conflicts. `change` must be
-/// a pure function of the table it is given (it may run more than once). Returns its
-/// result and the table as written.
-pub async fn modify<T>(
+/// Applies `change` to the routes table atomically; retried on write conflicts. `change`
+/// must be a pure function of the table it is given (it may run more than once). Returns
+/// its result and the table as written.
+pub async fn modify_routes<T>(
     client: &Client,
     namespace: &str,
-    mut change: impl FnMut(&mut Allocations) -> Result<T, IpamError>,
-) -> Result<(Result<T, IpamError>, Allocations), TableError> {
+    mut change: impl FnMut(&mut Routes) -> Result<T, IpamError>,
+) -> Result<(Result<T, IpamError>, Routes), TableError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     const ATTEMPTS: u32 = 100;
     for attempt in 0..ATTEMPTS {
-        let Some(current) = api.get_opt(ALLOCATIONS_CONFIGMAP).await? else {
+        let Some(current) = api.get_opt(ROUTES_CONFIGMAP).await? else {
             let empty = ConfigMap {
-                metadata: meta(ALLOCATIONS_CONFIGMAP, namespace),
+                metadata: meta(ROUTES_CONFIGMAP, namespace),
                 ..ConfigMap::default()
             };
             match api.create(&PostParams::default(), &empty).await {
@@ -97,19 +174,20 @@ pub async fn modify<T>(
             }
             continue;
         };
-        let (mut allocations, unreadable) = read_table(&current);
-        let before = allocations.clone();
-        let result = change(&mut allocations);
-        if allocations == before {
-            return Ok((result, allocations));
+        let (mut routes, unreadable) =
+            decode_table(current.data.as_ref().unwrap_or(&BTreeMap::new()));
+        let before = routes.clone();
+        let result = change(&mut routes);
+        if routes == before {
+            return Ok((result, routes));
         }
         let mut next = current;
-        next.data = Some(write_table(&allocations, &unreadable));
+        next.data = Some(encode_table(&routes, &unreadable));
         match api
-            .replace(ALLOCATIONS_CONFIGMAP, &PostParams::default(), &next)
+            .replace(ROUTES_CONFIGMAP, &PostParams::default(), &next)
             .await
         {
-            Ok(_) => return Ok((result, allocations)),
+            Ok(_) => return Ok((result, routes)),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Someone else wrote first: read again. A little jitter spreads the retries.
                 let jitter = rand::random::<u64>() % (5 + 5 * u64::from(attempt.min(10)));
@@ -121,14 +199,165 @@ pub async fn modify<T>(
     Err(TableError::Contended(ATTEMPTS))
 }
 
-/// Reads the table without changing it.
-pub async fn read(client: &Client, namespace: &str) -> Result<Allocations, kube::Error> {
+/// Reads the routes table without changing it.
+pub async fn read_routes(client: &Client, namespace: &str) -> Result<Routes, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     Ok(api
-        .get_opt(ALLOCATIONS_CONFIGMAP)
+        .get_opt(ROUTES_CONFIGMAP)
         .await?
-        .map(|config_map| read_table(&config_map).0)
+        .and_then(|config_map| config_map.data)
+        .map(|data| decode_table(&data).0)
         .unwrap_or_default())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("Lease {name} (tunnel-address claim): {source}")]
+    Api {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+}
+
+/// The tunnel-address claims: the API for writes, a watch-fed store for choosing.
+#[derive(Clone)]
+pub struct Claims {
+    pub api: Api<Lease>,
+    pub store: Store<Lease>,
+}
+
+impl Claims {
+    /// Addresses the store shows as claimed.
+    pub fn taken(&self) -> BTreeSet<IpAddr> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|lease| claimed(lease).map(|(address, _)| address))
+            .collect()
+    }
+
+    /// The claims (name, address) the store shows for the client with `uid`.
+    fn held_by(&self, uid: &str) -> Vec<(String, IpAddr)> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|lease| {
+                let (address, holder) = claimed(lease)?;
+                (holder == uid).then(|| (lease.name_any(), address))
+            })
+            .collect()
+    }
+
+    /// `client`'s tunnel address: the one it already holds in `pool`, else a newly claimed
+    /// one. The API server decides: a claim that already exists (409) is someone else's.
+    pub async fn claim_tunnel(
+        &self,
+        pool: &Pool,
+        client: &GefyraClient,
+    ) -> Result<IpAddr, ClaimError> {
+        let uid = client.uid().unwrap_or_default();
+        let held = self.held_by(&uid);
+        if let Some((_, address)) = held.iter().find(|(_, address)| pool.gives_out(*address)) {
+            return Ok(*address);
+        }
+        let mut taken = self.taken();
+        // A random start spreads concurrent claimers over the pool.
+        let start = rand::random::<u64>();
+        loop {
+            let address = ipam::free_tunnel_address(pool, &taken, u128::from(start))?;
+            let name = claim_name(address);
+            match self
+                .api
+                .create(&PostParams::default(), &claim(client, address))
+                .await
+            {
+                Ok(_) => {
+                    // Addresses of an older pool the client held are given back.
+                    for (name, _) in held {
+                        self.delete_if_held(&name, &uid).await?;
+                    }
+                    return Ok(address);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    taken.insert(address);
+                }
+                Err(source) => return Err(ClaimError::Api { name, source }),
+            }
+        }
+    }
+
+    /// Deletes claim `name` if (and only if) the client with `uid` holds it.
+    pub async fn delete_if_held(&self, name: &str, uid: &str) -> Result<(), ClaimError> {
+        let api_error = |source| ClaimError::Api {
+            name: name.to_string(),
+            source,
+        };
+        let Some(lease) = self.api.get_opt(name).await.map_err(api_error)? else {
+            return Ok(());
+        };
+        if claimed(&lease).map(|(_, holder)| holder) != Some(uid) {
+            return Ok(());
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lease.uid(),
+                resource_version: lease.resource_version(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api.delete(name, &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+            Err(source) => Err(api_error(source)),
+        }
+    }
+
+    /// Releases every tunnel address the client with `uid` holds: the ones the store shows
+    /// and `recorded` (the address in its `providerConfig`, which a lagging store may miss).
+    pub async fn release(&self, uid: &str, recorded: Option<IpAddr>) -> Result<(), ClaimError> {
+        let mut names: BTreeSet<String> = self
+            .held_by(uid)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        names.extend(recorded.map(claim_name));
+        for name in names {
+            self.delete_if_held(&name, uid).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Every client's allocation as the API server has it: claims joined with routes. Claims
+/// are listed from the API, not a cache.
+pub async fn read(client: &Client, namespace: &str) -> Result<Allocations, kube::Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let claims = leases
+        .list(&kube::api::ListParams::default().labels(CLAIM_SELECTOR))
+        .await?;
+    let routes = read_routes(client, namespace).await?;
+    let mut allocations = Allocations::new();
+    for lease in &claims.items {
+        let (Some((address, uid)), Some(name)) = (claimed(lease), lease.labels().get(CLIENT_LABEL))
+        else {
+            continue;
+        };
+        allocations.insert(
+            name.clone(),
+            Allocation {
+                uid: uid.to_string(),
+                tunnel: IpNet::from(address),
+                routed: routes
+                    .get(name)
+                    .filter(|route| route.uid == uid)
+                    .map(|route| route.subnet),
+            },
+        );
+    }
+    Ok(allocations)
 }
 
 /// The Stowaway server's key pair: read from its Secret, which is created once if missing.
@@ -168,5 +397,39 @@ pub async fn server_key(client: &Client, namespace: &str) -> Result<KeyPair, kub
             Err(kube::Error::Api(status)) if status.code == 409 => continue,
             Err(error) => return Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn claims_are_named_after_their_address_and_owned_by_their_client() {
+        assert_eq!(
+            claim_name("192.168.96.7".parse().unwrap()),
+            "gefyra-ip-192-168-96-7"
+        );
+        assert_eq!(
+            claim_name("fd00:99::1".parse().unwrap()),
+            "gefyra-ip-fd00-0099-0000-0000-0000-0000-0000-0001"
+        );
+        let client: GefyraClient = serde_json::from_value(json!({
+            "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+            "metadata": {"name": "dev", "namespace": "gefyra", "uid": "u-1"},
+            "provider": "stowaway"
+        }))
+        .unwrap();
+        let lease = claim(&client, "fd00:99::1".parse().unwrap());
+        assert_eq!(
+            claimed(&lease),
+            Some(("fd00:99::1".parse().unwrap(), "u-1"))
+        );
+        assert_eq!(lease.labels()[CLIENT_LABEL], "dev");
+        let owner = &lease.owner_references()[0];
+        assert_eq!((owner.uid.as_str(), owner.name.as_str()), ("u-1", "dev"));
+        assert_eq!(owner.controller, Some(false));
+        assert_eq!(owner.block_owner_deletion, None);
     }
 }

@@ -6,22 +6,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use gefyra_api::ipam::{self, IpamError};
+use gefyra_api::ipam::{self, Allocation, IpamError};
 use gefyra_api::{ClientState, GefyraClient};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::allocator;
+use crate::allocator::{self, ClaimError, Claims};
 use crate::connection::{self, ConfigInputs, KeyPair};
 use crate::credentials::{self, ClientRbac, CredentialsNeed};
 use crate::error::{Error, Result};
@@ -59,6 +61,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The Stowaway server's key pair, read (or created) once.
     server_key: tokio::sync::OnceCell<KeyPair>,
+    /// Tunnel-address claims; the store is fed by `run`.
+    pub claims: Claims,
+    claims_writer: Mutex<Option<Writer<Lease>>>,
 }
 
 impl Context {
@@ -67,6 +72,11 @@ impl Context {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let (store, writer) = reflector::store();
+        let claims = Claims {
+            api: Api::namespaced(client.clone(), &settings.namespace),
+            store,
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -74,6 +84,8 @@ impl Context {
             settings,
             failures: Mutex::default(),
             server_key: tokio::sync::OnceCell::new(),
+            claims,
+            claims_writer: Mutex::new(Some(writer)),
         }
     }
 
@@ -82,6 +94,18 @@ impl Context {
             .get_or_try_init(|| allocator::server_key(&self.client, &self.settings.namespace))
             .await
             .map_err(|source| Error::ServerKey { source })
+    }
+
+    /// Records how much of the pool is claimed.
+    fn observe_pool(&self) {
+        let pool = &self.settings.pool;
+        let claimed = self
+            .claims
+            .taken()
+            .into_iter()
+            .filter(|address| pool.gives_out(*address))
+            .count();
+        self.metrics.observe_pool(pool.capacity(), claimed);
     }
 
     async fn event(&self, client: &GefyraClient, type_: EventType, reason: &str, note: String) {
@@ -101,6 +125,30 @@ impl Context {
 /// Runs the controller until shutdown; `ready` is told once the cache is synced.
 pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     let namespace = ctx.settings.namespace.clone();
+    // Tunnel-address claims are chosen from this cache; the API server has the final say.
+    let writer = ctx
+        .claims_writer
+        .lock()
+        .expect("not poisoned")
+        .take()
+        .expect("controller::run is called once per Context");
+    let claims = watcher(
+        ctx.claims.api.clone(),
+        watcher::Config::default().labels(allocator::CLAIM_SELECTOR),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|event| async move {
+        if let Err(error) = event {
+            warn!(%error, "watching the tunnel-address claims (Leases) failed; retrying");
+        }
+    });
+    let claims = tokio::spawn(claims);
+    if ctx.claims.store.wait_until_ready().await.is_err() {
+        warn!("the tunnel-address claims could not be watched; stopping");
+        return;
+    }
+    ctx.observe_pool();
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
     let controller = Controller::new(clients, watcher::Config::default())
@@ -140,6 +188,7 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         _ = reconciler => {},
         _ = sweeper => {},
     }
+    claims.abort();
 }
 
 /// Every 30 s, frees the ranges of clients that no longer exist (e.g. deleted while no
@@ -155,10 +204,20 @@ async fn sweep_allocations_forever(ctx: Arc<Context>) {
 
 async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
     let namespace = &ctx.settings.namespace;
-    // Only entries seen *before* listing the clients are candidates: an allocation made
+    // Only entries seen *before* listing the clients are candidates: a claim or route made
     // after the list belongs to a client the list may not show yet.
-    let before = allocator::read(&ctx.client, namespace).await?;
-    if before.is_empty() {
+    let claims_before: Vec<(String, String)> = ctx
+        .claims
+        .store
+        .state()
+        .iter()
+        .filter_map(|lease| {
+            let (_, uid) = allocator::claimed(lease)?;
+            Some((lease.name_any(), uid.to_string()))
+        })
+        .collect();
+    let routes_before = allocator::read_routes(&ctx.client, namespace).await?;
+    if claims_before.is_empty() && routes_before.is_empty() {
         return Ok(());
     }
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), namespace);
@@ -169,22 +228,26 @@ async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
         .into_iter()
         .filter_map(|client| client.metadata.uid)
         .collect();
-    let (swept, table) = allocator::modify(&ctx.client, namespace, |table| {
+    let mut swept: Vec<String> = Vec::new();
+    for (name, uid) in claims_before.iter().filter(|(_, uid)| !live.contains(uid)) {
+        ctx.claims.delete_if_held(name, uid).await?;
+        swept.push(name.clone());
+    }
+    let (routes, _) = allocator::modify_routes(&ctx.client, namespace, |routes| {
         let mut stale: Vec<String> = Vec::new();
-        for (name, allocation) in before.iter() {
-            if !live.contains(&allocation.uid) && table.get(name) == Some(allocation) {
-                table.remove(name);
-                stale.push(name.clone());
+        for (name, route) in routes_before.iter() {
+            if !live.contains(&route.uid) && routes.get(name) == Some(route) {
+                routes.remove(name);
+                stale.push(format!("route of {name}"));
             }
         }
         Ok(stale)
     })
     .await?;
-    ctx.metrics
-        .observe_pool(ctx.settings.pool.capacity(), table.len());
-    let swept = swept.unwrap_or_default();
+    swept.extend(routes.unwrap_or_default());
+    ctx.observe_pool();
     if !swept.is_empty() {
-        info!(clients = ?swept, "freed the ranges of clients that no longer exist");
+        info!(freed = ?swept, "freed the ranges of clients that no longer exist");
     }
     Ok(())
 }
@@ -282,38 +345,6 @@ async fn report_failure(event: &Finalizer<GefyraClient>, error: &Error, ctx: &Co
     }
 }
 
-async fn enter(
-    api: &Api<GefyraClient>,
-    client: &GefyraClient,
-    state: ClientState,
-    ctx: &Context,
-) -> Result<()> {
-    if client.state == state {
-        return Ok(());
-    }
-    let name = client.name_any();
-    api.patch(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(lifecycle::enter(state, Timestamp::now())),
-    )
-    .await
-    .map_err(|source| Error::RecordState {
-        client: name.clone(),
-        state,
-        source,
-    })?;
-    info!(client = %name, from = %client.state, to = %state, "state changed");
-    ctx.event(
-        client,
-        EventType::Normal,
-        "StateChanged",
-        format!("{} -> {}", client.state, state),
-    )
-    .await;
-    Ok(())
-}
-
 fn sunset_of(client: &GefyraClient) -> Result<Option<Timestamp>> {
     client
         .sunset
@@ -357,7 +388,16 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
     if matches!(client.state, ClientState::Requested) {
-        enter(&api, client, ClientState::Creating, ctx).await?;
+        transition(
+            &api,
+            client,
+            client.state,
+            ClientState::Creating,
+            json!({}),
+            "",
+            ctx,
+        )
+        .await?;
     }
 
     // Build and apply the identity.
@@ -552,14 +592,16 @@ where
         })
 }
 
-/// Records `to` (from `from`) with an Event.
+/// Records the state `to` (coming from `from`) with any `extra` fields in one patch, then
+/// logs it and posts a `StateChanged` Event (with `note`, if any). Returns the generation
+/// written.
 async fn transition(
     api: &Api<GefyraClient>,
     client: &GefyraClient,
     from: ClientState,
     to: ClientState,
     extra: serde_json::Value,
-    note: String,
+    note: &str,
     ctx: &Context,
 ) -> Result<Option<i64>> {
     let name = client.name_any();
@@ -570,23 +612,23 @@ async fn transition(
     let patched = api
         .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
         .await
-        .map_err(|source| Error::RecordConnection {
+        .map_err(|source| Error::RecordState {
             client: name.clone(),
+            state: to,
             source,
         })?;
     info!(client = %name, %from, %to, "state changed");
-    ctx.event(
-        client,
-        EventType::Normal,
-        "StateChanged",
-        format!("{from} -> {to}: {note}"),
-    )
-    .await;
+    let message = match note {
+        "" => format!("{from} -> {to}"),
+        note => format!("{from} -> {to}: {note}"),
+    };
+    ctx.event(client, EventType::Normal, "StateChanged", message)
+        .await;
     Ok(patched.metadata.generation)
 }
 
-/// The connection state machine: `providerParameter` set → ENABLING → ACTIVE (range
-/// recorded in the allocation table before any configuration is published); unset →
+/// The connection state machine: `providerParameter` set → ENABLING → ACTIVE (route and
+/// tunnel-address claim recorded before any configuration is published); unset →
 /// DISABLING → WAITING (ranges released). Returns when `maxConnectionAge` is due, whether
 /// the client is connected, and the generation of the last write.
 async fn connect_or_disconnect(
@@ -616,24 +658,20 @@ async fn connect_or_disconnect(
                 state,
                 ClientState::Disabling,
                 json!({}),
-                "disconnect requested".into(),
+                "disconnect requested",
                 ctx,
             )
             .await?;
             state = ClientState::Disabling;
         }
-        let (_, table) = allocator::modify(&ctx.client, &namespace, |table| {
-            Ok(ipam::release(table, &name))
-        })
-        .await?;
-        ctx.metrics.observe_pool(pool.capacity(), table.len());
+        release(client, ctx).await?;
         let generation = transition(
             &api,
             client,
             state,
             ClientState::Waiting,
             json!({"providerConfig": null}),
-            "disconnected; its ranges were released".into(),
+            "disconnected; its ranges were released",
             ctx,
         )
         .await?;
@@ -654,20 +692,21 @@ async fn connect_or_disconnect(
             state,
             ClientState::Enabling,
             json!({}),
-            "connect requested".into(),
+            "connect requested",
             ctx,
         )
         .await?;
         state = ClientState::Enabling;
     }
-    // The range is recorded in the API server before any configuration is published.
+    // The routed range first (compare-and-swap over every route), then the tunnel address
+    // (a claim by unique name): both are recorded in the API server before any
+    // configuration is published.
     let uid = client.uid().unwrap_or_default();
-    let (result, table) = allocator::modify(&ctx.client, &namespace, |table| {
-        ipam::allocate(pool, table, &name, &uid, request.subnet)
+    let (routed, _) = allocator::modify_routes(&ctx.client, &namespace, |routes| {
+        ipam::route(pool, routes, &name, &uid, request.subnet)
     })
     .await?;
-    ctx.metrics.observe_pool(pool.capacity(), table.len());
-    let allocation = result.map_err(|source| match source {
+    let ipam_error = |source: IpamError| match source {
         IpamError::PoolExhausted { .. } => Error::PoolExhausted {
             client: name.clone(),
             source,
@@ -680,7 +719,25 @@ async fn connect_or_disconnect(
             client: name.clone(),
             message: format!("providerParameter.{source}"),
         },
-    })?;
+    };
+    routed.map_err(ipam_error)?;
+    let tunnel = ctx
+        .claims
+        .claim_tunnel(pool, client)
+        .await
+        .map_err(|source| match source {
+            ClaimError::Ipam(source) => ipam_error(source),
+            source => Error::TunnelClaim {
+                client: name.clone(),
+                source,
+            },
+        })?;
+    ctx.observe_pool();
+    let allocation = Allocation {
+        uid,
+        tunnel: tunnel.into(),
+        routed: request.subnet,
+    };
 
     let mut generation = None;
     let mut active_since = client
@@ -726,7 +783,7 @@ async fn connect_or_disconnect(
             state,
             ClientState::Active,
             json!({ "providerConfig": replacement }),
-            format!(
+            &format!(
                 "connected with tunnel address {}{routed}",
                 allocation.tunnel.addr()
             ),
@@ -767,6 +824,30 @@ async fn connect_or_disconnect(
         return Ok((None, false, None));
     }
     Ok((due, true, generation))
+}
+
+/// Gives back everything `client` holds: its routed range and its tunnel-address claims.
+async fn release(client: &GefyraClient, ctx: &Context) -> Result<()> {
+    let name = client.name_any();
+    let namespace = client.namespace().unwrap_or_default();
+    let (_had_route, _) = allocator::modify_routes(&ctx.client, &namespace, |routes| {
+        Ok(routes.remove(&name).is_some())
+    })
+    .await?;
+    let recorded = client
+        .provider_config
+        .as_ref()
+        .and_then(|config| config.get("Interface.Address"))
+        .and_then(|address| address.as_str()?.parse().ok());
+    ctx.claims
+        .release(&client.uid().unwrap_or_default(), recorded)
+        .await
+        .map_err(|source| Error::TunnelClaim {
+            client: name.clone(),
+            source,
+        })?;
+    ctx.observe_pool();
+    Ok(())
 }
 
 fn renew_at_of(token: &str, renew_before: Option<SignedDuration>) -> Option<Timestamp> {
@@ -835,15 +916,19 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     let namespace = client.namespace().unwrap_or_default();
     let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
     if client.state != ClientState::Terminating {
-        enter(&api, client, ClientState::Terminating, ctx).await?;
+        transition(
+            &api,
+            client,
+            client.state,
+            ClientState::Terminating,
+            json!({}),
+            "",
+            ctx,
+        )
+        .await?;
     }
     // The peer goes first: its ranges become free for others.
-    let (_, table) = allocator::modify(&ctx.client, &namespace, |table| {
-        Ok(ipam::release(table, &name))
-    })
-    .await?;
-    ctx.metrics
-        .observe_pool(ctx.settings.pool.capacity(), table.len());
+    release(client, ctx).await?;
     let sa_name = GefyraClient::service_account_name_for(&name);
     delete_if_present(
         Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),

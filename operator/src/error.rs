@@ -75,8 +75,14 @@ pub enum Error {
         #[source]
         source: gefyra_api::ipam::IpamError,
     },
-    #[error("allocating a range failed: {0}")]
+    #[error("recording a routed range failed: {0}")]
     AllocationTable(#[from] crate::allocator::TableError),
+    #[error("client {client}: claiming or releasing a tunnel address failed: {source}")]
+    TunnelClaim {
+        client: String,
+        #[source]
+        source: crate::allocator::ClaimError,
+    },
     #[error(
         "reading or creating the Stowaway key Secret {}: {source}",
         crate::allocator::SERVER_KEY_SECRET
@@ -112,6 +118,7 @@ impl Error {
             Self::PoolExhausted { .. } => "PoolExhausted",
             Self::SubnetConflict { .. } => "SubnetConflict",
             Self::AllocationTable(_) => "AllocationTableFailed",
+            Self::TunnelClaim { .. } => "TunnelClaimFailed",
             Self::ServerKey { .. } => "ServerKeyFailed",
             Self::RecordConnection { .. } => "StatusWriteFailed",
             Self::Finalizer(_) => "FinalizerFailed",

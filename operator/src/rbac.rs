@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::allocator::{ALLOCATIONS_CONFIGMAP, SERVER_KEY_SECRET};
+use crate::allocator::{ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
 use crate::credentials::MANAGED_BY;
 
 fn rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -53,21 +53,22 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             &[],
             &["get", "create", "patch", "delete"],
         ),
-        // The API server's CA for client files; the allocation table (compare-and-swap).
+        // The API server's CA for client files; the routes table (compare-and-swap).
         rule("", &["configmaps"], &["kube-root-ca.crt"], &["get"]),
         rule("", &["configmaps"], &[], &["create"]),
-        rule(
-            "",
-            &["configmaps"],
-            &[ALLOCATIONS_CONFIGMAP],
-            &["get", "update"],
-        ),
+        rule("", &["configmaps"], &[ROUTES_CONFIGMAP], &["get", "update"]),
         // The Stowaway server's key pair: created once, then only read, by name.
         rule("", &["secrets"], &[], &["create"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
         rule("events.k8s.io", &["events"], &[], &["create", "patch"]),
-        // Leader election: creating cannot be limited by name, the rest can.
-        rule("coordination.k8s.io", &["leases"], &[], &["create"]),
+        // Tunnel-address claims are Leases named after their address (any name in the
+        // pool); leader election uses one more. Creating cannot be limited by name.
+        rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &[],
+            &["get", "list", "watch", "create", "delete"],
+        ),
         rule(
             "coordination.k8s.io",
             &["leases"],

@@ -151,6 +151,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Run) | None => {}
     }
     init_logging(args.log_format);
+    let pool = gefyra_api::ipam::Pool {
+        tunnel: args.tunnel_pool.clone(),
+        reserved: args.reserved_ranges.clone(),
+    };
+    pool.validate().map_err(|problem| {
+        anyhow::anyhow!("--tunnel-pool / --reserved-ranges: {problem}; choose other ranges")
+    })?;
     let client = Client::try_default().await.map_err(|error| {
         anyhow::anyhow!(
             "cannot reach the Kubernetes API ({error}); set KUBECONFIG or run in-cluster"
@@ -174,10 +181,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             .token_renew_before
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
         concurrency: args.concurrency,
-        pool: gefyra_api::ipam::Pool {
-            tunnel: args.tunnel_pool.clone(),
-            reserved: args.reserved_ranges.clone(),
-        },
+        pool,
         wireguard_endpoint: args
             .wireguard_endpoint
             .clone()

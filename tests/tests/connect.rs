@@ -1,21 +1,22 @@
 //! Connect and disconnect against the real control plane: exclusive ranges decided by the
 //! API server, pool exhaustion, reconnects, and two operators with a crash in between.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
-use gefyra_api::ipam::{self, Allocation};
+use gefyra_api::ipam;
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::{
     Cluster, Operator, WAIT, api_status, create_client, eventually, install_crd, wait_for_ready,
     wait_for_state, wait_gone,
 };
+use gefyra_operator::allocator;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::{Api, Client};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
 async fn connect(api: &Api<GefyraClient>, name: &str, parameter: Value) -> Result<()> {
@@ -29,15 +30,33 @@ async fn connect(api: &Api<GefyraClient>, name: &str, parameter: Value) -> Resul
     Ok(())
 }
 
-async fn allocations(admin: Client, namespace: &str) -> Result<BTreeMap<String, Allocation>> {
-    let config_map = Api::<ConfigMap>::namespaced(admin, namespace)
-        .get_opt("gefyra-ip-allocations")
+/// Every range held in the API server, as (client, range): one per tunnel-address claim
+/// (read from the Leases themselves) and one per route.
+async fn holdings(admin: Client, namespace: &str) -> Result<Vec<(String, IpNet)>> {
+    let leases = Api::<Lease>::namespaced(admin.clone(), namespace)
+        .list(&ListParams::default().labels(allocator::CLAIM_SELECTOR))
         .await?;
-    config_map
-        .and_then(|config_map| config_map.data)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(name, value)| Ok((name, serde_json::from_str(&value)?)))
+    let mut held = Vec::new();
+    for lease in &leases.items {
+        let (address, _) = allocator::claimed(lease).context("a readable claim")?;
+        ensure!(lease.metadata.name.as_deref() == Some(allocator::claim_name(address).as_str()));
+        let client = lease
+            .labels()
+            .get(allocator::CLIENT_LABEL)
+            .context("a client label")?;
+        held.push((client.clone(), IpNet::from(address)));
+    }
+    for (client, route) in allocator::read_routes(&admin, namespace).await? {
+        held.push((client, route.subnet));
+    }
+    Ok(held)
+}
+
+/// What `client` holds.
+fn held_by(held: &[(String, IpNet)], client: &str) -> Vec<IpNet> {
+    held.iter()
+        .filter(|(holder, _)| holder == client)
+        .map(|(_, range)| *range)
         .collect()
 }
 
@@ -104,10 +123,10 @@ async fn connect_disconnect_reconnect_and_delete_while_active() -> Result<()> {
     ensure!(config_text(&active, "Interface.DNS") == Some("192.168.99.1"));
     ensure!(config_text(&active, "Peer.Endpoint") == Some("203.0.113.7:31820"));
     let address = config_text(&active, "Interface.Address").context("an address")?;
-    let table = allocations(admin.clone(), &ns).await?;
+    let held = holdings(admin.clone(), &ns).await?;
     ensure!(
-        table["dev"].tunnel.addr().to_string() == address,
-        "the table holds the published address: {table:?}"
+        held_by(&held, "dev") == [IpNet::from(address.parse::<std::net::IpAddr>()?)],
+        "dev holds exactly the published address: {held:?}"
     );
 
     // Disconnect: WAITING, no config, nothing allocated.
@@ -121,14 +140,22 @@ async fn connect_disconnect_reconnect_and_delete_while_active() -> Result<()> {
     })
     .await?;
     ensure!(waiting.state_transitions.contains_key("DISABLING"));
-    ensure!(allocations(admin.clone(), &ns).await?.is_empty());
+    ensure!(holdings(admin.clone(), &ns).await?.is_empty());
 
     // Gefyra's way: only a subnet; the operator generates the key pair.
     connect(&clients, "dev", json!({"subnet": "172.20.0.0/16"})).await?;
     let again = wait_for_state(&clients, "dev", ClientState::Active).await?;
     let private = config_text(&again, "Interface.PrivateKey").context("a generated key")?;
     ensure!(Some(public_key_of(private)?.as_str()) == config_text(&again, "Interface.PublicKey"));
-    ensure!(allocations(admin.clone(), &ns).await?["dev"].routed == Some("172.20.0.0/16".parse()?));
+    let held = holdings(admin.clone(), &ns).await?;
+    let address: IpNet = config_text(&again, "Interface.Address")
+        .context("an address")?
+        .parse::<std::net::IpAddr>()?
+        .into();
+    ensure!(
+        held_by(&held, "dev") == [address, "172.20.0.0/16".parse()?],
+        "dev holds its address and its subnet: {held:?}"
+    );
     let log = _operator.log_text();
     ensure!(
         !log.contains(private),
@@ -138,10 +165,7 @@ async fn connect_disconnect_reconnect_and_delete_while_active() -> Result<()> {
     // Deleting an ACTIVE client releases its ranges.
     clients.delete("dev", &DeleteParams::default()).await?;
     wait_gone(&clients, "dev").await?;
-    ensure!(
-        allocations(admin, &ns).await?.is_empty(),
-        "released on delete"
-    );
+    ensure!(holdings(admin, &ns).await?.is_empty(), "released on delete");
     Ok(())
 }
 
@@ -294,19 +318,19 @@ async fn two_operators_and_a_crash_never_hand_out_overlapping_ranges() -> Result
         },
     )
     .await?;
-    let table = allocations(admin.clone(), &ns).await?;
-    let mut live: Vec<(String, IpNet)> = Vec::new();
+    // Every range held, of ACTIVE clients or not (two operators may both have claimed an
+    // address for one client; the spare one is released with the client).
+    let live = holdings(admin.clone(), &ns).await?;
     for client in settled.iter().filter(|c| c.state == ClientState::Active) {
         let name = client.metadata.name.clone().unwrap_or_default();
-        let allocation = table
-            .get(&name)
-            .with_context(|| format!("ACTIVE {name} has an allocation"))?;
+        let address: IpNet = config_text(client, "Interface.Address")
+            .with_context(|| format!("ACTIVE {name} has an address"))?
+            .parse::<std::net::IpAddr>()?
+            .into();
         ensure!(
-            config_text(client, "Interface.Address")
-                == Some(allocation.tunnel.addr().to_string().as_str()),
-            "{name}'s config matches its allocation"
+            held_by(&live, &name).contains(&address),
+            "ACTIVE {name} holds the address of its config ({address})"
         );
-        live.extend(allocation.ranges().map(|range| (name.clone(), range)));
     }
     for (i, (a_name, a)) in live.iter().enumerate() {
         for (b_name, b) in &live[i + 1..] {
@@ -351,9 +375,11 @@ async fn two_operators_and_a_crash_never_hand_out_overlapping_ranges() -> Result
     for name in &names {
         wait_gone(&clients, name).await?;
     }
-    ensure!(
-        allocations(admin, &ns).await?.is_empty(),
-        "no allocation is left"
-    );
+    // Spare claims of a client whose releasing operator did not see them yet go with the
+    // client: they are owned by it (garbage collector) and swept.
+    eventually("no range is held any more", WAIT, || async {
+        Ok(holdings(admin.clone(), &ns).await?.is_empty().then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -595,6 +595,26 @@ async fn the_operator_does_its_whole_job_with_its_own_minimal_role() -> Result<(
         .list(&ListParams::default())
         .await
         .context("gefyra-compat grants list, which the operator itself holds")?;
+    // Connect (server key Secret, routes table, tunnel-address claim), disconnect, connect
+    // again, and delete while ACTIVE: every write of the connection is covered by the Role.
+    let connect = |parameter: serde_json::Value| {
+        let clients = clients.clone();
+        async move {
+            clients
+                .patch(
+                    "first",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({ "providerParameter": parameter })),
+                )
+                .await
+        }
+    };
+    connect(serde_json::json!({"subnet": "172.30.0.0/16"})).await?;
+    wait_for_state(&clients, "first", ClientState::Active).await?;
+    connect(serde_json::Value::Null).await?;
+    wait_for_state(&clients, "first", ClientState::Waiting).await?;
+    connect(serde_json::json!({"subnet": "172.30.0.0/16"})).await?;
+    wait_for_state(&clients, "first", ClientState::Active).await?;
     clients.delete("first", &DeleteParams::default()).await?;
     wait_gone(&clients, "first").await?;
     let log = operator.log_text();

@@ -1,0 +1,176 @@
+//! `make bench`, in process: how many allocations per second the IP-range logic makes with
+//! 10,000 live ranges, against the same work with nothing allocated, in the same run.
+//!
+//! Two steps, each what the operator does in process for one connect (the API round trips
+//! are measured by `bench-clients`):
+//! - tunnel claim: the claimed addresses from the watch cache of claims, then a free one;
+//! - route: decode the routes table, check the overlap and record the route, encode it.
+//!
+//! Environment: GEFYRA_BENCH_LIVE_RANGES (default 10000).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use gefyra_api::GefyraClient;
+use gefyra_api::ipam::{self, Pool, Routes};
+use gefyra_operator::allocator::{Claims, claim, decode_table, encode_table};
+use ipnet::{IpNet, Ipv4Net};
+use kube::Api;
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use serde_json::json;
+
+/// Long enough for stable figures, short enough for `make bench`.
+const RUN_FOR: Duration = Duration::from_secs(2);
+
+/// 65,533 tunnel addresses: room for 10,000 live clients and more.
+fn pool() -> Pool {
+    Pool {
+        tunnel: vec!["10.64.0.0/16".parse().expect("a valid CIDR")],
+        reserved: vec!["10.96.0.0/12".parse().expect("a valid CIDR")],
+    }
+}
+
+/// A client as Gefyra names them (32 hex digits) with a UUID.
+fn client_of(i: usize) -> Result<GefyraClient> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+        "metadata": {
+            "name": format!("{i:032x}"), "namespace": "gefyra",
+            "uid": format!("00000000-0000-4000-8000-{i:012x}")
+        },
+        "provider": "stowaway"
+    }))?)
+}
+
+/// The `i`-th /28 of 172.16.0.0/12: distinct for every `i` below 65,536.
+fn routed_of(i: usize) -> IpNet {
+    let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0));
+    let network = std::net::Ipv4Addr::from(base + (i as u32) * 16);
+    IpNet::V4(Ipv4Net::new(network, 28).expect("prefix 28 is valid"))
+}
+
+/// `live` clients connected (claims in a watch cache as the operator keeps them), every
+/// other one routing a subnet of its own.
+fn connected(
+    live: usize,
+    api: &Api<k8s_openapi::api::coordination::v1::Lease>,
+) -> Result<(Claims, Routes)> {
+    let pool = pool();
+    let (store, mut writer) = reflector::store();
+    let mut routes = Routes::new();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    let mut taken = std::collections::BTreeSet::new();
+    for i in 0..live {
+        let client = client_of(i)?;
+        let address = ipam::free_tunnel_address(&pool, &taken, i as u128)?;
+        taken.insert(address);
+        writer.apply_watcher_event(&watcher::Event::InitApply(claim(&client, address)));
+        if i % 2 == 0 {
+            let uid = format!("00000000-0000-4000-8000-{i:012x}");
+            ipam::route(
+                &pool,
+                &mut routes,
+                &format!("{i:032x}"),
+                &uid,
+                Some(routed_of(i)),
+            )
+            .with_context(|| format!("filling the routes: client {i}"))?;
+        }
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    Ok((
+        Claims {
+            api: api.clone(),
+            store,
+        },
+        routes,
+    ))
+}
+
+/// Runs `step` for `RUN_FOR`; steps per second.
+fn rate(mut step: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    let mut steps = 0;
+    while start.elapsed() < RUN_FOR {
+        step(steps)?;
+        steps += 1;
+    }
+    Ok(steps as f64 / start.elapsed().as_secs_f64())
+}
+
+struct Figures {
+    claim: f64,
+    route: f64,
+    claims: usize,
+    routes_bytes: usize,
+}
+
+fn measure(live: usize, api: &Api<k8s_openapi::api::coordination::v1::Lease>) -> Result<Figures> {
+    let pool = pool();
+    let (claims, routes) = connected(live, api)?;
+    let claim = rate(|step| {
+        let taken = claims.taken();
+        let start = (step as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        black_box(ipam::free_tunnel_address(&pool, &taken, start)?);
+        Ok(())
+    })?;
+    let stored = encode_table(&routes, &Default::default());
+    let routes_bytes = stored
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
+    let route = rate(|step| {
+        let (mut decoded, unreadable) = decode_table(&stored);
+        let i = 60_000 + step % 5_000;
+        let uid = format!("00000000-0000-4000-8000-{i:012x}");
+        ipam::route(
+            &pool,
+            &mut decoded,
+            &format!("{i:032x}"),
+            &uid,
+            Some(routed_of(i)),
+        )?;
+        black_box(encode_table(&decoded, &unreadable));
+        Ok(())
+    })?;
+    Ok(Figures {
+        claim,
+        route,
+        claims: claims.store.len(),
+        routes_bytes,
+    })
+}
+
+fn main() -> Result<()> {
+    let live: usize = std::env::var("GEFYRA_BENCH_LIVE_RANGES")
+        .ok()
+        .map(|value| value.parse())
+        .transpose()
+        .context("GEFYRA_BENCH_LIVE_RANGES must be a number")?
+        .unwrap_or(10_000);
+    // The claims' API is never called here; a client for it is only needed to build one.
+    let kube = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse()?))?;
+    let api = Api::namespaced(kube, "gefyra");
+    println!("== IP allocation in process (one core): {live} live clients vs none");
+    let empty = measure(0, &api)?;
+    let full = measure(live, &api)?;
+    for (what, empty, full) in [
+        ("tunnel claim", empty.claim, full.claim),
+        ("route (CAS step)", empty.route, full.route),
+    ] {
+        println!(
+            "{what:<17} none {empty:>10.0}/s   {live} live {full:>9.0}/s   ratio {:.3}",
+            full / empty
+        );
+    }
+    println!(
+        "stored state      {} claims (one Lease each); routes table {:.0} KiB for {} routes \
+         (a ConfigMap holds at most 1 MiB)",
+        full.claims,
+        full.routes_bytes as f64 / 1024.0,
+        live.div_ceil(2)
+    );
+    Ok(())
+}
