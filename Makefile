@@ -66,11 +66,14 @@ e2e: controlplane
 	tests/no-leftovers.sh "$$dir" || status=1; \
 	exit $$status
 
-# Figures, not assertions: the operator against the same writes done by a plain loop, in one
+# Figures, not assertions. In process: IP allocation with BENCH_LIVE_RANGES live clients vs
+# none. Through the API: the operator against the same writes done by a plain loop, in one
 # run on one fresh control plane. BENCH_CLIENTS=N to change the size.
 BENCH_CLIENTS ?= 1000
+BENCH_LIVE_RANGES ?= 10000
 bench: controlplane
-	cargo build --release --locked -p gefyra-operator -p gefyra-e2e --bin gefyra-operator --bin bench-clients
+	cargo build --release --locked -p gefyra-operator -p gefyra-e2e --bin gefyra-operator --bin bench-clients --bin bench-ipam
+	GEFYRA_BENCH_LIVE_RANGES=$(BENCH_LIVE_RANGES) target/release/bench-ipam
 	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-bench-cluster.XXXXXX"); \
 	GEFYRA_BENCH_CLIENTS=$(BENCH_CLIENTS) GEFYRA_OPERATOR_BINARY=$(CURDIR)/target/release/gefyra-operator \
 	$(CONTROLPLANE) run "$$dir" -- target/release/bench-clients

@@ -220,22 +220,15 @@ pub fn route(
 
 /// A free client address of the pool, searching from the `start`-th one onwards (wrapping),
 /// so that concurrent claimers spread out: never the network or broadcast address, never
-/// the server's, never one in `taken`.
+/// the server's, never one `is_taken` says is taken. `in_use` is at least the number of
+/// taken addresses (an over-estimate only makes an exhausted pool take longer to tell).
+/// Costs a lookup per taken address passed over, not a scan of every address in use.
 pub fn free_tunnel_address(
     pool: &Pool,
-    taken: &BTreeSet<IpAddr>,
+    in_use: usize,
+    is_taken: impl Fn(IpAddr) -> bool,
     start: u128,
 ) -> Result<IpAddr, IpamError> {
-    let exhausted = || IpamError::PoolExhausted {
-        capacity: pool.capacity(),
-    };
-    let in_use = taken
-        .iter()
-        .filter(|address| pool.gives_out(**address))
-        .count();
-    if u128::try_from(in_use).unwrap_or(u128::MAX) >= pool.capacity() {
-        return Err(exhausted());
-    }
     let spans: Vec<(IpNet, u128, u128)> = pool
         .tunnel
         .iter()
@@ -247,28 +240,27 @@ pub fn free_tunnel_address(
     let total = spans
         .iter()
         .fold(0u128, |sum, (_, _, len)| sum.saturating_add(*len));
-    // Fewer addresses are taken than the pool holds, so a free one lies within the next
-    // in_use + 2 candidates (the server's address may be among them).
+    // The pool's ranges do not overlap (`validate`), so among any in_use + 2 consecutive
+    // candidates at most in_use are taken and one is the server's: one is free, if any is.
+    let bound = (in_use as u128).saturating_add(2).min(total);
     let mut index = start % total.max(1);
-    // Overlapping tunnel nets list an address more than once, hence the factor.
-    let bound = (in_use as u128 + 2)
-        .saturating_mul(spans.len() as u128)
-        .min(total);
     for _ in 0..bound {
         let mut rest = index;
         for (net, first, len) in &spans {
             if rest < *len {
                 let address = at_offset(net, first + rest);
-                if address != SERVER_ADDRESS && !taken.contains(&address) {
+                if address != SERVER_ADDRESS && !is_taken(address) {
                     return Ok(address);
                 }
                 break;
             }
             rest -= len;
         }
-        index = (index + 1) % total.max(1);
+        index = (index + 1) % total;
     }
-    Err(exhausted())
+    Err(IpamError::PoolExhausted {
+        capacity: pool.capacity(),
+    })
 }
 
 /// Removes routes whose client no longer exists (by uid); the names removed.
@@ -301,7 +293,7 @@ mod tests {
     fn claim_all(pool: &Pool, starts: impl Iterator<Item = u128>) -> BTreeSet<IpAddr> {
         let mut taken = BTreeSet::new();
         for start in starts {
-            match free_tunnel_address(pool, &taken, start) {
+            match free_tunnel_address(pool, taken.len(), |a| taken.contains(&a), start) {
                 Ok(address) => assert!(taken.insert(address), "{address} given twice"),
                 Err(IpamError::PoolExhausted { .. }) => break,
                 Err(other) => panic!("{other}"),
@@ -321,13 +313,13 @@ mod tests {
         assert!(!taken.contains(&ip("192.168.111.255")));
         assert!(taken.iter().all(|address| pool.gives_out(*address)));
         assert_eq!(
-            free_tunnel_address(&pool, &taken, 0),
+            free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), 0),
             Err(IpamError::PoolExhausted { capacity: 4093 })
         );
         let mut taken = taken;
         taken.remove(&ip("192.168.96.8"));
         assert_eq!(
-            free_tunnel_address(&pool, &taken, 12345),
+            free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), 12345),
             Ok(ip("192.168.96.8"))
         );
     }
@@ -359,22 +351,28 @@ mod tests {
         };
         assert_eq!(pool.capacity(), 6);
         assert_eq!(
-            free_tunnel_address(&pool, &BTreeSet::new(), 0),
+            free_tunnel_address(&pool, 0, |_| false, 0),
             Ok(ip("10.0.0.1"))
         );
         assert_eq!(
-            free_tunnel_address(&pool, &BTreeSet::new(), 5),
+            free_tunnel_address(&pool, 0, |_| false, 5),
             Ok(ip("10.0.0.6"))
         );
         assert_eq!(
-            free_tunnel_address(&pool, &BTreeSet::new(), 6),
+            free_tunnel_address(&pool, 0, |_| false, 6),
             Ok(ip("10.0.0.1"))
         );
         let taken = BTreeSet::from([ip("10.0.0.6"), ip("10.0.0.1")]);
-        assert_eq!(free_tunnel_address(&pool, &taken, 5), Ok(ip("10.0.0.2")));
+        assert_eq!(
+            free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), 5),
+            Ok(ip("10.0.0.2"))
+        );
         // Addresses outside the pool (an older pool's) do not count as in use.
         let taken = BTreeSet::from([ip("10.9.0.1")]);
-        assert_eq!(free_tunnel_address(&pool, &taken, 0), Ok(ip("10.0.0.1")));
+        assert_eq!(
+            free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), 0),
+            Ok(ip("10.0.0.1"))
+        );
     }
 
     #[test]
@@ -394,7 +392,7 @@ mod tests {
             reserved: vec![],
         };
         assert_eq!(big.capacity(), (1u128 << 64) - 1 + 4093);
-        let address = free_tunnel_address(&big, &BTreeSet::new(), u128::MAX).unwrap();
+        let address = free_tunnel_address(&big, 0, |_| false, u128::MAX).unwrap();
         assert!(big.gives_out(address));
     }
 
@@ -502,7 +500,7 @@ mod tests {
                             continue;
                         }
                         let taken: BTreeSet<IpAddr> = tunnels.values().copied().collect();
-                        match free_tunnel_address(&pool, &taken, u128::from(start)) {
+                        match free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), u128::from(start)) {
                             Ok(address) => {
                                 prop_assert!(pool.gives_out(address));
                                 tunnels.insert(name, address);
@@ -518,7 +516,7 @@ mod tests {
                         // What was released is allocatable again.
                         if tunnels.len() < 6 {
                             let taken: BTreeSet<IpAddr> = tunnels.values().copied().collect();
-                            prop_assert!(free_tunnel_address(&pool, &taken, 0).is_ok());
+                            prop_assert!(free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), 0).is_ok());
                         }
                     }
                 }

@@ -18,7 +18,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::warn;
 
@@ -222,6 +222,25 @@ pub enum ClaimError {
     Ipam(#[from] IpamError),
 }
 
+/// A free address of `pool` by what a store of claims shows and the addresses the API
+/// server `refused` (taken, though the store does not show it yet): one lookup by name per
+/// address passed over, never a scan of every claim.
+pub fn free_address_in(
+    store: &Store<Lease>,
+    namespace: &str,
+    pool: &Pool,
+    refused: &BTreeSet<IpAddr>,
+    start: u128,
+) -> Result<IpAddr, IpamError> {
+    let is_taken = |address| {
+        refused.contains(&address)
+            || store
+                .get(&ObjectRef::new(&claim_name(address)).within(namespace))
+                .is_some()
+    };
+    ipam::free_tunnel_address(pool, store.len() + refused.len(), is_taken, start)
+}
+
 /// The tunnel-address claims: the API for writes, a watch-fed store for choosing.
 #[derive(Clone)]
 pub struct Claims {
@@ -230,24 +249,13 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Addresses the store shows as claimed.
-    pub fn taken(&self) -> BTreeSet<IpAddr> {
-        self.store
-            .state()
-            .iter()
-            .filter_map(|lease| claimed(lease).map(|(address, _)| address))
-            .collect()
-    }
-
     /// The claims (name, address) the store shows for the client with `uid`.
     fn held_by(&self, uid: &str) -> Vec<(String, IpAddr)> {
         self.store
             .state()
             .iter()
-            .filter_map(|lease| {
-                let (address, holder) = claimed(lease)?;
-                (holder == uid).then(|| (lease.name_any(), address))
-            })
+            .filter(|lease| lease.labels().get(CLIENT_UID_LABEL).map(String::as_str) == Some(uid))
+            .filter_map(|lease| Some((lease.name_any(), claimed(lease)?.0)))
             .collect()
     }
 
@@ -263,11 +271,13 @@ impl Claims {
         if let Some((_, address)) = held.iter().find(|(_, address)| pool.gives_out(*address)) {
             return Ok(*address);
         }
-        let mut taken = self.taken();
-        // A random start spreads concurrent claimers over the pool.
-        let start = rand::random::<u64>();
+        let namespace = client.namespace().unwrap_or_default();
+        // Addresses the store does not show yet but the API server said are taken.
+        let mut refused = BTreeSet::new();
         loop {
-            let address = ipam::free_tunnel_address(pool, &taken, u128::from(start))?;
+            // A random start spreads concurrent claimers over the pool.
+            let start = u128::from(rand::random::<u64>());
+            let address = free_address_in(&self.store, &namespace, pool, &refused, start)?;
             let name = claim_name(address);
             match self
                 .api
@@ -282,7 +292,7 @@ impl Claims {
                     return Ok(address);
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    taken.insert(address);
+                    refused.insert(address);
                 }
                 Err(source) => return Err(ClaimError::Api { name, source }),
             }

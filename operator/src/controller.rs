@@ -96,16 +96,12 @@ impl Context {
             .map_err(|source| Error::ServerKey { source })
     }
 
-    /// Records how much of the pool is claimed.
+    /// Records how much of the pool is claimed (claims of addresses outside the pool, left
+    /// from an earlier `--tunnel-pool`, count too until their clients reconnect).
     fn observe_pool(&self) {
-        let pool = &self.settings.pool;
-        let claimed = self
-            .claims
-            .taken()
-            .into_iter()
-            .filter(|address| pool.gives_out(*address))
-            .count();
-        self.metrics.observe_pool(pool.capacity(), claimed);
+        let claimed = self.claims.store.len();
+        self.metrics
+            .observe_pool(self.settings.pool.capacity(), claimed);
     }
 
     async fn event(&self, client: &GefyraClient, type_: EventType, reason: &str, note: String) {

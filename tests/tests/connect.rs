@@ -383,3 +383,88 @@ async fn two_operators_and_a_crash_never_hand_out_overlapping_ranges() -> Result
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_ipv6_pool_hands_out_ipv6_addresses_and_routes_do_not_overlap() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("ipv6").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    // fd00:99::/126: three client addresses (never the network address).
+    let _operator = Operator::start(&cluster, &ns, &["--tunnel-pool", "fd00:99::/126"])?;
+    let requests = [
+        ("a", json!({"subnet": "fd00:aaaa::/64"})),
+        ("b", json!({"subnet": "fd00:aaaa:0:0:1::/80"})),
+        ("c", json!({})),
+        ("d", json!({"subnet": "fd00:bbbb::/48"})),
+    ];
+    for (name, _) in &requests {
+        create_client(admin.clone(), &ns, name).await?;
+    }
+    for (name, parameter) in &requests {
+        wait_for_ready(&clients, name).await?;
+        connect(&clients, name, parameter.clone()).await?;
+    }
+    let settled = eventually("a, c, d ACTIVE and b refused", WAIT, || async {
+        let listed = clients.list(&Default::default()).await?.items;
+        let state = |name: &str| {
+            listed
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some(name))
+                .map(|c| c.state)
+        };
+        let done = ["a", "c", "d"]
+            .iter()
+            .all(|name| state(name) == Some(ClientState::Active))
+            && state("b") == Some(ClientState::Error);
+        Ok(done.then_some(listed))
+    })
+    .await?;
+    let mut addresses = std::collections::BTreeSet::new();
+    for client in settled.iter().filter(|c| c.state == ClientState::Active) {
+        let address = config_text(client, "Interface.Address").context("an address")?;
+        ensure!(
+            config_text(client, "Peer.AllowedIPs")
+                .is_some_and(|allowed| allowed.starts_with("::/0")),
+            "an IPv6 peer routes IPv6 first"
+        );
+        addresses.insert(address.to_string());
+    }
+    ensure!(
+        addresses
+            == ["fd00:99::1", "fd00:99::2", "fd00:99::3"]
+                .map(String::from)
+                .into(),
+        "three distinct IPv6 addresses, not the network address: {addresses:?}"
+    );
+    let refused = settled
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("b"))
+        .context("b")?;
+    let message = refused
+        .ready_condition()
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        reason_of(refused).as_deref() == Some("SubnetConflict")
+            && message.contains("overlaps fd00:aaaa::/64 of client a"),
+        "{message}"
+    );
+    let held = holdings(admin.clone(), &ns).await?;
+    ensure!(held.len() == 5, "3 addresses and 2 routes: {held:?}");
+    ensure!(held_by(&held, "d").contains(&"fd00:bbbb::/48".parse()?));
+
+    let delete = DeleteParams::default();
+    for (name, _) in &requests {
+        clients.delete(name, &delete).await?;
+    }
+    for (name, _) in &requests {
+        wait_gone(&clients, name).await?;
+    }
+    ensure!(
+        holdings(admin, &ns).await?.is_empty(),
+        "nothing held after delete"
+    );
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! `make bench`: N GefyraClients created → all WAITING, through the operator, against the
-//! floor — the same API writes done by a plain loop without the operator, in the same run,
-//! on the same control plane, with the same concurrency.
+//! `make bench`, through the API: N GefyraClients created → all WAITING (32 at a time), then
+//! all connected — `providerParameter` patched → ACTIVE (10 at a time) — through the
+//! operator, against the floor: the same API writes done by a plain loop without the
+//! operator, in the same run, on the same control plane, with the same concurrency.
 //!
 //! Environment: GEFYRA_KUBECONFIG (the control plane), GEFYRA_OPERATOR_BINARY (the operator
 //! to measure, normally a release build), GEFYRA_BENCH_CLIENTS (default 1000).
@@ -11,18 +12,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
+use gefyra_api::ipam::{Allocation, Pool};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::{Cluster, Operator, install_crd};
-use gefyra_operator::{credentials, lifecycle};
+use gefyra_operator::{allocator, connection, credentials, lifecycle};
 use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, ObjectReference, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
+use std::collections::BTreeSet;
+use tokio::sync::Notify;
 
 const CONCURRENCY: usize = 32;
+/// Clients connecting at the same time.
+const CONNECTING: usize = 10;
 
 fn new_client(name: &str, namespace: &str) -> Result<GefyraClient> {
     Ok(serde_json::from_value(json!({
@@ -173,7 +180,109 @@ async fn floor_one(client: Client, namespace: String, name: String) -> Result<Du
     Ok(start.elapsed())
 }
 
-async fn floor(cluster: &Cluster, n: usize) -> Result<Run> {
+/// The writes of one connect — the client's patch, then what the operator writes — done in
+/// a straight line. Tunnel addresses are handed out by a counter (no choosing).
+async fn floor_connect_one(
+    client: Client,
+    namespace: String,
+    name: String,
+    address: std::net::IpAddr,
+    server: Arc<connection::KeyPair>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let api: Api<GefyraClient> = Api::namespaced(client.clone(), &namespace);
+    let own = connection::generate_key_pair();
+    let merge = PatchParams::default();
+    let object = api
+        .patch(
+            &name,
+            &merge,
+            &Patch::Merge(json!({"providerParameter": {"publicKey": own.public}})),
+        )
+        .await?;
+    api.patch(
+        &name,
+        &merge,
+        &Patch::Merge(lifecycle::enter(ClientState::Enabling, Timestamp::now())),
+    )
+    .await?;
+    event(&client, &object, "StateChanged").await?;
+    let uid = object.uid().unwrap_or_default();
+    let (routed, _) = allocator::modify_routes(&client, &namespace, |routes| {
+        gefyra_api::ipam::route(&Pool::default(), routes, &name, &uid, None)
+    })
+    .await?;
+    routed?;
+    Api::<Lease>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &allocator::claim(&object, address))
+        .await?;
+    let allocation = Allocation {
+        uid,
+        tunnel: address.into(),
+        routed: None,
+    };
+    let config = connection::provider_config(&connection::ConfigInputs {
+        allocation: &allocation,
+        client_public: &own.public,
+        client_private: None,
+        server_public: &server.public,
+        preshared_key: &connection::generate_preshared_key(),
+        endpoint: "gefyra-stowaway-wireguard.gefyra.svc:31820",
+    });
+    let mut patch = lifecycle::enter(ClientState::Active, Timestamp::now());
+    patch["providerConfig"] = json!(config);
+    api.patch(&name, &merge, &Patch::Merge(patch)).await?;
+    event(&client, &object, "StateChanged").await?;
+    let condition = lifecycle::ready_condition(
+        None,
+        true,
+        "Connected",
+        "connected",
+        object.metadata.generation,
+        Timestamp::now(),
+    );
+    api.patch_status(
+        &name,
+        &merge,
+        &Patch::Merge(json!({"status": {"conditions": [condition]}})),
+    )
+    .await?;
+    Ok(start.elapsed())
+}
+
+async fn floor_connect(cluster: &Cluster, namespace: &str, n: usize) -> Result<Run> {
+    let client = cluster.admin()?;
+    let server = Arc::new(connection::generate_key_pair());
+    let pool = Pool::default();
+    let mut taken = BTreeSet::new();
+    let mut addresses = Vec::new();
+    for _ in 0..n {
+        let address =
+            gefyra_api::ipam::free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), 0)?;
+        taken.insert(address);
+        addresses.push(address);
+    }
+    let start = Instant::now();
+    let latencies = futures::stream::iter(addresses.into_iter().enumerate())
+        .map(|(i, address)| {
+            floor_connect_one(
+                client.clone(),
+                namespace.to_string(),
+                format!("floor-{i:05}"),
+                address,
+                server.clone(),
+            )
+        })
+        .buffer_unordered(CONNECTING)
+        .try_collect()
+        .await?;
+    Ok(Run {
+        wall: start.elapsed(),
+        latencies,
+    })
+}
+
+async fn floor(cluster: &Cluster, n: usize) -> Result<(Run, Run)> {
     let namespace = cluster.namespace("bench-floor").await?;
     let client = cluster.admin()?;
     let start = Instant::now();
@@ -182,10 +291,12 @@ async fn floor(cluster: &Cluster, n: usize) -> Result<Run> {
         .buffer_unordered(CONCURRENCY)
         .try_collect()
         .await?;
-    Ok(Run {
+    let create = Run {
         wall: start.elapsed(),
         latencies,
-    })
+    };
+    let connect = floor_connect(cluster, &namespace, n).await?;
+    Ok((create, connect))
 }
 
 fn peak_rss_mib(pid: u32) -> Option<f64> {
@@ -195,7 +306,13 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-async fn with_operator(cluster: &Cluster, n: usize) -> Result<(Run, Option<f64>)> {
+struct OperatorRuns {
+    create: Run,
+    connect: Run,
+    rss_mib: Option<f64>,
+}
+
+async fn with_operator(cluster: &Cluster, n: usize) -> Result<OperatorRuns> {
     let namespace = cluster.namespace("bench-operator").await?;
     let operator = Operator::start(cluster, &namespace, &["--log-format", "json"])?;
     let pid = operator.child.id().context("operator pid")?;
@@ -215,17 +332,26 @@ async fn with_operator(cluster: &Cluster, n: usize) -> Result<(Run, Option<f64>)
 
     let client = cluster.admin()?;
     let api: Api<GefyraClient> = Api::namespaced(client.clone(), &namespace);
+    // When each client was first seen WAITING and ACTIVE.
     let waiting: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let seen = waiting.clone();
+    let active: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let changed = Arc::new(Notify::new());
+    let (seen_waiting, seen_active, notify) = (waiting.clone(), active.clone(), changed.clone());
     let watch = tokio::spawn(
         watcher(api.clone(), watcher::Config::default())
             .applied_objects()
             .try_for_each(move |object| {
-                if object.state == ClientState::Waiting {
+                let seen = match object.state {
+                    ClientState::Waiting => Some(&seen_waiting),
+                    ClientState::Active => Some(&seen_active),
+                    _ => None,
+                };
+                if let Some(seen) = seen {
                     seen.lock()
                         .unwrap()
                         .entry(object.name_any())
                         .or_insert_with(Instant::now);
+                    notify.notify_waiters();
                 }
                 futures::future::ready(Ok(()))
             }),
@@ -259,13 +385,55 @@ async fn with_operator(cluster: &Cluster, n: usize) -> Result<(Run, Option<f64>)
     }
     let waiting = waiting.lock().unwrap().clone();
     let wall = waiting.values().max().copied().unwrap_or(start) - start;
-    watch.abort();
-    let rss = peak_rss_mib(pid);
     let latencies = created
         .iter()
         .map(|(name, at)| waiting[name].saturating_duration_since(*at))
         .collect();
-    Ok((Run { wall, latencies }, rss))
+    let create = Run { wall, latencies };
+
+    // Connect, CONNECTING at a time, each with a key of its own as `kubectl gefyra connect`
+    // does: from the patch until the watch shows ACTIVE.
+    let start = Instant::now();
+    let latencies = futures::stream::iter(created.into_keys())
+        .map(|name| {
+            let (api, active, changed) = (api.clone(), active.clone(), changed.clone());
+            async move {
+                let own = connection::generate_key_pair();
+                let at = Instant::now();
+                api.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"providerParameter": {"publicKey": own.public}})),
+                )
+                .await?;
+                let deadline = at + Duration::from_secs(120);
+                loop {
+                    let notified = changed.notified();
+                    if let Some(seen) = active.lock().unwrap().get(&name) {
+                        return anyhow::Ok(seen.saturating_duration_since(at));
+                    }
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        bail!("{name} did not become ACTIVE within 2 minutes");
+                    }
+                }
+            }
+        })
+        .buffer_unordered(CONNECTING)
+        .try_collect()
+        .await?;
+    let connect = Run {
+        wall: start.elapsed(),
+        latencies,
+    };
+    watch.abort();
+    Ok(OperatorRuns {
+        create,
+        connect,
+        rss_mib: peak_rss_mib(pid),
+    })
 }
 
 #[tokio::main]
@@ -278,16 +446,27 @@ async fn main() -> Result<()> {
         .unwrap_or(1000);
     let cluster = Cluster::from_env().await?;
     install_crd(&cluster).await?;
+    let (floor_create, floor_connect) = floor(&cluster, n).await?;
+    let operator = with_operator(&cluster, n).await?;
     println!("== GefyraClients: create -> WAITING, N = {n}, concurrency {CONCURRENCY}");
-    let floor = floor(&cluster, n).await?;
-    let (operator, rss) = with_operator(&cluster, n).await?;
-    floor.print("floor");
-    operator.print("operator");
+    floor_create.print("floor");
+    operator.create.print("operator");
     println!(
         "ratio      {:.2} (operator throughput / floor; aim >= 0.7)",
-        operator.per_second() / floor.per_second()
+        operator.create.per_second() / floor_create.per_second()
     );
-    match rss {
+    println!("== Connect: providerParameter patch -> ACTIVE, N = {n}, {CONNECTING} at a time");
+    floor_connect.print("floor");
+    operator.connect.print("operator");
+    println!(
+        "ratio      {:.2} throughput, p50 {:.2}x, p99 {:.2}x (operator / floor)",
+        operator.connect.per_second() / floor_connect.per_second(),
+        operator.connect.percentile(0.50).as_secs_f64()
+            / floor_connect.percentile(0.50).as_secs_f64(),
+        operator.connect.percentile(0.99).as_secs_f64()
+            / floor_connect.percentile(0.99).as_secs_f64()
+    );
+    match operator.rss_mib {
         Some(mib) => println!("operator   peak RSS {mib:.1} MiB"),
         None => println!("operator   peak RSS unavailable"),
     }

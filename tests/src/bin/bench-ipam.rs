@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use gefyra_api::GefyraClient;
 use gefyra_api::ipam::{self, Pool, Routes};
-use gefyra_operator::allocator::{Claims, claim, decode_table, encode_table};
+use gefyra_operator::allocator::{claim, decode_table, encode_table, free_address_in};
 use ipnet::{IpNet, Ipv4Net};
-use kube::Api;
-use kube::runtime::reflector;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::json;
 
@@ -53,10 +53,7 @@ fn routed_of(i: usize) -> IpNet {
 
 /// `live` clients connected (claims in a watch cache as the operator keeps them), every
 /// other one routing a subnet of its own.
-fn connected(
-    live: usize,
-    api: &Api<k8s_openapi::api::coordination::v1::Lease>,
-) -> Result<(Claims, Routes)> {
+fn connected(live: usize) -> Result<(Store<Lease>, Routes)> {
     let pool = pool();
     let (store, mut writer) = reflector::store();
     let mut routes = Routes::new();
@@ -64,7 +61,9 @@ fn connected(
     let mut taken = std::collections::BTreeSet::new();
     for i in 0..live {
         let client = client_of(i)?;
-        let address = ipam::free_tunnel_address(&pool, &taken, i as u128)?;
+        // Spread over the pool as the operator's random starts spread them.
+        let start = (i as u128).wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let address = ipam::free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), start)?;
         taken.insert(address);
         writer.apply_watcher_event(&watcher::Event::InitApply(claim(&client, address)));
         if i % 2 == 0 {
@@ -80,13 +79,7 @@ fn connected(
         }
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    Ok((
-        Claims {
-            api: api.clone(),
-            store,
-        },
-        routes,
-    ))
+    Ok((store, routes))
 }
 
 /// Runs `step` for `RUN_FOR`; steps per second.
@@ -107,13 +100,18 @@ struct Figures {
     routes_bytes: usize,
 }
 
-fn measure(live: usize, api: &Api<k8s_openapi::api::coordination::v1::Lease>) -> Result<Figures> {
+fn measure(live: usize) -> Result<Figures> {
     let pool = pool();
-    let (claims, routes) = connected(live, api)?;
+    let (claims, routes) = connected(live)?;
     let claim = rate(|step| {
-        let taken = claims.taken();
         let start = (step as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        black_box(ipam::free_tunnel_address(&pool, &taken, start)?);
+        black_box(free_address_in(
+            &claims,
+            "gefyra",
+            &pool,
+            &Default::default(),
+            start,
+        )?);
         Ok(())
     })?;
     let stored = encode_table(&routes, &Default::default());
@@ -138,7 +136,7 @@ fn measure(live: usize, api: &Api<k8s_openapi::api::coordination::v1::Lease>) ->
     Ok(Figures {
         claim,
         route,
-        claims: claims.store.len(),
+        claims: claims.len(),
         routes_bytes,
     })
 }
@@ -150,12 +148,9 @@ fn main() -> Result<()> {
         .transpose()
         .context("GEFYRA_BENCH_LIVE_RANGES must be a number")?
         .unwrap_or(10_000);
-    // The claims' API is never called here; a client for it is only needed to build one.
-    let kube = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse()?))?;
-    let api = Api::namespaced(kube, "gefyra");
     println!("== IP allocation in process (one core): {live} live clients vs none");
-    let empty = measure(0, &api)?;
-    let full = measure(live, &api)?;
+    let empty = measure(0)?;
+    let full = measure(live)?;
     for (what, empty, full) in [
         ("tunnel claim", empty.claim, full.claim),
         ("route (CAS step)", empty.route, full.route),
