@@ -1,0 +1,452 @@
+//! The WireGuard endpoint without I/O: datagrams in, datagrams and IP packets out.
+//!
+//! One boringtun `Tunn` per peer. Handshake initiations are matched to peers by the
+//! initiator's static public key, everything else by our receiver index; one rate limiter
+//! is shared by all peers and answers floods with cookie replies. Anything that does not
+//! parse, authenticate or come from a known peer is dropped and counted — never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::peers::{self, Key, PeerSpec, Plan};
+
+/// Handshakes per second (all peers together) before cookie replies are required.
+const HANDSHAKES_PER_SECOND: u64 = 100;
+/// Room for any datagram boringtun writes (a full-size packet plus overhead).
+const BUFFER: usize = 65_536;
+
+/// Why a datagram or packet was dropped (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Drop {
+    /// Not a WireGuard message, bad MAC, bad size.
+    Malformed,
+    /// A handshake from a key that is no peer (or a message for an index nobody holds).
+    UnknownPeer,
+    /// The peer's own tunnel refused it (replay, decryption, expired session).
+    Rejected,
+    /// Decrypted, but from a source outside the peer's ranges.
+    SpoofedSource,
+}
+
+impl Drop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownPeer => "unknown_peer",
+            Self::Rejected => "rejected",
+            Self::SpoofedSource => "spoofed_source",
+        }
+    }
+}
+
+/// What one datagram produced.
+#[derive(Debug, Default)]
+pub struct Handled {
+    /// Datagrams to send back to where this one came from (handshake responses, cookie
+    /// replies, queued data).
+    pub replies: Vec<Vec<u8>>,
+    /// Decrypted IP packets from the peer, each from one of its own ranges: (client, packet).
+    pub packets: Vec<(String, Vec<u8>)>,
+    pub dropped: Option<Drop>,
+    /// A handshake with this client completed (a response was sent).
+    pub handshake_with: Option<String>,
+}
+
+struct Peer {
+    spec: PeerSpec,
+    tunnel: Tunn,
+    /// Where the peer was last heard from (it may roam).
+    endpoint: Option<SocketAddr>,
+}
+
+pub struct Endpoint {
+    private: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    /// By our index (the upper 24 bits of every receiver index boringtun hands out).
+    peers: HashMap<u32, Peer>,
+    by_key: HashMap<Key, u32>,
+    next_index: u32,
+    buffer: Vec<u8>,
+}
+
+impl Endpoint {
+    pub fn new(private: Key) -> Self {
+        let private = StaticSecret::from(private);
+        let public = PublicKey::from(&private);
+        Self {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            private,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            next_index: 1,
+            buffer: vec![0; BUFFER],
+        }
+    }
+
+    pub fn public_key(&self) -> Key {
+        self.public.to_bytes()
+    }
+
+    /// The peer table as it is now, by public key.
+    pub fn specs(&self) -> BTreeMap<Key, PeerSpec> {
+        self.peers
+            .values()
+            .map(|peer| (peer.spec.public_key, peer.spec.clone()))
+            .collect()
+    }
+
+    /// Applies a plan: added and replaced peers get a fresh tunnel, removed ones lose
+    /// theirs at once; every other peer keeps its session.
+    pub fn apply(&mut self, plan: Plan) {
+        for key in plan
+            .remove
+            .iter()
+            .chain(plan.replace.iter().map(|s| &s.public_key))
+        {
+            if let Some(index) = self.by_key.remove(key) {
+                self.peers.remove(&index);
+            }
+        }
+        for spec in plan.add.into_iter().chain(plan.replace) {
+            // 24-bit indices; skip ones still in use after wrapping.
+            let mut index = self.next_index;
+            while self.peers.contains_key(&index) || index == 0 {
+                index = (index + 1) & 0x00ff_ffff;
+            }
+            self.next_index = (index + 1) & 0x00ff_ffff;
+            let tunnel = Tunn::new(
+                self.private.clone(),
+                PublicKey::from(spec.public_key),
+                Some(spec.preshared_key),
+                None,
+                index,
+                Some(self.limiter.clone()),
+            );
+            self.by_key.insert(spec.public_key, index);
+            self.peers.insert(
+                index,
+                Peer {
+                    spec,
+                    tunnel,
+                    endpoint: None,
+                },
+            );
+        }
+    }
+
+    /// Handles one datagram received from `from`.
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Handled {
+        let mut handled = Handled::default();
+        let mut cookie = [0u8; 64];
+        let index = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                handled.replies.push(reply.to_vec());
+                return handled;
+            }
+            Err(_) => {
+                handled.dropped = Some(Drop::Malformed);
+                return handled;
+            }
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&self.private, &self.public, &init) {
+                    Ok(half) => self.by_key.get(&half.peer_static_public).copied(),
+                    Err(_) => {
+                        handled.dropped = Some(Drop::Malformed);
+                        return handled;
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(response)) => Some(response.receiver_idx >> 8),
+            Ok(Packet::PacketCookieReply(reply)) => Some(reply.receiver_idx >> 8),
+            Ok(Packet::PacketData(data)) => Some(data.receiver_idx >> 8),
+        };
+        let Some(peer) = index.and_then(|index| self.peers.get_mut(&index)) else {
+            handled.dropped = Some(Drop::UnknownPeer);
+            return handled;
+        };
+        let is_init = datagram.first() == Some(&1);
+        let mut input: &[u8] = datagram;
+        loop {
+            match peer
+                .tunnel
+                .decapsulate(Some(from.ip()), input, &mut self.buffer)
+            {
+                TunnResult::Done => break,
+                TunnResult::Err(_) => {
+                    handled.dropped = Some(Drop::Rejected);
+                    break;
+                }
+                TunnResult::WriteToNetwork(reply) => {
+                    handled.replies.push(reply.to_vec());
+                    peer.endpoint = Some(from);
+                    if is_init {
+                        handled.handshake_with = Some(peer.spec.client.clone());
+                    }
+                    // Queued packets follow a handshake: drain them.
+                    input = &[];
+                }
+                TunnResult::WriteToTunnelV4(packet, source) => {
+                    peer.endpoint = Some(from);
+                    deliver(&mut handled, &peer.spec, IpAddr::V4(source), packet);
+                    break;
+                }
+                TunnResult::WriteToTunnelV6(packet, source) => {
+                    peer.endpoint = Some(from);
+                    deliver(&mut handled, &peer.spec, IpAddr::V6(source), packet);
+                    break;
+                }
+            }
+        }
+        handled
+    }
+
+    /// Encrypts an IP packet for the peer whose range holds `destination`: where to send it
+    /// and the datagram (a handshake initiation if the peer has no session yet; the packet
+    /// then waits in the peer's queue). `None` when no peer holds the address or the peer
+    /// was never heard from.
+    pub fn encapsulate(
+        &mut self,
+        destination: IpAddr,
+        packet: &[u8],
+    ) -> Option<(SocketAddr, Vec<u8>)> {
+        let key = peers::route(self.peers.values().map(|p| &p.spec), destination)?.public_key;
+        let peer = self.peers.get_mut(self.by_key.get(&key)?)?;
+        let endpoint = peer.endpoint?;
+        let mut buffer = vec![0u8; packet.len() + 148];
+        match peer.tunnel.encapsulate(packet, &mut buffer) {
+            TunnResult::WriteToNetwork(datagram) => Some((endpoint, datagram.to_vec())),
+            _ => None,
+        }
+    }
+
+    /// Timers (keepalives, rekeying, session expiry) of every peer, and the rate limiter's
+    /// one-second window; call once a second. Datagrams to send.
+    pub fn tick(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.limiter.reset_count();
+        let mut out = Vec::new();
+        for peer in self.peers.values_mut() {
+            if let (TunnResult::WriteToNetwork(datagram), Some(endpoint)) =
+                (peer.tunnel.update_timers(&mut self.buffer), peer.endpoint)
+            {
+                out.push((endpoint, datagram.to_vec()));
+            }
+        }
+        out
+    }
+}
+
+fn deliver(handled: &mut Handled, spec: &PeerSpec, source: IpAddr, packet: &[u8]) {
+    if peers::may_send_from(spec, source) {
+        handled.packets.push((spec.client.clone(), packet.to_vec()));
+    } else {
+        handled.dropped = Some(Drop::SpoofedSource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PSK: Key = [7; 32];
+
+    /// A real boringtun peer (the client side), with its own key.
+    fn client_tunnel(client_private: Key, server: Key) -> Tunn {
+        Tunn::new(
+            StaticSecret::from(client_private),
+            PublicKey::from(server),
+            Some(PSK),
+            None,
+            99,
+            None,
+        )
+    }
+
+    fn spec(name: &str, private: Key, ranges: &[&str]) -> PeerSpec {
+        PeerSpec {
+            client: name.into(),
+            public_key: PublicKey::from(&StaticSecret::from(private)).to_bytes(),
+            preshared_key: PSK,
+            ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+        }
+    }
+
+    fn ipv4(source: [u8; 4], destination: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut packet = vec![0u8; 20];
+        packet[0] = 0x45;
+        let length = (20 + payload.len()) as u16;
+        packet[2..4].copy_from_slice(&length.to_be_bytes());
+        packet[8] = 64;
+        packet[9] = 17;
+        packet[12..16].copy_from_slice(&source);
+        packet[16..20].copy_from_slice(&destination);
+        packet.extend_from_slice(payload);
+        packet
+    }
+
+    const FROM: &str = "198.51.100.7:51820";
+
+    /// Handshake, then one packet from `source`; what the endpoint made of that packet.
+    fn send_from(endpoint: &mut Endpoint, client: &mut Tunn, source: [u8; 4]) -> Handled {
+        let from: SocketAddr = FROM.parse().unwrap();
+        let mut buffer = vec![0u8; BUFFER];
+        let packet = ipv4(source, [192, 168, 99, 1], b"hello");
+        // No session yet: the packet is queued and an initiation comes out.
+        let TunnResult::WriteToNetwork(init) = client.encapsulate(&packet, &mut buffer) else {
+            panic!("expected a handshake initiation");
+        };
+        let handled = endpoint.handle_datagram(from, init);
+        assert_eq!(handled.dropped, None);
+        let mut out = Vec::new();
+        for reply in handled.replies {
+            let mut input = reply;
+            while let TunnResult::WriteToNetwork(datagram) =
+                client.decapsulate(None, &input, &mut buffer)
+            {
+                out.push(datagram.to_vec());
+                input = Vec::new();
+            }
+        }
+        let mut last = Handled::default();
+        for datagram in out {
+            last = endpoint.handle_datagram(from, &datagram);
+            if !last.packets.is_empty() || last.dropped.is_some() {
+                break;
+            }
+        }
+        last
+    }
+
+    fn endpoint_with(peers: Vec<PeerSpec>) -> Endpoint {
+        let mut endpoint = Endpoint::new([1; 32]);
+        endpoint.apply(Plan {
+            add: peers,
+            ..Plan::default()
+        });
+        endpoint
+    }
+
+    #[test]
+    fn a_peer_handshakes_and_its_packets_come_out_only_from_its_own_ranges() {
+        let mut endpoint = endpoint_with(vec![spec(
+            "a",
+            [2; 32],
+            &["192.168.96.2/32", "10.1.0.0/16"],
+        )]);
+        let server = endpoint.public_key();
+        let mut client = client_tunnel([2; 32], server);
+        let handled = send_from(&mut endpoint, &mut client, [192, 168, 96, 2]);
+        assert_eq!(handled.dropped, None);
+        assert_eq!(handled.packets.len(), 1);
+        assert_eq!(handled.packets[0].0, "a");
+        assert_eq!(&handled.packets[0].1[20..], b"hello");
+
+        let mut client = client_tunnel([2; 32], server);
+        let spoofed = send_from(&mut endpoint, &mut client, [192, 168, 96, 3]);
+        assert_eq!(spoofed.dropped, Some(Drop::SpoofedSource));
+        assert!(spoofed.packets.is_empty());
+
+        // The reverse direction: a packet for the peer's subnet is encrypted for it.
+        let (to, datagram) = endpoint
+            .encapsulate(
+                "10.1.2.3".parse().unwrap(),
+                &ipv4([10, 0, 0, 1], [10, 1, 2, 3], b"back"),
+            )
+            .expect("routed to a");
+        assert_eq!(to, FROM.parse().unwrap());
+        let mut buffer = vec![0u8; BUFFER];
+        assert!(matches!(
+            client.decapsulate(None, &datagram, &mut buffer),
+            TunnResult::WriteToTunnelV4(_, _)
+        ));
+        assert!(
+            endpoint
+                .encapsulate("10.2.0.1".parse().unwrap(), b"x")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn unknown_and_removed_peers_cannot_handshake_and_others_keep_their_session() {
+        let mut endpoint = endpoint_with(vec![
+            spec("a", [2; 32], &["192.168.96.2/32"]),
+            spec("b", [3; 32], &["192.168.96.3/32"]),
+        ]);
+        let server = endpoint.public_key();
+        let mut stranger = client_tunnel([9; 32], server);
+        let from: SocketAddr = FROM.parse().unwrap();
+        let mut buffer = vec![0u8; BUFFER];
+        let TunnResult::WriteToNetwork(init) =
+            stranger.format_handshake_initiation(&mut buffer, false)
+        else {
+            panic!("an initiation");
+        };
+        assert_eq!(
+            endpoint.handle_datagram(from, init).dropped,
+            Some(Drop::UnknownPeer)
+        );
+
+        let mut a = client_tunnel([2; 32], server);
+        assert_eq!(
+            send_from(&mut endpoint, &mut a, [192, 168, 96, 2])
+                .packets
+                .len(),
+            1
+        );
+        // b leaves; a's session goes on without a new handshake.
+        let b_key = spec("b", [3; 32], &[]).public_key;
+        endpoint.apply(Plan {
+            remove: vec![b_key],
+            ..Plan::default()
+        });
+        let TunnResult::WriteToNetwork(data) = a.encapsulate(
+            &ipv4([192, 168, 96, 2], [192, 168, 99, 1], b"again"),
+            &mut buffer,
+        ) else {
+            panic!("a has a session");
+        };
+        assert_eq!(endpoint.handle_datagram(from, data).packets.len(), 1);
+        let mut b = client_tunnel([3; 32], server);
+        let TunnResult::WriteToNetwork(init) = b.format_handshake_initiation(&mut buffer, false)
+        else {
+            panic!("an initiation");
+        };
+        assert_eq!(
+            endpoint.handle_datagram(from, init).dropped,
+            Some(Drop::UnknownPeer)
+        );
+    }
+
+    #[test]
+    fn garbage_is_dropped_without_a_panic() {
+        let mut endpoint = endpoint_with(vec![spec("a", [2; 32], &["192.168.96.2/32"])]);
+        let from: SocketAddr = FROM.parse().unwrap();
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..10_000 {
+            let length = (next() % 300) as usize;
+            let mut datagram: Vec<u8> = (0..length).map(|_| next() as u8).collect();
+            // Every message type, so each parser sees garbage.
+            if length >= 4 {
+                datagram[..4].copy_from_slice(&((i % 5) as u32).to_le_bytes());
+            }
+            let handled = endpoint.handle_datagram(from, &datagram);
+            assert!(handled.packets.is_empty());
+        }
+    }
+}
