@@ -132,9 +132,6 @@ impl Allocation {
     }
 }
 
-/// Every client's allocation, by client name (a read-only view for sweeps and tests).
-pub type Allocations = BTreeMap<String, Allocation>;
-
 /// One client's routed range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {

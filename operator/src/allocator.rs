@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use gefyra_api::GefyraClient;
-use gefyra_api::ipam::{self, Allocation, Allocations, IpamError, Pool, Route, Routes};
+use gefyra_api::ipam::{self, IpamError, Pool, Route, Routes};
 use ipnet::IpNet;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -339,35 +339,6 @@ impl Claims {
         }
         Ok(())
     }
-}
-
-/// Every client's allocation as the API server has it: claims joined with routes. Claims
-/// are listed from the API, not a cache.
-pub async fn read(client: &Client, namespace: &str) -> Result<Allocations, kube::Error> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let claims = leases
-        .list(&kube::api::ListParams::default().labels(CLAIM_SELECTOR))
-        .await?;
-    let routes = read_routes(client, namespace).await?;
-    let mut allocations = Allocations::new();
-    for lease in &claims.items {
-        let (Some((address, uid)), Some(name)) = (claimed(lease), lease.labels().get(CLIENT_LABEL))
-        else {
-            continue;
-        };
-        allocations.insert(
-            name.clone(),
-            Allocation {
-                uid: uid.to_string(),
-                tunnel: IpNet::from(address),
-                routed: routes
-                    .get(name)
-                    .filter(|route| route.uid == uid)
-                    .map(|route| route.subnet),
-            },
-        );
-    }
-    Ok(allocations)
 }
 
 /// The Stowaway server's key pair: read from its Secret, which is created once if missing.
