@@ -260,11 +260,15 @@ pub fn free_tunnel_address(
     })
 }
 
-/// Removes routes whose client no longer exists (by uid); the names removed.
-pub fn sweep(routes: &mut Routes, live_uids: &BTreeSet<String>) -> Vec<String> {
-    let stale: Vec<String> = routes
+/// Removes routes whose client no longer exists (by uid); the names removed. Only routes
+/// in `seen` (read before `live_uids` was listed) that are unchanged since are candidates:
+/// a route recorded after the list belongs to a client the list may not show yet.
+pub fn sweep(routes: &mut Routes, seen: &Routes, live_uids: &BTreeSet<String>) -> Vec<String> {
+    let stale: Vec<String> = seen
         .iter()
-        .filter(|(_, route)| !live_uids.contains(&route.uid))
+        .filter(|(name, route)| {
+            !live_uids.contains(&route.uid) && routes.get(name.as_str()) == Some(*route)
+        })
         .map(|(name, _)| name.clone())
         .collect();
     for name in &stale {
@@ -436,9 +440,12 @@ mod tests {
         let mut routes = Routes::new();
         route(&pool, &mut routes, "a", "u1", Some(net("10.1.0.0/16"))).unwrap();
         route(&pool, &mut routes, "b", "u2", Some(net("10.2.0.0/16"))).unwrap();
-        let swept = sweep(&mut routes, &BTreeSet::from(["u2".to_string()]));
+        let seen = routes.clone();
+        // A route recorded (or changed) after the list of clients is never swept.
+        route(&pool, &mut routes, "c", "u3", Some(net("10.3.0.0/16"))).unwrap();
+        let swept = sweep(&mut routes, &seen, &BTreeSet::from(["u2".to_string()]));
         assert_eq!(swept, ["a"]);
-        assert_eq!(routes.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(routes.keys().collect::<Vec<_>>(), ["b", "c"]);
     }
 
     #[derive(Debug, Clone)]

@@ -230,17 +230,15 @@ async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
         swept.push(name.clone());
     }
     let (routes, _) = allocator::modify_routes(&ctx.client, namespace, |routes| {
-        let mut stale: Vec<String> = Vec::new();
-        for (name, route) in routes_before.iter() {
-            if !live.contains(&route.uid) && routes.get(name) == Some(route) {
-                routes.remove(name);
-                stale.push(format!("route of {name}"));
-            }
-        }
-        Ok(stale)
+        Ok(ipam::sweep(routes, &routes_before, &live))
     })
     .await?;
-    swept.extend(routes.unwrap_or_default());
+    swept.extend(
+        routes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|name| format!("route of {name}")),
+    );
     ctx.observe_pool();
     if !swept.is_empty() {
         info!(freed = ?swept, "freed the ranges of clients that no longer exist");

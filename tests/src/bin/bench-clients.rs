@@ -92,6 +92,30 @@ async fn event(client: &Client, object: &GefyraClient, reason: &str) -> Result<(
     Ok(())
 }
 
+/// The `Ready=True` condition the operator writes into the status.
+async fn ready(
+    api: &Api<GefyraClient>,
+    object: &GefyraClient,
+    reason: &str,
+    message: &str,
+) -> Result<()> {
+    let condition = lifecycle::ready_condition(
+        None,
+        true,
+        reason,
+        message,
+        object.metadata.generation,
+        Timestamp::now(),
+    );
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": [condition]}})),
+    )
+    .await?;
+    Ok(())
+}
+
 /// What the operator writes for one client, done in a straight line.
 async fn floor_one(client: Client, namespace: String, name: String) -> Result<Duration> {
     let start = Instant::now();
@@ -163,18 +187,11 @@ async fn floor_one(client: Client, namespace: String, name: String) -> Result<Du
     patch["serviceAccountData"] = json!(credentials::service_account_data(&token, &ca, &namespace));
     api.patch(&name, &merge, &Patch::Merge(patch)).await?;
     event(&client, &created, "StateChanged").await?;
-    let condition = lifecycle::ready_condition(
-        None,
-        true,
+    ready(
+        &api,
+        &created,
         "CredentialsIssued",
         "the client's credentials are ready",
-        created.metadata.generation,
-        Timestamp::now(),
-    );
-    api.patch_status(
-        &name,
-        &merge,
-        &Patch::Merge(json!({"status": {"conditions": [condition]}})),
     )
     .await?;
     Ok(start.elapsed())
@@ -233,20 +250,7 @@ async fn floor_connect_one(
     patch["providerConfig"] = json!(config);
     api.patch(&name, &merge, &Patch::Merge(patch)).await?;
     event(&client, &object, "StateChanged").await?;
-    let condition = lifecycle::ready_condition(
-        None,
-        true,
-        "Connected",
-        "connected",
-        object.metadata.generation,
-        Timestamp::now(),
-    );
-    api.patch_status(
-        &name,
-        &merge,
-        &Patch::Merge(json!({"status": {"conditions": [condition]}})),
-    )
-    .await?;
+    ready(&api, &object, "Connected", "connected").await?;
     Ok(start.elapsed())
 }
 
