@@ -435,14 +435,15 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         now,
     );
     let mut patch = serde_json::Map::new();
-    let mut expires_at = client
-        .status
-        .as_ref()
-        .and_then(|status| status.credentials_expire_at.clone());
-    let mut renew_at = client
-        .service_account_data
-        .as_ref()
-        .and_then(stored_token)
+    // The expiry is read from the stored token itself, not from the status: a reconcile
+    // that sees a cached object whose status lags behind its token must not write the
+    // expiry back as unknown.
+    let stored = client.service_account_data.as_ref().and_then(stored_token);
+    let mut expires_at = stored
+        .as_deref()
+        .and_then(credentials::token_claims)
+        .map(|claims| claims.expires_at.to_string());
+    let mut renew_at = stored
         .as_deref()
         .and_then(|token| renew_at_of(token, ctx.settings.renew_before));
     if need != CredentialsNeed::Fresh
