@@ -405,6 +405,10 @@ async fn an_ipv6_pool_hands_out_ipv6_addresses_and_routes_do_not_overlap() -> Re
     for (name, parameter) in &requests {
         wait_for_ready(&clients, name).await?;
         connect(&clients, name, parameter.clone()).await?;
+        if *name == "a" {
+            // a's subnet first, so that b's (inside it) is the one refused.
+            wait_for_state(&clients, "a", ClientState::Active).await?;
+        }
     }
     let settled = eventually("a, c, d ACTIVE and b refused", WAIT, || async {
         let listed = clients.list(&Default::default()).await?.items;
