@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// The server's tunnel address; Gefyra's clients hard-code it (ping probe and DNS).
 pub const SERVER_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 99, 1));
 
+/// The Secret holding the server's WireGuard key pair (`privateKey`, `publicKey`: base64
+/// text): created by the operator, read by Stowaway.
+pub const SERVER_KEY_SECRET: &str = "gefyra-stowaway-key";
+
 /// Where tunnel addresses come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {

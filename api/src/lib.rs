@@ -6,5 +6,6 @@
 pub mod client;
 pub mod crd;
 pub mod ipam;
+pub mod rbac;
 
 pub use client::{ClientState, ClientStatus, GefyraClient, Provider, ServiceAccountData};

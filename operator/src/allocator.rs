@@ -26,7 +26,7 @@ use crate::connection::{KeyPair, generate_key_pair};
 use crate::credentials::MANAGED_BY;
 
 pub const ROUTES_CONFIGMAP: &str = "gefyra-routes";
-pub const SERVER_KEY_SECRET: &str = "gefyra-stowaway-key";
+pub use gefyra_api::ipam::SERVER_KEY_SECRET;
 /// Selects the tunnel-address claims among the namespace's Leases.
 pub const CLAIM_SELECTOR: &str = "app.kubernetes.io/component=gefyra-tunnel-address";
 pub const CLIENT_UID_LABEL: &str = "gefyra.dev/client-uid";

@@ -89,7 +89,9 @@ impl Context {
         }
     }
 
-    async fn server_key(&self) -> Result<&KeyPair> {
+    /// The Stowaway server's key pair, created once if missing (at start-up, so that
+    /// Stowaway can start before any client connects).
+    pub async fn server_key(&self) -> Result<&KeyPair> {
         self.server_key
             .get_or_try_init(|| allocator::server_key(&self.client, &self.settings.namespace))
             .await

@@ -3,25 +3,11 @@
 //! refuses to let it create a Role granting more, since it has no `escalate` or `bind`).
 //! `gefyra-operator rbac` prints these objects; the chart renders the same rules.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use gefyra_api::rbac::{identity_yaml, rule};
+use k8s_openapi::api::rbac::v1::PolicyRule;
 
 use crate::allocator::{ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
 use crate::credentials::MANAGED_BY;
-
-fn rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
-    let strings = |items: &[&str]| items.iter().map(|item| item.to_string()).collect();
-    PolicyRule {
-        api_groups: Some(vec![group.to_string()]),
-        resources: Some(strings(resources)),
-        resource_names: (!names.is_empty()).then(|| strings(names)),
-        verbs: strings(verbs),
-        ..PolicyRule::default()
-    }
-}
 
 /// Every rule the operator needs in its namespace, for a Lease named `lease_name`.
 pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
@@ -78,64 +64,9 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
     ]
 }
 
-fn meta(name: &str, namespace: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: Some(namespace.to_string()),
-        // Not `managed-by`: these objects are installed for the operator, not by it.
-        labels: Some(BTreeMap::from([(
-            "app.kubernetes.io/name".to_string(),
-            MANAGED_BY.to_string(),
-        )])),
-        ..ObjectMeta::default()
-    }
-}
-
 /// The operator's ServiceAccount, Role and RoleBinding, all named `name`, as one YAML stream.
 pub fn operator_rbac_yaml(name: &str, namespace: &str, lease_name: &str) -> String {
-    let account = ServiceAccount {
-        metadata: meta(name, namespace),
-        ..ServiceAccount::default()
-    };
-    let role = Role {
-        metadata: meta(name, namespace),
-        rules: Some(operator_rules(lease_name)),
-    };
-    let binding = RoleBinding {
-        metadata: meta(name, namespace),
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: name.to_string(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: name.to_string(),
-            namespace: Some(namespace.to_string()),
-            ..Subject::default()
-        }]),
-    };
-    let documents = [
-        with_type_meta(&account, "v1", "ServiceAccount"),
-        with_type_meta(&role, "rbac.authorization.k8s.io/v1", "Role"),
-        with_type_meta(&binding, "rbac.authorization.k8s.io/v1", "RoleBinding"),
-    ];
-    documents
-        .iter()
-        .map(|document| serde_yaml::to_string(document).expect("RBAC objects serialize"))
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
-fn with_type_meta(
-    object: &impl serde::Serialize,
-    api_version: &str,
-    kind: &str,
-) -> serde_json::Value {
-    let mut value = serde_json::to_value(object).expect("RBAC objects serialize");
-    value["apiVersion"] = api_version.into();
-    value["kind"] = kind.into();
-    value
+    identity_yaml(name, namespace, MANAGED_BY, operator_rules(lease_name))
 }
 
 #[cfg(test)]

@@ -201,6 +201,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     });
     let work = async {
         wait_for_crd(&client, &args.namespace).await;
+        if let Err(error) = ctx.server_key().await {
+            warn!(%error, "creating the Stowaway key Secret failed; retried on the first connect");
+        }
         let set_ready = {
             let ready = ready.clone();
             move || {

@@ -18,6 +18,8 @@ use crate::peers::{self, Key, PeerSpec, Plan};
 
 /// Handshakes per second (all peers together) before cookie replies are required.
 const HANDSHAKES_PER_SECOND: u64 = 100;
+/// Destinations remembered by `encapsulate` before the cache starts over.
+const ROUTE_CACHE: usize = 65_536;
 /// Room for any datagram boringtun writes (a full-size packet plus overhead).
 const BUFFER: usize = 65_536;
 
@@ -58,6 +60,18 @@ pub struct Handled {
     pub handshake_with: Option<String>,
 }
 
+/// One peer's counters, as its tunnel keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Time since the last completed handshake (`None`: never).
+    pub since_handshake: Option<std::time::Duration>,
+    /// Bytes received from the peer and sent to it (WireGuard payload).
+    pub received: u64,
+    pub sent: u64,
+    /// Where the peer was last heard from.
+    pub endpoint: Option<SocketAddr>,
+}
+
 struct Peer {
     spec: PeerSpec,
     tunnel: Tunn,
@@ -72,20 +86,28 @@ pub struct Endpoint {
     /// By our index (the upper 24 bits of every receiver index boringtun hands out).
     peers: HashMap<u32, Peer>,
     by_key: HashMap<Key, u32>,
+    /// Destination address → peer index, filled by `encapsulate`, emptied by `apply`.
+    routes: HashMap<IpAddr, u32>,
     next_index: u32,
     buffer: Vec<u8>,
 }
 
 impl Endpoint {
     pub fn new(private: Key) -> Self {
+        Self::with_handshake_rate(private, HANDSHAKES_PER_SECOND)
+    }
+
+    /// An endpoint that requires cookies above `handshakes_per_second` (all peers together).
+    pub fn with_handshake_rate(private: Key, handshakes_per_second: u64) -> Self {
         let private = StaticSecret::from(private);
         let public = PublicKey::from(&private);
         Self {
-            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            limiter: Arc::new(RateLimiter::new(&public, handshakes_per_second)),
             private,
             public,
             peers: HashMap::new(),
             by_key: HashMap::new(),
+            routes: HashMap::new(),
             next_index: 1,
             buffer: vec![0; BUFFER],
         }
@@ -106,6 +128,7 @@ impl Endpoint {
     /// Applies a plan: added and replaced peers get a fresh tunnel, removed ones lose
     /// theirs at once; every other peer keeps its session.
     pub fn apply(&mut self, plan: Plan) {
+        self.routes.clear();
         for key in plan
             .remove
             .iter()
@@ -220,14 +243,42 @@ impl Endpoint {
         destination: IpAddr,
         packet: &[u8],
     ) -> Option<(SocketAddr, Vec<u8>)> {
-        let key = peers::route(self.peers.values().map(|p| &p.spec), destination)?.public_key;
-        let peer = self.peers.get_mut(self.by_key.get(&key)?)?;
+        let index = match self.routes.get(&destination) {
+            Some(index) => *index,
+            None => {
+                let key = peers::route(self.peers.values().map(|p| &p.spec), destination)?;
+                let index = *self.by_key.get(&key.public_key)?;
+                if self.routes.len() >= ROUTE_CACHE {
+                    self.routes.clear();
+                }
+                self.routes.insert(destination, index);
+                index
+            }
+        };
+        let peer = self.peers.get_mut(&index)?;
         let endpoint = peer.endpoint?;
         let mut buffer = vec![0u8; packet.len() + 148];
         match peer.tunnel.encapsulate(packet, &mut buffer) {
             TunnResult::WriteToNetwork(datagram) => Some((endpoint, datagram.to_vec())),
             _ => None,
         }
+    }
+
+    /// Every peer's counters, by client.
+    pub fn peer_stats(&self) -> BTreeMap<String, PeerStats> {
+        self.peers
+            .values()
+            .map(|peer| {
+                let (since_handshake, sent, received, _, _) = peer.tunnel.stats();
+                let stats = PeerStats {
+                    since_handshake,
+                    received: received as u64,
+                    sent: sent as u64,
+                    endpoint: peer.endpoint,
+                };
+                (peer.spec.client.clone(), stats)
+            })
+            .collect()
     }
 
     /// Timers (keepalives, rekeying, session expiry) of every peer, and the rate limiter's

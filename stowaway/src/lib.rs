@@ -1,4 +1,9 @@
 //! Stowaway: the userspace WireGuard endpoint on UDP 31820.
 
+pub mod dataplane;
 pub mod endpoint;
+pub mod metrics;
+pub mod packet;
 pub mod peers;
+pub mod run;
+pub mod status;

@@ -3,6 +3,8 @@
 //! `make test` starts one control plane for the whole run and exports its admin
 //! kubeconfig as `GEFYRA_KUBECONFIG`; every test gets its own fresh namespace from it.
 
+pub mod lab;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -206,6 +208,58 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// GETs `path` from an HTTP server on the loopback port; `(status, body)`.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("an HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Creates the ServiceAccount, Role and RoleBinding of a component's `rbac` output in
+/// `namespace` (nothing else is accepted).
+pub async fn apply_identity(admin: Client, namespace: &str, yaml: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(yaml)
+        .map(serde::Deserialize::deserialize)
+        .collect::<Result<_, _>>()?;
+    let pp = PostParams::default();
+    for document in documents {
+        match document["kind"].as_str() {
+            Some("ServiceAccount") => drop(
+                Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
+                    .create(&pp, &serde_json::from_value(document)?)
+                    .await?,
+            ),
+            Some("Role") => drop(
+                Api::<Role>::namespaced(admin.clone(), namespace)
+                    .create(&pp, &serde_json::from_value(document)?)
+                    .await?,
+            ),
+            Some("RoleBinding") => drop(
+                Api::<RoleBinding>::namespaced(admin.clone(), namespace)
+                    .create(&pp, &serde_json::from_value(document)?)
+                    .await?,
+            ),
+            other => bail!("unexpected object in an `rbac` output: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// An operator process for one namespace; killed when dropped.
 pub struct Operator {
     pub child: tokio::process::Child,
@@ -249,23 +303,7 @@ impl Operator {
 
     /// GETs one of the operator's HTTP endpoints; `(status, body)`.
     pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .context("an HTTP status line")?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        http_get(self.http_port, path).await
     }
 
     /// Kills the process outright (SIGKILL), as a crash would.

@@ -556,30 +556,7 @@ async fn the_operator_does_its_whole_job_with_its_own_minimal_role() -> Result<(
         .output()
         .await?;
     ensure!(printed.status.success(), "gefyra-operator rbac failed");
-    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_slice(&printed.stdout)
-        .map(serde::Deserialize::deserialize)
-        .collect::<Result<_, _>>()?;
-    let pp = PostParams::default();
-    for document in documents {
-        match document["kind"].as_str() {
-            Some("ServiceAccount") => drop(
-                Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(document)?)
-                    .await?,
-            ),
-            Some("Role") => drop(
-                Api::<Role>::namespaced(admin.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(document)?)
-                    .await?,
-            ),
-            Some("RoleBinding") => drop(
-                Api::<RoleBinding>::namespaced(admin.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(document)?)
-                    .await?,
-            ),
-            other => anyhow::bail!("unexpected object in `gefyra-operator rbac`: {other:?}"),
-        }
-    }
+    gefyra_e2e::apply_identity(admin.clone(), &ns, &String::from_utf8(printed.stdout)?).await?;
     let token = cluster.mint_token(&ns, "gefyra-operator", 3600).await?;
     let kubeconfig = cluster.kubeconfig_with_token(&token)?;
     // Both Role variants, and leader election, with nothing but that Role.

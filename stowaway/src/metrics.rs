@@ -1,0 +1,119 @@
+//! Prometheus metrics. Counters and gauges are updated by the data plane as things happen;
+//! per-peer figures (one series per connected client) are taken from its last published
+//! stats at scrape time, so a removed peer's series disappears with it.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::endpoint::PeerStats;
+
+pub struct Metrics {
+    registry: Registry,
+    pub peers: IntGauge,
+    /// Handshake initiations by result: completed, cookie_required, unknown_peer, rejected.
+    pub handshakes: IntCounterVec,
+    /// Dropped datagrams and packets by reason.
+    pub dropped: IntCounterVec,
+    /// Open flows by protocol.
+    pub flows: IntGaugeVec,
+    /// Flows by protocol and result: opened, refused.
+    pub flows_total: IntCounterVec,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let peers = IntGauge::new("stowaway_peers", "Peers configured (ACTIVE clients)")
+            .expect("valid metric");
+        let handshakes = counter(
+            "stowaway_handshakes_total",
+            "Handshake initiations received, by result",
+            &["result"],
+        );
+        let dropped = counter(
+            "stowaway_dropped_total",
+            "Datagrams and packets dropped, by reason",
+            &["reason"],
+        );
+        let flows = gauge("stowaway_flows", "Open forwarded flows", &["protocol"]);
+        let flows_total = counter(
+            "stowaway_flows_total",
+            "Forwarded flows by protocol and result",
+            &["protocol", "result"],
+        );
+        for collector in [
+            Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(handshakes.clone()),
+            Box::new(dropped.clone()),
+            Box::new(flows.clone()),
+            Box::new(flows_total.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric registered once");
+        }
+        Self {
+            registry,
+            peers,
+            handshakes,
+            dropped,
+            flows,
+            flows_total,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format, with one series per peer from `stats`.
+    pub fn render(&self, stats: &BTreeMap<String, PeerStats>, now: SystemTime) -> String {
+        let last_handshake = gauge(
+            "stowaway_peer_last_handshake_timestamp_seconds",
+            "Unix time of the peer's last completed handshake",
+            &["client"],
+        );
+        let received = gauge(
+            "stowaway_peer_received_bytes",
+            "Bytes received from the peer",
+            &["client"],
+        );
+        let sent = gauge(
+            "stowaway_peer_sent_bytes",
+            "Bytes sent to the peer",
+            &["client"],
+        );
+        for (client, peer) in stats {
+            if let Some(at) = peer.since_handshake.and_then(|ago| now.checked_sub(ago)) {
+                let unix = at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                last_handshake
+                    .with_label_values(&[client])
+                    .set(unix.as_secs() as i64);
+            }
+            received
+                .with_label_values(&[client])
+                .set(i64::try_from(peer.received).unwrap_or(i64::MAX));
+            sent.with_label_values(&[client])
+                .set(i64::try_from(peer.sent).unwrap_or(i64::MAX));
+        }
+        let mut families = self.registry.gather();
+        for per_peer in [last_handshake, received, sent] {
+            families.extend(prometheus::core::Collector::collect(&per_peer));
+        }
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut buffer)
+            .expect("text encoding never fails");
+        String::from_utf8(buffer).expect("metrics are UTF-8")
+    }
+}

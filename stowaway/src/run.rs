@@ -1,0 +1,464 @@
+//! The process around the data plane: command line, the server key, the watch of
+//! GefyraClients that keeps the peer table, status write-back, HTTP endpoints.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use gefyra_api::GefyraClient;
+use gefyra_api::ipam::SERVER_KEY_SECRET;
+use gefyra_api::rbac::{identity_yaml, rule};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{reflector, watcher};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::dataplane::{self, DataPlane, Forward, Shared};
+use crate::metrics::Metrics;
+use crate::peers::{self, Key};
+use crate::status::PeerStatus;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stowaway",
+    version,
+    about = "Stowaway: a rootless userspace WireGuard endpoint whose peers are the ACTIVE GefyraClients"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print Stowaway's ServiceAccount, Role (read-only on clients, status patch, its key
+    /// Secret) and RoleBinding for --namespace.
+    Rbac {
+        #[arg(long, default_value = "gefyra-stowaway")]
+        name: String,
+        #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Run Stowaway (the default).
+    Run,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The namespace whose GefyraClients are the peers.
+    #[arg(long, env = "GEFYRA_NAMESPACE", default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// The WireGuard UDP socket.
+    #[arg(long, env = "STOWAWAY_LISTEN", default_value = "0.0.0.0:31820")]
+    pub listen: SocketAddr,
+    /// Where /livez, /readyz and /metrics are served.
+    #[arg(long, env = "STOWAWAY_HTTP_ADDRESS", default_value = "0.0.0.0:8081")]
+    pub http_address: SocketAddr,
+    /// Where DNS queries to 192.168.99.1 go (ADDRESS or ADDRESS:PORT); default: the first
+    /// nameserver in --resolv-conf.
+    #[arg(long, env = "STOWAWAY_RESOLVER")]
+    pub resolver: Option<String>,
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// A TCP port on the cluster side whose connections go through the tunnel to an
+    /// address inside a client's range: PORT=ADDRESS:PORT (repeatable).
+    #[arg(long = "forward")]
+    pub forwards: Vec<Forward>,
+    /// The tunnel MTU.
+    #[arg(long, default_value_t = 1420)]
+    pub mtu: usize,
+    /// Seconds a UDP flow lives without traffic.
+    #[arg(long, default_value_t = 60)]
+    pub udp_idle_timeout: u64,
+    /// Seconds to reach a peer's destination before its connection is reset.
+    #[arg(long, default_value_t = 10)]
+    pub dial_timeout: u64,
+    /// Seconds between writes of `status.wireguard`.
+    #[arg(long, default_value_t = 30)]
+    pub status_interval: u64,
+    /// Handshakes per second (all peers together) before cookies are required.
+    #[arg(long, default_value_t = 100)]
+    pub handshakes_per_second: u64,
+    #[arg(long, value_enum, env = "GEFYRA_LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// Stowaway's rules: read the clients, patch their status, read its own key by name.
+pub fn stowaway_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "gefyra.dev",
+            &["gefyraclients"],
+            &[],
+            &["get", "list", "watch"],
+        ),
+        rule("gefyra.dev", &["gefyraclients/status"], &[], &["patch"]),
+        rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
+    ]
+}
+
+/// The first `nameserver` of a resolv.conf.
+pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
+    resolv_conf.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next()?.parse().ok())
+            .flatten()
+    })
+}
+
+fn resolver(args: &RunArgs) -> anyhow::Result<SocketAddr> {
+    if let Some(text) = &args.resolver {
+        return text
+            .parse::<SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .with_context(|| format!("--resolver {text:?} is neither ADDRESS nor ADDRESS:PORT"));
+    }
+    let text = std::fs::read_to_string(&args.resolv_conf).with_context(|| {
+        format!(
+            "reading {} for the DNS resolver; pass --resolver",
+            args.resolv_conf.display()
+        )
+    })?;
+    let address = first_nameserver(&text).with_context(|| {
+        format!(
+            "{} names no nameserver; pass --resolver",
+            args.resolv_conf.display()
+        )
+    })?;
+    Ok(SocketAddr::new(address, 53))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+#[derive(Clone)]
+struct Health {
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    /// The key is loaded, the socket bound and the peer table built from the first list.
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve(address: SocketAddr, health: Health) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(%address, "serving /livez, /readyz, /metrics");
+    axum::serve(listener, app).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Alive while the data plane ticks (or before it started: waiting for the key is no fault).
+async fn livez(State(health): State<Health>) -> (StatusCode, &'static str) {
+    let beat = health.shared.heartbeat.load(Ordering::Relaxed);
+    if beat == 0 || unix_now().saturating_sub(beat) <= 10 {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the data plane has not ticked for over 10 s",
+        )
+    }
+}
+
+async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the server key Secret and the first list of GefyraClients",
+        )
+    }
+}
+
+async fn metrics(State(health): State<Health>) -> String {
+    let stats = health.shared.stats.lock().expect("stats lock").clone();
+    health.metrics.render(&stats, SystemTime::now())
+}
+
+/// The server's private key from the operator's Secret; waits until the operator made it.
+async fn server_key(client: &Client, namespace: &str) -> anyhow::Result<Key> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut waited = 0u32;
+    loop {
+        match api.get_opt(SERVER_KEY_SECRET).await {
+            Ok(Some(secret)) => {
+                let text = secret
+                    .data
+                    .unwrap_or_default()
+                    .get("privateKey")
+                    .and_then(|value| String::from_utf8(value.0.clone()).ok())
+                    .unwrap_or_default();
+                return peers::decode_key(&text).with_context(|| {
+                    format!(
+                        "Secret {namespace}/{SERVER_KEY_SECRET} has no valid privateKey \
+                         (base64 of 32 bytes); delete it and let the operator create it anew"
+                    )
+                });
+            }
+            Ok(None) => {
+                if waited.is_multiple_of(15) {
+                    tracing::info!(
+                        secret = SERVER_KEY_SECRET,
+                        namespace,
+                        "waiting for the server key Secret (the operator creates it)"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading the server key Secret failed; retrying"),
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    let args = cli.run;
+    match cli.command {
+        Some(Command::Rbac { name, namespace }) => {
+            print!(
+                "{}",
+                identity_yaml(&name, &namespace, "gefyra-stowaway", stowaway_rules())
+            );
+            return Ok(());
+        }
+        Some(Command::Run) | None => {}
+    }
+    init_logging(args.log_format);
+    let config = dataplane::Config {
+        listen: args.listen,
+        resolver: resolver(&args)?,
+        forwards: args.forwards.clone(),
+        mtu: args.mtu,
+        udp_idle: Duration::from_secs(args.udp_idle_timeout),
+        dial_timeout: Duration::from_secs(args.dial_timeout),
+        handshakes_per_second: args.handshakes_per_second,
+    };
+    let client = Client::try_default().await.map_err(|error| {
+        anyhow::anyhow!(
+            "cannot reach the Kubernetes API ({error}); set KUBECONFIG or run in-cluster"
+        )
+    })?;
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(Shared::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health {
+        metrics: metrics.clone(),
+        shared: shared.clone(),
+        ready: ready.clone(),
+    };
+    let server = tokio::spawn(serve(args.http_address, health));
+
+    let key = server_key(&client, &args.namespace).await?;
+    let (plane, handle) = DataPlane::bind(config.clone(), key, shared.clone(), metrics)?;
+    tracing::info!(
+        listen = %plane.local_addr()?,
+        resolver = %config.resolver,
+        forwards = ?config.forwards,
+        "WireGuard endpoint listening"
+    );
+    let mut plane = tokio::task::spawn_blocking(move || plane.run());
+
+    let clients: Api<GefyraClient> = Api::namespaced(client.clone(), &args.namespace);
+    let peers_task = tokio::spawn(keep_peers(clients.clone(), handle.clone(), ready));
+    let status_task = tokio::spawn(write_status(
+        clients,
+        shared,
+        Duration::from_secs(args.status_interval.max(1)),
+    ));
+
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            handle.stop();
+            let _ = (&mut plane).await;
+            Ok(())
+        }
+        ended = &mut plane => match ended {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(anyhow::anyhow!("the data plane failed: {error}")),
+            Err(error) => Err(anyhow::anyhow!("the data plane panicked: {error}")),
+        },
+        served = server => Err(anyhow::anyhow!("the HTTP server ended: {served:?}")),
+    };
+    peers_task.abort();
+    status_task.abort();
+    outcome
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Keeps the data plane's peer table equal to the ACTIVE clients (bursts of events are
+/// applied together).
+async fn keep_peers(api: Api<GefyraClient>, handle: dataplane::Handle, ready: Arc<AtomicBool>) {
+    let (store, writer) = reflector::store();
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let notify = changed.clone();
+    tokio::spawn(
+        reflector(writer, watcher(api, watcher::Config::default())).for_each(move |event| {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(error) => tracing::warn!(%error, "watching GefyraClients failed; retrying"),
+            }
+            futures::future::ready(())
+        }),
+    );
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut reported: Vec<String> = Vec::new();
+    loop {
+        let clients = store.state();
+        let (desired, problems) = peers::desired(clients.iter().map(|client| client.as_ref()));
+        if problems != reported {
+            for problem in &problems {
+                tracing::warn!(problem, "a client cannot be a peer");
+            }
+            reported = problems;
+        }
+        handle.set_peers(desired);
+        ready.store(true, Ordering::Relaxed);
+        changed.notified().await;
+        // Let a burst of events settle into one update.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `status.wireguard` of every peer whose figures changed, every `interval`; clears
+/// it for clients that are no longer peers.
+async fn write_status(api: Api<GefyraClient>, shared: Arc<Shared>, interval: Duration) {
+    let mut written: BTreeMap<String, PeerStatus> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        let stats = shared.stats.lock().expect("stats lock").clone();
+        let now = jiff::Timestamp::now();
+        let mut writes = Vec::new();
+        for (client, peer) in &stats {
+            let status = PeerStatus::of(peer, now);
+            if written
+                .get(client)
+                .is_none_or(|previous| status.differs_from(previous))
+            {
+                writes.push((client.clone(), Some(status)));
+            }
+        }
+        for client in written.keys() {
+            if !stats.contains_key(client) {
+                writes.push((client.clone(), None));
+            }
+        }
+        let results: Vec<_> = futures::stream::iter(writes)
+            .map(|(client, status)| {
+                let api = api.clone();
+                async move {
+                    let body = json!({ "status": {
+                        "wireguard": status.as_ref().map(PeerStatus::to_json)
+                    } });
+                    let result = api
+                        .patch_status(&client, &PatchParams::default(), &Patch::Merge(body))
+                        .await;
+                    (client, status, result)
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (client, status, result) in results {
+            match (result, status) {
+                (Ok(_), Some(status)) => {
+                    written.insert(client, status);
+                }
+                (Ok(_), None) => {
+                    written.remove(&client);
+                }
+                (Err(kube::Error::Api(response)), _) if response.code == 404 => {
+                    written.remove(&client);
+                }
+                (Err(error), _) => {
+                    tracing::warn!(client, %error, "writing status.wireguard failed; retrying next round");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resolver_is_the_first_nameserver() {
+        let text = "# generated\nsearch gefyra.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n";
+        assert_eq!(first_nameserver(text), Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(first_nameserver("search x\n"), None);
+    }
+
+    #[test]
+    fn forwards_parse_and_name_what_is_wrong() {
+        let forward: Forward = "18080=192.168.200.1:8080".parse().unwrap();
+        assert_eq!(forward.listen, "0.0.0.0:18080".parse().unwrap());
+        assert_eq!(forward.target, "192.168.200.1:8080".parse().unwrap());
+        let forward: Forward = "127.0.0.1:9=10.0.0.1:80".parse().unwrap();
+        assert_eq!(forward.listen, "127.0.0.1:9".parse().unwrap());
+        assert!(
+            "8080"
+                .parse::<Forward>()
+                .unwrap_err()
+                .contains("PORT=ADDRESS:PORT"),
+            "missing target"
+        );
+        assert!("x=10.0.0.1:80".parse::<Forward>().is_err());
+        assert!(
+            "1=[fd00::1]:80"
+                .parse::<Forward>()
+                .unwrap_err()
+                .contains("IPv6")
+        );
+    }
+}

@@ -1,0 +1,586 @@
+//! A network lab in Linux network namespaces: a "cluster" namespace with services, real
+//! WireGuard peers (Debian's `wireguard-go` + `wg`) each in a namespace of its own, and
+//! Stowaway running in the root namespace as an unprivileged user. Needs root (for `ip
+//! netns`); everything made is removed on drop.
+//!
+//! Addresses of slot K (one slot per lab, taken with an atomic mkdir):
+//! - cluster namespace `gfc-K`: 10.77.K.2/24 (root side 10.77.K.1)
+//! - peer N in `gfp-K-N`: 10.78.K.(4N+2)/30 (root side 10.78.K.(4N+1))
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use kube::config::Kubeconfig;
+
+use crate::{Cluster, eventually, free_port};
+
+/// The user Stowaway runs as (nobody): no root, no capabilities.
+pub const UNPRIVILEGED: u32 = 65_534;
+const SLOTS: &str = "/tmp/gefyra-lab-slots";
+
+/// Runs a command to completion; its stdout, or an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A test binary next to this one (target/<profile>/<name>).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let mut dir = exe.parent().expect("an executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>/deps");
+    }
+    dir.join(name)
+}
+
+/// The `lab` helper binary (services and probes), built with the tests.
+pub fn lab_binary() -> PathBuf {
+    sibling_binary("lab")
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Process {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(command: &mut Command, log: PathBuf) -> Result<Self> {
+        let file = std::fs::File::create(&log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        Ok(Self { child, log })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Lab {
+    pub slot: u8,
+    namespaces: Vec<String>,
+    links: Vec<String>,
+    processes: Vec<Process>,
+    pub dir: PathBuf,
+}
+
+/// One WireGuard peer in its own namespace.
+pub struct Peer {
+    pub netns: String,
+    /// Its WireGuard interface.
+    pub interface: String,
+    /// Where the peer reaches Stowaway (the root side of its link).
+    pub gateway: Ipv4Addr,
+    /// The peer's own address on that link (Stowaway sees it as the peer's endpoint).
+    pub address: Ipv4Addr,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        ensure!(
+            run("id", &["-u"])?.trim() == "0",
+            "the network lab needs root (ip netns); run the tests as root"
+        );
+        std::fs::create_dir_all(SLOTS)?;
+        let slot = (1..=250u8)
+            .find(|slot| std::fs::create_dir(Path::new(SLOTS).join(slot.to_string())).is_ok())
+            .context("no free lab slot in /tmp/gefyra-lab-slots")?;
+        let dir = std::env::temp_dir().join(format!("gefyra-lab-{slot}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut lab = Self {
+            slot,
+            namespaces: Vec::new(),
+            links: Vec::new(),
+            processes: Vec::new(),
+            dir,
+        };
+        let cluster = lab.cluster_netns();
+        lab.link(
+            &cluster,
+            "gfc",
+            lab.cluster_gateway(),
+            lab.cluster_address(),
+            24,
+        )?;
+        Ok(lab)
+    }
+
+    pub fn cluster_netns(&self) -> String {
+        format!("gfc-{}", self.slot)
+    }
+
+    pub fn cluster_gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.slot, 1)
+    }
+
+    /// The cluster namespace's address (its services listen here).
+    pub fn cluster_address(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.slot, 2)
+    }
+
+    pub fn cluster_subnet(&self) -> String {
+        format!("10.77.{}.0/24", self.slot)
+    }
+
+    /// A namespace `netns` joined to the root namespace by a veth pair (`eth0` inside).
+    fn link(
+        &mut self,
+        netns: &str,
+        prefix: &str,
+        outside: Ipv4Addr,
+        inside: Ipv4Addr,
+        length: u8,
+    ) -> Result<()> {
+        let outer = format!("{prefix}{}x{}", self.slot, self.namespaces.len());
+        run("ip", &["netns", "add", netns])?;
+        self.namespaces.push(netns.to_string());
+        run(
+            "ip",
+            &[
+                "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+        )?;
+        self.links.push(outer.clone());
+        run(
+            "ip",
+            &["addr", "add", &format!("{outside}/{length}"), "dev", &outer],
+        )?;
+        run("ip", &["link", "set", &outer, "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{inside}/{length}"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        run("ip", &["-n", netns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", netns, "link", "set", "lo", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &outside.to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Starts a process inside `netns` (as root), kept until the lab is dropped.
+    pub fn spawn_in(
+        &mut self,
+        netns: &str,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<()> {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(program)
+            .args(args);
+        let process = Process::spawn(&mut command, self.dir.join(format!("{name}.log")))?;
+        self.processes.push(process);
+        Ok(())
+    }
+
+    /// Runs a command inside `netns` to completion.
+    pub fn exec_in(&self, netns: &str, program: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", netns, program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs the `lab` helper inside `netns`.
+    pub fn probe(&self, netns: &str, args: &[&str]) -> Result<String> {
+        let lab = lab_binary();
+        self.exec_in(netns, lab.to_str().context("a UTF-8 path")?, args)
+    }
+
+    /// HTTP (`name` as its body) on :8080 and UDP echo on :7007 at `address` in `netns`.
+    pub fn serve(&mut self, netns: &str, address: IpAddr, name: &str) -> Result<()> {
+        let http = format!("{address}:8080");
+        let udp = format!("{address}:7007");
+        self.spawn_in(
+            netns,
+            &format!("service-{name}"),
+            &lab_binary(),
+            &["serve", "--http", &http, "--udp-echo", &udp, "--name", name],
+        )?;
+        let tcp = SocketAddr::new(address, 8080);
+        let lab = lab_binary();
+        let lab = lab.to_str().context("a UTF-8 path")?.to_string();
+        let netns = netns.to_string();
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..100 {
+            if self
+                .exec_in(&netns, &lab, &["http", &format!("http://{tcp}/")])
+                .is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the service {name} at {tcp} did not come up")
+    }
+
+    /// dnsmasq in the cluster namespace on :53, answering `name` with `address`.
+    pub fn serve_dns(&mut self, name: &str, address: Ipv4Addr) -> Result<SocketAddr> {
+        let listen = self.cluster_address();
+        let netns = self.cluster_netns();
+        let pid_file = self.dir.join("dnsmasq.pid");
+        self.spawn_in(
+            &netns,
+            "dnsmasq",
+            Path::new("dnsmasq"),
+            &[
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={listen}"),
+                &format!("--address=/{name}/{address}"),
+                &format!("--pid-file={}", pid_file.display()),
+            ],
+        )?;
+        Ok(SocketAddr::new(IpAddr::V4(listen), 53))
+    }
+
+    /// A namespace with a real WireGuard peer (wireguard-go) configured from a client's
+    /// providerConfig and its private key; traffic to the server address and the cluster
+    /// subnet goes through the tunnel.
+    pub fn peer(&mut self, config: &PeerConfig, stowaway_port: u16) -> Result<Peer> {
+        let index = self.namespaces.len() as u8;
+        let netns = format!("gfp-{}-{index}", self.slot);
+        let gateway = Ipv4Addr::new(10, 78, self.slot, 4 * index + 1);
+        let inside = Ipv4Addr::new(10, 78, self.slot, 4 * index + 2);
+        self.link(&netns, "gfp", gateway, inside, 30)?;
+        // wireguard-go's control socket is /var/run/wireguard/<interface>.sock, shared by
+        // every namespace: each peer's interface needs a name of its own.
+        let interface = format!("gwg{}x{index}", self.slot);
+        let wireguard_go = which("wireguard-go")?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &netns])
+            .arg(&wireguard_go)
+            .arg(&interface)
+            .env("WG_PROCESS_FOREGROUND", "1");
+        let process = Process::spawn(&mut command, self.dir.join(format!("{netns}.log")))?;
+        self.processes.push(process);
+        let mut up = false;
+        for _ in 0..100 {
+            if run("ip", &["-n", &netns, "link", "show", &interface]).is_ok() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ensure!(up, "wireguard-go did not create {interface} in {netns}");
+        let private = self.dir.join(format!("{netns}.key"));
+        let preshared = self.dir.join(format!("{netns}.psk"));
+        write_secret(&private, &config.private_key)?;
+        write_secret(&preshared, &config.preshared_key)?;
+        let endpoint = format!("{gateway}:{stowaway_port}");
+        self.exec_in(
+            &netns,
+            "wg",
+            &[
+                "set",
+                &interface,
+                "private-key",
+                path_str(&private)?,
+                "peer",
+                &config.server_public_key,
+                "preshared-key",
+                path_str(&preshared)?,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                "0.0.0.0/0",
+                "persistent-keepalive",
+                "21",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{}/32", config.address),
+                "dev",
+                &interface,
+            ],
+        )?;
+        run(
+            "ip",
+            &["-n", &netns, "link", "set", &interface, "mtu", "1420", "up"],
+        )?;
+        for route in ["192.168.99.1/32".to_string(), self.cluster_subnet()] {
+            run(
+                "ip",
+                &["-n", &netns, "route", "add", &route, "dev", &interface],
+            )?;
+        }
+        Ok(Peer {
+            netns,
+            interface,
+            gateway,
+            address: inside,
+        })
+    }
+
+    /// The root-side address of peer link `gateway` is where Stowaway's forwards are
+    /// reached from the cluster namespace too (via its default route).
+    pub fn kubeconfig_for(&self, cluster: &Cluster, token: &str) -> Result<PathBuf> {
+        let mut raw = Kubeconfig::read_from(&cluster.kubeconfig)?;
+        for named in &mut raw.clusters {
+            if let Some(cluster) = named.cluster.as_mut()
+                && let Some(path) = cluster.certificate_authority.take()
+            {
+                let pem = std::fs::read(&path)?;
+                cluster.certificate_authority_data =
+                    Some(base64::engine::general_purpose::STANDARD.encode(pem));
+            }
+        }
+        for named in &mut raw.auth_infos {
+            named.auth_info = Some(kube::config::AuthInfo {
+                token: Some(token.to_string().into()),
+                ..kube::config::AuthInfo::default()
+            });
+        }
+        let path = self.dir.join("stowaway.kubeconfig");
+        write_secret(&path, &serde_yaml::to_string(&raw)?)?;
+        std::os::unix::fs::chown(&path, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
+        Ok(path)
+    }
+
+    /// Starts Stowaway in the root namespace as an unprivileged user without capabilities.
+    pub fn stowaway(
+        &mut self,
+        kubeconfig: &Path,
+        namespace: &str,
+        extra: &[&str],
+    ) -> Result<Stowaway> {
+        let port = free_udp_port()?;
+        let http_port = free_port();
+        let binary = stowaway_binary();
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                &format!("--reuid={UNPRIVILEGED}"),
+                &format!("--regid={UNPRIVILEGED}"),
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--no-new-privs",
+                "--",
+            ])
+            .arg(&binary)
+            .args([
+                "--namespace",
+                namespace,
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--http-address",
+                &format!("127.0.0.1:{http_port}"),
+            ])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,stowaway=debug,kube=warn");
+        std::fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let process = Process::spawn(&mut command, self.dir.join("stowaway.log"))?;
+        Ok(Stowaway {
+            process,
+            port,
+            http_port,
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.processes.clear();
+        for link in &self.links {
+            let _ = run("ip", &["link", "del", link]);
+        }
+        for netns in &self.namespaces {
+            let _ = run("ip", &["netns", "del", netns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir(Path::new(SLOTS).join(self.slot.to_string()));
+    }
+}
+
+/// A running Stowaway.
+pub struct Stowaway {
+    pub process: Process,
+    /// Its WireGuard UDP port.
+    pub port: u16,
+    pub http_port: u16,
+}
+
+impl Stowaway {
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        crate::http_get(self.http_port, path).await
+    }
+
+    /// The value of one metric series (`name{labels}` exactly as exposed), 0 if absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = self.http_get("/metrics").await?;
+        Ok(body
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0))
+    }
+
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        let log = self.process.log.clone();
+        eventually("Stowaway is ready", Duration::from_secs(60), || async {
+            let (status, _) = self.http_get("/readyz").await.unwrap_or((0, String::new()));
+            Ok((status == 200).then_some(()))
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "Stowaway log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+    }
+}
+
+/// What a peer needs from its client's providerConfig (and its own private key).
+pub struct PeerConfig {
+    pub private_key: String,
+    pub preshared_key: String,
+    pub server_public_key: String,
+    pub address: IpAddr,
+}
+
+impl PeerConfig {
+    /// From an ACTIVE client's providerConfig; `private_key` when the client kept its own.
+    pub fn of(client: &gefyra_api::GefyraClient, private_key: Option<&str>) -> Result<Self> {
+        let config = client
+            .provider_config
+            .as_ref()
+            .context("an ACTIVE client has a providerConfig")?;
+        let text = |key: &str| {
+            config
+                .get(key)
+                .and_then(|value| value.as_str())
+                .map(str::to_string)
+                .with_context(|| format!("providerConfig has {key}"))
+        };
+        Ok(Self {
+            private_key: match private_key {
+                Some(key) => key.to_string(),
+                None => text("Interface.PrivateKey")?,
+            },
+            preshared_key: text("Peer.PresharedKey")?,
+            server_public_key: text("Peer.PublicKey")?,
+            address: text("Interface.Address")?.parse()?,
+        })
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().context("a UTF-8 path")
+}
+
+/// Writes a file only its owner can read.
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn which(program: &str) -> Result<PathBuf> {
+    let found = run("sh", &["-c", &format!("command -v {program}")])?;
+    Ok(PathBuf::from(found.trim()))
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("0.0.0.0:0")?.local_addr()?.port())
+}
+
+/// The Stowaway binary built next to the tests (`make e2e` builds it).
+pub fn stowaway_binary() -> PathBuf {
+    if let Some(binary) = std::env::var_os("GEFYRA_STOWAWAY_BINARY") {
+        return PathBuf::from(binary);
+    }
+    let binary = sibling_binary("stowaway");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p stowaway` (make e2e does)",
+        binary.display()
+    );
+    binary
+}
+
+/// Applies Stowaway's own ServiceAccount, Role and RoleBinding (`stowaway rbac`) in
+/// `namespace` and mints a token for it.
+pub async fn stowaway_identity(cluster: &Cluster, namespace: &str) -> Result<String> {
+    let yaml = run(
+        path_str(&stowaway_binary())?,
+        &["rbac", "--namespace", namespace],
+    )?;
+    crate::apply_identity(cluster.admin()?, namespace, &yaml).await?;
+    cluster.mint_token(namespace, "gefyra-stowaway", 3600).await
+}
