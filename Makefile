@@ -9,7 +9,8 @@ CLUSTER_DIR ?= $(GEFYRA_CACHE_DIR)/cluster
 CONTROLPLANE := tests/controlplane.sh
 # Debian packages the whole system needs (installed when root, else the apt-get line is shown).
 # docker.io: the real Gefyra CLI needs a Docker daemon even for `gefyra clients ...`.
-DEBIAN_PACKAGES := openssl iproute2 procps wireguard-go wireguard-tools iperf3 docker.io
+# dnsmasq-base, iputils-ping: the DNS server and ping of the network lab (Stowaway's tests).
+DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux
 
 .PHONY: generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench
 
@@ -36,7 +37,7 @@ cluster-down:
 	@$(CONTROLPLANE) down $(CLUSTER_DIR)
 
 up: cluster-up
-	cargo build -p gefyra-operator --locked
+	cargo build -p gefyra-operator -p stowaway --locked
 	@tests/system.sh up $(CLUSTER_DIR)
 	@echo "export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"
 
@@ -58,7 +59,7 @@ unit:
 # One control plane for the whole run, torn down whatever happens; then proof that no
 # process of it is left.
 e2e: controlplane
-	cargo build -p gefyra-operator --locked
+	cargo build -p gefyra-operator -p stowaway -p gefyra-e2e --bins --locked
 	cargo test -p gefyra-e2e --locked --no-run
 	@tests/gefyra-cli.sh >/dev/null
 	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \

@@ -310,3 +310,117 @@ fn ip_in(netns: &str, args: &[&str]) -> Result<String> {
     all.extend_from_slice(args);
     gefyra_e2e::lab::run("ip", &all)
 }
+
+/// WireGuard handshake initiations from `count` random keys that are nobody's peer, all
+/// valid for the server's public key (so they pass the MAC check and cost the server work).
+fn strangers_initiations(server_public: &str, count: usize) -> Result<Vec<Vec<u8>>> {
+    use boringtun::noise::{Tunn, TunnResult};
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    let server: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(server_public)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a public key is 32 bytes"))?;
+    let mut initiations = Vec::with_capacity(count);
+    let mut buffer = vec![0u8; 256];
+    for index in 0..count {
+        let mut stranger = Tunn::new(
+            StaticSecret::from(rand::random::<[u8; 32]>()),
+            PublicKey::from(server),
+            None,
+            None,
+            index as u32,
+            None,
+        );
+        if let TunnResult::WriteToNetwork(packet) =
+            stranger.format_handshake_initiation(&mut buffer, false)
+        {
+            initiations.push(packet.to_vec());
+        }
+    }
+    Ok(initiations)
+}
+
+#[tokio::test]
+async fn garbage_and_a_handshake_flood_leave_real_peers_connected() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let mut setup = setup(&cluster, "stowaway-flood", &[]).await?;
+    setup.stowaway.wait_ready().await?;
+    let a = setup
+        .connected_peer("a", json!({ "subnet": "172.31.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&a.netns).await?;
+    let server_public = PeerConfig::of(&setup.clients.get("a").await?, Some(""))?.server_public_key;
+    let initiations = strangers_initiations(&server_public, 3_000)?;
+
+    // 10,000 random datagrams (every message type byte, every size up to 300), then the
+    // flood of initiations, sent for a few seconds from another thread while the real
+    // peer starts a new handshake.
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], setup.stowaway.port));
+    let flood = std::thread::spawn(move || -> std::io::Result<usize> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let mut sent = 0;
+        for _ in 0..10_000 {
+            let length = rand::random_range(0..300usize);
+            let mut datagram: Vec<u8> = (0..length).map(|_| rand::random()).collect();
+            if let Some(first) = datagram.first_mut() {
+                *first %= 6;
+            }
+            socket.send_to(&datagram, target)?;
+            sent += 1;
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(4);
+        while std::time::Instant::now() < until {
+            for initiation in initiations.iter().take(500) {
+                socket.send_to(initiation, target)?;
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(sent)
+    });
+    let config = setup
+        .lab
+        .exec_in(&a.netns, "wg", &["showconf", &a.interface])?;
+    let config_file = setup.lab.dir.join("a.conf");
+    gefyra_e2e::lab::write_secret(&config_file, &config)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    setup.lab.exec_in(
+        &a.netns,
+        "wg",
+        &[
+            "setconf",
+            &a.interface,
+            config_file.to_str().context("utf-8")?,
+        ],
+    )?;
+    let sent = tokio::task::spawn_blocking(move || flood.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+    ensure!(sent >= 10_000, "sent {sent}");
+    setup.reaches_the_cluster(&a.netns).await?;
+    ensure!(setup.stowaway.process.is_running(), "Stowaway survived");
+    let stowaway = &setup.stowaway;
+    let malformed = stowaway
+        .metric("stowaway_dropped_total{reason=\"malformed\"}")
+        .await?;
+    let cookies = stowaway
+        .metric("stowaway_handshakes_total{result=\"cookie_required\"}")
+        .await?;
+    let strangers = stowaway
+        .metric("stowaway_handshakes_total{result=\"unknown_peer\"}")
+        .await?;
+    let completed = stowaway
+        .metric("stowaway_handshakes_total{result=\"completed\"}")
+        .await?;
+    ensure!(malformed > 1_000.0, "malformed drops: {malformed}");
+    ensure!(
+        cookies > 0.0,
+        "the flood was answered with cookie replies: {cookies}"
+    );
+    ensure!(
+        strangers > 0.0,
+        "strangers' handshakes refused: {strangers}"
+    );
+    ensure!(completed >= 2.0, "a's handshakes completed: {completed}");
+    Ok(())
+}
