@@ -12,7 +12,7 @@ CONTROLPLANE := tests/controlplane.sh
 # dnsmasq-base, iputils-ping: the DNS server and ping of the network lab (Stowaway's tests).
 DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux
 
-.PHONY: generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench
+.PHONY: generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench fuzz
 
 help:
 	@echo "make up          start the whole system locally (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
@@ -43,7 +43,7 @@ up: cluster-up
 
 down: cluster-down
 
-test: prereqs lint unit e2e
+test: prereqs lint unit fuzz e2e
 
 # Regenerates every generated file that is committed (drift is checked by `make test`).
 generate:
@@ -55,6 +55,14 @@ lint:
 
 unit:
 	cargo test --workspace --exclude gefyra-e2e --locked
+
+# cargo fuzz on the datagram path (UDP 31820) for FUZZ_SECONDS (nightly toolchain and
+# cargo-fuzz are installed when missing). Longer: make fuzz FUZZ_SECONDS=3600.
+FUZZ_SECONDS ?= 20
+fuzz:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cd stowaway/fuzz && cargo +nightly fuzz run datagram -- -max_total_time=$(FUZZ_SECONDS)
 
 # One control plane for the whole run, torn down whatever happens; then proof that no
 # process of it is left.

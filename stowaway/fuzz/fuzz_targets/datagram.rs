@@ -1,0 +1,24 @@
+//! Any datagram on UDP 31820: the endpoint (with one configured peer) must drop or answer
+//! it without panicking, and any bytes a peer could send through the tunnel must be told
+//! apart without panicking.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use stowaway::endpoint::Endpoint;
+use stowaway::packet;
+use stowaway::peers::{PeerSpec, plan};
+
+fuzz_target!(|data: &[u8]| {
+    let mut endpoint = Endpoint::new([1; 32]);
+    let peer = PeerSpec {
+        client: "fuzz".into(),
+        public_key: [2; 32],
+        preshared_key: [3; 32],
+        ranges: vec!["192.168.96.2/32".parse().unwrap()],
+    };
+    endpoint.apply(plan(&Default::default(), &[([2; 32], peer)].into()));
+    let from = "198.51.100.7:51820".parse().unwrap();
+    let _ = endpoint.handle_datagram(from, data);
+    let _ = packet::classify(data);
+    let _ = packet::destination(data);
+});
