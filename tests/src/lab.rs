@@ -16,7 +16,15 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use kube::config::Kubeconfig;
 
-use crate::{Cluster, eventually, free_port};
+use gefyra_api::{ClientState, GefyraClient};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::{
+    Cluster, Operator, create_client, eventually, free_port, install_crd, wait_for_ready,
+    wait_for_state,
+};
 
 /// The user Stowaway runs as (nobody): no root, no capabilities.
 pub const UNPRIVILEGED: u32 = 65_534;
@@ -207,6 +215,70 @@ impl Lab {
         Ok(())
     }
 
+    /// A namespace of this lab (removed with it), loopback up.
+    pub fn add_netns(&mut self, netns: &str) -> Result<()> {
+        run("ip", &["netns", "add", netns])?;
+        self.namespaces.push(netns.to_string());
+        run("ip", &["-n", netns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A veth pair between two namespaces of this lab, `a`'s end `address_a/length`, `b`'s
+    /// end `address_b/length`; the ends are named `name` in both.
+    pub fn wire(
+        &mut self,
+        (a, address_a): (&str, Ipv4Addr),
+        (b, address_b): (&str, Ipv4Addr),
+        name: &str,
+        length: u8,
+    ) -> Result<()> {
+        let temporary = format!("gft{}x{}", self.slot, self.namespaces.len());
+        run(
+            "ip",
+            &[
+                "-n", a, "link", "add", name, "type", "veth", "peer", "name", &temporary, "netns",
+                b,
+            ],
+        )?;
+        run("ip", &["-n", b, "link", "set", &temporary, "name", name])?;
+        for (netns, address) in [(a, address_a), (b, address_b)] {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    netns,
+                    "addr",
+                    "add",
+                    &format!("{address}/{length}"),
+                    "dev",
+                    name,
+                ],
+            )?;
+            run("ip", &["-n", netns, "link", "set", name, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts wireguard-go for `interface` in `netns` and waits for the interface.
+    pub fn wireguard_go(&mut self, netns: &str, interface: &str) -> Result<()> {
+        let wireguard_go = which("wireguard-go")?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(&wireguard_go)
+            .arg(interface)
+            .env("WG_PROCESS_FOREGROUND", "1");
+        let process = Process::spawn(&mut command, self.dir.join(format!("{interface}.log")))?;
+        self.processes.push(process);
+        for _ in 0..100 {
+            if run("ip", &["-n", netns, "link", "show", interface]).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("wireguard-go did not create {interface} in {netns}")
+    }
+
     /// Starts a process inside `netns` (as root), kept until the lab is dropped.
     pub fn spawn_in(
         &mut self,
@@ -300,24 +372,7 @@ impl Lab {
         // wireguard-go's control socket is /var/run/wireguard/<interface>.sock, shared by
         // every namespace: each peer's interface needs a name of its own.
         let interface = format!("gwg{}x{index}", self.slot);
-        let wireguard_go = which("wireguard-go")?;
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &netns])
-            .arg(&wireguard_go)
-            .arg(&interface)
-            .env("WG_PROCESS_FOREGROUND", "1");
-        let process = Process::spawn(&mut command, self.dir.join(format!("{netns}.log")))?;
-        self.processes.push(process);
-        let mut up = false;
-        for _ in 0..100 {
-            if run("ip", &["-n", &netns, "link", "show", &interface]).is_ok() {
-                up = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        ensure!(up, "wireguard-go did not create {interface} in {netns}");
+        self.wireguard_go(&netns, &interface)?;
         let private = self.dir.join(format!("{netns}.key"));
         let preshared = self.dir.join(format!("{netns}.psk"));
         write_secret(&private, &config.private_key)?;
@@ -583,4 +638,126 @@ pub async fn stowaway_identity(cluster: &Cluster, namespace: &str) -> Result<Str
     )?;
     crate::apply_identity(cluster.admin()?, namespace, &yaml).await?;
     cluster.mint_token(namespace, "gefyra-stowaway", 3600).await
+}
+
+pub const DNS_NAME: &str = "web.lab.test";
+
+pub async fn connect(
+    api: &Api<GefyraClient>,
+    name: &str,
+    parameter: Value,
+) -> Result<GefyraClient> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "providerParameter": parameter })),
+    )
+    .await
+    .with_context(|| format!("connecting {name}"))?;
+    if parameter.is_null() {
+        wait_for_state(api, name, ClientState::Waiting).await
+    } else {
+        wait_for_state(api, name, ClientState::Active).await
+    }
+}
+
+/// A fresh key pair, base64: (private, public).
+pub fn key_pair() -> (String, String) {
+    let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+    let public = x25519_dalek::PublicKey::from(&secret);
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    (encode(secret.as_bytes()), encode(public.as_bytes()))
+}
+
+/// The whole system in a lab: services (HTTP, UDP echo, DNS) in the cluster namespace, the
+/// operator, and Stowaway with its own Role, unprivileged.
+pub struct Deployment {
+    pub lab: Lab,
+    pub clients: Api<GefyraClient>,
+    pub stowaway: Stowaway,
+    pub operator: Operator,
+}
+
+impl Deployment {
+    /// Starts it all in a fresh namespace named after `test`; `extra` goes to Stowaway.
+    pub async fn start(cluster: &Cluster, test: &str, extra: &[String]) -> Result<Self> {
+        install_crd(cluster).await?;
+        let ns = cluster.namespace(test).await?;
+        let admin = cluster.admin()?;
+        let mut lab = Lab::new()?;
+        let cluster_address = lab.cluster_address();
+        let cluster_netns = lab.cluster_netns();
+        lab.serve(&cluster_netns, IpAddr::V4(cluster_address), "cluster")?;
+        let resolver = lab.serve_dns(DNS_NAME, cluster_address)?;
+        let operator = Operator::start(cluster, &ns, &[])?;
+        let token = stowaway_identity(cluster, &ns).await?;
+        let kubeconfig = lab.kubeconfig_for(cluster, &token)?;
+        let resolver = resolver.to_string();
+        let mut arguments = vec!["--resolver", resolver.as_str()];
+        arguments.extend(extra.iter().map(String::as_str));
+        let stowaway = lab.stowaway(&kubeconfig, &ns, &arguments)?;
+        let clients = Api::namespaced(admin, &ns);
+        Ok(Self {
+            lab,
+            clients,
+            stowaway,
+            operator,
+        })
+    }
+
+    /// A client, connected with `parameter` (plus `publicKey` when it keeps its own key),
+    /// and its real peer.
+    pub async fn connected_peer(
+        &mut self,
+        name: &str,
+        parameter: Value,
+        own_key: bool,
+    ) -> Result<Peer> {
+        let admin = self.clients.clone().into_client();
+        let ns = self.clients.namespace().context("namespaced")?.to_string();
+        create_client(admin, &ns, name).await?;
+        wait_for_ready(&self.clients, name).await?;
+        let mut parameter = parameter;
+        let private = if own_key {
+            let (private, public) = key_pair();
+            parameter["publicKey"] = json!(public);
+            Some(private)
+        } else {
+            None
+        };
+        let active = connect(&self.clients, name, parameter).await?;
+        let config = PeerConfig::of(&active, private.as_deref())?;
+        let peer = self.lab.peer(&config, self.stowaway.port)?;
+        Ok(peer)
+    }
+
+    /// The peer reaches 192.168.99.1 (ping, DNS) and the cluster (HTTP, UDP).
+    pub async fn reaches_the_cluster(&self, netns: &str) -> Result<()> {
+        let lab = &self.lab;
+        eventually(
+            &format!("{netns} pings 192.168.99.1"),
+            Duration::from_secs(30),
+            || async {
+                Ok(lab
+                    .exec_in(netns, "ping", &["-c", "1", "-W", "1", "192.168.99.1"])
+                    .ok())
+            },
+        )
+        .await
+        .with_context(|| self.stowaway.process.log_text())?;
+        let resolved = lab.probe(netns, &["dns", "192.168.99.1:53", DNS_NAME])?;
+        ensure!(
+            resolved == lab.cluster_address().to_string(),
+            "{netns} resolves {DNS_NAME} via 192.168.99.1: {resolved}"
+        );
+        let service = lab.cluster_address();
+        let body = lab.probe(netns, &["http", &format!("http://{service}:8080/")])?;
+        ensure!(
+            body == "cluster",
+            "HTTP from the cluster namespace: {body:?}"
+        );
+        let echoed = lab.probe(netns, &["udp", &format!("{service}:7007"), "hello"])?;
+        ensure!(echoed == "hello", "UDP echo: {echoed:?}");
+        Ok(())
+    }
 }

@@ -7,136 +7,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
-use gefyra_api::{ClientState, GefyraClient};
-use gefyra_e2e::lab::{Lab, PeerConfig, Stowaway, stowaway_identity};
-use gefyra_e2e::{
-    Cluster, Operator, WAIT, create_client, eventually, install_crd, wait_for_ready, wait_for_state,
-};
-use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use gefyra_e2e::lab::{Deployment, PeerConfig, connect};
+use gefyra_e2e::{Cluster, WAIT, eventually};
+use kube::api::DeleteParams;
 use serde_json::{Value, json};
 
-const DNS_NAME: &str = "web.lab.test";
-
-async fn connect(api: &Api<GefyraClient>, name: &str, parameter: Value) -> Result<GefyraClient> {
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "providerParameter": parameter })),
-    )
-    .await
-    .with_context(|| format!("connecting {name}"))?;
-    if parameter.is_null() {
-        wait_for_state(api, name, ClientState::Waiting).await
-    } else {
-        wait_for_state(api, name, ClientState::Active).await
-    }
-}
-
-/// A fresh key pair, base64: (private, public).
-fn key_pair() -> (String, String) {
-    let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
-    let public = x25519_dalek::PublicKey::from(&secret);
-    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    (encode(secret.as_bytes()), encode(public.as_bytes()))
-}
-
-/// Everything one test needs: a lab with services, the operator, Stowaway.
-struct Setup {
-    lab: Lab,
-    clients: Api<GefyraClient>,
-    stowaway: Stowaway,
-    _operator: Operator,
-}
-
-async fn setup(cluster: &Cluster, test: &str, forwards: &[String]) -> Result<Setup> {
-    install_crd(cluster).await?;
-    let ns = cluster.namespace(test).await?;
-    let admin = cluster.admin()?;
-    let mut lab = Lab::new()?;
-    let cluster_address = lab.cluster_address();
-    let cluster_netns = lab.cluster_netns();
-    lab.serve(&cluster_netns, IpAddr::V4(cluster_address), "cluster")?;
-    let resolver = lab.serve_dns(DNS_NAME, cluster_address)?;
-    let operator = Operator::start(cluster, &ns, &[])?;
-    let token = stowaway_identity(cluster, &ns).await?;
-    let kubeconfig = lab.kubeconfig_for(cluster, &token)?;
-    let mut extra = vec![
-        "--resolver".to_string(),
-        resolver.to_string(),
-        "--status-interval".to_string(),
-        "1".to_string(),
-    ];
+async fn setup(cluster: &Cluster, test: &str, forwards: &[String]) -> Result<Deployment> {
+    let mut extra = vec!["--status-interval".to_string(), "1".to_string()];
     for forward in forwards {
         extra.extend(["--forward".to_string(), forward.clone()]);
     }
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let stowaway = lab.stowaway(&kubeconfig, &ns, &extra)?;
-    let clients = Api::namespaced(admin, &ns);
-    Ok(Setup {
-        lab,
-        clients,
-        stowaway,
-        _operator: operator,
-    })
-}
-
-impl Setup {
-    /// A client, connected with `parameter` (plus `publicKey` when it keeps its own key),
-    /// and its real peer.
-    async fn connected_peer(
-        &mut self,
-        name: &str,
-        parameter: Value,
-        own_key: bool,
-    ) -> Result<gefyra_e2e::lab::Peer> {
-        let admin = self.clients.clone().into_client();
-        let ns = self.clients.namespace().context("namespaced")?.to_string();
-        create_client(admin, &ns, name).await?;
-        wait_for_ready(&self.clients, name).await?;
-        let mut parameter = parameter;
-        let private = if own_key {
-            let (private, public) = key_pair();
-            parameter["publicKey"] = json!(public);
-            Some(private)
-        } else {
-            None
-        };
-        let active = connect(&self.clients, name, parameter).await?;
-        let config = PeerConfig::of(&active, private.as_deref())?;
-        let peer = self.lab.peer(&config, self.stowaway.port)?;
-        Ok(peer)
-    }
-
-    /// The peer reaches 192.168.99.1 (ping, DNS) and the cluster (HTTP, UDP).
-    async fn reaches_the_cluster(&self, netns: &str) -> Result<()> {
-        let lab = &self.lab;
-        eventually(
-            &format!("{netns} pings 192.168.99.1"),
-            Duration::from_secs(30),
-            || async {
-                Ok(lab
-                    .exec_in(netns, "ping", &["-c", "1", "-W", "1", "192.168.99.1"])
-                    .ok())
-            },
-        )
-        .await
-        .with_context(|| self.stowaway.process.log_text())?;
-        let resolved = lab.probe(netns, &["dns", "192.168.99.1:53", DNS_NAME])?;
-        ensure!(
-            resolved == lab.cluster_address().to_string(),
-            "{netns} resolves {DNS_NAME} via 192.168.99.1: {resolved}"
-        );
-        let service = lab.cluster_address();
-        let body = lab.probe(netns, &["http", &format!("http://{service}:8080/")])?;
-        ensure!(
-            body == "cluster",
-            "HTTP from the cluster namespace: {body:?}"
-        );
-        let echoed = lab.probe(netns, &["udp", &format!("{service}:7007"), "hello"])?;
-        ensure!(echoed == "hello", "UDP echo: {echoed:?}");
-        Ok(())
-    }
+    Deployment::start(cluster, test, &extra).await
 }
 
 #[tokio::test]
@@ -154,10 +35,30 @@ async fn real_peers_reach_the_cluster_through_an_unprivileged_stowaway() -> Resu
     )
     .await?;
     setup.stowaway.wait_ready().await?;
+    // Unprivileged: nobody's uid, no effective or permitted capability.
+    let status = std::fs::read_to_string(format!(
+        "/proc/{}/status",
+        setup.stowaway.process.child.id()
+    ))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
     ensure!(
-        setup.stowaway.process.is_running(),
-        "Stowaway runs as nobody"
+        field("Uid:") == ["65534"; 4],
+        "Stowaway's uids: {:?}",
+        field("Uid:")
     );
+    for capabilities in ["CapEff:", "CapPrm:"] {
+        ensure!(
+            field(capabilities) == ["0000000000000000"],
+            "Stowaway's {capabilities} {:?}",
+            field(capabilities)
+        );
+    }
 
     // Two clients as real users connect: our flavour (own key + subnet) and Gefyra's
     // (subnet only; the operator generated the key pair).
