@@ -26,14 +26,23 @@ use crate::peers::{self, Key, PeerSpec};
 /// The server's IPv6 address inside the userspace stack (never on a wire: it only lets the
 /// stack accept IPv6 flows).
 const SERVER_ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
-/// Per-flow buffers of the userspace TCP stack, each direction.
-const TCP_BUFFER: usize = 1 << 20;
+/// Per-flow receive buffer of the userspace TCP stack (peer to cluster): the window the
+/// peer may fill.
+const TCP_RECEIVE_BUFFER: usize = 1 << 20;
+/// Per-flow send buffer (cluster to peer): bounds the data in flight to the peer. The stack
+/// does not pace, so a window larger than the peer's UDP receive buffer (about 200 KiB by
+/// default) arrives as one burst and overflows it.
+const TCP_SEND_BUFFER: usize = 128 << 10;
 const WIREGUARD: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_LISTENER: usize = 2;
 const FIRST_FLOW: usize = 1 << 16;
 /// The largest UDP datagram.
 const DATAGRAM: usize = 65_536;
+/// Rounds of stack polling and copying in one turn of the event loop.
+const PUMP_ROUNDS: usize = 64;
+/// Datagrams waiting for room in the WireGuard socket's send buffer (beyond: dropped).
+const OUTBOX: usize = 8_192;
 
 /// A TCP port on the cluster side whose connections go through the tunnel to `target`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +239,11 @@ pub struct DataPlane {
     next_port: u16,
     started: Instant,
     buffer: Vec<u8>,
+    /// Datagrams the WireGuard socket could not take yet (sent when it is writable again,
+    /// so that a burst from the stack is delayed rather than lost).
+    outbox: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// The last pump stopped at its bound with work left: do not sleep.
+    unfinished: bool,
 }
 
 impl DataPlane {
@@ -248,8 +262,11 @@ impl DataPlane {
                 format!("binding the WireGuard socket {}: {error}", config.listen),
             )
         })?;
-        poll.registry()
-            .register(&mut wireguard, WIREGUARD, Interest::READABLE)?;
+        poll.registry().register(
+            &mut wireguard,
+            WIREGUARD,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         let mut listeners = Vec::new();
         for (index, forward) in config.forwards.iter().enumerate() {
             let mut listener = TcpListener::bind(forward.listen).map_err(|error| {
@@ -321,6 +338,8 @@ impl DataPlane {
             next_port: 49_152,
             started,
             buffer: vec![0; DATAGRAM],
+            outbox: VecDeque::new(),
+            unfinished: false,
         };
         let handle = Handle {
             commands: sender,
@@ -348,18 +367,33 @@ impl DataPlane {
                 .stack
                 .poll_delay(self.stack_now(), &self.sockets)
                 .map(|delay| Duration::from_micros(delay.total_micros()));
-            let timeout = stack_delay
-                .unwrap_or(Duration::MAX)
-                .min(next_tick.saturating_duration_since(now));
+            let timeout = if self.unfinished {
+                Duration::ZERO
+            } else {
+                stack_delay
+                    .unwrap_or(Duration::MAX)
+                    .min(next_tick.saturating_duration_since(now))
+            };
             if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(error);
             }
+            // Not only on writable edges: whatever waits is sent as soon as there is room.
+            if !self.outbox.is_empty() {
+                self.flush_outbox();
+            }
             for event in events.iter() {
                 match event.token() {
-                    WIREGUARD => self.receive_datagrams(),
+                    WIREGUARD => {
+                        if event.is_writable() {
+                            self.flush_outbox();
+                        }
+                        if event.is_readable() {
+                            self.receive_datagrams();
+                        }
+                    }
                     WAKER => {
                         if !self.take_commands() {
                             return Ok(());
@@ -425,7 +459,7 @@ impl DataPlane {
 
     fn tick(&mut self, now: Instant) {
         for (to, datagram) in self.endpoint.tick() {
-            self.send_datagram(to, &datagram);
+            self.send_datagram(to, datagram);
         }
         let idle = self.config.udp_idle;
         let expired: Vec<Token> = self
@@ -462,12 +496,38 @@ impl DataPlane {
         token
     }
 
-    fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) {
-        // UDP: a full socket buffer drops the datagram, as a network would.
-        if let Err(error) = self.wireguard.send_to(datagram, to)
-            && error.kind() != io::ErrorKind::WouldBlock
-        {
-            tracing::debug!(%to, %error, "sending a WireGuard datagram failed");
+    fn send_datagram(&mut self, to: SocketAddr, datagram: Vec<u8>) {
+        if self.outbox.is_empty() {
+            match self.wireguard.send_to(&datagram, to) {
+                Ok(_) => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => {
+                    tracing::debug!(%to, %error, "sending a WireGuard datagram failed");
+                    return;
+                }
+            }
+        }
+        if self.outbox.len() < OUTBOX {
+            if self.outbox.is_empty() {
+                tracing::debug!("the WireGuard socket's send buffer is full; queueing");
+            }
+            self.outbox.push_back((to, datagram));
+        } else {
+            self.metrics
+                .dropped
+                .with_label_values(&["send_buffer_full"])
+                .inc();
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        while let Some((to, datagram)) = self.outbox.front() {
+            match self.wireguard.send_to(datagram, *to) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) => tracing::debug!(%to, %error, "sending a WireGuard datagram failed"),
+                Ok(_) => {}
+            }
+            self.outbox.pop_front();
         }
     }
 
@@ -503,7 +563,7 @@ impl DataPlane {
             if let Some(client) = &handled.handshake_with {
                 tracing::debug!(client, %from, "handshake completed");
             }
-            for reply in &handled.replies {
+            for reply in handled.replies {
                 self.send_datagram(from, reply);
             }
             for (_, packet) in handled.packets {
@@ -558,8 +618,11 @@ impl DataPlane {
             return;
         };
         match self.endpoint.encapsulate(destination, packet) {
-            Some((to, datagram)) => self.send_datagram(to, &datagram),
-            None => self.metrics.dropped.with_label_values(&["no_route"]).inc(),
+            Some((to, datagram)) => self.send_datagram(to, datagram),
+            None => {
+                tracing::debug!(%destination, "no peer holds the destination");
+                self.metrics.dropped.with_label_values(&["no_route"]).inc();
+            }
         }
     }
 
@@ -656,10 +719,11 @@ impl DataPlane {
 
     fn new_socket(&self) -> tcp::Socket<'static> {
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_RECEIVE_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_SEND_BUFFER]),
         );
         socket.set_nagle_enabled(false);
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_ack_delay(None);
         socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
         socket
@@ -672,6 +736,7 @@ impl DataPlane {
         stream: TcpStream,
         tuple: Option<(SocketAddr, SocketAddr)>,
     ) {
+        tracing::debug!(?tuple, "TCP flow opened");
         self.metrics
             .flows_total
             .with_label_values(&["tcp", "opened"])
@@ -848,7 +913,10 @@ impl DataPlane {
     /// Moves packets through the stack and bytes between the stack and the cluster sockets
     /// until nothing moves; then sends what the stack wrote.
     fn pump(&mut self) {
-        loop {
+        // Bounded, so that the event loop always comes back to the sockets; what is left
+        // is picked up on the next turn.
+        self.unfinished = true;
+        for _ in 0..PUMP_ROUNDS {
             let now = self.stack_now();
             self.stack.poll(now, &mut self.queues, &mut self.sockets);
             let moved = self.shuttle();
@@ -858,6 +926,7 @@ impl DataPlane {
                 self.send_to_peer(packet);
             }
             if !moved && self.queues.inbound.is_empty() {
+                self.unfinished = false;
                 break;
             }
         }
@@ -869,6 +938,10 @@ impl DataPlane {
         let mut moved = false;
         for flow in self.tcp.values_mut() {
             let socket = self.sockets.get_mut::<tcp::Socket>(flow.socket);
+            // A reset or aborted connection keeps what it had received; it goes nowhere now.
+            if socket.state() == tcp::State::Closed {
+                continue;
+            }
             moved |= peer_to_cluster(flow, socket);
             moved |= cluster_to_peer(flow, socket);
         }
@@ -889,6 +962,13 @@ impl DataPlane {
             let Some(mut flow) = self.tcp.remove(&token) else {
                 continue;
             };
+            tracing::debug!(
+                tuple = ?flow.tuple,
+                state = %self.sockets.get::<tcp::Socket>(flow.socket).state(),
+                peer_done = flow.peer_done,
+                cluster_done = flow.cluster_done,
+                "TCP flow ended"
+            );
             let _ = self.poll.registry().deregister(&mut flow.stream);
             // Whatever the peer had not finished is cut on the cluster side too.
             let _ = flow.stream.shutdown(Shutdown::Both);

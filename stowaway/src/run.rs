@@ -21,7 +21,7 @@ use gefyra_api::rbac::{identity_yaml, rule};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::{reflector, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -341,13 +341,16 @@ async fn keep_peers(api: Api<GefyraClient>, handle: dataplane::Handle, ready: Ar
     let changed = Arc::new(tokio::sync::Notify::new());
     let notify = changed.clone();
     tokio::spawn(
-        reflector(writer, watcher(api, watcher::Config::default())).for_each(move |event| {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(error) => tracing::warn!(%error, "watching GefyraClients failed; retrying"),
-            }
-            futures::future::ready(())
-        }),
+        reflector(writer, watcher(api, watcher::Config::default()))
+            // Failed watches are retried with backoff, not in a hot loop.
+            .default_backoff()
+            .for_each(move |event| {
+                match event {
+                    Ok(_) => notify.notify_one(),
+                    Err(error) => tracing::warn!(%error, "watching GefyraClients failed; retrying"),
+                }
+                futures::future::ready(())
+            }),
     );
     if store.wait_until_ready().await.is_err() {
         return;

@@ -262,9 +262,9 @@ impl Lab {
     /// Starts wireguard-go for `interface` in `netns` and waits for the interface.
     pub fn wireguard_go(&mut self, netns: &str, interface: &str) -> Result<()> {
         let wireguard_go = which("wireguard-go")?;
-        let mut command = Command::new("ip");
+        let mut command = Command::new("setpriv");
         command
-            .args(["netns", "exec", netns])
+            .args(["--pdeathsig=SIGKILL", "ip", "netns", "exec", netns])
             .arg(&wireguard_go)
             .arg(interface)
             .env("WG_PROCESS_FOREGROUND", "1");
@@ -472,6 +472,8 @@ impl Lab {
                 "--inh-caps=-all",
                 "--bounding-set=-all",
                 "--no-new-privs",
+                // Gone with the test, even when the test is killed.
+                "--pdeathsig=SIGKILL",
                 "--",
             ])
             .arg(&binary)

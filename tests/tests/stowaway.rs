@@ -325,3 +325,60 @@ async fn garbage_and_a_handshake_flood_leave_real_peers_connected() -> Result<()
     ensure!(completed >= 2.0, "a's handshakes completed: {completed}");
     Ok(())
 }
+
+#[tokio::test]
+async fn bulk_transfers_complete_in_both_directions_and_in_parallel() -> Result<()> {
+    const BYTES: usize = 32 << 20;
+    let cluster = Cluster::from_env().await?;
+    let mut setup = setup(&cluster, "stowaway-bulk", &[]).await?;
+    setup.stowaway.wait_ready().await?;
+    let a = setup
+        .connected_peer("a", json!({ "subnet": "172.31.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&a.netns).await?;
+    let url = |path: &str| format!("http://{}:8080{path}", setup.lab.cluster_address());
+    // Sequentially, then four at once each way (flows share the tunnel and the stack).
+    for round in [1usize, 4] {
+        let mut transfers = Vec::new();
+        for _ in 0..round {
+            for (kind, target) in [
+                ("download", url(&format!("/bytes/{BYTES}"))),
+                ("upload", url("/")),
+            ] {
+                let mut command = std::process::Command::new("ip");
+                command
+                    .args(["netns", "exec", &a.netns])
+                    .arg(gefyra_e2e::lab::lab_binary())
+                    .args([kind, &target]);
+                if kind == "upload" {
+                    command.arg(BYTES.to_string());
+                }
+                transfers.push((kind, tokio::task::spawn_blocking(move || command.output())));
+            }
+        }
+        for (kind, transfer) in transfers {
+            let output = transfer.await??;
+            ensure!(
+                output.status.success(),
+                "{kind} failed: {}\nStowaway log:\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                setup.stowaway.process.log_text()
+            );
+            let count: usize = String::from_utf8_lossy(&output.stdout).trim().parse()?;
+            ensure!(count == BYTES, "{kind} moved {count} of {BYTES} bytes");
+        }
+    }
+    // The cluster side closes while the peer still sends: the peer's connection is reset,
+    // and Stowaway goes on serving (this once spun the data plane forever).
+    let early = setup.lab.probe(
+        &a.netns,
+        &["upload", &url("/close-early"), &BYTES.to_string()],
+    );
+    ensure!(
+        early.is_err(),
+        "an upload to a closed service succeeded: {early:?}"
+    );
+    setup.reaches_the_cluster(&a.netns).await?;
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}

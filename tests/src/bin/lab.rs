@@ -4,6 +4,8 @@
 //!   `/bytes/N` N bytes, `/slow/S` 160 KiB a second for S seconds) and UDP echo.
 //! - `lab http URL`: GET, print the body.
 //! - `lab download URL`: GET, print how many body bytes arrived.
+//! - `lab upload URL N`: POST N bytes, print the server's count of what arrived
+//!   (`/close-early`: the server stops reading after the first read and closes 2 s later).
 //! - `lab udp ADDR MESSAGE [--from IP]`: one datagram, print the reply.
 //! - `lab dns SERVER NAME`: an A query over UDP, print the first address.
 
@@ -31,6 +33,16 @@ fn main() -> Result<()> {
         ),
         Some("http") => {
             let (_, body) = get(args.get(1).context("a URL")?, Duration::from_secs(5))?;
+            print!("{}", String::from_utf8_lossy(&body));
+            Ok(())
+        }
+        Some("upload") => {
+            let count: usize = args.get(2).context("N")?.parse()?;
+            let (_, body) = post(
+                args.get(1).context("a URL")?,
+                count,
+                Duration::from_secs(120),
+            )?;
             print!("{}", String::from_utf8_lossy(&body));
             Ok(())
         }
@@ -87,16 +99,44 @@ fn answer(mut stream: TcpStream, name: &str) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
+    let mut content_length = 0usize;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
+        }
+        if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            content_length = value.trim().parse().unwrap_or(0);
         }
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
     let head = |length: usize| {
         format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n")
     };
+    if request_line.starts_with("POST /close-early") {
+        // Reads a little, stops reading until every buffer on the way is full, then closes
+        // with the rest unread (the kernel answers with a reset).
+        let mut chunk = vec![0u8; 64 * 1024];
+        let _ = reader.read(&mut chunk)?;
+        std::thread::sleep(Duration::from_secs(2));
+        return Ok(());
+    }
+    if request_line.starts_with("POST ") {
+        // Counts what arrives.
+        let mut received = 0usize;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while received < content_length {
+            let read = reader.read(&mut chunk)?;
+            if read == 0 {
+                break;
+            }
+            received += read;
+        }
+        let body = received.to_string();
+        stream.write_all(head(body.len()).as_bytes())?;
+        stream.write_all(body.as_bytes())?;
+        return Ok(());
+    }
     if let Some(count) = path.strip_prefix("/bytes/") {
         let count: usize = count.parse()?;
         stream.write_all(head(count).as_bytes())?;
@@ -123,20 +163,51 @@ fn answer(mut stream: TcpStream, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A GET over plain TCP: (status, body); the body is read to the end of the connection.
-fn get(url: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> {
+/// A POST of `count` bytes over plain TCP: (status, body).
+fn post(url: &str, count: usize, timeout: Duration) -> Result<(u16, Vec<u8>)> {
+    let (address, host, path) = split_url(url)?;
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {count}\r\nConnection: close\r\n\r\n"
+    )?;
+    let chunk = vec![b'z'; 64 * 1024];
+    let mut left = count;
+    while left > 0 {
+        let now = left.min(chunk.len());
+        stream.write_all(&chunk[..now])?;
+        left -= now;
+    }
+    read_response(stream)
+}
+
+fn split_url(url: &str) -> Result<(SocketAddr, String, String)> {
     let rest = url.strip_prefix("http://").context("an http:// URL")?;
     let (host, path) = match rest.find('/') {
         Some(at) => (&rest[..at], &rest[at..]),
         None => (rest, "/"),
     };
     let address: SocketAddr = host.parse().context("a URL with ADDRESS:PORT")?;
+    Ok((address, host.to_string(), path.to_string()))
+}
+
+/// A GET over plain TCP: (status, body); the body is read to the end of the connection.
+fn get(url: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> {
+    let (address, host, path) = split_url(url)?;
     let mut stream = TcpStream::connect_timeout(&address, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
+    read_response(stream)
+}
+
+/// Status and body of a response read to the end of the connection (checked against its
+/// Content-Length).
+fn read_response(mut stream: TcpStream) -> Result<(u16, Vec<u8>)> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let split = response

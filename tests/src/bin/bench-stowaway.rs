@@ -1,0 +1,392 @@
+//! `make bench`: Stowaway against baselines measured in the same run.
+//!
+//! - Throughput: one TCP stream (iperf3, BENCH_IPERF_SECONDS each) from a wireguard-go peer
+//!   to a server in the cluster namespace and back (`-R`): through Stowaway (release build,
+//!   unprivileged, userspace TCP termination), and through a baseline of a wireguard-go
+//!   server with kernel forwarding (namespaces only; the peer side is the same wireguard-go).
+//! - Handshakes per second on one core: through Stowaway's endpoint (the initiator looked up
+//!   among N peers by its static key) against boringtun alone (each initiation straight to
+//!   its peer's tunnel).
+//! - Memory: the endpoint with 10,000 peers configured.
+//!
+//! Needs root (network namespaces) and the control plane (`make bench` starts it).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use gefyra_e2e::Cluster;
+use gefyra_e2e::lab::{Deployment, Lab, run, write_secret};
+use serde_json::json;
+use stowaway::endpoint::Endpoint;
+use stowaway::peers::{self, PeerSpec};
+
+const HANDSHAKE_PEERS: usize = 2_000;
+const MEMORY_PEERS: usize = 10_000;
+const PSK: [u8; 32] = [9; 32];
+
+fn main() -> Result<()> {
+    let seconds: u64 = std::env::var("BENCH_IPERF_SECONDS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(5);
+    handshakes()?;
+    memory()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(throughput(seconds))
+}
+
+fn key() -> [u8; 32] {
+    rand::random()
+}
+
+fn public_of(private: [u8; 32]) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(private)).to_bytes()
+}
+
+fn spec(index: usize, public_key: [u8; 32]) -> PeerSpec {
+    let address = Ipv4Addr::from(0x0a40_0000 + index as u32 + 1);
+    PeerSpec {
+        client: format!("{index:032x}"),
+        public_key,
+        preshared_key: PSK,
+        ranges: vec![ipnet::IpNet::from(std::net::IpAddr::V4(address))],
+    }
+}
+
+fn initiation(client: [u8; 32], server: [u8; 32], index: u32) -> Result<Vec<u8>> {
+    let mut tunnel = Tunn::new(
+        StaticSecret::from(client),
+        PublicKey::from(server),
+        Some(PSK),
+        None,
+        index,
+        None,
+    );
+    let mut buffer = vec![0u8; 256];
+    match tunnel.format_handshake_initiation(&mut buffer, false) {
+        TunnResult::WriteToNetwork(packet) => Ok(packet.to_vec()),
+        _ => bail!("boringtun made no initiation"),
+    }
+}
+
+fn handshakes() -> Result<()> {
+    let server = key();
+    let clients: Vec<[u8; 32]> = (0..HANDSHAKE_PEERS).map(|_| key()).collect();
+    let initiations: Vec<Vec<u8>> = clients
+        .iter()
+        .enumerate()
+        .map(|(index, client)| initiation(*client, public_of(server), index as u32))
+        .collect::<Result<_>>()?;
+    let from: SocketAddr = "198.51.100.7:51820".parse()?;
+
+    // Stowaway's endpoint: every client a peer, no cookie requirement (measures the work).
+    let mut endpoint = Endpoint::with_handshake_rate(server, u64::MAX);
+    let desired: BTreeMap<_, _> = clients
+        .iter()
+        .enumerate()
+        .map(|(index, client)| (public_of(*client), spec(index, public_of(*client))))
+        .collect();
+    endpoint.apply(peers::plan(&BTreeMap::new(), &desired));
+    let started = Instant::now();
+    let mut completed = 0;
+    for datagram in &initiations {
+        if endpoint
+            .handle_datagram(from, datagram)
+            .handshake_with
+            .is_some()
+        {
+            completed += 1;
+        }
+    }
+    let endpoint_rate = completed as f64 / started.elapsed().as_secs_f64();
+    if completed != HANDSHAKE_PEERS {
+        bail!("only {completed} of {HANDSHAKE_PEERS} handshakes completed");
+    }
+
+    // boringtun alone: one server tunnel per client, made beforehand.
+    let mut tunnels: Vec<Tunn> = clients
+        .iter()
+        .enumerate()
+        .map(|(index, client)| {
+            Tunn::new(
+                StaticSecret::from(server),
+                PublicKey::from(public_of(*client)),
+                Some(PSK),
+                None,
+                index as u32,
+                None,
+            )
+        })
+        .collect();
+    let mut buffer = vec![0u8; 2048];
+    let started = Instant::now();
+    let mut answered = 0;
+    for (tunnel, datagram) in tunnels.iter_mut().zip(&initiations) {
+        if let TunnResult::WriteToNetwork(_) =
+            tunnel.decapsulate(Some(from.ip()), datagram, &mut buffer)
+        {
+            answered += 1;
+        }
+    }
+    let raw_rate = answered as f64 / started.elapsed().as_secs_f64();
+    println!("== Handshakes, one core, {HANDSHAKE_PEERS} peers configured");
+    println!("boringtun alone (tunnel known)      {raw_rate:>10.0}/s");
+    println!(
+        "stowaway endpoint (lookup by key)   {endpoint_rate:>10.0}/s   ratio {:.2}",
+        endpoint_rate / raw_rate
+    );
+    Ok(())
+}
+
+/// Resident memory of this process, KiB.
+fn rss_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .context("VmRSS in /proc/self/status")
+}
+
+fn memory() -> Result<()> {
+    let before = rss_kib()?;
+    let mut endpoint = Endpoint::new(key());
+    let desired: BTreeMap<_, _> = (0..MEMORY_PEERS)
+        .map(|index| {
+            let public = public_of(key());
+            (public, spec(index, public))
+        })
+        .collect();
+    endpoint.apply(peers::plan(&BTreeMap::new(), &desired));
+    drop(desired);
+    let after = rss_kib()?;
+    let grown = after.saturating_sub(before);
+    println!("== Memory, endpoint with {MEMORY_PEERS} peers configured");
+    println!(
+        "{:.1} MiB ({:.1} KiB a peer)",
+        grown as f64 / 1024.0,
+        grown as f64 / MEMORY_PEERS as f64
+    );
+    std::hint::black_box(&endpoint);
+    Ok(())
+}
+
+/// One iperf3 run from `netns` to `server`: bits per second received at the far end
+/// (upload) or, with `reverse`, at the peer (download).
+fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, reverse: bool) -> Result<f64> {
+    let seconds = seconds.to_string();
+    let server = server.to_string();
+    let limit = (seconds.parse::<u64>()? * 4 + 20).to_string();
+    let mut args = vec![
+        limit.as_str(),
+        "iperf3",
+        "-c",
+        server.as_str(),
+        "-t",
+        seconds.as_str(),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let output = lab
+        .exec_in(netns, "timeout", &args)
+        .with_context(|| format!("iperf3 from {netns} to {server} (reverse: {reverse})"))?;
+    let report: serde_json::Value = serde_json::from_str(&output)?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 reported no throughput: {output}"))
+}
+
+/// The baseline: peer namespace -> wireguard-go server with kernel forwarding -> service.
+/// Returns (peer namespace, service address).
+fn baseline(lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
+    let slot = lab.slot;
+    let (peer, gateway, service) = (
+        format!("gfb-{slot}-peer"),
+        format!("gfb-{slot}-gw"),
+        format!("gfb-{slot}-svc"),
+    );
+    for netns in [&peer, &gateway, &service] {
+        lab.add_netns(netns)?;
+    }
+    let address = |last: u8| Ipv4Addr::new(10, 79, slot, last);
+    lab.wire((&peer, address(2)), (&gateway, address(1)), "bl0", 30)?;
+    lab.wire((&gateway, address(5)), (&service, address(6)), "bl1", 30)?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &service,
+            "route",
+            "add",
+            "default",
+            "via",
+            &address(5).to_string(),
+        ],
+    )?;
+    lab.exec_in(&gateway, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    let (server_key, client_key) = (key(), key());
+    let encode = |bytes: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let server_file = lab.dir.join("baseline-server.key");
+    let client_file = lab.dir.join("baseline-client.key");
+    write_secret(&server_file, &encode(server_key))?;
+    write_secret(&client_file, &encode(client_key))?;
+    let (server_if, client_if) = (format!("gwbs{slot}"), format!("gwbc{slot}"));
+    lab.wireguard_go(&gateway, &server_if)?;
+    lab.wireguard_go(&peer, &client_if)?;
+    let path = |file: &std::path::Path| file.to_str().map(str::to_string).context("a UTF-8 path");
+    lab.exec_in(
+        &gateway,
+        "wg",
+        &[
+            "set",
+            &server_if,
+            "private-key",
+            &path(&server_file)?,
+            "listen-port",
+            "51820",
+            "peer",
+            &encode(public_of(client_key)),
+            "allowed-ips",
+            "192.168.99.2/32",
+        ],
+    )?;
+    lab.exec_in(
+        &peer,
+        "wg",
+        &[
+            "set",
+            &client_if,
+            "private-key",
+            &path(&client_file)?,
+            "peer",
+            &encode(public_of(server_key)),
+            "endpoint",
+            &format!("{}:51820", address(1)),
+            "allowed-ips",
+            "0.0.0.0/0",
+            "persistent-keepalive",
+            "21",
+        ],
+    )?;
+    for (netns, interface, own) in [
+        (&gateway, &server_if, "192.168.99.1/24"),
+        (&peer, &client_if, "192.168.99.2/32"),
+    ] {
+        run("ip", &["-n", netns, "addr", "add", own, "dev", interface])?;
+        run(
+            "ip",
+            &["-n", netns, "link", "set", interface, "mtu", "1420", "up"],
+        )?;
+    }
+    for route in ["192.168.99.1/32".to_string(), format!("{}/30", address(4))] {
+        run(
+            "ip",
+            &["-n", &peer, "route", "add", &route, "dev", &client_if],
+        )?;
+    }
+    let iperf3 = std::path::Path::new("iperf3");
+    lab.spawn_in(
+        &service,
+        "baseline-iperf3",
+        iperf3,
+        &["-s", "-B", &address(6).to_string()],
+    )?;
+    Ok((peer, address(6)))
+}
+
+/// Waits until `netns` reaches `address` (handshake done, server listening).
+fn reachable(lab: &Lab, netns: &str, address: Ipv4Addr) -> Result<()> {
+    for _ in 0..60 {
+        if lab
+            .exec_in(netns, "ping", &["-c", "1", "-W", "1", &address.to_string()])
+            .is_ok()
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("{netns} cannot reach {address}")
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+async fn throughput(seconds: u64) -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let mut deployment = Deployment::start(&cluster, "bench-stowaway", &[]).await?;
+    deployment.stowaway.wait_ready().await?;
+    let peer = deployment
+        .connected_peer("bench", json!({ "subnet": "172.31.200.0/24" }), true)
+        .await?;
+    let service = deployment.lab.cluster_address();
+    let cluster_netns = deployment.lab.cluster_netns();
+    deployment.lab.spawn_in(
+        &cluster_netns,
+        "iperf3",
+        std::path::Path::new("iperf3"),
+        &["-s", "-B", &service.to_string()],
+    )?;
+    // Stowaway answers ICMP echo only at its own tunnel address.
+    reachable(&deployment.lab, &peer.netns, Ipv4Addr::new(192, 168, 99, 1))?;
+    let (baseline_peer, baseline_service) = baseline(&mut deployment.lab)?;
+    reachable(&deployment.lab, &baseline_peer, baseline_service)?;
+    // Let both iperf3 servers listen.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let lab = &deployment.lab;
+    let gbit = |bits: f64| bits / 1e9;
+    let base_up = iperf(lab, &baseline_peer, baseline_service, seconds, false)?;
+    let base_down = iperf(lab, &baseline_peer, baseline_service, seconds, true)?;
+    let through_stowaway = |reverse| {
+        iperf(lab, &peer.netns, service, seconds, reverse).map_err(|error| {
+            let log = deployment.stowaway.process.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            error.context(format!("Stowaway's log ends:\n{}", tail.join("\n")))
+        })
+    };
+    let ours_up = through_stowaway(false)?;
+    let ours_down = through_stowaway(true)?;
+    println!("== Throughput, one TCP stream (iperf3, {seconds} s), wireguard-go peer <-> cluster");
+    println!("                                        upload        download (-R)");
+    println!(
+        "baseline: wireguard-go + kernel fwd   {:>7.2} Gbit/s  {:>7.2} Gbit/s",
+        gbit(base_up),
+        gbit(base_down)
+    );
+    println!(
+        "stowaway: userspace, unprivileged     {:>7.2} Gbit/s  {:>7.2} Gbit/s",
+        gbit(ours_up),
+        gbit(ours_down)
+    );
+    println!(
+        "ratio                                 {:>7.2}         {:>7.2}",
+        ours_up / base_up,
+        ours_down / base_down
+    );
+    match peak_rss_mib(deployment.stowaway.process.child.id()) {
+        Some(mib) => println!("stowaway peak RSS {mib:.1} MiB"),
+        None => println!("stowaway peak RSS unavailable"),
+    }
+    Ok(())
+}
