@@ -437,11 +437,9 @@ impl DataPlane {
         self.endpoint.apply(plan);
         self.metrics.peers.set(desired.len() as i64);
         // Flows of peers that are gone end now.
-        let specs = self.endpoint.specs();
-        let held = |address: IpAddr| peers::route(specs.values(), address).is_some();
         for flow in self.tcp.values_mut() {
             if let Some((peer, _)) = flow.tuple
-                && !held(peer.ip())
+                && !self.endpoint.holds(peer.ip())
             {
                 self.sockets.get_mut::<tcp::Socket>(flow.socket).abort();
             }
@@ -449,7 +447,7 @@ impl DataPlane {
         let gone: Vec<Token> = self
             .udp
             .iter()
-            .filter(|(_, flow)| !held(flow.peer.ip()))
+            .filter(|(_, flow)| !self.endpoint.holds(flow.peer.ip()))
             .map(|(token, _)| *token)
             .collect();
         for token in gone {
@@ -771,8 +769,7 @@ impl DataPlane {
                     return;
                 }
             };
-            let held = peers::route(self.endpoint.specs().values(), target.ip()).is_some();
-            if !held {
+            if !self.endpoint.holds(target.ip()) {
                 tracing::info!(%from, %target, "forward refused: no connected client holds the target");
                 self.metrics
                     .flows_total

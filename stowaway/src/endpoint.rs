@@ -125,6 +125,11 @@ impl Endpoint {
             .collect()
     }
 
+    /// Whether some peer's range holds `address`.
+    pub fn holds(&self, address: IpAddr) -> bool {
+        peers::route(self.peers.values().map(|peer| &peer.spec), address).is_some()
+    }
+
     /// Applies a plan: added and replaced peers get a fresh tunnel, removed ones lose
     /// theirs at once; every other peer keeps its session.
     pub fn apply(&mut self, plan: Plan) {

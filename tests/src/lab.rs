@@ -22,8 +22,8 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crate::{
-    Cluster, Operator, create_client, eventually, free_port, install_crd, wait_for_ready,
-    wait_for_state,
+    Cluster, Operator, create_client, eventually, free_port, install_crd, sibling_binary,
+    wait_for_ready, wait_for_state,
 };
 
 /// The user Stowaway runs as (nobody): no root, no capabilities.
@@ -45,16 +45,6 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// A test binary next to this one (target/<profile>/<name>).
-pub fn sibling_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    let mut dir = exe.parent().expect("an executable has a directory");
-    if dir.ends_with("deps") {
-        dir = dir.parent().expect("target/<profile>/deps");
-    }
-    dir.join(name)
 }
 
 /// The `lab` helper binary (services and probes), built with the tests.

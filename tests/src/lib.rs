@@ -180,18 +180,22 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         .collect()
 }
 
-/// The operator binary built next to this test binary (`make e2e` builds it first).
-pub fn operator_binary() -> PathBuf {
-    if let Some(binary) = std::env::var_os("GEFYRA_OPERATOR_BINARY") {
-        return PathBuf::from(binary);
-    }
-    // Next to this executable: target/<profile>/deps/<test> or target/<profile>/<bin>.
+/// A binary of this workspace next to the running test binary (target/<profile>/<name>).
+pub fn sibling_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
     let mut dir = exe.parent().expect("an executable has a directory");
     if dir.ends_with("deps") {
         dir = dir.parent().expect("target/<profile>/deps");
     }
-    let binary = dir.join("gefyra-operator");
+    dir.join(name)
+}
+
+/// The operator binary built next to this test binary (`make e2e` builds it first).
+pub fn operator_binary() -> PathBuf {
+    if let Some(binary) = std::env::var_os("GEFYRA_OPERATOR_BINARY") {
+        return PathBuf::from(binary);
+    }
+    let binary = sibling_binary("gefyra-operator");
     assert!(
         binary.exists(),
         "{} is missing: run `cargo build -p gefyra-operator` (make e2e does)",
