@@ -443,14 +443,19 @@ impl Lab {
         Ok(path)
     }
 
-    /// Starts Stowaway in the root namespace as an unprivileged user without capabilities.
+    /// Starts Stowaway in the root namespace as an unprivileged user without capabilities,
+    /// on WireGuard `port` (a free one if `None`).
     pub fn stowaway(
         &mut self,
         kubeconfig: &Path,
         namespace: &str,
+        port: Option<u16>,
         extra: &[&str],
     ) -> Result<Stowaway> {
-        let port = free_udp_port()?;
+        let port = match port {
+            Some(port) => port,
+            None => free_udp_port()?,
+        };
         let http_port = free_port();
         let binary = stowaway_binary();
         let mut command = Command::new("setpriv");
@@ -482,7 +487,10 @@ impl Lab {
             &self.dir,
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
-        let process = Process::spawn(&mut command, self.dir.join("stowaway.log"))?;
+        let process = Process::spawn(
+            &mut command,
+            self.dir.join(format!("stowaway-{http_port}.log")),
+        )?;
         Ok(Stowaway {
             process,
             port,
@@ -667,6 +675,9 @@ pub struct Deployment {
     pub lab: Lab,
     pub clients: Api<GefyraClient>,
     pub stowaway: Stowaway,
+    /// How Stowaway was started (for restarts): its kubeconfig and arguments.
+    stowaway_kubeconfig: PathBuf,
+    stowaway_arguments: Vec<String>,
     pub operator: Operator,
 }
 
@@ -684,17 +695,35 @@ impl Deployment {
         let operator = Operator::start(cluster, &ns, &[])?;
         let token = stowaway_identity(cluster, &ns).await?;
         let kubeconfig = lab.kubeconfig_for(cluster, &token)?;
-        let resolver = resolver.to_string();
-        let mut arguments = vec!["--resolver", resolver.as_str()];
-        arguments.extend(extra.iter().map(String::as_str));
-        let stowaway = lab.stowaway(&kubeconfig, &ns, &arguments)?;
+        let mut arguments = vec!["--resolver".to_string(), resolver.to_string()];
+        arguments.extend(extra.iter().cloned());
+        let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        let stowaway = lab.stowaway(&kubeconfig, &ns, None, &borrowed)?;
         let clients = Api::namespaced(admin, &ns);
         Ok(Self {
             lab,
             clients,
             stowaway,
+            stowaway_kubeconfig: kubeconfig,
+            stowaway_arguments: arguments,
             operator,
         })
+    }
+
+    /// Kills Stowaway outright and starts it again on the same WireGuard port.
+    pub async fn restart_stowaway(&mut self) -> Result<()> {
+        let port = self.stowaway.port;
+        self.stowaway.process.child.kill()?;
+        self.stowaway.process.child.wait()?;
+        let namespace = self.clients.namespace().context("namespaced")?.to_string();
+        let arguments: Vec<&str> = self.stowaway_arguments.iter().map(String::as_str).collect();
+        self.stowaway = self.lab.stowaway(
+            &self.stowaway_kubeconfig,
+            &namespace,
+            Some(port),
+            &arguments,
+        )?;
+        self.stowaway.wait_ready().await
     }
 
     /// A client, connected with `parameter` (plus `publicKey` when it keeps its own key),

@@ -323,6 +323,10 @@ async fn garbage_and_a_handshake_flood_leave_real_peers_connected() -> Result<()
         "strangers' handshakes refused: {strangers}"
     );
     ensure!(completed >= 2.0, "a's handshakes completed: {completed}");
+    // Stowaway killed and started again: it rebuilds its peers from the API, and the peer
+    // reconnects with the config it already has.
+    setup.restart_stowaway().await?;
+    setup.reaches_the_cluster(&a.netns).await?;
     Ok(())
 }
 
