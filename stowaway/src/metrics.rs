@@ -108,12 +108,47 @@ impl Metrics {
         }
         let mut families = self.registry.gather();
         for per_peer in [last_handshake, received, sent] {
-            families.extend(prometheus::core::Collector::collect(&per_peer));
+            // A family without series (no peers yet) cannot be encoded: leave it out.
+            families.extend(
+                prometheus::core::Collector::collect(&per_peer)
+                    .into_iter()
+                    .filter(|family| !family.get_metric().is_empty()),
+            );
         }
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&families, &mut buffer)
             .expect("text encoding never fails");
         String::from_utf8(buffer).expect("metrics are UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_with_and_without_peers() {
+        let metrics = Metrics::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let empty = metrics.render(&BTreeMap::new(), now);
+        assert!(empty.contains("stowaway_peers 0"), "{empty}");
+        let stats = BTreeMap::from([(
+            "a".to_string(),
+            PeerStats {
+                since_handshake: Some(Duration::from_secs(10)),
+                received: 5,
+                sent: 7,
+                endpoint: None,
+            },
+        )]);
+        let text = metrics.render(&stats, now);
+        assert!(
+            text.contains("stowaway_peer_last_handshake_timestamp_seconds{client=\"a\"} 990"),
+            "{text}"
+        );
+        assert!(text.contains("stowaway_peer_received_bytes{client=\"a\"} 5"));
+        assert!(text.contains("stowaway_peer_sent_bytes{client=\"a\"} 7"));
     }
 }
