@@ -18,7 +18,6 @@ use kube::config::Kubeconfig;
 
 use gefyra_api::{ClientState, GefyraClient};
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crate::{
@@ -647,14 +646,9 @@ pub async fn connect(
     name: &str,
     parameter: Value,
 ) -> Result<GefyraClient> {
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "providerParameter": parameter })),
-    )
-    .await
-    .with_context(|| format!("connecting {name}"))?;
-    if parameter.is_null() {
+    let disconnect = parameter.is_null();
+    crate::set_provider_parameter(api, name, parameter).await?;
+    if disconnect {
         wait_for_state(api, name, ClientState::Waiting).await
     } else {
         wait_for_state(api, name, ClientState::Active).await

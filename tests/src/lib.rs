@@ -212,6 +212,24 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Connects (a parameter) or disconnects (`null`) a client by patching its
+/// `providerParameter`, as a client would.
+pub async fn set_provider_parameter(
+    api: &Api<GefyraClient>,
+    name: &str,
+    parameter: serde_json::Value,
+) -> Result<()> {
+    use kube::api::{Patch, PatchParams};
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "providerParameter": parameter })),
+    )
+    .await
+    .with_context(|| format!("connecting {name}"))?;
+    Ok(())
+}
+
 /// GETs `path` from an HTTP server on the loopback port; `(status, body)`.
 pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use gefyra_api::ipam;
 use gefyra_api::{ClientState, GefyraClient};
+use gefyra_e2e::set_provider_parameter as connect;
 use gefyra_e2e::{
     Cluster, Operator, WAIT, api_status, create_client, eventually, install_crd, wait_for_ready,
     wait_for_state, wait_gone,
@@ -15,20 +16,9 @@ use gefyra_operator::allocator;
 use ipnet::IpNet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-
-async fn connect(api: &Api<GefyraClient>, name: &str, parameter: Value) -> Result<()> {
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "providerParameter": parameter })),
-    )
-    .await
-    .with_context(|| format!("connecting {name}"))?;
-    Ok(())
-}
 
 /// Every range held in the API server, as (client, range): one per tunnel-address claim
 /// (read from the Leases themselves) and one per route.
