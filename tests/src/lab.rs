@@ -616,16 +616,7 @@ fn free_udp_port() -> Result<u16> {
 
 /// The Stowaway binary built next to the tests (`make e2e` builds it).
 pub fn stowaway_binary() -> PathBuf {
-    if let Some(binary) = std::env::var_os("GEFYRA_STOWAWAY_BINARY") {
-        return PathBuf::from(binary);
-    }
-    let binary = sibling_binary("stowaway");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build -p stowaway` (make e2e does)",
-        binary.display()
-    );
-    binary
+    crate::workspace_binary("stowaway", "stowaway", "GEFYRA_STOWAWAY_BINARY")
 }
 
 /// Applies Stowaway's own ServiceAccount, Role and RoleBinding (`stowaway rbac`) in

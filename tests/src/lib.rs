@@ -190,18 +190,28 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// The operator binary built next to this test binary (`make e2e` builds it first).
-pub fn operator_binary() -> PathBuf {
-    if let Some(binary) = std::env::var_os("GEFYRA_OPERATOR_BINARY") {
+/// A binary of this workspace: `$override_variable` if set, else `name` next to this test
+/// binary, which must exist (`make e2e` builds it with package `package`).
+pub fn workspace_binary(name: &str, package: &str, override_variable: &str) -> PathBuf {
+    if let Some(binary) = std::env::var_os(override_variable) {
         return PathBuf::from(binary);
     }
-    let binary = sibling_binary("gefyra-operator");
+    let binary = sibling_binary(name);
     assert!(
         binary.exists(),
-        "{} is missing: run `cargo build -p gefyra-operator` (make e2e does)",
+        "{} is missing: run `cargo build -p {package}` (make e2e does)",
         binary.display()
     );
     binary
+}
+
+/// The operator binary built next to this test binary (`make e2e` builds it first).
+pub fn operator_binary() -> PathBuf {
+    workspace_binary(
+        "gefyra-operator",
+        "gefyra-operator",
+        "GEFYRA_OPERATOR_BINARY",
+    )
 }
 
 /// A loopback TCP port free at the time of asking.
