@@ -1,11 +1,13 @@
 //! gefyra-api: the GefyraClient resource, its states, the client-file format and the
 //! IP-range math shared by the operator, Stowaway and the CLI.
 //!
-//! Pure data and pure functions only: no I/O, no async runtime.
+//! Pure data and pure functions only (plus key generation): no I/O, no async runtime.
 
 pub mod client;
+pub mod client_file;
 pub mod crd;
 pub mod ipam;
 pub mod rbac;
+pub mod wireguard;
 
 pub use client::{ClientState, ClientStatus, GefyraClient, Provider, ServiceAccountData};

@@ -6,46 +6,11 @@ use std::net::IpAddr;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use gefyra_api::ipam::{Allocation, SERVER_ADDRESS};
+pub use gefyra_api::wireguard::{
+    KeyPair, generate_key_pair, generate_preshared_key, public_key_of,
+};
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
-use x25519_dalek::{PublicKey, StaticSecret};
-
-/// A WireGuard key pair, base64 as `wg` prints it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KeyPair {
-    pub private: String,
-    pub public: String,
-}
-
-impl std::fmt::Debug for KeyPair {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print a private key, not even in a debug log.
-        f.debug_struct("KeyPair")
-            .field("public", &self.public)
-            .finish_non_exhaustive()
-    }
-}
-
-pub fn generate_key_pair() -> KeyPair {
-    let secret = StaticSecret::from(rand::random::<[u8; 32]>());
-    let public = PublicKey::from(&secret);
-    KeyPair {
-        private: STANDARD.encode(secret.to_bytes()),
-        public: STANDARD.encode(public.as_bytes()),
-    }
-}
-
-/// The public key of a base64 private key, if it is one.
-pub fn public_key_of(private: &str) -> Option<String> {
-    let bytes: [u8; 32] = STANDARD.decode(private).ok()?.try_into().ok()?;
-    let secret = StaticSecret::from(bytes);
-    Some(STANDARD.encode(PublicKey::from(&secret).as_bytes()))
-}
-
-/// A fresh pre-shared key (32 random bytes, base64).
-pub fn generate_preshared_key() -> String {
-    STANDARD.encode(rand::random::<[u8; 32]>())
-}
 
 /// What a client asked for when it set `providerParameter`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,18 +123,6 @@ mod tests {
             tunnel: "192.168.96.2/32".parse().unwrap(),
             routed: None,
         }
-    }
-
-    #[test]
-    fn generated_keys_are_wireguard_keys_and_never_printed() {
-        let pair = generate_key_pair();
-        assert_eq!(STANDARD.decode(&pair.private).unwrap().len(), 32);
-        assert_eq!(
-            public_key_of(&pair.private).as_deref(),
-            Some(pair.public.as_str())
-        );
-        assert!(!format!("{pair:?}").contains(&pair.private));
-        assert_ne!(generate_key_pair(), pair);
     }
 
     #[test]
