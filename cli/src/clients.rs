@@ -1,0 +1,387 @@
+//! `kubectl gefyra clients ...`: the admin's commands. They create, read, patch and delete
+//! GefyraClient resources; everything else is the operator's work.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use gefyra_api::client_file::ClientFile;
+use gefyra_api::{ClientState, GefyraClient, Provider};
+use indicatif::{ProgressBar, ProgressStyle};
+use k8s_openapi::api::core::v1::{Event, Node, Service};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::args::{ConfigArgs, CreateArgs, DeleteArgs, InspectArgs, ListArgs};
+use crate::cluster::Admin;
+use crate::error::{CliError, Kind, Result};
+use crate::files::write_private;
+use crate::render::{ClientRow, Inspection, client_list};
+use crate::wait::{self, Goal};
+
+/// Stowaway's Service and its WireGuard port, as Gefyra names them.
+pub const STOWAWAY_SERVICE: &str = "gefyra-stowaway-wireguard";
+pub const WIREGUARD_PORT_NAME: &str = "gefyra-wireguard";
+pub const DEFAULT_WIREGUARD_PORT: u16 = 31820;
+
+fn not_found(name: &str, namespace: &str) -> impl Fn(kube::Error) -> CliError {
+    let what = format!("GefyraClient {name} in namespace {namespace}");
+    move |error| match &error {
+        kube::Error::Api(status) if status.code == 404 => CliError::new(
+            Kind::NotFound,
+            format!("{what} does not exist (`kubectl gefyra clients list` shows the clients)"),
+        ),
+        _ => CliError::kube(&format!("reading {what}"), error),
+    }
+}
+
+/// A random ID as Gefyra makes them: 32 hex characters (a UUID v4 without dashes).
+pub fn random_client_id() -> String {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
+    if args.client_id.is_some() && args.quantity > 1 {
+        return Err(CliError::new(
+            Kind::Usage,
+            "--client-id names one client; leave it out to create -n N clients with random IDs",
+        ));
+    }
+    let api = admin.clients();
+    let ids: Vec<String> = match &args.client_id {
+        Some(id) => vec![id.clone()],
+        None => (0..args.quantity).map(|_| random_client_id()).collect(),
+    };
+    for id in &ids {
+        let client = GefyraClient {
+            metadata: ObjectMeta {
+                name: Some(id.clone()),
+                namespace: Some(admin.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            provider: Provider::Stowaway,
+            ..GefyraClient::default()
+        };
+        api.create(&PostParams::default(), &client).await.map_err(|error| match &error {
+            kube::Error::Api(status) if status.code == 409 => CliError::new(
+                Kind::Conflict,
+                format!(
+                    "GefyraClient {id} already exists in namespace {}: choose another --client-id, or delete it first",
+                    admin.namespace
+                ),
+            ),
+            kube::Error::Api(status) if status.code == 404 => CliError::new(
+                Kind::NotFound,
+                format!(
+                    "cannot create GefyraClient {id}: {} (is Gefyra installed, does namespace {} exist?)",
+                    status.message, admin.namespace
+                ),
+            ),
+            _ => CliError::kube(&format!("creating GefyraClient {id}"), error),
+        })?;
+        println!("{id}");
+    }
+    if !args.nowait {
+        let progress = ProgressBar::new(ids.len() as u64).with_style(
+            ProgressStyle::with_template(
+                "{spinner} waiting for the credentials {bar:30} {pos}/{len} ({elapsed})",
+            )
+            .expect("a valid progress template"),
+        );
+        progress.enable_steady_tick(Duration::from_millis(120));
+        let goal = Goal {
+            description: "WAITING (credentials ready)",
+            timeout: Duration::from_secs(args.timeout),
+            stale_version: None,
+        };
+        let waits = ids.iter().map(|id| {
+            let (api, goal, progress) = (&api, &goal, &progress);
+            async move {
+                let result =
+                    wait::until(api, id, goal, |client| client.state == ClientState::Waiting).await;
+                progress.inc(1);
+                result
+            }
+        });
+        let results = join_all(waits).await;
+        progress.finish_and_clear();
+        if let Some(error) = results.into_iter().find_map(Result::err) {
+            return Err(error);
+        }
+    }
+    println!("{} client(s) created successfully", ids.len());
+    Ok(())
+}
+
+async fn all_clients(admin: &Admin) -> Result<Vec<GefyraClient>> {
+    let mut clients = admin
+        .clients()
+        .list(&ListParams::default())
+        .await
+        .map_err(|error| {
+            CliError::kube(
+                &format!("listing GefyraClients in namespace {}", admin.namespace),
+                error,
+            )
+        })?
+        .items;
+    clients.sort_by(|a, b| {
+        (
+            a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            a.name_any(),
+        )
+            .cmp(&(
+                b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                b.name_any(),
+            ))
+    });
+    Ok(clients)
+}
+
+pub async fn list(admin: &Admin, args: &ListArgs) -> Result<()> {
+    let rows: Vec<ClientRow> = all_clients(admin)
+        .await?
+        .iter()
+        .map(ClientRow::of)
+        .collect();
+    if rows.is_empty() && args.output == crate::args::OutputFormat::Table {
+        eprintln!("No GefyraClients found in namespace {}", admin.namespace);
+        return Ok(());
+    }
+    print!("{}", client_list(&rows, args.output));
+    Ok(())
+}
+
+pub async fn inspect(admin: &Admin, args: &InspectArgs) -> Result<()> {
+    let client = admin
+        .clients()
+        .get(&args.client_id)
+        .await
+        .map_err(not_found(&args.client_id, &admin.namespace))?;
+    // Events are a courtesy: an admin who may not read them still sees the client.
+    let events: Option<Vec<Event>> = match &client.metadata.uid {
+        Some(uid) => Api::<Event>::namespaced(admin.client.clone(), &admin.namespace)
+            .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
+            .await
+            .ok()
+            .map(|list| list.items),
+        None => None,
+    };
+    print!(
+        "{}",
+        Inspection::of(&client, events.as_deref()).render(args.output)
+    );
+    Ok(())
+}
+
+/// Where clients reach Stowaway, read from its Service: a LoadBalancer's ingress, else a
+/// node's ExternalIP with the NodePort.
+async fn stowaway_endpoint(admin: &Admin, port: Option<u16>) -> Result<String> {
+    let pass_host = "pass --host with the address clients reach Stowaway at";
+    let services: Api<Service> = Api::namespaced(admin.client.clone(), &admin.namespace);
+    let service = services.get(STOWAWAY_SERVICE).await.map_err(|error| match &error {
+        kube::Error::Api(status) if status.code == 404 => CliError::new(
+            Kind::NotFound,
+            format!(
+                "there is no Service {STOWAWAY_SERVICE} in namespace {} to find Stowaway's address: {pass_host}",
+                admin.namespace
+            ),
+        ),
+        _ => CliError::kube(&format!("reading Service {STOWAWAY_SERVICE} ({pass_host})"), error),
+    })?;
+    let spec = service.spec.unwrap_or_default();
+    let service_port = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .find(|candidate| candidate.name.as_deref() == Some(WIREGUARD_PORT_NAME));
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress = service
+            .status
+            .and_then(|status| status.load_balancer)
+            .and_then(|balancer| balancer.ingress)
+            .and_then(|ingress| ingress.into_iter().next())
+            .and_then(|ingress| ingress.hostname.or(ingress.ip))
+            .ok_or_else(|| {
+                CliError::new(
+                    Kind::NotFound,
+                    format!("the LoadBalancer Service {STOWAWAY_SERVICE} has no ingress address yet: wait, or {pass_host}"),
+                )
+            })?;
+        let port = port
+            .or(service_port.map(|service_port| service_port.port as u16))
+            .unwrap_or(DEFAULT_WIREGUARD_PORT);
+        return Ok(format!("{}:{port}", bracket(&ingress)));
+    }
+    let nodes: Api<Node> = Api::all(admin.client.clone());
+    let nodes = nodes.list(&ListParams::default()).await.map_err(|error| {
+        CliError::kube(
+            &format!("listing Nodes to find Stowaway's NodePort address ({pass_host})"),
+            error,
+        )
+    })?;
+    let address = nodes
+        .items
+        .iter()
+        .flat_map(|node| node.status.iter().flat_map(|status| status.addresses.iter().flatten()))
+        .find(|address| address.type_ == "ExternalIP")
+        .map(|address| address.address.clone())
+        .ok_or_else(|| {
+            CliError::new(
+                Kind::NotFound,
+                format!("no Node has an ExternalIP for the NodePort Service {STOWAWAY_SERVICE}: {pass_host}"),
+            )
+        })?;
+    let port = port
+        .or(service_port
+            .and_then(|service_port| service_port.node_port)
+            .map(|port| port as u16))
+        .unwrap_or(DEFAULT_WIREGUARD_PORT);
+    Ok(format!("{}:{port}", bracket(&address)))
+}
+
+/// IPv6 literals need brackets in `host:port`.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+pub async fn config(admin: &Admin, args: &ConfigArgs) -> Result<()> {
+    let client = admin
+        .clients()
+        .get(&args.client_id)
+        .await
+        .map_err(not_found(&args.client_id, &admin.namespace))?;
+    let Some(data) = client.service_account_data.clone() else {
+        return Err(CliError::new(
+            Kind::Conflict,
+            format!(
+                "GefyraClient {} has no credentials yet (state {}): wait until it is WAITING",
+                args.client_id, client.state
+            ),
+        ));
+    };
+    let gefyra_server = match &args.host {
+        Some(host) => format!(
+            "{}:{}",
+            bracket(host),
+            args.port.unwrap_or(DEFAULT_WIREGUARD_PORT)
+        ),
+        None => stowaway_endpoint(admin, args.port).await?,
+    };
+    let file = ClientFile {
+        client_id: client.name_any(),
+        kubernetes_server: args
+            .kubernetes_api
+            .clone()
+            .unwrap_or_else(|| admin.server.clone()),
+        provider: "stowaway".into(),
+        namespace: client
+            .namespace()
+            .unwrap_or_else(|| admin.namespace.clone()),
+        gefyra_server,
+        token: Some(data.token),
+        ca_crt: Some(data.ca_crt),
+        registry: args.registry.clone(),
+        wireguard_mtu: args.mtu.map(|mtu| mtu.to_string()),
+    };
+    let json = file.to_gefyra_json();
+    match &args.output {
+        Some(path) => {
+            write_private(path, json.as_bytes())?;
+            eprintln!(
+                "Client file for {} written to {} (mode 0600)",
+                args.client_id,
+                path.display()
+            );
+        }
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
+pub async fn disconnect(admin: &Admin, id: &str) -> Result<()> {
+    let api = admin.clients();
+    let client = api.get(id).await.map_err(not_found(id, &admin.namespace))?;
+    if client.provider_parameter.is_none() {
+        println!(
+            "GefyraClient {id} is not connected (state {})",
+            client.state
+        );
+        return Ok(());
+    }
+    api.patch(
+        id,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"providerParameter": null})),
+    )
+    .await
+    .map_err(|error| CliError::kube(&format!("disconnecting GefyraClient {id}"), error))?;
+    println!("GefyraClient {id} marked for disconnection");
+    Ok(())
+}
+
+pub async fn delete(admin: &Admin, args: &DeleteArgs) -> Result<()> {
+    let api = admin.clients();
+    let mut first_error = None;
+    let mut deleted = Vec::new();
+    for id in &args.client_ids {
+        match api.delete(id, &DeleteParams::default()).await {
+            Ok(_) => {
+                println!("Client {id} marked for deletion");
+                deleted.push(id);
+            }
+            Err(error) => {
+                let error = not_found(id, &admin.namespace)(error);
+                eprintln!("{}", error.render(false));
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    if !args.nowait {
+        let timeout = Duration::from_secs(args.timeout);
+        let results = join_all(deleted.iter().map(|id| wait::until_gone(&api, id, timeout))).await;
+        for error in results.into_iter().filter_map(Result::err) {
+            eprintln!("{}", error.render(false));
+            first_error.get_or_insert(error);
+        }
+    }
+    match first_error {
+        // Each error was printed where it happened; the exit code is the first one's.
+        Some(error) => Err(CliError {
+            message: String::new(),
+            ..error
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_ids_look_like_gefyras() {
+        let id = random_client_id();
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_eq!(&id[12..13], "4", "a UUID v4: {id}");
+        assert_ne!(random_client_id(), id);
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(bracket("2001:db8::1"), "[2001:db8::1]");
+        assert_eq!(bracket("[2001:db8::1]"), "[2001:db8::1]");
+        assert_eq!(bracket("stowaway.example"), "stowaway.example");
+    }
+}

@@ -1,0 +1,214 @@
+//! `kubectl gefyra connect -f` / `disconnect -f`: the developer's side, with nothing but the
+//! client file's credentials. The WireGuard private key is generated here and only written
+//! to the local configuration file; the operator receives the public key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gefyra_api::wireguard::{ConfigFormat, TunnelConfig, generate_key_pair};
+use gefyra_api::{ClientState, GefyraClient};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::args::{ConnectArgs, FileArgs, TunnelFormat};
+use crate::cluster::{as_file_client, read_client_file};
+use crate::error::{CliError, Kind, Result};
+use crate::files::write_private;
+use crate::wait::{self, Goal};
+
+/// Reads the client's own GefyraClient, explaining a refusal in terms of the client file.
+async fn own_client(api: &Api<GefyraClient>, id: &str) -> Result<GefyraClient> {
+    api.get(id).await.map_err(|error| match &error {
+        kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404) => CliError::new(
+            if status.code == 404 { Kind::NotFound } else { Kind::Forbidden },
+            format!(
+                "GefyraClient {id} does not exist or the client file is stale (the API server answered {}): ask your Gefyra admin for a new client file",
+                status.code
+            ),
+        )
+        .with_detail(&error),
+        _ => CliError::kube(&format!("reading GefyraClient {id}"), error),
+    })
+}
+
+/// Waits while the operator is busy with the client (creating, connecting, disconnecting).
+async fn settled(api: &Api<GefyraClient>, id: &str, timeout: Duration) -> Result<GefyraClient> {
+    let client = own_client(api, id).await?;
+    match client.state {
+        ClientState::Waiting | ClientState::Active | ClientState::Error => Ok(client),
+        ClientState::Terminating => Err(CliError::new(
+            Kind::Conflict,
+            format!(
+                "GefyraClient {id} is being deleted: ask your Gefyra admin for a new client file"
+            ),
+        )),
+        _ => {
+            let goal = Goal {
+                description: "WAITING, ACTIVE or ERROR",
+                timeout,
+                stale_version: client.metadata.resource_version.clone(),
+            };
+            wait::until(api, id, &goal, |client| {
+                matches!(
+                    client.state,
+                    ClientState::Waiting | ClientState::Active | ClientState::Error
+                )
+            })
+            .await
+        }
+    }
+}
+
+fn config_text(client: &GefyraClient, key: &str) -> Option<String> {
+    client
+        .provider_config
+        .as_ref()?
+        .get(key)?
+        .as_str()
+        .map(str::to_string)
+}
+
+pub async fn connect(args: &ConnectArgs) -> Result<()> {
+    let file = read_client_file(&args.file.file)?;
+    let mtu = file
+        .mtu()
+        .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
+    let api = as_file_client(&file).await?;
+    let id = file.client_id.as_str();
+    let timeout = Duration::from_secs(args.file.timeout);
+    let before = settled(&api, id, timeout).await?;
+
+    let keys = generate_key_pair();
+    let parameter = json!({
+        "providerParameter": {
+            "publicKey": keys.public,
+            "subnet": args.subnet.map(|subnet| subnet.to_string()),
+        }
+    });
+    let patched = api
+        .patch(id, &PatchParams::default(), &Patch::Merge(&parameter))
+        .await
+        .map_err(|error| CliError::kube(&format!("asking to connect GefyraClient {id}"), error))?;
+    let goal = Goal {
+        description: "ACTIVE with this machine's key",
+        timeout,
+        stale_version: if before.state == ClientState::Error {
+            patched.metadata.resource_version.clone()
+        } else {
+            None
+        },
+    };
+    let active = wait::until(&api, id, &goal, |client| {
+        client.state == ClientState::Active
+            && config_text(client, "Interface.PublicKey").as_deref() == Some(keys.public.as_str())
+    })
+    .await?;
+
+    let missing = |key: &str| {
+        CliError::new(
+            Kind::Failed,
+            format!(
+                "GefyraClient {id} is ACTIVE but its providerConfig lacks {key}; is the operator compatible?"
+            ),
+        )
+    };
+    let address =
+        config_text(&active, "Interface.Address").ok_or_else(|| missing("Interface.Address"))?;
+    let prefix = if address.contains(':') { 128 } else { 32 };
+    let allowed_ips = if args.allowed_ips.is_empty() {
+        config_text(&active, "Peer.AllowedIPs").unwrap_or_else(|| "0.0.0.0/0, ::/0".into())
+    } else {
+        args.allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let tunnel = TunnelConfig {
+        private_key: keys.private,
+        address: format!("{address}/{prefix}"),
+        mtu,
+        server_public_key: config_text(&active, "Peer.PublicKey")
+            .ok_or_else(|| missing("Peer.PublicKey"))?,
+        preshared_key: config_text(&active, "Peer.PresharedKey"),
+        // The client file says where this client reaches Stowaway, as in Gefyra.
+        endpoint: file.gefyra_server.clone(),
+        allowed_ips,
+    };
+    let format = match args.format {
+        TunnelFormat::WgQuick => ConfigFormat::WgQuick,
+        TunnelFormat::Wg => ConfigFormat::Wg,
+    };
+    let path = args
+        .wg_config
+        .clone()
+        .unwrap_or_else(|| default_config_path(id));
+    write_private(&path, tunnel.render(format).as_bytes())?;
+    let shown = path.display();
+    println!(
+        "GefyraClient {id} is ACTIVE: tunnel address {address}, WireGuard configuration in {shown} (mode 0600)"
+    );
+    match format {
+        ConfigFormat::WgQuick => println!("Bring the tunnel up with: wg-quick up {shown}"),
+        ConfigFormat::Wg => println!(
+            "Bring the tunnel up with: wg setconf INTERFACE {shown} && ip address add {address}/{prefix} dev INTERFACE && ip link set INTERFACE up"
+        ),
+    }
+    Ok(())
+}
+
+/// `gefyra-<ID>.conf` with the ID cut to 8 characters: wg-quick names the interface after
+/// the file, and interface names have at most 15.
+pub fn default_config_path(id: &str) -> PathBuf {
+    let short: String = id.chars().take(8).collect();
+    PathBuf::from(format!("gefyra-{short}.conf"))
+}
+
+pub async fn disconnect(args: &FileArgs) -> Result<()> {
+    let file = read_client_file(&args.file)?;
+    let api = as_file_client(&file).await?;
+    let id = file.client_id.as_str();
+    let timeout = Duration::from_secs(args.timeout);
+    let client = settled(&api, id, timeout).await?;
+    if client.provider_parameter.is_none() && client.state == ClientState::Waiting {
+        println!("GefyraClient {id} is not connected (state WAITING)");
+        return Ok(());
+    }
+    let patched = api
+        .patch(
+            id,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"providerParameter": Value::Null})),
+        )
+        .await
+        .map_err(|error| {
+            CliError::kube(&format!("asking to disconnect GefyraClient {id}"), error)
+        })?;
+    let goal = Goal {
+        description: "WAITING (disconnected)",
+        timeout,
+        stale_version: patched.metadata.resource_version.clone(),
+    };
+    wait::until(&api, id, &goal, |client| {
+        client.state == ClientState::Waiting
+    })
+    .await?;
+    println!(
+        "GefyraClient {id} is disconnected (state WAITING); take the tunnel down locally (wg-quick down FILE)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_configs_name_a_valid_interface() {
+        let path = default_config_path("0123456789abcdef0123456789abcdef");
+        assert_eq!(path, PathBuf::from("gefyra-01234567.conf"));
+        let interface = path.file_stem().unwrap().to_str().unwrap();
+        assert!(interface.len() <= 15);
+    }
+}

@@ -1,0 +1,4 @@
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    kubectl_gefyra::main().await
+}

@@ -1,0 +1,349 @@
+//! What `clients list` and `clients inspect` print: pure views of GefyraClients and Events,
+//! rendered as a table (text), JSON or YAML. No credentials or keys ever appear.
+
+use std::io::Write as _;
+
+use gefyra_api::{ClientState, GefyraClient};
+use k8s_openapi::api::core::v1::Event;
+use kube::ResourceExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::args::OutputFormat;
+
+/// One line of `clients list`.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ClientRow {
+    pub client_id: String,
+    pub state: String,
+    /// The client's tunnel address while connected.
+    pub address: Option<String>,
+    pub subnet: Option<String>,
+    pub created: Option<String>,
+    pub wireguard_handshake: Option<String>,
+    /// Why the client is in state ERROR (or not ready).
+    pub message: Option<String>,
+}
+
+fn text_at(map: Option<&serde_json::Map<String, Value>>, key: &str) -> Option<String> {
+    map?.get(key)?.as_str().map(str::to_string)
+}
+
+impl ClientRow {
+    pub fn of(client: &GefyraClient) -> Self {
+        let ready = client.ready_condition();
+        Self {
+            client_id: client.name_any(),
+            state: client.state.to_string(),
+            address: text_at(client.provider_config.as_ref(), "Interface.Address"),
+            subnet: text_at(client.provider_parameter.as_ref(), "subnet"),
+            created: client
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|time| time.0.to_string()),
+            wireguard_handshake: text_at(
+                client
+                    .status
+                    .as_ref()
+                    .and_then(|status| status.wireguard.as_ref()),
+                "latest_handshake",
+            ),
+            message: ready
+                .filter(|condition| condition.status != "True" && !condition.message.is_empty())
+                .map(|condition| condition.message.clone()),
+        }
+    }
+}
+
+/// Columns aligned as kubectl aligns them (three spaces apart).
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut writer = tabwriter::TabWriter::new(Vec::new()).padding(3);
+    let mut line = |cells: &[String]| {
+        // Writing to memory cannot fail.
+        let _ = writeln!(writer, "{}", cells.join("\t"));
+    };
+    line(
+        &header
+            .iter()
+            .map(|cell| cell.to_string())
+            .collect::<Vec<_>>(),
+    );
+    for row in rows {
+        line(&row);
+    }
+    let bytes = writer.into_inner().unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn or_dash(value: &Option<String>) -> String {
+    value.clone().unwrap_or_else(|| "-".into())
+}
+
+fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Yaml => serde_yaml::to_string(value).expect("views serialize to YAML"),
+        _ => {
+            let mut text = serde_json::to_string_pretty(value).expect("views serialize to JSON");
+            text.push('\n');
+            text
+        }
+    }
+}
+
+/// `clients list` output.
+pub fn client_list(rows: &[ClientRow], format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Table => table(
+            &["ID", "STATE", "ADDRESS", "CREATED", "WIREGUARD HANDSHAKE"],
+            rows.iter().map(|row| {
+                vec![
+                    row.client_id.clone(),
+                    row.state.clone(),
+                    or_dash(&row.address),
+                    or_dash(&row.created),
+                    or_dash(&row.wireguard_handshake),
+                ]
+            }),
+        ),
+        _ => structured(&rows, format),
+    }
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub state: String,
+    pub at: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Connection {
+    pub address: Option<String>,
+    pub subnet: Option<String>,
+    /// The client's WireGuard public key.
+    pub public_key: Option<String>,
+    /// Where the client sends its WireGuard traffic, as the operator configured it.
+    pub server_endpoint: Option<String>,
+    /// `status.wireguard` as Stowaway wrote it (handshake, transfer, the peer's endpoint).
+    pub wireguard: Option<Value>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct EventLine {
+    pub time: Option<String>,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub reason: String,
+    pub message: String,
+    pub count: i32,
+}
+
+impl EventLine {
+    pub fn of(event: &Event) -> Self {
+        let time = event
+            .last_timestamp
+            .as_ref()
+            .map(|time| time.0.to_string())
+            .or_else(|| event.event_time.as_ref().map(|time| time.0.to_string()))
+            .or_else(|| {
+                event
+                    .first_timestamp
+                    .as_ref()
+                    .map(|time| time.0.to_string())
+            });
+        Self {
+            time,
+            type_: event.type_.clone().unwrap_or_default(),
+            reason: event.reason.clone().unwrap_or_default(),
+            message: event.message.clone().unwrap_or_default(),
+            count: event
+                .series
+                .as_ref()
+                .and_then(|series| series.count)
+                .or(event.count)
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// `clients inspect` output.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Inspection {
+    pub client_id: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+    pub state: String,
+    pub ready: Option<Readiness>,
+    pub created: Option<String>,
+    pub credentials_expire_at: Option<String>,
+    pub sunset: Option<String>,
+    pub max_connection_age: Option<i64>,
+    /// Oldest first.
+    pub state_transitions: Vec<Transition>,
+    pub connection: Option<Connection>,
+    /// Oldest first; `None` when the Events could not be read.
+    pub events: Option<Vec<EventLine>>,
+}
+
+impl Inspection {
+    pub fn of(client: &GefyraClient, events: Option<&[Event]>) -> Self {
+        let row = ClientRow::of(client);
+        let mut state_transitions: Vec<Transition> = client
+            .state_transitions
+            .iter()
+            .map(|(state, at)| Transition {
+                state: state.clone(),
+                at: at.clone(),
+            })
+            .collect();
+        // Oldest first; states entered in the same second in lifecycle order.
+        let order = |state: &str| serde_json::from_value::<ClientState>(state.into()).ok();
+        state_transitions.sort_by(|a, b| {
+            (&a.at, order(&a.state).is_none(), order(&a.state)).cmp(&(
+                &b.at,
+                order(&b.state).is_none(),
+                order(&b.state),
+            ))
+        });
+        let wireguard = client
+            .status
+            .as_ref()
+            .and_then(|status| status.wireguard.clone())
+            .map(Value::Object);
+        let config = client.provider_config.as_ref();
+        let connection =
+            (client.provider_parameter.is_some() || config.is_some()).then(|| Connection {
+                address: row.address.clone(),
+                subnet: row.subnet.clone(),
+                public_key: text_at(config, "Interface.PublicKey"),
+                server_endpoint: text_at(config, "Peer.Endpoint"),
+                wireguard,
+            });
+        let events = events.map(|events| {
+            let mut lines: Vec<EventLine> = events.iter().map(EventLine::of).collect();
+            lines.sort_by(|a, b| a.time.cmp(&b.time));
+            lines
+        });
+        Self {
+            client_id: row.client_id,
+            namespace: client.namespace().unwrap_or_default(),
+            uid: client.metadata.uid.clone(),
+            state: row.state,
+            ready: client.ready_condition().map(|condition| Readiness {
+                status: condition.status.clone(),
+                reason: condition.reason.clone(),
+                message: condition.message.clone(),
+            }),
+            created: row.created,
+            credentials_expire_at: client
+                .status
+                .as_ref()
+                .and_then(|status| status.credentials_expire_at.clone()),
+            sunset: client.sunset.clone(),
+            max_connection_age: client.max_connection_age,
+            state_transitions,
+            connection,
+            events,
+        }
+    }
+
+    pub fn render(&self, format: OutputFormat) -> String {
+        if format != OutputFormat::Table {
+            return structured(self, format);
+        }
+        let mut fields: Vec<(&str, String)> = vec![
+            ("Client", self.client_id.clone()),
+            ("Namespace", self.namespace.clone()),
+            ("UID", or_dash(&self.uid)),
+            ("State", self.state.clone()),
+        ];
+        if let Some(ready) = &self.ready {
+            let mut text = format!("{} ({})", ready.status, ready.reason);
+            if !ready.message.is_empty() {
+                text.push_str(&format!(": {}", ready.message));
+            }
+            fields.push(("Ready", text));
+        }
+        fields.push(("Created", or_dash(&self.created)));
+        fields.push(("Credentials expire", or_dash(&self.credentials_expire_at)));
+        if let Some(sunset) = &self.sunset {
+            fields.push(("Sunset", sunset.clone()));
+        }
+        if let Some(age) = self.max_connection_age {
+            fields.push(("Max connection age", format!("{age}s")));
+        }
+        let mut text = String::new();
+        let width = fields.iter().map(|(name, _)| name.len()).max().unwrap_or(0) + 2;
+        for (name, value) in &fields {
+            text.push_str(&format!("{:width$}{value}\n", format!("{name}:")));
+        }
+        text.push_str("\nState transitions:\n");
+        for transition in &self.state_transitions {
+            text.push_str(&format!("  {:<12}{}\n", transition.state, transition.at));
+        }
+        if let Some(connection) = &self.connection {
+            text.push_str("\nConnection:\n");
+            let wireguard = connection.wireguard.as_ref();
+            let at = |key: &str| {
+                wireguard
+                    .and_then(|w| w.pointer(key))
+                    .map(|v| v.to_string().trim_matches('"').to_string())
+            };
+            let lines = [
+                ("Address", connection.address.clone()),
+                ("Subnet", connection.subnet.clone()),
+                ("Public key", connection.public_key.clone()),
+                ("Server endpoint", connection.server_endpoint.clone()),
+                ("Latest handshake", at("/latest_handshake")),
+                (
+                    "Received",
+                    at("/transfer/received").map(|bytes| format!("{bytes} bytes")),
+                ),
+                (
+                    "Sent",
+                    at("/transfer/sent").map(|bytes| format!("{bytes} bytes")),
+                ),
+                (
+                    "Peer endpoint",
+                    at("/endpoint/host")
+                        .map(|host| format!("{host}:{}", at("/endpoint/port").unwrap_or_default())),
+                ),
+            ];
+            for (name, value) in lines {
+                if let Some(value) = value {
+                    text.push_str(&format!("  {:18}{value}\n", format!("{name}:")));
+                }
+            }
+        }
+        text.push_str("\nEvents:\n");
+        match &self.events {
+            None => text.push_str("  (the Events could not be read)\n"),
+            Some(events) if events.is_empty() => text.push_str("  none\n"),
+            Some(events) => {
+                let rows = events.iter().map(|event| {
+                    vec![
+                        or_dash(&event.time),
+                        event.type_.clone(),
+                        event.reason.clone(),
+                        if event.count > 1 {
+                            format!("{} (x{})", event.message, event.count)
+                        } else {
+                            event.message.clone()
+                        },
+                    ]
+                });
+                for line in table(&["TIME", "TYPE", "REASON", "MESSAGE"], rows).lines() {
+                    text.push_str(&format!("  {}\n", line.trim_end()));
+                }
+            }
+        }
+        text
+    }
+}
