@@ -67,7 +67,7 @@ fuzz:
 # One control plane for the whole run, torn down whatever happens; then proof that no
 # process of it is left.
 e2e: controlplane
-	cargo build -p gefyra-operator -p stowaway -p gefyra-e2e --bins --locked
+	cargo build -p gefyra-operator -p stowaway -p kubectl-gefyra -p gefyra-e2e --bins --locked
 	cargo test -p gefyra-e2e --locked --no-run
 	@tests/gefyra-cli.sh >/dev/null
 	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \

@@ -209,6 +209,21 @@ impl Resource for GefyraClient {
 }
 
 impl GefyraClient {
+    /// A new client as Gefyra's CLI creates one: a name, the `stowaway` provider, nothing else.
+    pub fn new(name: &str, namespace: &str) -> Self {
+        Self {
+            api_version: api_version(),
+            kind: kind(),
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..ObjectMeta::default()
+            },
+            provider: Provider::Stowaway,
+            ..Self::default()
+        }
+    }
+
     /// The ServiceAccount (and Role, RoleBinding) name of client `name`.
     pub fn service_account_name_for(name: &str) -> String {
         format!("gefyra-client-{name}")

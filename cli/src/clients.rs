@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use gefyra_api::client_file::ClientFile;
-use gefyra_api::{ClientState, GefyraClient, Provider};
+use gefyra_api::{ClientState, GefyraClient};
 use indicatif::{ProgressBar, ProgressStyle};
 use k8s_openapi::api::core::v1::{Event, Node, Service};
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -56,15 +56,7 @@ pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
         None => (0..args.quantity).map(|_| random_client_id()).collect(),
     };
     for id in &ids {
-        let client = GefyraClient {
-            metadata: ObjectMeta {
-                name: Some(id.clone()),
-                namespace: Some(admin.namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            provider: Provider::Stowaway,
-            ..GefyraClient::default()
-        };
+        let client = GefyraClient::new(id, &admin.namespace);
         api.create(&PostParams::default(), &client).await.map_err(|error| match &error {
             kube::Error::Api(status) if status.code == 409 => CliError::new(
                 Kind::Conflict,

@@ -106,18 +106,34 @@ impl Context {
             .observe_pool(self.settings.pool.capacity(), claimed);
     }
 
-    async fn event(&self, client: &GefyraClient, type_: EventType, reason: &str, note: String) {
+    /// Posts an Event. kube's Recorder folds Events with the same type, reason and `action`
+    /// into one series that keeps the first note, so `action` must tell apart what should
+    /// stay apart (each state entered is its own action).
+    async fn event(
+        &self,
+        client: &GefyraClient,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Reconcile".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(error) = self.recorder.publish(&event, &client.object_ref(&())).await {
             warn!(client = %client.name_any(), %error, "could not publish event {reason}");
         }
     }
+}
+
+/// The Event action for entering `state`: `EnterActive`, `EnterWaiting`, ...
+fn enter_action(state: ClientState) -> String {
+    let name = state.as_str();
+    format!("Enter{}{}", &name[..1], name[1..].to_ascii_lowercase())
 }
 
 /// Runs the controller until shutdown; `ready` is told once the cache is synced.
@@ -306,6 +322,7 @@ async fn report_failure(event: &Finalizer<GefyraClient>, error: &Error, ctx: &Co
         client,
         EventType::Warning,
         error.category(),
+        "Reconcile",
         message.clone(),
     )
     .await;
@@ -372,6 +389,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
             client,
             EventType::Normal,
             "Sunset",
+            "Delete",
             format!("sunset {sunset} reached; deleting the client"),
         )
         .await;
@@ -466,6 +484,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
                 client,
                 EventType::Normal,
                 "CredentialsRenewed",
+                "RenewCredentials",
                 format!("the client's token was renewed (valid until {expiry}); re-issue the client file: kubectl gefyra clients config {name}"),
             )
             .await;
@@ -508,6 +527,7 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
                 client,
                 EventType::Normal,
                 "StateChanged",
+                &enter_action(ClientState::Waiting),
                 format!("{} -> WAITING: credentials issued", client.state),
             )
             .await;
@@ -619,8 +639,14 @@ async fn transition(
         "" => format!("{from} -> {to}"),
         note => format!("{from} -> {to}: {note}"),
     };
-    ctx.event(client, EventType::Normal, "StateChanged", message)
-        .await;
+    ctx.event(
+        client,
+        EventType::Normal,
+        "StateChanged",
+        &enter_action(to),
+        message,
+    )
+    .await;
     Ok(patched.metadata.generation)
 }
 
@@ -812,6 +838,7 @@ async fn connect_or_disconnect(
             client,
             EventType::Normal,
             "MaxConnectionAge",
+            "Disconnect",
             format!(
                 "connected since {}: maxConnectionAge reached; disconnecting",
                 active_since.unwrap_or(now)
@@ -961,5 +988,18 @@ where
             name: name.to_string(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_state_entered_is_its_own_event_action() {
+        assert_eq!(enter_action(ClientState::Active), "EnterActive");
+        let actions: std::collections::BTreeSet<String> =
+            ClientState::ALL.into_iter().map(enter_action).collect();
+        assert_eq!(actions.len(), ClientState::ALL.len());
     }
 }

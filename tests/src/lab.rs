@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use kube::config::Kubeconfig;
 
+use gefyra_api::wireguard::{ConfigFormat, TunnelConfig};
 use gefyra_api::{ClientState, GefyraClient};
 use kube::Api;
 use serde_json::{Value, json};
@@ -353,6 +354,25 @@ impl Lab {
     /// providerConfig and its private key; traffic to the server address and the cluster
     /// subnet goes through the tunnel.
     pub fn peer(&mut self, config: &PeerConfig, stowaway_port: u16) -> Result<Peer> {
+        let peer = self.new_peer()?;
+        let tunnel = TunnelConfig {
+            private_key: config.private_key.clone(),
+            address: format!("{}/32", config.address),
+            mtu: None,
+            server_public_key: config.server_public_key.clone(),
+            preshared_key: Some(config.preshared_key.clone()),
+            endpoint: format!("{}:{stowaway_port}", peer.gateway),
+            allowed_ips: "0.0.0.0/0".into(),
+        };
+        let file = self.dir.join(format!("{}.conf", peer.netns));
+        write_secret(&file, &tunnel.render(ConfigFormat::Wg))?;
+        self.configure_peer(&peer, &file, &tunnel.address)?;
+        Ok(peer)
+    }
+
+    /// A namespace linked to the root namespace with a WireGuard interface (wireguard-go)
+    /// that is not configured yet.
+    pub fn new_peer(&mut self) -> Result<Peer> {
         let index = self.namespaces.len() as u8;
         let netns = format!("gfp-{}-{index}", self.slot);
         let gateway = Ipv4Addr::new(10, 78, self.slot, 4 * index + 1);
@@ -362,59 +382,34 @@ impl Lab {
         // every namespace: each peer's interface needs a name of its own.
         let interface = format!("gwg{}x{index}", self.slot);
         self.wireguard_go(&netns, &interface)?;
-        let private = self.dir.join(format!("{netns}.key"));
-        let preshared = self.dir.join(format!("{netns}.psk"));
-        write_secret(&private, &config.private_key)?;
-        write_secret(&preshared, &config.preshared_key)?;
-        let endpoint = format!("{gateway}:{stowaway_port}");
-        self.exec_in(
-            &netns,
-            "wg",
-            &[
-                "set",
-                &interface,
-                "private-key",
-                path_str(&private)?,
-                "peer",
-                &config.server_public_key,
-                "preshared-key",
-                path_str(&preshared)?,
-                "endpoint",
-                &endpoint,
-                "allowed-ips",
-                "0.0.0.0/0",
-                "persistent-keepalive",
-                "21",
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{}/32", config.address),
-                "dev",
-                &interface,
-            ],
-        )?;
-        run(
-            "ip",
-            &["-n", &netns, "link", "set", &interface, "mtu", "1420", "up"],
-        )?;
-        for route in ["192.168.99.1/32".to_string(), self.cluster_subnet()] {
-            run(
-                "ip",
-                &["-n", &netns, "route", "add", &route, "dev", &interface],
-            )?;
-        }
         Ok(Peer {
             netns,
             interface,
             gateway,
             address: inside,
         })
+    }
+
+    /// Configures a peer's interface from a `wg setconf` file, gives it `address` (with its
+    /// prefix) and routes the server address and the cluster subnet through it.
+    pub fn configure_peer(&self, peer: &Peer, wg_config: &Path, address: &str) -> Result<()> {
+        let (netns, interface) = (peer.netns.as_str(), peer.interface.as_str());
+        self.exec_in(netns, "wg", &["setconf", interface, path_str(wg_config)?])?;
+        run(
+            "ip",
+            &["-n", netns, "addr", "add", address, "dev", interface],
+        )?;
+        run(
+            "ip",
+            &["-n", netns, "link", "set", interface, "mtu", "1420", "up"],
+        )?;
+        for route in ["192.168.99.1/32".to_string(), self.cluster_subnet()] {
+            run(
+                "ip",
+                &["-n", netns, "route", "add", &route, "dev", interface],
+            )?;
+        }
+        Ok(())
     }
 
     /// The root-side address of peer link `gateway` is where Stowaway's forwards are
@@ -648,10 +643,8 @@ pub async fn connect(
 
 /// A fresh key pair, base64: (private, public).
 pub fn key_pair() -> (String, String) {
-    let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
-    let public = x25519_dalek::PublicKey::from(&secret);
-    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    (encode(secret.as_bytes()), encode(public.as_bytes()))
+    let pair = gefyra_api::wireguard::generate_key_pair();
+    (pair.private, pair.public)
 }
 
 /// The whole system in a lab: services (HTTP, UDP echo, DNS) in the cluster namespace, the

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use gefyra_api::{ClientState, GefyraClient};
 use k8s_openapi::api::core::v1::Namespace;
@@ -212,6 +212,88 @@ pub fn operator_binary() -> PathBuf {
         "gefyra-operator",
         "GEFYRA_OPERATOR_BINARY",
     )
+}
+
+/// The `kubectl-gefyra` binary built next to this test binary.
+pub fn kubectl_gefyra_binary() -> PathBuf {
+    workspace_binary("kubectl-gefyra", "kubectl-gefyra", "KUBECTL_GEFYRA_BINARY")
+}
+
+/// `kubectl-gefyra` run as a user runs it: `KUBECONFIG` set, `--namespace` given, in a
+/// working directory of its own.
+pub struct KubectlGefyra {
+    pub kubeconfig: PathBuf,
+    pub namespace: String,
+    pub workdir: PathBuf,
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl KubectlGefyra {
+    pub fn new(kubeconfig: &Path, namespace: &str) -> Result<Self> {
+        let workdir =
+            std::env::temp_dir().join(format!("kubectl-gefyra-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&workdir)?;
+        Ok(Self {
+            kubeconfig: kubeconfig.to_path_buf(),
+            namespace: namespace.to_string(),
+            workdir,
+        })
+    }
+
+    pub async fn run(&self, args: &[&str]) -> Result<CommandOutput> {
+        let output = tokio::process::Command::new(kubectl_gefyra_binary())
+            .args(args)
+            .args(["--namespace", &self.namespace])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(&self.workdir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .context("running kubectl-gefyra")?;
+        Ok(CommandOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    /// Runs `args`, which must succeed; returns stdout.
+    pub async fn ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.run(args).await?;
+        ensure!(
+            output.code == 0,
+            "kubectl-gefyra {args:?} failed: {output:?}"
+        );
+        Ok(output.stdout)
+    }
+
+    /// Runs `args`, which must fail with exit code `code` and one line on stderr; returns it.
+    pub async fn fails(&self, args: &[&str], code: i32) -> Result<String> {
+        let output = self.run(args).await?;
+        ensure!(
+            output.code == code,
+            "kubectl-gefyra {args:?} should exit {code}: {output:?}"
+        );
+        let line = output.stderr.trim_end();
+        ensure!(
+            line.starts_with("error: ") && !line.contains('\n'),
+            "kubectl-gefyra {args:?}: one readable line on stderr: {output:?}"
+        );
+        Ok(line.to_string())
+    }
+}
+
+impl Drop for KubectlGefyra {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
 }
 
 /// A loopback TCP port free at the time of asking.

@@ -55,13 +55,7 @@ fn config_text<'a>(client: &'a GefyraClient, key: &str) -> Option<&'a str> {
 }
 
 fn public_key_of(private: &str) -> Result<String> {
-    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
-        .decode(private)?
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("a private key is 32 bytes"))?;
-    let secret = x25519_dalek::StaticSecret::from(bytes);
-    Ok(base64::engine::general_purpose::STANDARD
-        .encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+    gefyra_api::wireguard::public_key_of(private).context("a private key is base64 of 32 bytes")
 }
 
 fn reason_of(client: &GefyraClient) -> Option<String> {

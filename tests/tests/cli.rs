@@ -1,0 +1,608 @@
+//! kubectl-gefyra against the real control plane and operator: the admin's flows, the
+//! client file, the errors; and `connect -f` with a real wireguard-go peer through Stowaway.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use base64::Engine;
+use gefyra_api::{ClientState, GefyraClient};
+use gefyra_e2e::lab::Deployment;
+use gefyra_e2e::{Cluster, KubectlGefyra, Operator, eventually, install_crd, wait_for_state};
+use k8s_openapi::api::core::v1::{
+    LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service,
+    ServiceAccount, ServicePort, ServiceSpec, ServiceStatus,
+};
+use kube::Api;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Exit codes the CLI promises (cli/src/error.rs).
+const USAGE: i32 = 2;
+const NO_CLUSTER: i32 = 3;
+const NOT_FOUND: i32 = 4;
+const FORBIDDEN: i32 = 5;
+const BAD_CLIENT_FILE: i32 = 7;
+const CONFLICT: i32 = 8;
+
+/// The keys of a client file, in Gefyra's order.
+const CLIENT_FILE_KEYS: [&str; 9] = [
+    "client_id",
+    "kubernetes_server",
+    "provider",
+    "namespace",
+    "gefyra_server",
+    "token",
+    "ca_crt",
+    "registry",
+    "wireguard_mtu",
+];
+
+fn parse_client_file(text: &str) -> Result<serde_json::Map<String, Value>> {
+    let file: serde_json::Map<String, Value> =
+        serde_json::from_str(text).with_context(|| format!("a client file is JSON: {text}"))?;
+    let keys: Vec<&str> = file.keys().map(String::as_str).collect();
+    // serde_json keeps keys sorted; the order is checked on the text.
+    let positions: Vec<usize> = CLIENT_FILE_KEYS
+        .iter()
+        .map(|key| text.find(&format!("\"{key}\": ")).unwrap_or(usize::MAX))
+        .collect();
+    ensure!(
+        positions.is_sorted() && !positions.contains(&usize::MAX) && keys.len() == 9,
+        "client file keys are Gefyra's, in its order: {text}"
+    );
+    Ok(file)
+}
+
+fn decoded(file: &serde_json::Map<String, Value>, key: &str) -> Result<String> {
+    let text = file[key]
+        .as_str()
+        .with_context(|| format!("{key} is a string"))?;
+    Ok(String::from_utf8(
+        base64::engine::general_purpose::STANDARD.decode(text)?,
+    )?)
+}
+
+#[tokio::test]
+async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("cli-admin").await?;
+    let admin = cluster.admin()?;
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    let cli = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+
+    // create -n 20: random 32-hex IDs, all WAITING when the command returns.
+    let created = cli.ok(&["clients", "create", "-n", "20"]).await?;
+    ensure!(
+        created.ends_with("20 client(s) created successfully\n"),
+        "create output: {created}"
+    );
+    let ids: BTreeSet<String> = created
+        .lines()
+        .filter(|line| line.len() == 32 && line.chars().all(|c| c.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .collect();
+    ensure!(ids.len() == 20, "20 distinct IDs printed: {created}");
+    for id in &ids {
+        let client = clients.get(id).await?;
+        ensure!(
+            client.state == ClientState::Waiting,
+            "{id} is WAITING: {:?}",
+            client.state
+        );
+    }
+
+    // A chosen ID; taken twice is a conflict; a name and a count together are a usage error.
+    cli.ok(&["clients", "create", "--client-id", "anna"])
+        .await?;
+    let taken = cli
+        .fails(&["clients", "create", "--client-id", "anna"], CONFLICT)
+        .await?;
+    ensure!(taken.contains("already exists"), "{taken}");
+    cli.fails(
+        &["clients", "create", "--client-id", "bob", "-n", "2"],
+        USAGE,
+    )
+    .await?;
+
+    // list: table, JSON, YAML.
+    let table = cli.ok(&["clients", "ls"]).await?;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .context("a header")?
+        .split("   ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    ensure!(
+        header == ["ID", "STATE", "ADDRESS", "CREATED", "WIREGUARD HANDSHAKE"],
+        "header: {header:?}"
+    );
+    let rows: Vec<&str> = lines.collect();
+    ensure!(rows.len() == 21, "21 rows: {table}");
+    ensure!(
+        rows.iter()
+            .all(|row| row.split_whitespace().nth(1) == Some("WAITING")),
+        "all WAITING: {table}"
+    );
+    let json: Vec<Value> =
+        serde_json::from_str(&cli.ok(&["clients", "list", "-o", "json"]).await?)?;
+    let listed: BTreeSet<String> = json
+        .iter()
+        .filter_map(|row| row["client_id"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        listed.len() == 21 && ids.is_subset(&listed) && listed.contains("anna"),
+        "{json:?}"
+    );
+    let yaml: Vec<Value> =
+        serde_yaml::from_str(&cli.ok(&["clients", "list", "-o", "yaml"]).await?)?;
+    ensure!(yaml == json, "YAML and JSON list the same");
+    ensure!(
+        !table.contains(&json_token(&clients, "anna").await?),
+        "no token in the list"
+    );
+
+    // inspect: state, transitions, Events.
+    let inspected = cli.ok(&["clients", "inspect", "anna"]).await?;
+    for expected in [
+        "Client:",
+        "anna",
+        "State:",
+        "WAITING",
+        "State transitions:",
+        "CREATING",
+        "Events:",
+        "-> WAITING",
+    ] {
+        ensure!(
+            inspected.contains(expected),
+            "inspect shows {expected:?}:\n{inspected}"
+        );
+    }
+    let as_json: Value =
+        serde_json::from_str(&cli.ok(&["clients", "show", "anna", "-o", "json"]).await?)?;
+    ensure!(
+        as_json["state"] == "WAITING" && as_json["client_id"] == "anna",
+        "{as_json}"
+    );
+    let missing = cli
+        .fails(&["clients", "inspect", "nobody"], NOT_FOUND)
+        .await?;
+    ensure!(
+        missing.contains("nobody") && missing.contains("does not exist"),
+        "{missing}"
+    );
+
+    // config: without --host and without Stowaway's Service, a clear error naming --host.
+    let no_host = cli.fails(&["clients", "config", "anna"], NOT_FOUND).await?;
+    ensure!(no_host.contains("--host"), "{no_host}");
+
+    // With --host and -o: mode 0600, Gefyra's keys and order, and a token that works.
+    cli.ok(&[
+        "clients",
+        "config",
+        "anna",
+        "--host",
+        "203.0.113.7",
+        "-o",
+        "anna.json",
+    ])
+    .await?;
+    let path = cli.workdir.join("anna.json");
+    let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "client file mode {mode:o}");
+    let text = std::fs::read_to_string(&path)?;
+    let file = parse_client_file(&text)?;
+    ensure!(
+        file["client_id"] == "anna" && file["provider"] == "stowaway",
+        "{text}"
+    );
+    ensure!(file["namespace"] == ns.as_str(), "{text}");
+    ensure!(file["gefyra_server"] == "203.0.113.7:31820", "{text}");
+    ensure!(
+        file["kubernetes_server"] == cluster.server().trim_end_matches('/'),
+        "{text}"
+    );
+    ensure!(
+        file["registry"].is_null() && file["wireguard_mtu"].is_null(),
+        "{text}"
+    );
+    ensure!(
+        decoded(&file, "ca_crt")?.contains("BEGIN CERTIFICATE"),
+        "ca_crt is base64 PEM"
+    );
+    let as_anna = cluster.with_token(&decoded(&file, "token")?)?;
+    Api::<GefyraClient>::namespaced(as_anna.clone(), &ns)
+        .get("anna")
+        .await
+        .context("the client file's token reads its own GefyraClient")?;
+    ensure!(
+        Api::<GefyraClient>::namespaced(as_anna, &ns)
+            .get(ids.first().context("an id")?)
+            .await
+            .is_err(),
+        "the client file's token cannot read another client"
+    );
+    let printed = cli
+        .ok(&[
+            "clients",
+            "write",
+            "anna",
+            "--host",
+            "2001:db8::7",
+            "-p",
+            "40000",
+            "--mtu",
+            "1340",
+            "-a",
+            "https://api.example:6443",
+        ])
+        .await?;
+    let printed = parse_client_file(printed.trim_end())?;
+    ensure!(
+        printed["gefyra_server"] == "[2001:db8::7]:40000",
+        "{printed:?}"
+    );
+    ensure!(
+        printed["wireguard_mtu"] == "1340",
+        "the MTU is a string, as Gefyra writes it: {printed:?}"
+    );
+    ensure!(
+        printed["kubernetes_server"] == "https://api.example:6443",
+        "{printed:?}"
+    );
+
+    // Without --host: Stowaway's Service, a LoadBalancer's ingress first ...
+    let services: Api<Service> = Api::namespaced(admin.clone(), &ns);
+    let service = Service {
+        metadata: ObjectMeta {
+            name: Some("gefyra-stowaway-wireguard".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            selector: Some([("app".to_string(), "stowaway".to_string())].into()),
+            ports: Some(vec![ServicePort {
+                name: Some("gefyra-wireguard".into()),
+                protocol: Some("UDP".into()),
+                port: 31820,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    services.create(&PostParams::default(), &service).await?;
+    let pending = cli.fails(&["clients", "config", "anna"], NOT_FOUND).await?;
+    ensure!(
+        pending.contains("no ingress address") && pending.contains("--host"),
+        "{pending}"
+    );
+    let ingress = Service {
+        status: Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("198.51.100.20".into()),
+                    ..LoadBalancerIngress::default()
+                }]),
+            }),
+            ..ServiceStatus::default()
+        }),
+        ..Service::default()
+    };
+    services
+        .patch_status(
+            "gefyra-stowaway-wireguard",
+            &PatchParams::default(),
+            &Patch::Merge(&ingress),
+        )
+        .await?;
+    let file = parse_client_file(cli.ok(&["clients", "config", "anna"]).await?.trim_end())?;
+    ensure!(file["gefyra_server"] == "198.51.100.20:31820", "{file:?}");
+
+    // ... else a node's ExternalIP with the NodePort.
+    services
+        .patch(
+            "gefyra-stowaway-wireguard",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"type": "NodePort"}})),
+        )
+        .await?;
+    let node_port = services
+        .get("gefyra-stowaway-wireguard")
+        .await?
+        .spec
+        .and_then(|spec| spec.ports)
+        .and_then(|ports| ports.first().and_then(|port| port.node_port))
+        .context("a NodePort was allocated")?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node_name = format!("{ns}-node");
+    nodes
+        .create(
+            &PostParams::default(),
+            &Node {
+                metadata: ObjectMeta {
+                    name: Some(node_name.clone()),
+                    ..ObjectMeta::default()
+                },
+                // Nodes take their status on create.
+                status: Some(NodeStatus {
+                    addresses: Some(vec![
+                        NodeAddress {
+                            type_: "InternalIP".into(),
+                            address: "10.0.0.9".into(),
+                        },
+                        NodeAddress {
+                            type_: "ExternalIP".into(),
+                            address: "198.51.100.9".into(),
+                        },
+                    ]),
+                    ..NodeStatus::default()
+                }),
+                ..Node::default()
+            },
+        )
+        .await?;
+    let result = cli.ok(&["clients", "config", "anna"]).await;
+    nodes.delete(&node_name, &DeleteParams::default()).await?;
+    let file = parse_client_file(result?.trim_end())?;
+    ensure!(
+        file["gefyra_server"] == format!("198.51.100.9:{node_port}"),
+        "{file:?}"
+    );
+
+    // Errors: forbidden (a client's own token may not list), no cluster, bad client files.
+    let as_client =
+        cluster.kubeconfig_with_token(&decoded(&parse_client_file(&text)?, "token")?)?;
+    let limited = KubectlGefyra::new(&as_client, &ns)?;
+    let forbidden = limited.fails(&["clients", "ls"], FORBIDDEN).await?;
+    ensure!(forbidden.contains("forbidden"), "{forbidden}");
+    let _ = std::fs::remove_file(&as_client);
+    let unreachable_config = cli.workdir.join("unreachable.kubeconfig");
+    let mut raw: Value = serde_yaml::from_str(&std::fs::read_to_string(&cluster.kubeconfig)?)?;
+    raw["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:1".into();
+    std::fs::write(&unreachable_config, serde_yaml::to_string(&raw)?)?;
+    let down = KubectlGefyra::new(&unreachable_config, &ns)?;
+    let no_cluster = down.fails(&["clients", "ls"], NO_CLUSTER).await?;
+    ensure!(
+        no_cluster.contains("cannot reach the Kubernetes API server"),
+        "{no_cluster}"
+    );
+    let nowhere = KubectlGefyra::new(&cli.workdir.join("no-such.kubeconfig"), &ns)?;
+    nowhere.fails(&["clients", "ls"], NO_CLUSTER).await?;
+    std::fs::write(cli.workdir.join("garbage.json"), "{\"client_id\": 1")?;
+    let garbage = cli
+        .fails(&["connect", "-f", "garbage.json"], BAD_CLIENT_FILE)
+        .await?;
+    ensure!(garbage.contains("garbage.json"), "{garbage}");
+    cli.fails(&["disconnect", "-f", "missing.json"], BAD_CLIENT_FILE)
+        .await?;
+    let mut broken = parse_client_file(&text)?;
+    broken["token"] = "not base64!".into();
+    std::fs::write(
+        cli.workdir.join("broken.json"),
+        Value::Object(broken).to_string(),
+    )?;
+    let broken = cli
+        .fails(&["connect", "-f", "broken.json"], BAD_CLIENT_FILE)
+        .await?;
+    ensure!(broken.contains("`token`"), "{broken}");
+
+    // disconnect of a client that is not connected says so.
+    let not_connected = cli.ok(&["clients", "disconnect", "anna"]).await?;
+    ensure!(not_connected.contains("not connected"), "{not_connected}");
+
+    // delete: every client, waiting until gone; credentials with them.
+    let mut delete: Vec<&str> = vec!["clients", "rm", "anna"];
+    delete.extend(ids.iter().map(String::as_str));
+    let deleted = cli.ok(&delete).await?;
+    for id in ids.iter().chain(["anna".to_string()].iter()) {
+        ensure!(
+            deleted.contains(&format!("Client {id} marked for deletion")),
+            "{deleted}"
+        );
+        ensure!(
+            clients.get_opt(id).await?.is_none(),
+            "{id} is gone when delete returns"
+        );
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin, &ns);
+    eventually("the clients' ServiceAccounts are gone", WAIT, || async {
+        Ok(accounts
+            .get_opt("gefyra-client-anna")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    cli.fails(&["clients", "delete", "anna"], NOT_FOUND).await?;
+    let empty = cli.run(&["clients", "ls"]).await?;
+    ensure!(
+        empty.code == 0 && empty.stdout.is_empty() && empty.stderr.contains("No GefyraClients"),
+        "{empty:?}"
+    );
+    Ok(())
+}
+
+async fn json_token(clients: &Api<GefyraClient>, name: &str) -> Result<String> {
+    Ok(clients
+        .get(name)
+        .await?
+        .service_account_data
+        .context("credentials")?
+        .token)
+}
+
+/// A developer connects with nothing but the client file (no kubeconfig at all): a real
+/// wireguard-go peer configured from the file `connect -f` writes reaches the cluster
+/// namespace through Stowaway; `disconnect -f` ends it.
+#[tokio::test]
+async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let mut deployment = Deployment::start(
+        &cluster,
+        "cli-connect",
+        &["--status-interval".into(), "1".into()],
+    )
+    .await?;
+    let ns = deployment
+        .clients
+        .namespace()
+        .context("namespaced")?
+        .to_string();
+    let admin = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
+    admin
+        .ok(&["clients", "create", "--client-id", "dev"])
+        .await?;
+    let peer = deployment.lab.new_peer()?;
+    let port = deployment.stowaway.port.to_string();
+    admin
+        .ok(&[
+            "clients",
+            "config",
+            "dev",
+            "--host",
+            &peer.gateway.to_string(),
+            "--port",
+            &port,
+            "-o",
+            "dev.json",
+        ])
+        .await?;
+
+    // The developer's machine: the client file and no kubeconfig.
+    let developer = KubectlGefyra::new(&admin.workdir.join("no-kubeconfig"), &ns)?;
+    std::fs::copy(
+        admin.workdir.join("dev.json"),
+        developer.workdir.join("dev.json"),
+    )?;
+    let connected = developer
+        .ok(&[
+            "connect",
+            "-f",
+            "dev.json",
+            "--format",
+            "wg",
+            "--wg-config",
+            "dev.conf",
+            "--subnet",
+            "172.29.0.0/16",
+        ])
+        .await?;
+    ensure!(connected.contains("is ACTIVE"), "{connected}");
+    let wg_config = developer.workdir.join("dev.conf");
+    let mode = std::fs::metadata(&wg_config)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "WireGuard config mode {mode:o}");
+    let text = std::fs::read_to_string(&wg_config)?;
+    let private_key = text
+        .lines()
+        .find_map(|line| line.strip_prefix("PrivateKey = "))
+        .context("the config holds the private key")?
+        .to_string();
+    let client = deployment.clients.get("dev").await?;
+    ensure!(client.state == ClientState::Active, "ACTIVE");
+    ensure!(
+        !serde_json::to_string(&client)?.contains(&private_key),
+        "the private key never reaches the cluster"
+    );
+    ensure!(
+        client
+            .provider_parameter
+            .as_ref()
+            .and_then(|p| p.get("subnet"))
+            == Some(&Value::from("172.29.0.0/16")),
+        "the subnet was asked for: {:?}",
+        client.provider_parameter
+    );
+    let address = client
+        .provider_config
+        .as_ref()
+        .and_then(|config| config.get("Interface.Address"))
+        .and_then(Value::as_str)
+        .context("a tunnel address")?
+        .to_string();
+    deployment
+        .lab
+        .configure_peer(&peer, &wg_config, &format!("{address}/32"))?;
+    deployment.reaches_the_cluster(&peer.netns).await?;
+
+    // The admin sees the connection: address in the list, a handshake, the Events.
+    let cli = &admin;
+    eventually("the list shows the handshake", WAIT, || async {
+        let table = cli.ok(&["clients", "ls"]).await?;
+        let row = table
+            .lines()
+            .find(|line| line.starts_with("dev "))
+            .unwrap_or_default()
+            .to_string();
+        Ok(
+            (row.contains(&address) && row.split_whitespace().nth(4).is_some_and(|h| h != "-"))
+                .then_some(()),
+        )
+    })
+    .await?;
+    let inspected = admin.ok(&["clients", "inspect", "dev"]).await?;
+    for expected in [
+        "WAITING -> ENABLING",
+        "ENABLING -> ACTIVE",
+        "Latest handshake:",
+        "172.29.0.0/16",
+    ] {
+        ensure!(
+            inspected.contains(expected),
+            "inspect shows {expected:?}:\n{inspected}"
+        );
+    }
+
+    // disconnect -f: WAITING again, and the old key no longer gets through.
+    let disconnected = developer.ok(&["disconnect", "-f", "dev.json"]).await?;
+    ensure!(disconnected.contains("WAITING"), "{disconnected}");
+    ensure!(
+        deployment.clients.get("dev").await?.state == ClientState::Waiting,
+        "WAITING"
+    );
+    let lab = &deployment.lab;
+    eventually(
+        "the disconnected peer no longer reaches 192.168.99.1",
+        WAIT,
+        || async {
+            Ok(lab
+                .exec_in(&peer.netns, "ping", &["-c", "1", "-W", "1", "192.168.99.1"])
+                .is_err()
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // Connect again (a fresh key), then the admin disconnects the client.
+    developer
+        .ok(&["connect", "-f", "dev.json", "--wg-config", "again.conf"])
+        .await?;
+    let again = std::fs::read_to_string(developer.workdir.join("again.conf"))?;
+    ensure!(
+        again.contains("Address = ") && again.contains("DNS = 192.168.99.1"),
+        "wg-quick format: {again}"
+    );
+    ensure!(
+        !again.contains(&private_key),
+        "a fresh key pair per connect"
+    );
+    let marked = admin.ok(&["clients", "disconnect", "dev"]).await?;
+    ensure!(marked.contains("marked for disconnection"), "{marked}");
+    wait_for_state(&deployment.clients, "dev", ClientState::Waiting).await?;
+
+    // After delete, the client file is refused with a clear message.
+    admin.ok(&["clients", "delete", "dev"]).await?;
+    let stale = developer
+        .fails(&["connect", "-f", "dev.json"], FORBIDDEN)
+        .await?;
+    ensure!(stale.contains("ask your Gefyra admin"), "{stale}");
+    Ok(())
+}
