@@ -1,5 +1,6 @@
 //! Wire compatibility: the real `gefyra` CLI from PyPI (installed by `tests/gefyra-cli.sh`)
-//! manages clients against our operator on the real control plane.
+//! manages clients against our operator on the real control plane, and kubectl-gefyra
+//! does the same flows with the same results (client files byte for byte).
 
 use std::path::Path;
 use std::process::Output;
@@ -7,8 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
-use gefyra_api::GefyraClient;
-use gefyra_e2e::{Cluster, DockerDaemon, Operator, api_status, eventually, install_crd};
+use gefyra_api::{ClientState, GefyraClient};
+use gefyra_e2e::{
+    Cluster, DockerDaemon, KubectlGefyra, Operator, api_status, eventually, install_crd,
+    wait_for_state,
+};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
@@ -135,26 +139,118 @@ async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> R
         .await
         .context("the client file's token reads its own GefyraClient")?;
 
-    let deleted = gefyra.run(&["clients", "delete", id]).await?;
+    // The same flows with kubectl-gefyra give the same results, both ways round.
+    let ours = KubectlGefyra::new(&cluster.kubeconfig, GEFYRA_NAMESPACE)?;
+    let ours_id = "ours0123456789abcdef";
+    ours.ok(&["clients", "create", "--client-id", ours_id])
+        .await?;
+    let listed = gefyra.run(&["clients", "ls"]).await?;
+    for client in [id, ours_id] {
+        let row = listed
+            .lines()
+            .find(|line| line.starts_with(client))
+            .with_context(|| format!("`gefyra clients ls` lists {client}:\n{listed}"))?;
+        ensure!(
+            row.contains("WAITING"),
+            "listed as WAITING by gefyra: {row}"
+        );
+    }
+    let our_rows: Vec<serde_json::Value> =
+        serde_json::from_str(&ours.ok(&["clients", "ls", "-o", "json"]).await?)?;
+    for client in [id, ours_id] {
+        ensure!(
+            our_rows
+                .iter()
+                .any(|row| row["client_id"] == client && row["state"] == "WAITING"),
+            "kubectl-gefyra lists {client} as WAITING: {our_rows:?}"
+        );
+    }
+    // Client files: byte for byte what Gefyra's CLI writes, for either tool's clients.
+    for client in [id, ours_id] {
+        for options in [
+            &["--host", "203.0.113.7"][..],
+            &[
+                "--host",
+                "stowaway.example",
+                "--port",
+                "40000",
+                "--mtu",
+                "1340",
+                "--kubernetes-api",
+                "https://api.example:6443",
+            ],
+        ] {
+            let mut args = vec!["clients", "config", client];
+            args.extend_from_slice(options);
+            let theirs = gefyra.run(&args).await?;
+            let theirs = theirs
+                .lines()
+                .find(|line| line.starts_with('{'))
+                .with_context(|| format!("gefyra {args:?} prints a client file:\n{theirs}"))?;
+            let mine = ours.ok(&args).await?;
+            ensure!(
+                mine.trim_end() == theirs,
+                "the client files differ for {args:?}:\ngefyra:         {theirs}\nkubectl-gefyra: {mine}"
+            );
+        }
+    }
+    // A client connected with kubectl-gefyra is disconnected by Gefyra's CLI.
+    ours.ok(&[
+        "clients",
+        "config",
+        ours_id,
+        "--host",
+        "203.0.113.7",
+        "-o",
+        "ours.json",
+    ])
+    .await?;
+    let connected = ours
+        .ok(&["connect", "-f", "ours.json", "--subnet", "172.28.0.0/16"])
+        .await?;
+    ensure!(connected.contains("is ACTIVE"), "{connected}");
+    let inspected = gefyra
+        .run(&["clients", "inspect", ours_id, "-o", "json"])
+        .await?;
     ensure!(
-        deleted.contains(&format!("GefyraClient {id} marked for deletion")),
-        "delete output: {deleted}"
+        inspected.contains("\"state\": \"ACTIVE\""),
+        "gefyra sees ACTIVE: {inspected}"
+    );
+    let disconnected = gefyra.run(&["clients", "disconnect", ours_id]).await?;
+    ensure!(
+        disconnected.contains("marked for disconnection"),
+        "{disconnected}"
     );
     let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), GEFYRA_NAMESPACE);
+    wait_for_state(&clients, ours_id, ClientState::Waiting).await?;
+
+    // Each tool deletes the other's client.
+    let deleted = gefyra.run(&["clients", "delete", ours_id]).await?;
+    ensure!(
+        deleted.contains(&format!("GefyraClient {ours_id} marked for deletion")),
+        "delete output: {deleted}"
+    );
+    let deleted = ours.ok(&["clients", "delete", id]).await?;
+    ensure!(
+        deleted.contains(&format!("Client {id} marked for deletion")),
+        "delete output: {deleted}"
+    );
     let accounts: Api<ServiceAccount> = Api::namespaced(admin, GEFYRA_NAMESPACE);
-    eventually(
-        "the client and its ServiceAccount are gone",
-        WAIT,
-        || async {
-            let gone = clients.get_opt(id).await?.is_none()
-                && accounts
-                    .get_opt(&format!("gefyra-client-{id}"))
-                    .await?
-                    .is_none();
-            Ok(gone.then_some(()))
-        },
-    )
-    .await?;
+    for client in [id, ours_id] {
+        eventually(
+            "the client and its ServiceAccount are gone",
+            WAIT,
+            || async {
+                let gone = clients.get_opt(client).await?.is_none()
+                    && accounts
+                        .get_opt(&format!("gefyra-client-{client}"))
+                        .await?
+                        .is_none();
+                Ok(gone.then_some(()))
+            },
+        )
+        .await?;
+    }
     let _ = std::fs::remove_dir_all(&home);
     Ok(())
 }
