@@ -37,9 +37,10 @@ cluster-down:
 	@$(CONTROLPLANE) down $(CLUSTER_DIR)
 
 up: cluster-up
-	cargo build -p gefyra-operator -p stowaway --locked
+	cargo build -p gefyra-operator -p stowaway -p kubectl-gefyra --locked
 	@tests/system.sh up $(CLUSTER_DIR)
 	@echo "export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"
+	@echo "export PATH=$(CURDIR)/target/debug:\$$PATH   # then: kubectl gefyra clients create"
 
 down: cluster-down
 

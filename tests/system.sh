@@ -40,3 +40,23 @@ start() {
 start gefyra-operator 18080 "$operator" --namespace gefyra --http-address 127.0.0.1:18080
 # Stowaway: WireGuard on UDP 31820 (peers reach it at this machine's addresses).
 start stowaway 18081 "$stowaway" --namespace gefyra --listen 0.0.0.0:31820 --http-address 127.0.0.1:18081
+
+# Stowaway's Service, as a LoadBalancer whose ingress is this machine, so that
+# `kubectl gefyra clients config ID` finds Stowaway without --host.
+$kubectl -n gefyra apply --server-side --field-manager=gefyra-make-up -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: Service
+metadata:
+  name: gefyra-stowaway-wireguard
+spec:
+  type: LoadBalancer
+  selector:
+    app.kubernetes.io/name: stowaway
+  ports:
+    - name: gefyra-wireguard
+      protocol: UDP
+      port: 31820
+      targetPort: 31820
+YAML
+$kubectl -n gefyra patch service gefyra-stowaway-wireguard --subresource=status --type=merge \
+  -p '{"status":{"loadBalancer":{"ingress":[{"ip":"127.0.0.1"}]}}}' >/dev/null

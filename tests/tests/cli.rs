@@ -375,8 +375,18 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
         no_cluster.contains("cannot reach the Kubernetes API server"),
         "{no_cluster}"
     );
+    let verbose = down.run(&["-v", "clients", "ls"]).await?;
+    ensure!(
+        verbose.code == NO_CLUSTER && verbose.stderr.contains("\n  caused by: "),
+        "-v shows the cause: {verbose:?}"
+    );
     let nowhere = KubectlGefyra::new(&cli.workdir.join("no-such.kubeconfig"), &ns)?;
     nowhere.fails(&["clients", "ls"], NO_CLUSTER).await?;
+    let completion = nowhere.ok(&["completion", "bash"]).await?;
+    ensure!(
+        completion.contains("kubectl__gefyra"),
+        "a bash completion script"
+    );
     std::fs::write(cli.workdir.join("garbage.json"), "{\"client_id\": 1")?;
     let garbage = cli
         .fails(&["connect", "-f", "garbage.json"], BAD_CLIENT_FILE)
