@@ -46,9 +46,11 @@ down: cluster-down
 
 test: prereqs lint unit fuzz e2e
 
-# Regenerates every generated file that is committed (drift is checked by `make test`).
-generate:
-	cargo run -q -p gefyra-operator --locked -- crd > crds/gefyraclients.yaml
+# Regenerates every generated file that is committed (drift is checked by `make test`):
+# the CRD, the chart's CRD and RBAC templates, deploy/ (see tests/generate.sh).
+generate: controlplane
+	cargo build -p gefyra-operator -p stowaway --locked
+	tests/generate.sh
 
 lint:
 	cargo fmt --all --check

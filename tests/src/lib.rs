@@ -48,7 +48,12 @@ impl Cluster {
                  run `make test`, or `tests/controlplane.sh run -- cargo test -p gefyra-e2e`"
             );
         };
-        let kubeconfig = PathBuf::from(path);
+        Self::from_kubeconfig(Path::new(&path)).await
+    }
+
+    /// The control plane whose admin kubeconfig is `path`.
+    pub async fn from_kubeconfig(path: &Path) -> Result<Self> {
+        let kubeconfig = path.to_path_buf();
         let raw = Kubeconfig::read_from(&kubeconfig)
             .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
         let config = Config::from_custom_kubeconfig(raw, &KubeConfigOptions::default()).await?;
@@ -131,6 +136,53 @@ impl Cluster {
             .await
             .with_context(|| format!("creating test namespace {name}"))?;
         Ok(name)
+    }
+}
+
+/// A control plane of a test's own (`tests/controlplane.sh up`), for tests that need one
+/// nothing else touches (cluster-scoped objects, fixed NodePorts); stopped when dropped.
+pub struct OwnControlPlane {
+    pub dir: PathBuf,
+    pub cluster: Cluster,
+}
+
+impl OwnControlPlane {
+    pub async fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("gefyra-own-plane-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        let output = tokio::process::Command::new(controlplane_script())
+            .arg("up")
+            .arg(&dir)
+            .output()
+            .await
+            .context("running tests/controlplane.sh up")?;
+        let plane = Self {
+            cluster: Cluster {
+                kubeconfig: dir.join("kubeconfig"),
+                config: Config::new("https://127.0.0.1".parse()?),
+            },
+            dir,
+        };
+        ensure!(
+            output.status.success(),
+            "tests/controlplane.sh up failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut plane = plane;
+        plane.cluster = Cluster::from_kubeconfig(&plane.cluster.kubeconfig).await?;
+        Ok(plane)
+    }
+}
+
+impl Drop for OwnControlPlane {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(controlplane_script())
+            .arg("down")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
