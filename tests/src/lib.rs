@@ -148,7 +148,8 @@ pub struct OwnControlPlane {
 
 impl OwnControlPlane {
     pub async fn start() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("gefyra-own-plane-{:08x}", rand::random::<u32>()));
+        let dir =
+            std::env::temp_dir().join(format!("gefyra-own-plane-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir)?;
         let output = tokio::process::Command::new(controlplane_script())
             .arg("up")

@@ -11,9 +11,8 @@ use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::{key_pair, stowaway_binary};
 use gefyra_e2e::{
-    Cluster, Operator, OwnControlPlane, controlplane_script, create_client, eventually,
-    free_port, http_get, operator_binary, repo_root, set_provider_parameter, wait_for_state,
-    wait_gone,
+    Cluster, Operator, OwnControlPlane, controlplane_script, create_client, eventually, free_port,
+    http_get, operator_binary, repo_root, set_provider_parameter, wait_for_state, wait_gone,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
@@ -41,9 +40,18 @@ async fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> Result<String> 
     let output = tokio::process::Command::new(tool(program)?)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
-        .env("HELM_CACHE_HOME", std::env::temp_dir().join("gefyra-helm-cache"))
-        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("gefyra-helm-config"))
-        .env("HELM_DATA_HOME", std::env::temp_dir().join("gefyra-helm-data"))
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("gefyra-helm-cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("gefyra-helm-config"),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            std::env::temp_dir().join("gefyra-helm-data"),
+        )
         .output()
         .await
         .with_context(|| format!("running {program} {args:?}"))?;
@@ -52,7 +60,10 @@ async fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> Result<String> 
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    ensure!(output.status.success(), "{program} {args:?} failed:\n{text}");
+    ensure!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{text}"
+    );
     Ok(text)
 }
 
@@ -71,10 +82,17 @@ async fn pods_admitted(cluster: &Cluster, namespace: &str) -> Result<()> {
         eventually(&format!("a Pod of {name} exists"), WAIT, || {
             let selector = selector.clone();
             async move {
-                let created = pods.list(&ListParams::default().labels(&selector)).await?.items;
+                let created = pods
+                    .list(&ListParams::default().labels(&selector))
+                    .await?
+                    .items;
                 if created.is_empty() {
                     // Say why, if the ReplicaSet controller was refused.
-                    for set in sets.list(&ListParams::default().labels(&selector)).await?.items {
+                    for set in sets
+                        .list(&ListParams::default().labels(&selector))
+                        .await?
+                        .items
+                    {
                         for condition in set.status.and_then(|s| s.conditions).unwrap_or_default() {
                             ensure!(
                                 condition.type_ != "ReplicaFailure",
@@ -89,16 +107,15 @@ async fn pods_admitted(cluster: &Cluster, namespace: &str) -> Result<()> {
         })
         .await?;
     }
-    // Admission is really enforcing here: a privileged Pod is refused.
-    let privileged: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "privileged"},
-        "spec": {"containers": [{"name": "c", "image": "busybox",
-            "securityContext": {"privileged": true}}]}
+    // Admission is really enforcing here: a Pod with default security settings is refused.
+    let unhardened: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "unhardened"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
     }))?;
-    let refused = pods.create(&PostParams::default(), &privileged).await;
+    let refused = pods.create(&PostParams::default(), &unhardened).await;
     ensure!(
-        matches!(&refused, Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("PodSecurity")),
-        "a privileged Pod is refused by PodSecurity \"restricted\": {refused:?}"
+        matches!(&refused, Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("PodSecurity \"restricted")),
+        "an unhardened Pod is refused by PodSecurity \"restricted\": {refused:?}"
     );
     Ok(())
 }
@@ -109,30 +126,57 @@ async fn installed(cluster: &Cluster, namespace: &str) -> Result<()> {
     let ns = Api::<Namespace>::all(admin.clone()).get(namespace).await?;
     let labels = ns.metadata.labels.unwrap_or_default();
     ensure!(
-        labels.get("pod-security.kubernetes.io/enforce").map(String::as_str) == Some("restricted"),
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str)
+            == Some("restricted"),
         "namespace {namespace} enforces restricted: {labels:?}"
     );
-    let crd = Api::<CustomResourceDefinition>::all(admin.clone()).get(CRD).await?;
+    let crd = Api::<CustomResourceDefinition>::all(admin.clone())
+        .get(CRD)
+        .await?;
     ensure!(
-        crd.metadata.annotations.unwrap_or_default().get("helm.sh/resource-policy").map(String::as_str) == Some("keep"),
+        crd.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str)
+            == Some("keep"),
         "the CRD is kept on uninstall"
     );
     for name in ["gefyra-operator", "gefyra-stowaway"] {
-        Api::<ServiceAccount>::namespaced(admin.clone(), namespace).get(name).await?;
-        Api::<Role>::namespaced(admin.clone(), namespace).get(name).await?;
-        Api::<Deployment>::namespaced(admin.clone(), namespace).get(name).await?;
-        Api::<Service>::namespaced(admin.clone(), namespace).get(&format!("{name}-metrics")).await?;
+        Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
+            .get(name)
+            .await?;
+        Api::<Role>::namespaced(admin.clone(), namespace)
+            .get(name)
+            .await?;
+        Api::<Deployment>::namespaced(admin.clone(), namespace)
+            .get(name)
+            .await?;
+        Api::<Service>::namespaced(admin.clone(), namespace)
+            .get(&format!("{name}-metrics"))
+            .await?;
     }
-    let stowaway = Api::<Deployment>::namespaced(admin.clone(), namespace).get("gefyra-stowaway").await?;
+    let stowaway = Api::<Deployment>::namespaced(admin.clone(), namespace)
+        .get("gefyra-stowaway")
+        .await?;
     let spec = stowaway.spec.context("a spec")?;
     ensure!(spec.replicas == Some(1), "one Stowaway");
     ensure!(
         spec.strategy.and_then(|s| s.type_).as_deref() == Some("Recreate"),
         "Stowaway is replaced, never doubled"
     );
-    let service = Api::<Service>::namespaced(admin, namespace).get("gefyra-stowaway-wireguard").await?;
+    let service = Api::<Service>::namespaced(admin, namespace)
+        .get("gefyra-stowaway-wireguard")
+        .await?;
     let spec = service.spec.context("a spec")?;
-    let port = spec.ports.unwrap_or_default().into_iter().next().context("a port")?;
+    let port = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .context("a port")?;
     ensure!(
         port.name.as_deref() == Some("gefyra-wireguard")
             && port.protocol.as_deref() == Some("UDP")
@@ -140,8 +184,16 @@ async fn installed(cluster: &Cluster, namespace: &str) -> Result<()> {
             && port.node_port == Some(31820),
         "UDP 31820 named gefyra-wireguard: {port:?}"
     );
-    ensure!(spec.type_.as_deref() == Some("NodePort"), "{:?}", spec.type_);
-    ensure!(spec.external_traffic_policy.as_deref() == Some("Local"), "{:?}", spec.external_traffic_policy);
+    ensure!(
+        spec.type_.as_deref() == Some("NodePort"),
+        "{:?}",
+        spec.type_
+    );
+    ensure!(
+        spec.external_traffic_policy.as_deref() == Some("Local"),
+        "{:?}",
+        spec.external_traffic_policy
+    );
     Ok(())
 }
 
@@ -153,7 +205,10 @@ fn impersonating(cluster: &Cluster, namespace: &str, account: &str) -> Result<Pa
             user.impersonate = Some(format!("system:serviceaccount:{namespace}:{account}"));
         }
     }
-    let path = std::env::temp_dir().join(format!("gefyra-as-{account}-{:08x}.kubeconfig", rand::random::<u32>()));
+    let path = std::env::temp_dir().join(format!(
+        "gefyra-as-{account}-{:08x}.kubeconfig",
+        rand::random::<u32>()
+    ));
     std::fs::write(&path, serde_yaml::to_string(&raw)?)?;
     Ok(path)
 }
@@ -168,16 +223,36 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
 
     for values in [
         &[][..],
-        &["--set", "serviceMonitor.enabled=true,stowaway.service.type=LoadBalancer,operator.replicas=2,namespace.create=true,namespace.name=other"],
+        &[
+            "--set",
+            "serviceMonitor.enabled=true,stowaway.service.type=LoadBalancer,operator.replicas=2,namespace.create=true,namespace.name=other",
+        ],
     ] {
         let mut args = vec!["lint", chart_path, "--strict", "--kube-version", "1.36.3"];
         args.extend_from_slice(values);
         let linted = run("helm", &kubeconfig, &args).await?;
-        ensure!(linted.contains("0 chart(s) failed") && !linted.contains("[WARNING]"), "{linted}");
+        ensure!(
+            linted.contains("0 chart(s) failed") && !linted.contains("[WARNING]"),
+            "{linted}"
+        );
     }
-    let rejected = run("helm", &kubeconfig, &["template", chart_path, "--kube-version", "1.36.3", "--set", "operator.clientRbac=everything"]).await;
+    let rejected = run(
+        "helm",
+        &kubeconfig,
+        &[
+            "template",
+            chart_path,
+            "--kube-version",
+            "1.36.3",
+            "--set",
+            "operator.clientRbac=everything",
+        ],
+    )
+    .await;
     ensure!(
-        rejected.as_ref().is_err_and(|e| e.to_string().contains("clientRbac")),
+        rejected
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("clientRbac")),
         "values.schema.json rejects a bad value: {rejected:?}"
     );
 
@@ -185,10 +260,21 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     let installed_text = run(
         "helm",
         &kubeconfig,
-        &["install", "gefyra", chart_path, "--namespace", "default", "--set", "namespace.create=true,namespace.name=gefyra"],
+        &[
+            "install",
+            "gefyra",
+            chart_path,
+            "--namespace",
+            "default",
+            "--set",
+            "namespace.create=true,namespace.name=gefyra",
+        ],
     )
     .await?;
-    ensure!(installed_text.contains("kubectl gefyra --namespace gefyra clients create"), "NOTES tell how to create a client:\n{installed_text}");
+    ensure!(
+        installed_text.contains("kubectl gefyra --namespace gefyra clients create"),
+        "NOTES tell how to create a client:\n{installed_text}"
+    );
     installed(cluster, NAMESPACE).await?;
     pods_admitted(cluster, NAMESPACE).await?;
 
@@ -197,9 +283,17 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     let mut operator = Operator::start_with(&as_operator, NAMESPACE, &[])?;
     let as_stowaway = impersonating(cluster, NAMESPACE, "gefyra-stowaway")?;
     let stowaway_http = free_port();
-    let stowaway_log = std::env::temp_dir().join(format!("gefyra-packaging-stowaway-{stowaway_http}.log"));
+    let stowaway_log =
+        std::env::temp_dir().join(format!("gefyra-packaging-stowaway-{stowaway_http}.log"));
     let _stowaway = tokio::process::Command::new(stowaway_binary())
-        .args(["--namespace", NAMESPACE, "--listen", "127.0.0.1:0", "--status-interval", "1"])
+        .args([
+            "--namespace",
+            NAMESPACE,
+            "--listen",
+            "127.0.0.1:0",
+            "--status-interval",
+            "1",
+        ])
         .args(["--http-address", &format!("127.0.0.1:{stowaway_http}")])
         .env("KUBECONFIG", &as_stowaway)
         .stdout(std::fs::File::create(&stowaway_log)?)
@@ -213,38 +307,87 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         .await
         .with_context(|| operator.log_text())?;
     let (_, public) = key_pair();
-    set_provider_parameter(&clients, "chart-rbac", json!({"publicKey": public, "subnet": "172.27.0.0/16"})).await?;
+    set_provider_parameter(
+        &clients,
+        "chart-rbac",
+        json!({"publicKey": public, "subnet": "172.27.0.0/16"}),
+    )
+    .await?;
     wait_for_state(&clients, "chart-rbac", ClientState::Active)
         .await
         .with_context(|| operator.log_text())?;
-    eventually("Stowaway (as its ServiceAccount) is ready with the peer", WAIT, || async {
-        let ready = http_get(stowaway_http, "/readyz").await.map(|(code, _)| code == 200).unwrap_or(false);
-        let metrics = http_get(stowaway_http, "/metrics").await.map(|(_, body)| body).unwrap_or_default();
-        Ok((ready && metrics.lines().any(|line| line == "stowaway_peers 1")).then_some(()))
-    })
+    eventually(
+        "Stowaway (as its ServiceAccount) is ready with the peer",
+        WAIT,
+        || async {
+            let ready = http_get(stowaway_http, "/readyz")
+                .await
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false);
+            let metrics = http_get(stowaway_http, "/metrics")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            Ok((ready && metrics.lines().any(|line| line == "stowaway_peers 1")).then_some(()))
+        },
+    )
     .await
-    .with_context(|| std::fs::read_to_string(stowaway_log.with_extension("err")).unwrap_or_default())?;
+    .with_context(|| {
+        std::fs::read_to_string(stowaway_log.with_extension("err")).unwrap_or_default()
+    })?;
     set_provider_parameter(&clients, "chart-rbac", serde_json::Value::Null).await?;
     wait_for_state(&clients, "chart-rbac", ClientState::Waiting).await?;
     clients.delete("chart-rbac", &Default::default()).await?;
-    wait_gone(&clients, "chart-rbac").await.with_context(|| operator.log_text())?;
+    wait_gone(&clients, "chart-rbac")
+        .await
+        .with_context(|| operator.log_text())?;
     let log = operator.log_text();
-    ensure!(!log.contains("forbidden"), "the operator was refused something:\n{log}");
+    ensure!(
+        !log.contains("forbidden"),
+        "the operator was refused something:\n{log}"
+    );
     operator.kill().await?;
 
     // helm upgrade with a changed CRD updates the CRD.
-    let upgraded_chart = std::env::temp_dir().join(format!("gefyra-chart-{:08x}", rand::random::<u32>()));
+    let upgraded_chart =
+        std::env::temp_dir().join(format!("gefyra-chart-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&upgraded_chart)?;
     let copy = upgraded_chart.join("gefyra-operator");
     ensure!(
-        std::process::Command::new("cp").arg("-r").arg(&chart).arg(&copy).status()?.success(),
+        std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&chart)
+            .arg(&copy)
+            .status()?
+            .success(),
         "copying the chart"
     );
     let crd_template = copy.join("templates/crd.yaml");
     let text = std::fs::read_to_string(&crd_template)?;
-    ensure!(text.contains("description: The lifecycle state\n"), "the CRD template has the State column");
-    std::fs::write(&crd_template, text.replace("description: The lifecycle state\n", "description: The lifecycle state (upgraded)\n"))?;
-    run("helm", &kubeconfig, &["upgrade", "gefyra", copy.to_str().context("utf-8")?, "--namespace", "default", "--reuse-values"]).await?;
+    ensure!(
+        text.contains("description: The lifecycle state\n"),
+        "the CRD template has the State column"
+    );
+    std::fs::write(
+        &crd_template,
+        text.replace(
+            "description: The lifecycle state\n",
+            "description: The lifecycle state (upgraded)\n",
+        ),
+    )?;
+    run(
+        "helm",
+        &kubeconfig,
+        &[
+            "upgrade",
+            "gefyra",
+            copy.to_str().context("utf-8")?,
+            "--namespace",
+            "default",
+            "--reuse-values",
+        ],
+    )
+    .await?;
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     let crd = crds.get(CRD).await?;
     ensure!(
@@ -254,16 +397,45 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     let _ = std::fs::remove_dir_all(&upgraded_chart);
 
     // helm uninstall keeps the CRD (and the namespace with the clients), removes the rest.
-    run("helm", &kubeconfig, &["uninstall", "gefyra", "--namespace", "default", "--wait"]).await?;
+    run(
+        "helm",
+        &kubeconfig,
+        &["uninstall", "gefyra", "--namespace", "default", "--wait"],
+    )
+    .await?;
     crds.get(CRD).await.context("the CRD is kept")?;
-    Api::<Namespace>::all(admin.clone()).get(NAMESPACE).await.context("the namespace is kept")?;
+    Api::<Namespace>::all(admin.clone())
+        .get(NAMESPACE)
+        .await
+        .context("the namespace is kept")?;
     for name in ["gefyra-operator", "gefyra-stowaway"] {
-        ensure!(Api::<Deployment>::namespaced(admin.clone(), NAMESPACE).get_opt(name).await?.is_none(), "{name} removed");
-        ensure!(Api::<Role>::namespaced(admin.clone(), NAMESPACE).get_opt(name).await?.is_none(), "{name} Role removed");
-        ensure!(Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE).get_opt(name).await?.is_none(), "{name} SA removed");
+        ensure!(
+            Api::<Deployment>::namespaced(admin.clone(), NAMESPACE)
+                .get_opt(name)
+                .await?
+                .is_none(),
+            "{name} removed"
+        );
+        ensure!(
+            Api::<Role>::namespaced(admin.clone(), NAMESPACE)
+                .get_opt(name)
+                .await?
+                .is_none(),
+            "{name} Role removed"
+        );
+        ensure!(
+            Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE)
+                .get_opt(name)
+                .await?
+                .is_none(),
+            "{name} SA removed"
+        );
     }
     ensure!(
-        Api::<Service>::namespaced(admin, NAMESPACE).get_opt("gefyra-stowaway-wireguard").await?.is_none(),
+        Api::<Service>::namespaced(admin, NAMESPACE)
+            .get_opt("gefyra-stowaway-wireguard")
+            .await?
+            .is_none(),
         "the Service is removed"
     );
     for path in [as_operator, as_stowaway] {
@@ -280,7 +452,13 @@ async fn deploy_applies_server_side_on_a_fresh_control_plane() -> Result<()> {
     let applied = run(
         "kubectl",
         &cluster.kubeconfig,
-        &["apply", "--server-side", "--field-manager=gefyra-test", "-f", deploy.to_str().context("utf-8")?],
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=gefyra-test",
+            "-f",
+            deploy.to_str().context("utf-8")?,
+        ],
     )
     .await?;
     ensure!(applied.contains("customresourcedefinition.apiextensions.k8s.io/gefyraclients.gefyra.dev serverside-applied"), "{applied}");
@@ -290,11 +468,20 @@ async fn deploy_applies_server_side_on_a_fresh_control_plane() -> Result<()> {
     run(
         "kubectl",
         &cluster.kubeconfig,
-        &["apply", "--server-side", "--field-manager=gefyra-test", "-f", deploy.join("examples").to_str().context("utf-8")?],
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=gefyra-test",
+            "-f",
+            deploy.join("examples").to_str().context("utf-8")?,
+        ],
     )
     .await?;
     let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, NAMESPACE);
-    ensure!(!clients.list(&ListParams::default()).await?.items.is_empty(), "the examples created clients");
+    ensure!(
+        !clients.list(&ListParams::default()).await?.items.is_empty(),
+        "the examples created clients"
+    );
     Ok(())
 }
 
@@ -302,7 +489,8 @@ async fn deploy_applies_server_side_on_a_fresh_control_plane() -> Result<()> {
 /// directory, they must equal what is committed.
 #[tokio::test]
 async fn generated_files_are_current() -> Result<()> {
-    let scratch = std::env::temp_dir().join(format!("gefyra-generate-{:08x}", rand::random::<u32>()));
+    let scratch =
+        std::env::temp_dir().join(format!("gefyra-generate-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&scratch)?;
     let output = tokio::process::Command::new(repo_root().join("tests/generate.sh"))
         .arg(&scratch)
@@ -310,8 +498,16 @@ async fn generated_files_are_current() -> Result<()> {
         .env("STOWAWAY_BINARY", stowaway_binary())
         .output()
         .await?;
-    ensure!(output.status.success(), "tests/generate.sh: {}", String::from_utf8_lossy(&output.stderr));
-    for path in ["crds", "charts", "deploy/gefyra-operator.yaml"] {
+    ensure!(
+        output.status.success(),
+        "tests/generate.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for path in [
+        "crds/gefyraclients.yaml",
+        "charts",
+        "deploy/gefyra-operator.yaml",
+    ] {
         let diff = tokio::process::Command::new("diff")
             .arg("-r")
             .arg(repo_root().join(path))
