@@ -6,15 +6,16 @@
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends musl-tools \
+ && apt-get install -y --no-install-recommends musl-tools file \
  && rm -rf /var/lib/apt/lists/* \
  && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
+# `make static` is what `make test` runs too: a --locked release build for musl, checked
+# to be statically linked and to run.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --target x86_64-unknown-linux-musl \
-      -p gefyra-operator -p stowaway -p kubectl-gefyra \
+    make static \
  && mkdir -p /out \
  && for binary in gefyra-operator stowaway kubectl-gefyra; do \
       cp "target/x86_64-unknown-linux-musl/release/$binary" /out/; \

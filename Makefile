@@ -10,9 +10,13 @@ CONTROLPLANE := tests/controlplane.sh
 # Debian packages the whole system needs (installed when root, else the apt-get line is shown).
 # docker.io: the real Gefyra CLI needs a Docker daemon even for `gefyra clients ...`.
 # dnsmasq-base, iputils-ping: the DNS server and ping of the network lab (Stowaway's tests).
-DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux
+# musl-tools, file: the image's static binaries (make static).
+DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file
 
-.PHONY: generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench fuzz
+STATIC_TARGET := x86_64-unknown-linux-musl
+STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
+
+.PHONY: static generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench fuzz
 
 help:
 	@echo "make up          start the whole system locally (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
@@ -44,13 +48,25 @@ up: cluster-up
 
 down: cluster-down
 
-test: prereqs lint unit fuzz e2e
+test: prereqs lint unit static fuzz e2e
 
 # Regenerates every generated file that is committed (drift is checked by `make test`):
 # the CRD, the chart's CRD and RBAC templates, deploy/ (see tests/generate.sh).
 generate: controlplane
 	cargo build -p gefyra-operator -p stowaway --locked
 	tests/generate.sh
+
+# The image's binaries (the Dockerfile runs this): statically linked with musl, checked to be
+# static and to run. The musl target and musl-tools are installed when missing.
+static:
+	@tests/prereqs.sh musl-tools file
+	@rustup target list --installed | grep -qx $(STATIC_TARGET) || rustup target add $(STATIC_TARGET)
+	cargo build --release --locked --target $(STATIC_TARGET) $(addprefix -p ,$(STATIC_BINARIES))
+	@for binary in $(STATIC_BINARIES); do \
+	  path=target/$(STATIC_TARGET)/release/$$binary; \
+	  file "$$path" | grep -q 'static' || { echo "error: $$path is not statically linked" >&2; exit 1; }; \
+	  env -i "$$path" --version >/dev/null || { echo "error: $$path does not run" >&2; exit 1; }; \
+	done; echo "static binaries: $(addprefix target/$(STATIC_TARGET)/release/,$(STATIC_BINARIES))"
 
 lint:
 	cargo fmt --all --check
