@@ -256,6 +256,46 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         "values.schema.json rejects a bad value: {rejected:?}"
     );
 
+    let template = |set: &'static str| {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            let mut args = vec!["template", "gefyra", chart_path, "--kube-version", "1.36.3"];
+            if !set.is_empty() {
+                args.extend(["--set", set]);
+            }
+            run("helm", &kubeconfig, &args).await
+        }
+    };
+    ensure!(
+        !template("").await?.contains("--leader-elect"),
+        "one operator: no leader election"
+    );
+    ensure!(
+        template("operator.replicas=2")
+            .await?
+            .contains("- --leader-elect"),
+        "leader election with more than one operator"
+    );
+    let balanced = template(
+        "stowaway.service.type=LoadBalancer,stowaway.service.annotations.example\\.com/lb=udp,stowaway.service.loadBalancerSourceRanges={203.0.113.0/24}",
+    )
+    .await?;
+    for expected in [
+        "type: LoadBalancer",
+        "example.com/lb: udp",
+        "- 203.0.113.0/24",
+    ] {
+        ensure!(
+            balanced.contains(expected),
+            "LoadBalancer option renders {expected:?}:\n{balanced}"
+        );
+    }
+    let monitored = template("serviceMonitor.enabled=true").await?;
+    ensure!(
+        monitored.contains("kind: ServiceMonitor"),
+        "the optional ServiceMonitor"
+    );
+
     // Install from the default namespace; the chart creates "gefyra", labelled restricted.
     let installed_text = run(
         "helm",
