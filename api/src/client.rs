@@ -229,6 +229,12 @@ impl GefyraClient {
         format!("gefyra-client-{name}")
     }
 
+    /// The ServiceAccount (and Role, RoleBinding) of client `name`'s token minter: an
+    /// identity that may only mint short-lived tokens for the client's ServiceAccount.
+    pub fn token_minter_name_for(name: &str) -> String {
+        format!("gefyra-client-{name}-minter")
+    }
+
     /// The `Ready` condition, if the operator has written one.
     pub fn ready_condition(&self) -> Option<&Condition> {
         self.status

@@ -25,7 +25,14 @@ pub struct ClientFile {
     /// A string, as Gefyra writes it; numbers are accepted when reading.
     #[serde(default, deserialize_with = "text_or_number")]
     pub wireguard_mtu: Option<String>,
+    /// Absent in Gefyra's format (`token` is the client's own bearer token);
+    /// [`TOKEN_MINTER`] when `token` may only mint short-lived tokens for the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
+
+/// The `credential` of a short-lived client file.
+pub const TOKEN_MINTER: &str = "token-minter";
 
 impl std::fmt::Debug for ClientFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,7 +121,20 @@ impl ClientFile {
         file.endpoint()?;
         file.credentials()?;
         file.mtu()?;
+        if let Some(credential) = &file.credential
+            && credential != TOKEN_MINTER
+        {
+            return Err(ClientFileError::Invalid {
+                field: "credential",
+                problem: format!("is {credential:?}; this CLI knows only \"{TOKEN_MINTER}\""),
+            });
+        }
         Ok(file)
+    }
+
+    /// Whether `token` is only a token minter's (short-lived credentials via `get-token`).
+    pub fn is_short_lived(&self) -> bool {
+        self.credential.as_deref() == Some(TOKEN_MINTER)
     }
 
     /// Stowaway's `(host, port)` from `gefyra_server`.
@@ -256,6 +276,7 @@ mod tests {
             ca_crt: Some(STANDARD.encode(CA)),
             registry: None,
             wireguard_mtu: None,
+            credential: None,
         }
     }
 
@@ -279,6 +300,30 @@ mod tests {
                 r#""registry": "r\u00e9gistry\u007f\ud83d\ude00\n", "wireguard_mtu": "1380"}"#
             ),
             "{json}"
+        );
+    }
+
+    #[test]
+    fn short_lived_files_are_marked_after_gefyras_keys() {
+        let mut short = file();
+        short.credential = Some(TOKEN_MINTER.into());
+        let json = short.to_gefyra_json();
+        assert!(
+            json.ends_with(r#""wireguard_mtu": null, "credential": "token-minter"}"#),
+            "{json}"
+        );
+        assert!(ClientFile::parse(&json).unwrap().is_short_lived());
+        assert!(
+            !ClientFile::parse(&file().to_gefyra_json())
+                .unwrap()
+                .is_short_lived()
+        );
+        let unknown = json.replace("token-minter", "magic");
+        assert!(
+            ClientFile::parse(&unknown)
+                .unwrap_err()
+                .to_string()
+                .contains("`credential`")
         );
     }
 

@@ -46,10 +46,46 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Disconnect the client of a client file (its state returns to WAITING).
     Disconnect(FileArgs),
+    /// Write a kubeconfig for a client file whose user is this CLI as a kubectl credential
+    /// plugin (short-lived tokens for --short-lived client files).
+    Kubeconfig {
+        #[arg(short = 'f', long = "file", value_name = "CLIENT_FILE")]
+        file: PathBuf,
+        /// Write it here (mode 0600) instead of printing it.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// The kubectl credential plugin (ExecCredential): prints a token for the client file's
+    /// client, minted short-lived and cached for --short-lived files.
+    GetToken(GetTokenArgs),
+    /// The credential plugin's token cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct GetTokenArgs {
+    #[arg(short = 'f', long = "file", value_name = "CLIENT_FILE")]
+    pub file: PathBuf,
+    /// Lifetime of a minted token, in seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(600..=86400))]
+    pub lifetime: u64,
+    /// Mint a new token even if a cached one is still good.
+    #[arg(long)]
+    pub force_refresh: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Remove cached tokens: all of them, or those of one client file.
+    Clear {
+        #[arg(short = 'f', long = "file", value_name = "CLIENT_FILE")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -137,6 +173,14 @@ pub struct ConfigArgs {
     /// The registry clients pull Gefyra's images from (Gefyra's CLI reads it).
     #[arg(long)]
     pub registry: Option<String>,
+    /// Write a file whose only credential is the client's token minter: `kubectl gefyra
+    /// kubeconfig -f FILE` then gives short-lived tokens (not Gefyra's format).
+    #[arg(long)]
+    pub short_lived: bool,
+    /// Seconds the token minter's credential in a --short-lived file is valid (default:
+    /// until the client's sunset, else 365 days).
+    #[arg(long, requires = "short_lived", value_parser = clap::value_parser!(u64).range(600..))]
+    pub minter_lifetime: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -254,6 +298,26 @@ mod tests {
                 "wg",
             ],
             &["kubectl-gefyra", "disconnect", "-f", "c.json"],
+            &[
+                "kubectl-gefyra",
+                "clients",
+                "config",
+                "a",
+                "--short-lived",
+                "--minter-lifetime",
+                "86400",
+            ],
+            &["kubectl-gefyra", "kubeconfig", "-f", "c.json", "-o", "kc"],
+            &[
+                "kubectl-gefyra",
+                "get-token",
+                "-f",
+                "c.json",
+                "--lifetime",
+                "900",
+                "--force-refresh",
+            ],
+            &["kubectl-gefyra", "cache", "clear"],
             &["kubectl-gefyra", "--namespace", "other", "clients", "list"],
         ] {
             Cli::try_parse_from(args).unwrap_or_else(|error| panic!("{args:?}: {error}"));

@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+use base64::Engine;
 use futures::future::join_all;
-use gefyra_api::client_file::ClientFile;
+use gefyra_api::client_file::{ClientFile, TOKEN_MINTER};
 use gefyra_api::{ClientState, GefyraClient};
 use indicatif::{ProgressBar, ProgressStyle};
-use k8s_openapi::api::core::v1::{Event, Node, Service};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Event, Node, Service, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -259,6 +261,15 @@ pub async fn config(admin: &Admin, args: &ConfigArgs) -> Result<()> {
             ),
         ));
     };
+    let (token, credential) = if args.short_lived {
+        let minted = mint_minter_token(admin, &client, args.minter_lifetime).await?;
+        (
+            base64::engine::general_purpose::STANDARD.encode(minted),
+            Some(TOKEN_MINTER.to_string()),
+        )
+    } else {
+        (data.token, None)
+    };
     let gefyra_server = match &args.host {
         Some(host) => format!(
             "{}:{}",
@@ -278,10 +289,11 @@ pub async fn config(admin: &Admin, args: &ConfigArgs) -> Result<()> {
             .namespace()
             .unwrap_or_else(|| admin.namespace.clone()),
         gefyra_server,
-        token: Some(data.token),
+        token: Some(token),
         ca_crt: Some(data.ca_crt),
         registry: args.registry.clone(),
         wireguard_mtu: args.mtu.map(|mtu| mtu.to_string()),
+        credential,
     };
     let json = file.to_gefyra_json();
     match &args.output {
@@ -296,6 +308,55 @@ pub async fn config(admin: &Admin, args: &ConfigArgs) -> Result<()> {
         None => println!("{json}"),
     }
     Ok(())
+}
+
+/// A token for the client's token minter (TokenRequest by the admin): valid until the
+/// client's sunset, else `lifetime` (default 365 days).
+async fn mint_minter_token(
+    admin: &Admin,
+    client: &GefyraClient,
+    lifetime: Option<u64>,
+) -> Result<String> {
+    let id = client.name_any();
+    let minter = GefyraClient::token_minter_name_for(&id);
+    let mut seconds = lifetime.unwrap_or(365 * 24 * 3600) as i64;
+    if let Some(sunset) = client
+        .sunset
+        .as_deref()
+        .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+    {
+        seconds = seconds
+            .min(sunset.as_second() - jiff::Timestamp::now().as_second())
+            .max(600);
+    }
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(seconds),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.client.clone(), &admin.namespace);
+    let minted = accounts
+        .create_token_request(&minter, &PostParams::default(), &request)
+        .await
+        .map_err(|error| match &error {
+            kube::Error::Api(status) if status.code == 404 => CliError::new(
+                Kind::NotFound,
+                format!("GefyraClient {id} has no token minter ({minter}) yet: is the operator up to date and running?"),
+            ),
+            _ => CliError::kube(&format!("minting a token for {minter}"), error),
+        })?;
+    minted
+        .status
+        .and_then(|status| status.token)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| {
+            CliError::new(
+                Kind::Failed,
+                format!("the TokenRequest for {minter} returned no token"),
+            )
+        })
 }
 
 pub async fn disconnect(admin: &Admin, id: &str) -> Result<()> {

@@ -134,8 +134,14 @@ pub fn read_client_file(path: &Path) -> Result<ClientFile> {
     })
 }
 
-/// A client acting with the client file's own credentials.
+/// A client acting with the client file's own credentials, on its own GefyraClient.
 pub async fn as_file_client(file: &ClientFile) -> Result<Api<GefyraClient>> {
+    Ok(Api::namespaced(file_client(file).await?, &file.namespace))
+}
+
+/// A connection to the client file's server, trusting only its CA, authenticating with its
+/// token.
+pub async fn file_client(file: &ClientFile) -> Result<Client> {
     let credentials = file
         .credentials()
         .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
@@ -180,7 +186,7 @@ pub async fn as_file_client(file: &ClientFile) -> Result<Api<GefyraClient>> {
             )
             .with_detail(error_chain(&error))
         })?;
-    Ok(Api::namespaced(client_for(config)?, &file.namespace))
+    client_for(config)
 }
 
 #[cfg(test)]

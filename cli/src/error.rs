@@ -24,6 +24,8 @@ pub enum Kind {
     Conflict = 8,
     /// The operator put the client in state ERROR.
     ClientError = 9,
+    /// The client file's credentials were revoked (the client was deleted).
+    Revoked = 10,
 }
 
 /// An error for the user: `message` is the one line; `detail` is shown with `-v`.
@@ -149,11 +151,12 @@ mod tests {
             Kind::BadClientFile,
             Kind::Conflict,
             Kind::ClientError,
+            Kind::Revoked,
         ]
         .into_iter()
         .map(|kind| kind as u8)
         .collect();
-        assert_eq!(codes.len(), 9);
+        assert_eq!(codes.len(), 10);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod args;
 pub mod clients;
 pub mod cluster;
 pub mod connect;
+pub mod credential;
 pub mod error;
 pub mod files;
 pub mod render;
@@ -36,6 +37,13 @@ async fn dispatch(cli: &Cli) -> Result<()> {
         }
         Command::Connect(args) => connect::connect(args).await,
         Command::Disconnect(args) => connect::disconnect(args).await,
+        Command::Kubeconfig { file, output } => {
+            credential::write_kubeconfig(file, output.as_deref()).await
+        }
+        Command::GetToken(args) => credential::get_token(args).await,
+        Command::Cache(args::CacheCommand::Clear { file }) => {
+            credential::clear_cache(file.as_deref())
+        }
         Command::Completion { shell } => {
             clap_complete::generate(
                 *shell,

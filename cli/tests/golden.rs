@@ -67,3 +67,21 @@ fn inspect_in_every_format() {
         &Inspection::of(&clients[2], None).render(OutputFormat::Table),
     );
 }
+
+#[test]
+fn exec_credentials_in_both_versions() {
+    use kubectl_gefyra::credential::{EXEC_V1, EXEC_V1BETA1, exec_credential};
+    let expires_at: jiff::Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+    check(
+        "exec-credential-v1.json",
+        &exec_credential(EXEC_V1, "eyJhbGciOiJSUzI1NiJ9.minted", Some(expires_at)),
+    );
+    check(
+        "exec-credential-v1beta1.json",
+        &exec_credential(EXEC_V1BETA1, "eyJhbGciOiJSUzI1NiJ9.minted", Some(expires_at)),
+    );
+    check(
+        "exec-credential-long-lived.json",
+        &exec_credential(EXEC_V1, "eyJhbGciOiJSUzI1NiJ9.file", None),
+    );
+}

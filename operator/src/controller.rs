@@ -445,6 +445,35 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         &credentials::role_binding(client),
     )
     .await?;
+    // The token minter, for short-lived credentials (`clients config --short-lived`).
+    let minter_name = GefyraClient::token_minter_name_for(&client.name_any());
+    apply_owned(
+        ctx,
+        &namespace,
+        "ServiceAccount",
+        &minter_name,
+        &params,
+        &credentials::minter_service_account(client),
+    )
+    .await?;
+    apply_owned(
+        ctx,
+        &namespace,
+        "Role",
+        &minter_name,
+        &params,
+        &credentials::minter_role(client),
+    )
+    .await?;
+    apply_owned(
+        ctx,
+        &namespace,
+        "RoleBinding",
+        &minter_name,
+        &params,
+        &credentials::minter_role_binding(client),
+    )
+    .await?;
 
     // Credentials: minted with the TokenRequest API, renewed before they expire.
     let account_uid = account.uid().unwrap_or_default();
@@ -953,26 +982,32 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     }
     // The peer goes first: its ranges become free for others.
     release(client, ctx).await?;
-    let sa_name = GefyraClient::service_account_name_for(&name);
-    delete_if_present(
-        Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
-        "RoleBinding",
-        &sa_name,
-    )
-    .await?;
-    delete_if_present(
-        Api::<Role>::namespaced(ctx.client.clone(), &namespace),
-        "Role",
-        &sa_name,
-    )
-    .await?;
-    delete_if_present(
-        Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace),
-        "ServiceAccount",
-        &sa_name,
-    )
-    .await?;
-    info!(client = %name, "client removed with its ServiceAccount, Role and RoleBinding");
+    // The client's identity and its token minter: deleting a ServiceAccount invalidates
+    // every token minted for it.
+    for sa_name in [
+        GefyraClient::token_minter_name_for(&name),
+        GefyraClient::service_account_name_for(&name),
+    ] {
+        delete_if_present(
+            Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
+            "RoleBinding",
+            &sa_name,
+        )
+        .await?;
+        delete_if_present(
+            Api::<Role>::namespaced(ctx.client.clone(), &namespace),
+            "Role",
+            &sa_name,
+        )
+        .await?;
+        delete_if_present(
+            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace),
+            "ServiceAccount",
+            &sa_name,
+        )
+        .await?;
+    }
+    info!(client = %name, "client removed with its ServiceAccounts, Roles and RoleBindings (access and token minter)");
     Ok(Action::await_change())
 }
 

@@ -26,9 +26,16 @@ pub enum ClientRbac {
 }
 
 fn meta(client: &GefyraClient) -> ObjectMeta {
+    meta_named(
+        client,
+        GefyraClient::service_account_name_for(&client.name_any()),
+    )
+}
+
+fn meta_named(client: &GefyraClient, object_name: String) -> ObjectMeta {
     let name = client.name_any();
     ObjectMeta {
-        name: Some(GefyraClient::service_account_name_for(&name)),
+        name: Some(object_name),
         namespace: client.namespace(),
         labels: Some(BTreeMap::from([
             (
@@ -88,9 +95,16 @@ pub fn role(client: &GefyraClient, rbac: ClientRbac) -> Role {
 }
 
 pub fn role_binding(client: &GefyraClient) -> RoleBinding {
-    let name = GefyraClient::service_account_name_for(&client.name_any());
+    binding(
+        client,
+        GefyraClient::service_account_name_for(&client.name_any()),
+    )
+}
+
+/// Binds the Role named `name` to the ServiceAccount of the same name.
+fn binding(client: &GefyraClient, name: String) -> RoleBinding {
     RoleBinding {
-        metadata: meta(client),
+        metadata: meta_named(client, name.clone()),
         role_ref: RoleRef {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "Role".into(),
@@ -103,6 +117,41 @@ pub fn role_binding(client: &GefyraClient) -> RoleBinding {
             ..Subject::default()
         }]),
     }
+}
+
+/// The token minter: a second identity per client whose only permission is to mint tokens
+/// (TokenRequest) for the client's ServiceAccount, for short-lived credentials. The
+/// client's own identity cannot mint tokens at all.
+pub fn minter_service_account(client: &GefyraClient) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta_named(
+            client,
+            GefyraClient::token_minter_name_for(&client.name_any()),
+        ),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+pub fn minter_role(client: &GefyraClient) -> Role {
+    let name = client.name_any();
+    Role {
+        metadata: meta_named(client, GefyraClient::token_minter_name_for(&name)),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["serviceaccounts/token".into()]),
+            resource_names: Some(vec![GefyraClient::service_account_name_for(&name)]),
+            verbs: vec!["create".into()],
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+pub fn minter_role_binding(client: &GefyraClient) -> RoleBinding {
+    binding(
+        client,
+        GefyraClient::token_minter_name_for(&client.name_any()),
+    )
 }
 
 /// The claims of a service-account token we act on.
@@ -233,6 +282,16 @@ mod tests {
 
     #[test]
     fn gefyra_compat_role_adds_list_only() {
+        let minter = serde_json::to_value(minter_role(&client("abc"))).unwrap();
+        assert_eq!(
+            minter["rules"],
+            serde_json::json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"],
+                "resourceNames": ["gefyra-client-abc"], "verbs": ["create"]}])
+        );
+        assert_eq!(minter["metadata"]["name"], "gefyra-client-abc-minter");
+        let bound = minter_role_binding(&client("abc"));
+        assert_eq!(bound.role_ref.name, "gefyra-client-abc-minter");
+        assert_eq!(bound.subjects.unwrap()[0].name, "gefyra-client-abc-minter");
         let role = role(&client("abc"), ClientRbac::GefyraCompat);
         let rules = role.rules.unwrap();
         assert_eq!(rules.len(), 2);

@@ -103,7 +103,9 @@ mod tests {
         }))
         .unwrap();
         for rbac in [ClientRbac::Minimal, ClientRbac::GefyraCompat] {
-            for granted in role(&client, rbac).rules.unwrap() {
+            let mut granted_rules = role(&client, rbac).rules.unwrap();
+            granted_rules.extend(crate::credentials::minter_role(&client).rules.unwrap());
+            for granted in granted_rules {
                 assert!(covers(&rules, &granted), "operator lacks {granted:?}");
             }
         }

@@ -366,8 +366,13 @@ async fn crashes_at_random_points_converge_without_orphans() -> Result<()> {
     let living: std::collections::BTreeSet<String> = list
         .items
         .iter()
-        .map(|c| {
-            GefyraClient::service_account_name_for(c.metadata.name.as_deref().unwrap_or_default())
+        .flat_map(|c| {
+            let name = c.metadata.name.as_deref().unwrap_or_default();
+            // Each client has its own identity and its token minter.
+            [
+                GefyraClient::service_account_name_for(name),
+                GefyraClient::token_minter_name_for(name),
+            ]
         })
         .collect();
     let selector = ListParams::default().labels("app.kubernetes.io/managed-by=gefyra-operator");
