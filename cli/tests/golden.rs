@@ -78,7 +78,11 @@ fn exec_credentials_in_both_versions() {
     );
     check(
         "exec-credential-v1beta1.json",
-        &exec_credential(EXEC_V1BETA1, "eyJhbGciOiJSUzI1NiJ9.minted", Some(expires_at)),
+        &exec_credential(
+            EXEC_V1BETA1,
+            "eyJhbGciOiJSUzI1NiJ9.minted",
+            Some(expires_at),
+        ),
     );
     check(
         "exec-credential-long-lived.json",
