@@ -139,6 +139,19 @@ impl Cluster {
     }
 }
 
+/// A tool built with the control plane (`kubectl`, `helm`, ...).
+pub fn controlplane_tool(name: &str) -> Result<PathBuf> {
+    let output = std::process::Command::new(controlplane_script())
+        .arg("bin-dir")
+        .output()
+        .context("running tests/controlplane.sh bin-dir")?;
+    ensure!(
+        output.status.success(),
+        "tests/controlplane.sh bin-dir failed"
+    );
+    Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()).join(name))
+}
+
 /// A control plane of a test's own (`tests/controlplane.sh up`), for tests that need one
 /// nothing else touches (cluster-scoped objects, fixed NodePorts); stopped when dropped.
 pub struct OwnControlPlane {

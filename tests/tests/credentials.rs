@@ -10,7 +10,7 @@ use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use gefyra_api::GefyraClient;
 use gefyra_e2e::{
-    Cluster, CommandOutput, KubectlGefyra, Operator, controlplane_script, eventually, install_crd,
+    Cluster, CommandOutput, KubectlGefyra, Operator, controlplane_tool, eventually, install_crd,
     kubectl_gefyra_binary,
 };
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -20,13 +20,6 @@ use kube::api::PostParams;
 use serde_json::Value;
 
 const REVOKED: i32 = 10;
-
-fn kubectl() -> Result<PathBuf> {
-    let output = std::process::Command::new(controlplane_script())
-        .arg("bin-dir")
-        .output()?;
-    Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()).join("kubectl"))
-}
 
 /// Runs a program with a token cache of the test's own and no admin kubeconfig around.
 async fn run(
@@ -105,7 +98,11 @@ async fn kubectl_gets_short_lived_tokens_through_the_plugin_until_the_client_is_
         .await?;
     let client_file = admin.workdir.join("dev.json");
     let file: Value = serde_json::from_str(&std::fs::read_to_string(&client_file)?)?;
-    ensure!(file["credential"] == "token-minter", "marked: {:?}", file["credential"]);
+    ensure!(
+        file["credential"] == "token-minter",
+        "marked: {:?}",
+        file["credential"]
+    );
     let minter_token = String::from_utf8(
         base64::engine::general_purpose::STANDARD
             .decode(file["token"].as_str().context("a token")?)?,
@@ -115,7 +112,11 @@ async fn kubectl_gets_short_lived_tokens_through_the_plugin_until_the_client_is_
         .ok(&["clients", "config", "dev", "--host", "203.0.113.7"])
         .await?;
     let plain: serde_json::Map<String, Value> = serde_json::from_str(&plain)?;
-    ensure!(!plain.contains_key("credential"), "Gefyra's keys only: {:?}", plain.keys());
+    ensure!(
+        !plain.contains_key("credential"),
+        "Gefyra's keys only: {:?}",
+        plain.keys()
+    );
 
     // The minter may mint for dev's identity and nothing else; dev's identity cannot mint.
     let as_minter = cluster.with_token(&minter_token)?;
@@ -181,7 +182,7 @@ async fn kubectl_gets_short_lived_tokens_through_the_plugin_until_the_client_is_
     );
 
     // kubectl works through the plugin within the client's role, and only there.
-    let kubectl = kubectl()?;
+    let kubectl = controlplane_tool("kubectl")?;
     let kc = kubeconfig.to_str().context("utf-8")?;
     let own = run(
         &kubectl,

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::{key_pair, stowaway_binary};
 use gefyra_e2e::{
-    Cluster, Operator, OwnControlPlane, controlplane_script, create_client, eventually, free_port,
+    Cluster, Operator, OwnControlPlane, controlplane_tool, create_client, eventually, free_port,
     http_get, operator_binary, repo_root, set_provider_parameter, wait_for_state, wait_gone,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -27,17 +27,9 @@ const WAIT: Duration = Duration::from_secs(60);
 const CRD: &str = "gefyraclients.gefyra.dev";
 const NAMESPACE: &str = "gefyra";
 
-fn tool(name: &str) -> Result<PathBuf> {
-    let output = std::process::Command::new(controlplane_script())
-        .arg("bin-dir")
-        .output()?;
-    ensure!(output.status.success(), "tests/controlplane.sh bin-dir");
-    Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()).join(name))
-}
-
 /// Runs helm or kubectl against `kubeconfig`; fails with the output unless it exits 0.
 async fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let output = tokio::process::Command::new(tool(program)?)
+    let output = tokio::process::Command::new(controlplane_tool(program)?)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env(
