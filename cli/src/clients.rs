@@ -8,14 +8,13 @@ use futures::future::join_all;
 use gefyra_api::client_file::{ClientFile, TOKEN_MINTER};
 use gefyra_api::{ClientState, GefyraClient};
 use indicatif::{ProgressBar, ProgressStyle};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Event, Node, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Event, Node, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::args::{ConfigArgs, CreateArgs, DeleteArgs, InspectArgs, ListArgs};
-use crate::cluster::Admin;
+use crate::cluster::{Admin, request_token};
 use crate::error::{CliError, Kind, Result};
 use crate::files::write_private;
 use crate::render::{ClientRow, Inspection, client_list};
@@ -329,16 +328,7 @@ async fn mint_minter_token(
             .min(sunset.as_second() - jiff::Timestamp::now().as_second())
             .max(600);
     }
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(seconds),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    let accounts: Api<ServiceAccount> = Api::namespaced(admin.client.clone(), &admin.namespace);
-    let minted = accounts
-        .create_token_request(&minter, &PostParams::default(), &request)
+    let minted = request_token(admin.client.clone(), &admin.namespace, &minter, seconds)
         .await
         .map_err(|error| match &error {
             kube::Error::Api(status) if status.code == 404 => CliError::new(
@@ -347,16 +337,12 @@ async fn mint_minter_token(
             ),
             _ => CliError::kube(&format!("minting a token for {minter}"), error),
         })?;
-    minted
-        .status
-        .and_then(|status| status.token)
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| {
-            CliError::new(
-                Kind::Failed,
-                format!("the TokenRequest for {minter} returned no token"),
-            )
-        })
+    minted.map(|(token, _)| token).ok_or_else(|| {
+        CliError::new(
+            Kind::Failed,
+            format!("the TokenRequest for {minter} returned no token"),
+        )
+    })
 }
 
 pub async fn disconnect(admin: &Admin, id: &str) -> Result<()> {

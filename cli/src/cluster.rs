@@ -7,6 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use gefyra_api::GefyraClient;
 use gefyra_api::client_file::ClientFile;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::PostParams;
 use kube::config::{
     AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
     NamedContext,
@@ -116,6 +119,30 @@ fn client_for(config: Config) -> Result<Client> {
         )
         .with_detail(error_chain(&error))
     })
+}
+
+/// A token minted with the TokenRequest API for ServiceAccount `account`, with the expiry
+/// the API server granted. `Ok(None)`: the server answered without a token.
+pub async fn request_token(
+    client: Client,
+    namespace: &str,
+    account: &str,
+    seconds: i64,
+) -> std::result::Result<Option<(String, Option<jiff::Timestamp>)>, kube::Error> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(seconds),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let minted = Api::<ServiceAccount>::namespaced(client, namespace)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?;
+    Ok(minted.status.and_then(|status| {
+        let token = status.token.filter(|token| !token.is_empty())?;
+        Some((token, status.expiration_timestamp.map(|time| time.0)))
+    }))
 }
 
 /// Reads and checks a client file.

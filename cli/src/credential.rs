@@ -11,15 +11,11 @@ use std::path::{Path, PathBuf};
 use gefyra_api::GefyraClient;
 use gefyra_api::client_file::ClientFile;
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::Api;
-use kube::api::PostParams;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::args::GetTokenArgs;
-use crate::cluster::{file_client, read_client_file};
+use crate::cluster::{file_client, read_client_file, request_token};
 use crate::error::{CliError, Kind, Result};
 use crate::files::write_private;
 
@@ -283,16 +279,8 @@ fn read_entry(path: &Path) -> Option<CachedToken> {
 async fn mint(file: &ClientFile, lifetime: u64) -> Result<CachedToken> {
     let client = file_client(file).await?;
     let account = GefyraClient::service_account_name_for(&file.client_id);
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(lifetime as i64),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
     let issued_at = Timestamp::now();
-    let minted = Api::<ServiceAccount>::namespaced(client, &file.namespace)
-        .create_token_request(&account, &PostParams::default(), &request)
+    let minted = request_token(client, &file.namespace, &account, lifetime as i64)
         .await
         .map_err(|error| match &error {
             kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404) => CliError::new(
@@ -305,21 +293,13 @@ async fn mint(file: &ClientFile, lifetime: u64) -> Result<CachedToken> {
             .with_detail(&error),
             _ => CliError::kube(&format!("minting a token for {account}"), error),
         })?;
-    let status = minted
-        .status
-        .ok_or_else(|| CliError::new(Kind::Failed, "the TokenRequest returned no status"))?;
-    let token = status
-        .token
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| CliError::new(Kind::Failed, "the TokenRequest returned no token"))?;
-    let expires_at = status
-        .expiration_timestamp
-        .map(|time| time.0)
-        .unwrap_or_else(|| issued_at + SignedDuration::from_secs(lifetime as i64));
+    let (token, expires_at) =
+        minted.ok_or_else(|| CliError::new(Kind::Failed, "the TokenRequest returned no token"))?;
     Ok(CachedToken {
         token,
         issued_at,
-        expires_at,
+        expires_at: expires_at
+            .unwrap_or_else(|| issued_at + SignedDuration::from_secs(lifetime as i64)),
     })
 }
 
