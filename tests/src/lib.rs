@@ -362,6 +362,45 @@ impl Drop for KubectlGefyra {
     }
 }
 
+/// The keys of a client file, in Gefyra's order.
+pub const CLIENT_FILE_KEYS: [&str; 9] = [
+    "client_id",
+    "kubernetes_server",
+    "provider",
+    "namespace",
+    "gefyra_server",
+    "token",
+    "ca_crt",
+    "registry",
+    "wireguard_mtu",
+];
+
+/// Parses a client file (Gefyra's format), checking it has exactly Gefyra's keys in
+/// Gefyra's order (on the text: a parsed map keeps no order).
+pub fn parse_client_file(text: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let file: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).with_context(|| format!("a client file is JSON: {text}"))?;
+    let positions: Vec<usize> = CLIENT_FILE_KEYS
+        .iter()
+        .map(|key| text.find(&format!("\"{key}\": ")).unwrap_or(usize::MAX))
+        .collect();
+    ensure!(
+        positions.is_sorted() && !positions.contains(&usize::MAX) && file.len() == 9,
+        "client file keys are Gefyra's, in its order: {text}"
+    );
+    Ok(file)
+}
+
+/// A base64 field of a client file (`token`, `ca_crt`), decoded.
+pub fn decoded(file: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<String> {
+    let text = file[key]
+        .as_str()
+        .with_context(|| format!("{key} is a string"))?;
+    Ok(String::from_utf8(
+        base64::engine::general_purpose::STANDARD.decode(text)?,
+    )?)
+}
+
 /// A loopback TCP port free at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

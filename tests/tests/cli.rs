@@ -6,10 +6,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use base64::Engine;
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::Deployment;
-use gefyra_e2e::{Cluster, KubectlGefyra, Operator, eventually, install_crd, wait_for_state};
+use gefyra_e2e::{
+    Cluster, KubectlGefyra, Operator, decoded, eventually, install_crd, parse_client_file,
+    wait_for_state,
+};
 use k8s_openapi::api::core::v1::{
     LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service,
     ServiceAccount, ServicePort, ServiceSpec, ServiceStatus,
@@ -27,44 +29,6 @@ const NOT_FOUND: i32 = 4;
 const FORBIDDEN: i32 = 5;
 const BAD_CLIENT_FILE: i32 = 7;
 const CONFLICT: i32 = 8;
-
-/// The keys of a client file, in Gefyra's order.
-const CLIENT_FILE_KEYS: [&str; 9] = [
-    "client_id",
-    "kubernetes_server",
-    "provider",
-    "namespace",
-    "gefyra_server",
-    "token",
-    "ca_crt",
-    "registry",
-    "wireguard_mtu",
-];
-
-fn parse_client_file(text: &str) -> Result<serde_json::Map<String, Value>> {
-    let file: serde_json::Map<String, Value> =
-        serde_json::from_str(text).with_context(|| format!("a client file is JSON: {text}"))?;
-    let keys: Vec<&str> = file.keys().map(String::as_str).collect();
-    // serde_json keeps keys sorted; the order is checked on the text.
-    let positions: Vec<usize> = CLIENT_FILE_KEYS
-        .iter()
-        .map(|key| text.find(&format!("\"{key}\": ")).unwrap_or(usize::MAX))
-        .collect();
-    ensure!(
-        positions.is_sorted() && !positions.contains(&usize::MAX) && keys.len() == 9,
-        "client file keys are Gefyra's, in its order: {text}"
-    );
-    Ok(file)
-}
-
-fn decoded(file: &serde_json::Map<String, Value>, key: &str) -> Result<String> {
-    let text = file[key]
-        .as_str()
-        .with_context(|| format!("{key} is a string"))?;
-    Ok(String::from_utf8(
-        base64::engine::general_purpose::STANDARD.decode(text)?,
-    )?)
-}
 
 #[tokio::test]
 async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()> {

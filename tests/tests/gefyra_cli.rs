@@ -7,11 +7,10 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use base64::Engine;
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::{
-    Cluster, DockerDaemon, KubectlGefyra, Operator, api_status, eventually, install_crd,
-    wait_for_state,
+    Cluster, DockerDaemon, KubectlGefyra, Operator, api_status, decoded, eventually, install_crd,
+    parse_client_file, wait_for_state,
 };
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Api;
@@ -107,33 +106,14 @@ async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> R
         .lines()
         .find(|line| line.starts_with('{'))
         .with_context(|| format!("`clients config` prints a JSON client file:\n{config}"))?;
-    let order = [
-        "client_id",
-        "kubernetes_server",
-        "provider",
-        "namespace",
-        "gefyra_server",
-        "token",
-        "ca_crt",
-    ];
-    let positions: Vec<_> = order
-        .iter()
-        .map(|key| json_text.find(&format!("\"{key}\":")))
-        .collect();
-    ensure!(
-        positions.iter().all(Option::is_some) && positions.is_sorted(),
-        "client file keys in Gefyra's order {order:?}: {json_text}"
-    );
-    let file: serde_json::Value = serde_json::from_str(json_text)?;
-    ensure!(file["client_id"] == id, "client_id: {file}");
+    let file = parse_client_file(json_text)?;
+    ensure!(file["client_id"] == id, "client_id: {file:?}");
     ensure!(
         file["gefyra_server"] == "203.0.113.7:31820",
-        "gefyra_server: {file}"
+        "gefyra_server: {file:?}"
     );
-    ensure!(file["namespace"] == GEFYRA_NAMESPACE, "namespace: {file}");
-    let token = base64::engine::general_purpose::STANDARD
-        .decode(file["token"].as_str().context("token is a string")?)?;
-    let as_client = cluster.with_token(&String::from_utf8(token)?)?;
+    ensure!(file["namespace"] == GEFYRA_NAMESPACE, "namespace: {file:?}");
+    let as_client = cluster.with_token(&decoded(&file, "token")?)?;
     Api::<GefyraClient>::namespaced(as_client, GEFYRA_NAMESPACE)
         .get(id)
         .await

@@ -189,6 +189,20 @@ async fn installed(cluster: &Cluster, namespace: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether object `name` of kind `K` is gone from the chart's namespace.
+async fn absent<K>(admin: &kube::Client, name: &str) -> Result<bool>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Ok(Api::<K>::namespaced(admin.clone(), NAMESPACE)
+        .get_opt(name)
+        .await?
+        .is_none())
+}
+
 /// A kubeconfig of the admin that impersonates ServiceAccount `account`.
 fn impersonating(cluster: &Cluster, namespace: &str, account: &str) -> Result<PathBuf> {
     let mut raw = Kubeconfig::read_from(&cluster.kubeconfig)?;
@@ -441,25 +455,10 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         .await
         .context("the namespace is kept")?;
     for name in ["gefyra-operator", "gefyra-stowaway"] {
+        ensure!(absent::<Deployment>(&admin, name).await?, "{name} removed");
+        ensure!(absent::<Role>(&admin, name).await?, "{name} Role removed");
         ensure!(
-            Api::<Deployment>::namespaced(admin.clone(), NAMESPACE)
-                .get_opt(name)
-                .await?
-                .is_none(),
-            "{name} removed"
-        );
-        ensure!(
-            Api::<Role>::namespaced(admin.clone(), NAMESPACE)
-                .get_opt(name)
-                .await?
-                .is_none(),
-            "{name} Role removed"
-        );
-        ensure!(
-            Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE)
-                .get_opt(name)
-                .await?
-                .is_none(),
+            absent::<ServiceAccount>(&admin, name).await?,
             "{name} SA removed"
         );
     }
