@@ -18,6 +18,14 @@ pub const KIND: &str = "gefyraclient";
 pub const PLURAL: &str = "gefyraclients";
 /// The namespace clients live in unless configured otherwise.
 pub const DEFAULT_NAMESPACE: &str = "gefyra";
+/// The longest client name: it is a label value (`gefyra.dev/client`) on the client's objects.
+pub const MAX_NAME_LENGTH: usize = 63;
+/// Client identities are the ServiceAccounts named with these prefixes (admission restricts
+/// what requests made with them may change).
+pub const ACCESS_IDENTITY_PREFIX: &str = "gefyra-client-";
+pub const MINTER_IDENTITY_PREFIX: &str = "gefyra-minter-";
+/// The longest `maxConnectionAge` (seconds) the CRD accepts: a year.
+pub const MAX_CONNECTION_AGE_SECONDS: i64 = 365 * 24 * 3600;
 
 /// A developer's access to the cluster: credentials, and when connected, a WireGuard peer
 /// with an exclusive IP range.
@@ -226,13 +234,15 @@ impl GefyraClient {
 
     /// The ServiceAccount (and Role, RoleBinding) name of client `name`.
     pub fn service_account_name_for(name: &str) -> String {
-        format!("gefyra-client-{name}")
+        format!("{ACCESS_IDENTITY_PREFIX}{name}")
     }
 
     /// The ServiceAccount (and Role, RoleBinding) of client `name`'s token minter: an
-    /// identity that may only mint short-lived tokens for the client's ServiceAccount.
+    /// identity that may only mint short-lived tokens for the client's ServiceAccount. Its
+    /// prefix differs from the access identity's, so no client name can produce another
+    /// client's identity names (`x`'s minter is not client `x-minter`'s access identity).
     pub fn token_minter_name_for(name: &str) -> String {
-        format!("gefyra-client-{name}-minter")
+        format!("{MINTER_IDENTITY_PREFIX}{name}")
     }
 
     /// The `Ready` condition, if the operator has written one.
@@ -267,6 +277,34 @@ mod tests {
                 Value::String(state.as_str().into())
             );
         }
+    }
+
+    #[test]
+    fn identity_names_never_collide_and_are_valid_object_names() {
+        // DNS subdomains (what the API server accepts as a name) of at most 63 characters.
+        let label = "[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?";
+        let name = format!("{label}(\\.{label}){{0,2}}");
+        proptest::proptest!(|(a in name.as_str(), b in name.as_str())| {
+            let a_names = [GefyraClient::service_account_name_for(&a), GefyraClient::token_minter_name_for(&a)];
+            let b_names = [GefyraClient::service_account_name_for(&b), GefyraClient::token_minter_name_for(&b)];
+            proptest::prop_assert_ne!(&a_names[0], &a_names[1]);
+            if a != b {
+                for derived in &a_names {
+                    proptest::prop_assert!(!b_names.contains(derived), "{} and {} share {}", a, b, derived);
+                }
+            }
+            for derived in &a_names {
+                // A DNS subdomain, as ServiceAccount names must be.
+                proptest::prop_assert!(derived.len() <= 253);
+                proptest::prop_assert!(derived.split('.').all(|label| !label.is_empty() && label.len() <= 63));
+            }
+            proptest::prop_assert!(a.len() <= MAX_NAME_LENGTH);
+        });
+        // The collision the old naming had: `x`'s minter was client `x-minter`'s identity.
+        assert_ne!(
+            GefyraClient::token_minter_name_for("x"),
+            GefyraClient::service_account_name_for("x-minter")
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::client::Provider;
+use crate::connection::Endpoint;
 
 /// One client file. `token` and `ca_crt` stay base64, as Gefyra copies them.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -137,19 +138,15 @@ impl ClientFile {
         self.credential.as_deref() == Some(TOKEN_MINTER)
     }
 
-    /// Stowaway's `(host, port)` from `gefyra_server`.
-    pub fn endpoint(&self) -> Result<(&str, u16), ClientFileError> {
-        let invalid = || ClientFileError::Invalid {
-            field: "gefyra_server",
-            problem: format!("{:?} is not HOST:PORT", self.gefyra_server),
-        };
-        let (host, port) = self.gefyra_server.rsplit_once(':').ok_or_else(invalid)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = port.parse::<u16>().map_err(|_| invalid())?;
-        if host.is_empty() || port == 0 {
-            return Err(invalid());
-        }
-        Ok((host, port))
+    /// Stowaway's endpoint from `gefyra_server`: a host name or IP address and a port, so
+    /// nothing else can reach the WireGuard configuration written from it.
+    pub fn endpoint(&self) -> Result<Endpoint, ClientFileError> {
+        self.gefyra_server
+            .parse()
+            .map_err(|problem| ClientFileError::Invalid {
+                field: "gefyra_server",
+                problem,
+            })
     }
 
     /// The decoded token and CA certificate.
@@ -334,7 +331,7 @@ mod tests {
         let credentials = parsed.credentials().unwrap();
         assert_eq!(credentials.token, "eyJhbGciOi.token");
         assert_eq!(credentials.ca_pem, CA.as_bytes());
-        assert_eq!(parsed.endpoint().unwrap(), ("203.0.113.7", 31820));
+        assert_eq!(parsed.endpoint().unwrap().to_string(), "203.0.113.7:31820");
         assert!(!format!("{parsed:?} {credentials:?}").contains("token\""));
         assert!(!format!("{credentials:?}").contains("eyJ"));
     }

@@ -10,7 +10,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
-use crate::client::{GROUP, GefyraClient, KIND, PLURAL, VERSION};
+use crate::client::{
+    GROUP, GefyraClient, KIND, MAX_CONNECTION_AGE_SECONDS, MAX_NAME_LENGTH, PLURAL, VERSION,
+};
 
 /// RFC 3339 with a mandatory zone, as `sunset` must be written.
 const RFC3339: &str = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$";
@@ -55,6 +57,7 @@ fn schema() -> JSONSchemaProps {
     // No `format: date-time`: CEL would type the field as a timestamp, and the rule below
     // gives the clearer message.
     properties["maxConnectionAge"]["minimum"] = json!(1);
+    properties["maxConnectionAge"]["maximum"] = json!(MAX_CONNECTION_AGE_SECONDS);
     // CEL has no overloads for nullable scalars; these are omitted, never null.
     // What a client may ask for when it connects (other keys are kept, unused).
     properties["providerParameter"]["properties"] = json!({
@@ -105,8 +108,20 @@ fn schema() -> JSONSchemaProps {
             Some(".sunset"),
         ),
         rule(
-            "!has(self.maxConnectionAge) || self.maxConnectionAge > 0",
-            "maxConnectionAge is a number of seconds and must be greater than 0",
+            &format!("size(self.metadata.name) <= {MAX_NAME_LENGTH}"),
+            &format!(
+                "the client name may have at most {MAX_NAME_LENGTH} characters: it is a label value on the client's ServiceAccounts, Roles and RoleBindings"
+            ),
+            Some("FieldValueInvalid"),
+            None,
+        ),
+        rule(
+            &format!(
+                "!has(self.maxConnectionAge) || (self.maxConnectionAge > 0 && self.maxConnectionAge <= {MAX_CONNECTION_AGE_SECONDS})"
+            ),
+            &format!(
+                "maxConnectionAge is a number of seconds, greater than 0 and at most {MAX_CONNECTION_AGE_SECONDS} (a year)"
+            ),
             Some("FieldValueInvalid"),
             Some(".maxConnectionAge"),
         ),

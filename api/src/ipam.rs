@@ -12,6 +12,47 @@ use serde::{Deserialize, Serialize};
 /// The server's tunnel address; Gefyra's clients hard-code it (ping probe and DNS).
 pub const SERVER_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 99, 1));
 
+/// The ConfigMap holding every routed range (one key per client, its [`Route`] as JSON).
+pub const ROUTES_CONFIGMAP: &str = "gefyra-routes";
+/// Selects the tunnel-address claims (Leases) among the namespace's Leases.
+pub const CLAIM_SELECTOR: &str = "app.kubernetes.io/component=gefyra-tunnel-address";
+/// The claim's label naming the uid of the client holding it.
+pub const CLIENT_UID_LABEL: &str = "gefyra.dev/client-uid";
+/// The claim's annotation naming the address it holds.
+pub const ADDRESS_ANNOTATION: &str = "gefyra.dev/tunnel-address";
+
+/// The address a tunnel-address claim holds, and the uid of the client holding it.
+pub fn claimed(lease: &k8s_openapi::api::coordination::v1::Lease) -> Option<(IpAddr, &str)> {
+    let metadata = &lease.metadata;
+    let address = metadata
+        .annotations
+        .as_ref()?
+        .get(ADDRESS_ANNOTATION)?
+        .parse::<IpNet>()
+        .ok()?
+        .addr();
+    let uid = metadata.labels.as_ref()?.get(CLIENT_UID_LABEL)?;
+    Some((address, uid.as_str()))
+}
+
+/// The routes table as stored (the ConfigMap's `data`): the routes that parse, and the
+/// entries that do not (kept as they are by whoever rewrites the table: nothing is lost).
+pub fn decode_routes(data: &BTreeMap<String, String>) -> (Routes, BTreeMap<String, String>) {
+    let mut routes = Routes::new();
+    let mut unreadable = BTreeMap::new();
+    for (client, value) in data {
+        match serde_json::from_str::<Route>(value) {
+            Ok(route) => {
+                routes.insert(client.clone(), route);
+            }
+            Err(_) => {
+                unreadable.insert(client.clone(), value.clone());
+            }
+        }
+    }
+    (routes, unreadable)
+}
+
 /// The Secret holding the server's WireGuard key pair (`privateKey`, `publicKey`: base64
 /// text): created by the operator, read by Stowaway.
 pub const SERVER_KEY_SECRET: &str = "gefyra-stowaway-key";

@@ -3,8 +3,10 @@
 //!
 //! Pure data and pure functions only (plus key generation): no I/O, no async runtime.
 
+pub mod admission;
 pub mod client;
 pub mod client_file;
+pub mod connection;
 pub mod crd;
 pub mod ipam;
 pub mod rbac;

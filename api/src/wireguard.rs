@@ -9,6 +9,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use ipnet::IpNet;
+
+use crate::connection::{Endpoint, WireGuardKey, format_allowed_ips};
 use crate::ipam::SERVER_ADDRESS;
 
 /// Keep NAT mappings open; the interval Gefyra's clients use.
@@ -61,19 +64,20 @@ pub enum ConfigFormat {
     Wg,
 }
 
-/// Everything the client's end of the tunnel needs.
+/// Everything the client's end of the tunnel needs, typed: no value can carry a line break
+/// into the file (which `wg-quick`, often run with `sudo`, would read as a directive).
 #[derive(Clone, PartialEq, Eq)]
 pub struct TunnelConfig {
-    pub private_key: String,
+    pub private_key: WireGuardKey,
     /// The client's tunnel address with its prefix, e.g. `192.168.99.2/32`.
-    pub address: String,
+    pub address: IpNet,
     pub mtu: Option<u16>,
-    pub server_public_key: String,
-    pub preshared_key: Option<String>,
-    /// `host:port` of Stowaway.
-    pub endpoint: String,
+    pub server_public_key: WireGuardKey,
+    pub preshared_key: Option<WireGuardKey>,
+    /// Stowaway's `host:port`.
+    pub endpoint: Endpoint,
     /// What goes through the tunnel, e.g. `192.168.99.1/32, 10.96.0.0/12`.
-    pub allowed_ips: String,
+    pub allowed_ips: Vec<IpNet>,
 }
 
 impl std::fmt::Debug for TunnelConfig {
@@ -94,9 +98,9 @@ impl TunnelConfig {
             // Writing to a String cannot fail.
             let _ = writeln!(text, "{key} = {value}");
         };
-        line("PrivateKey", &self.private_key);
+        line("PrivateKey", &self.private_key.to_string());
         if format == ConfigFormat::WgQuick {
-            line("Address", &self.address);
+            line("Address", &self.address.to_string());
             line("DNS", &SERVER_ADDRESS.to_string());
             if let Some(mtu) = self.mtu {
                 line("MTU", &mtu.to_string());
@@ -106,12 +110,12 @@ impl TunnelConfig {
         let mut line = |key: &str, value: &str| {
             let _ = writeln!(text, "{key} = {value}");
         };
-        line("PublicKey", &self.server_public_key);
+        line("PublicKey", &self.server_public_key.to_string());
         if let Some(preshared_key) = &self.preshared_key {
-            line("PresharedKey", preshared_key);
+            line("PresharedKey", &preshared_key.to_string());
         }
-        line("Endpoint", &self.endpoint);
-        line("AllowedIPs", &self.allowed_ips);
+        line("Endpoint", &self.endpoint.to_string());
+        line("AllowedIPs", &format_allowed_ips(&self.allowed_ips));
         line(
             "PersistentKeepalive",
             &PERSISTENT_KEEPALIVE_SECONDS.to_string(),
@@ -140,13 +144,13 @@ mod tests {
 
     fn tunnel() -> TunnelConfig {
         TunnelConfig {
-            private_key: "cHJpdmF0ZQ==".into(),
-            address: "192.168.99.2/32".into(),
+            private_key: WireGuardKey([1; 32]),
+            address: "192.168.99.2/32".parse().unwrap(),
             mtu: Some(1380),
-            server_public_key: "c2VydmVy".into(),
-            preshared_key: Some("cHNr".into()),
-            endpoint: "203.0.113.7:31820".into(),
-            allowed_ips: "192.168.99.1/32, 10.96.0.0/12".into(),
+            server_public_key: WireGuardKey([2; 32]),
+            preshared_key: Some(WireGuardKey([3; 32])),
+            endpoint: "203.0.113.7:31820".parse().unwrap(),
+            allowed_ips: crate::connection::parse_allowed_ips("192.168.99.1/32, 10.96.0.0/12").unwrap(),
         }
     }
 
@@ -154,8 +158,8 @@ mod tests {
     fn wg_quick_files_carry_address_dns_and_mtu() {
         assert_eq!(
             tunnel().render(ConfigFormat::WgQuick),
-            "[Interface]\nPrivateKey = cHJpdmF0ZQ==\nAddress = 192.168.99.2/32\nDNS = 192.168.99.1\nMTU = 1380\n\n\
-             [Peer]\nPublicKey = c2VydmVy\nPresharedKey = cHNr\nEndpoint = 203.0.113.7:31820\n\
+            "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\nAddress = 192.168.99.2/32\nDNS = 192.168.99.1\nMTU = 1380\n\n\
+             [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\nPresharedKey = AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=\nEndpoint = 203.0.113.7:31820\n\
              AllowedIPs = 192.168.99.1/32, 10.96.0.0/12\nPersistentKeepalive = 21\n"
         );
     }
@@ -166,7 +170,7 @@ mod tests {
         for key in ["Address", "DNS", "MTU"] {
             assert!(!text.contains(key), "{text}");
         }
-        assert!(text.contains("PresharedKey = cHNr\n"));
-        assert!(!format!("{:?}", tunnel()).contains("cHJpdmF0ZQ"));
+        assert!(text.contains("PresharedKey = AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=\n"));
+        assert!(!format!("{:?}", tunnel()).contains("AQEBAQEB"));
     }
 }

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gefyra_api::connection::{ContractError, ProviderConfig, ProviderParameter, WireGuardKey};
 use gefyra_api::wireguard::{ConfigFormat, TunnelConfig, generate_key_pair};
+use ipnet::IpNet;
 use gefyra_api::{ClientState, GefyraClient};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -60,13 +62,9 @@ async fn settled(api: &Api<GefyraClient>, id: &str, timeout: Duration) -> Result
     }
 }
 
-fn config_text(client: &GefyraClient, key: &str) -> Option<String> {
-    client
-        .provider_config
-        .as_ref()?
-        .get(key)?
-        .as_str()
-        .map(str::to_string)
+/// The client's `providerConfig`, if it parses; the error names the bad field.
+fn provider_config(client: &GefyraClient) -> Option<Result<ProviderConfig, ContractError>> {
+    client.provider_config.as_ref().map(ProviderConfig::parse)
 }
 
 pub async fn connect(args: &ConnectArgs) -> Result<()> {
@@ -80,11 +78,16 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
     let before = settled(&api, id, timeout).await?;
 
     let keys = generate_key_pair();
+    let (public_key, private_key): (WireGuardKey, WireGuardKey) = (
+        keys.public.parse().expect("a generated key"),
+        keys.private.parse().expect("a generated key"),
+    );
     let parameter = json!({
-        "providerParameter": {
-            "publicKey": keys.public,
-            "subnet": args.subnet.map(|subnet| subnet.to_string()),
+        "providerParameter": ProviderParameter {
+            subnet: args.subnet,
+            public_key: Some(public_key),
         }
+        .to_map()
     });
     let patched = api
         .patch(id, &PatchParams::default(), &Patch::Merge(&parameter))
@@ -99,41 +102,47 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
             None
         },
     };
+    // A providerConfig that does not parse ends the wait too: it is reported, not waited out.
     let active = wait::until(&api, id, &goal, |client| {
         client.state == ClientState::Active
-            && config_text(client, "Interface.PublicKey").as_deref() == Some(keys.public.as_str())
+            && match provider_config(client) {
+                Some(Ok(config)) => config.public_key == public_key,
+                Some(Err(_)) => true,
+                None => false,
+            }
     })
     .await?;
-
-    let missing = |key: &str| {
-        CliError::new(
-            Kind::Failed,
-            format!(
-                "GefyraClient {id} is ACTIVE but its providerConfig lacks {key}; is the operator compatible?"
-            ),
-        )
-    };
-    let address =
-        config_text(&active, "Interface.Address").ok_or_else(|| missing("Interface.Address"))?;
-    let prefix = if address.contains(':') { 128 } else { 32 };
+    // Every value that goes into the file is parsed (addresses, keys, host:port), so a
+    // hostile providerConfig or client file cannot add a line that `wg-quick` would run.
+    let config = provider_config(&active)
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            let problem = provider_config(&active)
+                .and_then(Result::err)
+                .map_or_else(|| "it has no providerConfig".to_string(), |error| error.to_string());
+            CliError::new(
+                Kind::Failed,
+                format!("GefyraClient {id} is ACTIVE but {problem}; is the operator compatible?"),
+            )
+        })?;
+    let endpoint = file
+        .endpoint()
+        .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
+    let address = config.address;
+    let prefix = if address.is_ipv6() { 128 } else { 32 };
     let allowed_ips = if args.allowed_ips.is_empty() {
-        config_text(&active, "Peer.AllowedIPs").unwrap_or_else(|| "0.0.0.0/0, ::/0".into())
+        config.allowed_ips.clone()
     } else {
-        args.allowed_ips
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        args.allowed_ips.clone()
     };
     let tunnel = TunnelConfig {
-        private_key: keys.private,
-        address: format!("{address}/{prefix}"),
+        private_key,
+        address: IpNet::new(address, prefix).expect("a host prefix is valid"),
         mtu,
-        server_public_key: config_text(&active, "Peer.PublicKey")
-            .ok_or_else(|| missing("Peer.PublicKey"))?,
-        preshared_key: config_text(&active, "Peer.PresharedKey"),
+        server_public_key: config.server_public_key,
+        preshared_key: Some(config.preshared_key),
         // The client file says where this client reaches Stowaway, as in Gefyra.
-        endpoint: file.gefyra_server.clone(),
+        endpoint,
         allowed_ips,
     };
     let format = match args.format {

@@ -3,6 +3,7 @@
 
 use std::io::Write as _;
 
+use gefyra_api::connection::{ProviderConfig, ProviderParameter};
 use gefyra_api::{ClientState, GefyraClient};
 use k8s_openapi::api::core::v1::Event;
 use kube::ResourceExt;
@@ -25,6 +26,11 @@ pub struct ClientRow {
     pub message: Option<String>,
 }
 
+/// The client's `providerConfig`, if it is one (what does not parse is not shown).
+fn config_of(client: &GefyraClient) -> Option<ProviderConfig> {
+    ProviderConfig::parse(client.provider_config.as_ref()?).ok()
+}
+
 fn text_at(map: Option<&serde_json::Map<String, Value>>, key: &str) -> Option<String> {
     map?.get(key)?.as_str().map(str::to_string)
 }
@@ -35,8 +41,13 @@ impl ClientRow {
         Self {
             client_id: client.name_any(),
             state: client.state.to_string(),
-            address: text_at(client.provider_config.as_ref(), "Interface.Address"),
-            subnet: text_at(client.provider_parameter.as_ref(), "subnet"),
+            address: config_of(client).map(|config| config.address.to_string()),
+            subnet: client
+                .provider_parameter
+                .as_ref()
+                .and_then(|parameter| ProviderParameter::parse(parameter).ok())
+                .and_then(|parameter| parameter.subnet)
+                .map(|subnet| subnet.to_string()),
             created: client
                 .metadata
                 .creation_timestamp
@@ -56,11 +67,31 @@ impl ClientRow {
     }
 }
 
+/// A value from the cluster as it may be shown on a terminal: control characters (escape
+/// sequences, line breaks, tabs) are escaped, so a hostile name or message cannot move the
+/// cursor, recolour the screen or forge a line of output.
+pub fn printable(value: &str) -> String {
+    if !value.chars().any(char::is_control) {
+        return value.to_string();
+    }
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Columns aligned as kubectl aligns them (three spaces apart).
 fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
     let mut writer = tabwriter::TabWriter::new(Vec::new()).padding(3);
     let mut line = |cells: &[String]| {
         // Writing to memory cannot fail.
+        let cells: Vec<String> = cells.iter().map(|cell| printable(cell)).collect();
         let _ = writeln!(writer, "{}", cells.join("\t"));
     };
     line(
@@ -217,15 +248,16 @@ impl Inspection {
             .as_ref()
             .and_then(|status| status.wireguard.clone())
             .map(Value::Object);
-        let config = client.provider_config.as_ref();
-        let connection =
-            (client.provider_parameter.is_some() || config.is_some()).then(|| Connection {
-                address: row.address.clone(),
-                subnet: row.subnet.clone(),
-                public_key: text_at(config, "Interface.PublicKey"),
-                server_endpoint: text_at(config, "Peer.Endpoint"),
-                wireguard,
-            });
+        let config = config_of(client);
+        let connection = (client.provider_parameter.is_some()
+            || client.provider_config.is_some())
+        .then(|| Connection {
+            address: row.address.clone(),
+            subnet: row.subnet.clone(),
+            public_key: config.as_ref().map(|config| config.public_key.to_string()),
+            server_endpoint: config.as_ref().map(|config| config.endpoint.to_string()),
+            wireguard,
+        });
         let events = events.map(|events| {
             let mut lines: Vec<EventLine> = events.iter().map(EventLine::of).collect();
             lines.sort_by(|a, b| a.time.cmp(&b.time));
@@ -282,11 +314,16 @@ impl Inspection {
         let mut text = String::new();
         let width = fields.iter().map(|(name, _)| name.len()).max().unwrap_or(0) + 2;
         for (name, value) in &fields {
+            let value = printable(value);
             text.push_str(&format!("{:width$}{value}\n", format!("{name}:")));
         }
         text.push_str("\nState transitions:\n");
         for transition in &self.state_transitions {
-            text.push_str(&format!("  {:<12}{}\n", transition.state, transition.at));
+            text.push_str(&format!(
+                "  {:<12}{}\n",
+                printable(&transition.state),
+                printable(&transition.at)
+            ));
         }
         if let Some(connection) = &self.connection {
             text.push_str("\nConnection:\n");
@@ -318,6 +355,7 @@ impl Inspection {
             ];
             for (name, value) in lines {
                 if let Some(value) = value {
+                    let value = printable(&value);
                     text.push_str(&format!("  {:18}{value}\n", format!("{name}:")));
                 }
             }
@@ -345,5 +383,18 @@ impl Inspection {
             }
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\td"), "a\\u{1b}[2Jb\\nc\\td");
+        let table = table(&["A"], [vec!["x\ny".to_string()]]);
+        assert_eq!(table.lines().count(), 2, "{table}");
     }
 }

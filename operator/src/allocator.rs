@@ -12,8 +12,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use gefyra_api::GefyraClient;
-use gefyra_api::ipam::{self, IpamError, Pool, Route, Routes};
+use gefyra_api::ipam::{self, IpamError, Pool, Routes};
 use ipnet::IpNet;
+use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -25,13 +26,11 @@ use tracing::warn;
 use crate::connection::{KeyPair, generate_key_pair};
 use crate::credentials::MANAGED_BY;
 
-pub const ROUTES_CONFIGMAP: &str = "gefyra-routes";
-pub use gefyra_api::ipam::SERVER_KEY_SECRET;
-/// Selects the tunnel-address claims among the namespace's Leases.
-pub const CLAIM_SELECTOR: &str = "app.kubernetes.io/component=gefyra-tunnel-address";
-pub const CLIENT_UID_LABEL: &str = "gefyra.dev/client-uid";
+pub use gefyra_api::ipam::{
+    ADDRESS_ANNOTATION, CLAIM_SELECTOR, CLIENT_UID_LABEL, ROUTES_CONFIGMAP, SERVER_KEY_SECRET,
+    claimed,
+};
 pub const CLIENT_LABEL: &str = "gefyra.dev/client";
-pub const ADDRESS_ANNOTATION: &str = "gefyra.dev/tunnel-address";
 
 fn meta(name: &str, namespace: &str) -> ObjectMeta {
     ObjectMeta {
@@ -94,34 +93,12 @@ pub fn claim(client: &GefyraClient, address: IpAddr) -> Lease {
     }
 }
 
-/// The address a claim holds, and the uid of the client holding it.
-pub fn claimed(lease: &Lease) -> Option<(IpAddr, &str)> {
-    let address = lease
-        .annotations()
-        .get(ADDRESS_ANNOTATION)?
-        .parse::<IpNet>()
-        .ok()?
-        .addr();
-    let uid = lease.labels().get(CLIENT_UID_LABEL)?;
-    Some((address, uid.as_str()))
-}
-
-/// The routes table as stored (the ConfigMap's `data`): one key per client, its route as
-/// JSON. Entries that do not parse are kept as they are (nothing is lost) and named in a
-/// warning.
+/// The routes table as stored; entries that do not parse are kept as they are (nothing is
+/// lost) and named in a warning.
 pub fn decode_table(data: &BTreeMap<String, String>) -> (Routes, BTreeMap<String, String>) {
-    let mut routes = Routes::new();
-    let mut unreadable = BTreeMap::new();
-    for (client, value) in data {
-        match serde_json::from_str::<Route>(value) {
-            Ok(route) => {
-                routes.insert(client.clone(), route);
-            }
-            Err(error) => {
-                warn!(configmap = ROUTES_CONFIGMAP, key = %client, %error, "unreadable route entry left as it is");
-                unreadable.insert(client.clone(), value.clone());
-            }
-        }
+    let (routes, unreadable) = ipam::decode_routes(data);
+    for key in unreadable.keys() {
+        warn!(configmap = ROUTES_CONFIGMAP, key = %key, "unreadable route entry left as it is");
     }
     (routes, unreadable)
 }
@@ -248,28 +225,44 @@ pub struct Claims {
     pub store: Store<Lease>,
 }
 
+/// A tunnel address a client holds, and since when (the claim's creation, recorded by the
+/// API server: nothing a client writes can move it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub address: IpAddr,
+    pub since: Timestamp,
+}
+
+fn held_by_lease(lease: &Lease) -> Option<Held> {
+    Some(Held {
+        address: claimed(lease)?.0,
+        since: lease.metadata.creation_timestamp.as_ref()?.0,
+    })
+}
+
 impl Claims {
-    /// The claims (name, address) the store shows for the client with `uid`.
-    fn held_by(&self, uid: &str) -> Vec<(String, IpAddr)> {
+    /// The claims (name, address, since) the store shows for the client with `uid`.
+    fn held_by(&self, uid: &str) -> Vec<(String, Held)> {
         self.store
             .state()
             .iter()
             .filter(|lease| lease.labels().get(CLIENT_UID_LABEL).map(String::as_str) == Some(uid))
-            .filter_map(|lease| Some((lease.name_any(), claimed(lease)?.0)))
+            .filter_map(|lease| Some((lease.name_any(), held_by_lease(lease)?)))
             .collect()
+    }
+
+    /// Since when the client with `uid` holds a tunnel address, as the store shows.
+    pub fn held_since(&self, uid: &str) -> Option<Timestamp> {
+        self.held_by(uid).into_iter().map(|(_, held)| held.since).min()
     }
 
     /// `client`'s tunnel address: the one it already holds in `pool`, else a newly claimed
     /// one. The API server decides: a claim that already exists (409) is someone else's.
-    pub async fn claim_tunnel(
-        &self,
-        pool: &Pool,
-        client: &GefyraClient,
-    ) -> Result<IpAddr, ClaimError> {
+    pub async fn claim_tunnel(&self, pool: &Pool, client: &GefyraClient) -> Result<Held, ClaimError> {
         let uid = client.uid().unwrap_or_default();
         let held = self.held_by(&uid);
-        if let Some((_, address)) = held.iter().find(|(_, address)| pool.gives_out(*address)) {
-            return Ok(*address);
+        if let Some((_, current)) = held.iter().find(|(_, held)| pool.gives_out(held.address)) {
+            return Ok(*current);
         }
         let namespace = client.namespace().unwrap_or_default();
         // Addresses the store does not show yet but the API server said are taken.
@@ -284,12 +277,16 @@ impl Claims {
                 .create(&PostParams::default(), &claim(client, address))
                 .await
             {
-                Ok(_) => {
+                Ok(created) => {
                     // Addresses of an older pool the client held are given back.
                     for (name, _) in held {
                         self.delete_if_held(&name, &uid).await?;
                     }
-                    return Ok(address);
+                    let since = created
+                        .metadata
+                        .creation_timestamp
+                        .map_or_else(Timestamp::now, |time| time.0);
+                    return Ok(Held { address, since });
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     refused.insert(address);

@@ -17,14 +17,15 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::allocator::{self, ClaimError, Claims};
-use crate::connection::{self, ConfigInputs, KeyPair};
+use crate::connection::{self, KeyPair};
+use gefyra_api::connection::{Endpoint, ProviderConfig, ProviderParameter, WireGuardKey};
 use crate::credentials::{self, ClientRbac, CredentialsNeed};
 use crate::error::{Error, Result};
 use crate::lifecycle;
@@ -46,7 +47,7 @@ pub struct Settings {
     /// Tunnel-address pool and reserved ranges.
     pub pool: gefyra_api::ipam::Pool,
     /// `Peer.Endpoint` written into every client's `providerConfig`.
-    pub wireguard_endpoint: String,
+    pub wireguard_endpoint: Endpoint,
     /// Disconnect ACTIVE clients after this long, unless the client sets its own.
     pub max_connection_age: Option<SignedDuration>,
 }
@@ -64,6 +65,9 @@ pub struct Context {
     /// Tunnel-address claims; the store is fed by `run`.
     pub claims: Claims,
     claims_writer: Mutex<Option<Writer<Lease>>>,
+    /// The controller's cache of GefyraClients (set by `run`), to find a public key that
+    /// another client already uses.
+    clients: std::sync::OnceLock<Store<GefyraClient>>,
 }
 
 impl Context {
@@ -86,6 +90,7 @@ impl Context {
             server_key: tokio::sync::OnceCell::new(),
             claims,
             claims_writer: Mutex::new(Some(writer)),
+            clients: std::sync::OnceLock::new(),
         }
     }
 
@@ -96,6 +101,33 @@ impl Context {
             .get_or_try_init(|| allocator::server_key(&self.client, &self.settings.namespace))
             .await
             .map_err(|source| Error::ServerKey { source })
+    }
+
+    /// Another client that holds `key` as its ACTIVE peer's public key and connected
+    /// before the client with `uid` did (by their claims, which the API server stamped);
+    /// that one keeps it.
+    fn key_holder(&self, client: &GefyraClient, key: WireGuardKey) -> Option<String> {
+        let store = self.clients.get()?;
+        let uid = client.uid().unwrap_or_default();
+        let own_since = self.claims.held_since(&uid);
+        store.state().iter().find_map(|other| {
+            let other_uid = other.uid().unwrap_or_default();
+            let holds = other_uid != uid
+                && other.state == ClientState::Active
+                && other
+                    .provider_config
+                    .as_ref()
+                    .and_then(|config| ProviderConfig::parse(config).ok())
+                    .is_some_and(|config| config.public_key == key);
+            let earlier = match (self.claims.held_since(&other_uid), own_since) {
+                (_, None) => true,
+                (Some(theirs), Some(ours)) => {
+                    (theirs, other.name_any()) < (ours, client.name_any())
+                }
+                (None, Some(_)) => false,
+            };
+            (holds && earlier).then(|| other.name_any())
+        })
     }
 
     /// Records how much of the pool is claimed (claims of addresses outside the pool, left
@@ -178,6 +210,7 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         )
         .shutdown_on_signal();
     let store = controller.store();
+    let _ = ctx.clients.set(store.clone());
     ctx.metrics.watch_store(store.clone());
     // The store's readiness signal wakes only its latest waiter (the controller's own), so
     // poll it again every second instead of waiting once.
@@ -598,17 +631,25 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         .map_err(|source| Error::RecordCredentials { client: name.clone(), source })?;
     }
 
-    // Come back exactly when something is due: the renewal or the sunset.
-    let renew_at = renew_at.unwrap_or(now + SignedDuration::from_hours(1));
-    let due = [sunset, connection_due]
-        .into_iter()
+    Ok(Action::requeue(requeue_after(
+        now,
+        [renew_at, sunset, connection_due],
+    )))
+}
+
+/// The longest a reconcile waits for what is due: kube-runtime's scheduler panics on a
+/// delay beyond about two years, and a sunset may lie centuries ahead.
+const MAX_REQUEUE: SignedDuration = SignedDuration::from_hours(6);
+
+/// Come back when the first thing is due (a renewal, the sunset, the max connection age),
+/// at least a second and at most [`MAX_REQUEUE`] from now.
+fn requeue_after(now: Timestamp, dues: impl IntoIterator<Item = Option<Timestamp>>) -> Duration {
+    dues.into_iter()
         .flatten()
-        .fold(renew_at, Timestamp::min);
-    Ok(Action::requeue(
-        due.duration_since(now)
-            .max(SignedDuration::from_secs(1))
-            .unsigned_abs(),
-    ))
+        .map(|due| due.duration_since(now))
+        .fold(MAX_REQUEUE, SignedDuration::min)
+        .max(SignedDuration::from_secs(1))
+        .unsigned_abs()
 }
 
 /// Server-side applies one of the client's objects; a failure names its kind and name.
@@ -701,6 +742,10 @@ async fn connect_or_disconnect(
                 ClientState::Enabling | ClientState::Active | ClientState::Disabling
             );
         if !connected {
+            // A connect that failed (ERROR) may have recorded a route or a claim first.
+            if client.state == ClientState::Error {
+                release(client, ctx).await?;
+            }
             return Ok((None, false, None));
         }
         if state != ClientState::Disabling {
@@ -730,11 +775,19 @@ async fn connect_or_disconnect(
         return Ok((None, false, generation));
     };
 
-    let request =
-        connection::parse_request(parameter).map_err(|message| Error::InvalidParameter {
+    let request = ProviderParameter::parse(parameter).map_err(|error| Error::InvalidParameter {
+        client: name.clone(),
+        message: error.to_string(),
+    })?;
+    let uid = client.uid().unwrap_or_default();
+    if let Some(key) = request.public_key
+        && let Some(other) = ctx.key_holder(client, key)
+    {
+        return Err(Error::DuplicatePublicKey {
             client: name.clone(),
-            message,
-        })?;
+            other,
+        });
+    }
     // From WAITING the client enters ENABLING; a retry from ERROR goes straight to ACTIVE
     // once it succeeds, so a client that cannot connect stays in ERROR (no flapping).
     if state == ClientState::Waiting {
@@ -753,7 +806,6 @@ async fn connect_or_disconnect(
     // The routed range first (compare-and-swap over every route), then the tunnel address
     // (a claim by unique name): both are recorded in the API server before any
     // configuration is published.
-    let uid = client.uid().unwrap_or_default();
     let (routed, _) = allocator::modify_routes(&ctx.client, &namespace, |routes| {
         ipam::route(pool, routes, &name, &uid, request.subnet)
     })
@@ -773,7 +825,7 @@ async fn connect_or_disconnect(
         },
     };
     routed.map_err(ipam_error)?;
-    let tunnel = ctx
+    let held = ctx
         .claims
         .claim_tunnel(pool, client)
         .await
@@ -787,44 +839,47 @@ async fn connect_or_disconnect(
     ctx.observe_pool();
     let allocation = Allocation {
         uid,
-        tunnel: tunnel.into(),
+        tunnel: held.address.into(),
         routed: request.subnet,
     };
 
     let mut generation = None;
-    let mut active_since = client
-        .state_transitions
-        .get(ClientState::Active.as_str())
-        .and_then(|since| since.parse::<Timestamp>().ok());
-    let current = client.provider_config.as_ref().filter(|config| {
-        state == ClientState::Active && connection::config_matches(config, &allocation, &request)
-    });
-    if current.is_none() {
+    let stored = client
+        .provider_config
+        .as_ref()
+        .and_then(|config| ProviderConfig::parse(config).ok());
+    let current = state == ClientState::Active
+        && connection::config_matches(stored.as_ref(), &allocation, request.public_key);
+    if !current {
         let server = ctx.server_key().await?;
-        let generated = request
-            .public_key
-            .is_none()
-            .then(connection::generate_key_pair);
-        let client_public = request
-            .public_key
-            .clone()
-            .or_else(|| generated.as_ref().map(|pair| pair.public.clone()))
-            .unwrap_or_default();
-        let preshared_key = connection::generate_preshared_key();
-        let config = connection::provider_config(&ConfigInputs {
-            allocation: &allocation,
-            client_public: &client_public,
-            client_private: generated.as_ref().map(|pair| pair.private.as_str()),
-            server_public: &server.public,
-            preshared_key: &preshared_key,
-            endpoint: &ctx.settings.wireguard_endpoint,
-        });
+        let server_public: WireGuardKey =
+            server
+                .public
+                .parse()
+                .map_err(|problem| Error::InvalidServerKey {
+                    problem: format!("publicKey {problem}"),
+                })?;
+        let (client_public, client_private) = match request.public_key {
+            Some(public) => (public, None),
+            None => {
+                let pair = connection::generate_key_pair();
+                let key = |text: &str| text.parse::<WireGuardKey>().expect("a generated key");
+                (key(&pair.public), Some(key(&pair.private)))
+            }
+        };
+        let config = connection::new_config(
+            &allocation,
+            client_public,
+            client_private,
+            server_public,
+            &ctx.settings.wireguard_endpoint,
+        );
         // Replace the whole map: keys of an older config are removed.
         let mut replacement = serde_json::Map::new();
         for stale in client.provider_config.iter().flat_map(|old| old.keys()) {
             replacement.insert(stale.clone(), serde_json::Value::Null);
         }
-        replacement.extend(config);
+        replacement.extend(config.to_map());
         let routed = allocation
             .routed
             .map(|routed| format!(", routing {routed}"))
@@ -842,14 +897,19 @@ async fn connect_or_disconnect(
             ctx,
         )
         .await?;
-        active_since = Some(now);
     }
 
-    let max_age = client
-        .max_connection_age
-        .map(SignedDuration::from_secs)
-        .or(ctx.settings.max_connection_age);
-    let due = max_age.zip(active_since).map(|(age, since)| since + age);
+    // The connection's age counts from the tunnel-address claim, which the API server
+    // stamped: nothing a client writes (stateTransitions) can extend it.
+    let due = connection::connection_due(
+        client.max_connection_age,
+        ctx.settings.max_connection_age,
+        held.since,
+    )
+    .map_err(|message| Error::InvalidConnectionAge {
+        client: name.clone(),
+        message,
+    })?;
     if let Some(due) = due
         && due <= now
     {
@@ -870,7 +930,7 @@ async fn connect_or_disconnect(
             "Disconnect",
             format!(
                 "connected since {}: maxConnectionAge reached; disconnecting",
-                active_since.unwrap_or(now)
+                held.since
             ),
         )
         .await;
@@ -890,8 +950,8 @@ async fn release(client: &GefyraClient, ctx: &Context) -> Result<()> {
     let recorded = client
         .provider_config
         .as_ref()
-        .and_then(|config| config.get("Interface.Address"))
-        .and_then(|address| address.as_str()?.parse().ok());
+        .and_then(|config| ProviderConfig::parse(config).ok())
+        .map(|config| config.address);
     ctx.claims
         .release(&client.uid().unwrap_or_default(), recorded)
         .await
@@ -968,6 +1028,32 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     let name = client.name_any();
     let namespace = client.namespace().unwrap_or_default();
     let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Revocation first, before anything that could fail and block it: the client's
+    // identity and its token minter (deleting a ServiceAccount invalidates every token
+    // minted for it), bindings before roles before accounts.
+    for sa_name in [
+        GefyraClient::service_account_name_for(&name),
+        GefyraClient::token_minter_name_for(&name),
+    ] {
+        delete_if_present(
+            Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
+            "RoleBinding",
+            &sa_name,
+        )
+        .await?;
+        delete_if_present(
+            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace),
+            "ServiceAccount",
+            &sa_name,
+        )
+        .await?;
+        delete_if_present(
+            Api::<Role>::namespaced(ctx.client.clone(), &namespace),
+            "Role",
+            &sa_name,
+        )
+        .await?;
+    }
     if client.state != ClientState::Terminating {
         transition(
             &api,
@@ -980,33 +1066,8 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         )
         .await?;
     }
-    // The peer goes first: its ranges become free for others.
+    // Then the peer: its ranges become free for others.
     release(client, ctx).await?;
-    // The client's identity and its token minter: deleting a ServiceAccount invalidates
-    // every token minted for it.
-    for sa_name in [
-        GefyraClient::token_minter_name_for(&name),
-        GefyraClient::service_account_name_for(&name),
-    ] {
-        delete_if_present(
-            Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
-            "RoleBinding",
-            &sa_name,
-        )
-        .await?;
-        delete_if_present(
-            Api::<Role>::namespaced(ctx.client.clone(), &namespace),
-            "Role",
-            &sa_name,
-        )
-        .await?;
-        delete_if_present(
-            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace),
-            "ServiceAccount",
-            &sa_name,
-        )
-        .await?;
-    }
     info!(client = %name, "client removed with its ServiceAccounts, Roles and RoleBindings (access and token minter)");
     Ok(Action::await_change())
 }
@@ -1029,6 +1090,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requeues_are_bounded_whatever_is_due() {
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let at = |text: &str| Some(text.parse::<Timestamp>().unwrap());
+        assert_eq!(
+            requeue_after(now, [at("2026-01-01T00:10:00Z"), None, at("2026-01-01T00:05:00Z")]),
+            Duration::from_secs(300)
+        );
+        assert_eq!(requeue_after(now, [at("9999-01-01T00:00:00Z")]), MAX_REQUEUE.unsigned_abs());
+        assert_eq!(requeue_after(now, [at("2000-01-01T00:00:00Z")]), Duration::from_secs(1));
+        assert_eq!(requeue_after(now, [None]), MAX_REQUEUE.unsigned_abs());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_due_times_never_panic(due in Timestamp::MIN.as_second()..=Timestamp::MAX.as_second()) {
+            let now = Timestamp::now();
+            let wait = requeue_after(now, [Timestamp::from_second(due).ok()]);
+            proptest::prop_assert!(wait >= Duration::from_secs(1) && wait <= MAX_REQUEUE.unsigned_abs());
+        }
+    }
 
     #[test]
     fn each_state_entered_is_its_own_event_action() {

@@ -180,27 +180,32 @@ pub fn token_claims(token: &str) -> Option<TokenClaims> {
 }
 
 /// When a token is renewed: `renew_before` its expiry if configured, else after 80 % of its
-/// lifetime, so a client always has a fifth of it left to fetch the new one.
+/// lifetime, so a client always has a fifth of it left to fetch the new one. Saturating:
+/// claims too far apart to compute with mean "renew now".
 pub fn renew_at(claims: &TokenClaims, renew_before: Option<SignedDuration>) -> Timestamp {
-    match renew_before {
-        Some(before) => claims.expires_at - before,
+    let at = match renew_before {
+        Some(before) => claims.expires_at.checked_sub(before),
         None => {
             let lifetime = claims.expires_at.duration_since(claims.issued_at);
-            claims.issued_at + lifetime * 4 / 5
+            claims.issued_at.checked_add(lifetime / 5 * 4)
         }
-    }
+    };
+    at.unwrap_or(claims.issued_at)
 }
 
+/// The longest token the operator asks for; a later sunset is reached by renewals.
+pub const MAX_TOKEN_LIFETIME: SignedDuration = SignedDuration::from_hours(365 * 24);
+
 /// The lifetime to ask the API server for: the configured one, else until the client's
-/// sunset, else 365 days. At least 10 minutes (the API server's minimum).
+/// sunset, at most 365 days. At least 10 minutes (the API server's minimum).
 pub fn requested_lifetime(
     now: Timestamp,
     sunset: Option<Timestamp>,
     configured: Option<SignedDuration>,
 ) -> SignedDuration {
     let wanted = configured
-        .or_else(|| sunset.map(|sunset| sunset.duration_since(now)))
-        .unwrap_or(SignedDuration::from_hours(365 * 24));
+        .or_else(|| sunset.map(|sunset| sunset.duration_since(now).min(MAX_TOKEN_LIFETIME)))
+        .unwrap_or(MAX_TOKEN_LIFETIME);
     wanted.max(SignedDuration::from_mins(10))
 }
 
@@ -288,10 +293,10 @@ mod tests {
             serde_json::json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"],
                 "resourceNames": ["gefyra-client-abc"], "verbs": ["create"]}])
         );
-        assert_eq!(minter["metadata"]["name"], "gefyra-client-abc-minter");
+        assert_eq!(minter["metadata"]["name"], "gefyra-minter-abc");
         let bound = minter_role_binding(&client("abc"));
-        assert_eq!(bound.role_ref.name, "gefyra-client-abc-minter");
-        assert_eq!(bound.subjects.unwrap()[0].name, "gefyra-client-abc-minter");
+        assert_eq!(bound.role_ref.name, "gefyra-minter-abc");
+        assert_eq!(bound.subjects.unwrap()[0].name, "gefyra-minter-abc");
         let role = role(&client("abc"), ClientRbac::GefyraCompat);
         let rules = role.rules.unwrap();
         assert_eq!(rules.len(), 2);
@@ -364,6 +369,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever claims a stored token carries (it may have been written by anyone with
+        /// patch on the client), renewal and lifetimes are computed without a panic.
+        #[test]
+        fn hostile_token_claims_and_sunsets_never_panic(
+            iat in any_second(), exp in any_second(), before in proptest::prelude::any::<i64>(),
+            now in any_second(), sunset in any_second(),
+        ) {
+            let at = |s| Timestamp::from_second(s).unwrap();
+            let claims = TokenClaims { issued_at: at(iat), expires_at: at(exp), service_account_uid: None };
+            let _ = renew_at(&claims, None);
+            let _ = renew_at(&claims, Some(SignedDuration::from_secs(before)));
+            let lifetime = requested_lifetime(at(now), Some(at(sunset)), None);
+            proptest::prop_assert!(lifetime >= SignedDuration::from_mins(10) && lifetime <= MAX_TOKEN_LIFETIME);
+            let token = jwt(json!({"iat": iat, "exp": exp}));
+            let data = service_account_data(&token, "ca", "gefyra");
+            let _ = credentials_need(Some(&data), "sa", Some(SignedDuration::from_secs(before)), at(now));
+        }
+    }
+
+    fn any_second() -> impl proptest::strategy::Strategy<Value = i64> {
+        Timestamp::MIN.as_second()..=Timestamp::MAX.as_second()
+    }
+
     #[test]
     fn lifetime_follows_configuration_then_sunset_then_a_year() {
         let now = Timestamp::from_second(0).unwrap();
@@ -384,5 +413,7 @@ mod tests {
             requested_lifetime(now, Some(now), None),
             SignedDuration::from_mins(10)
         );
+        let far = "9999-12-30T00:00:00Z".parse().unwrap();
+        assert_eq!(requested_lifetime(now, Some(far), None), MAX_TOKEN_LIFETIME);
     }
 }

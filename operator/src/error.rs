@@ -97,6 +97,17 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "client {client}: its public key is already the key of client {other}, which connected first; generate a new key pair (kubectl gefyra connect does) and connect again"
+    )]
+    DuplicatePublicKey { client: String, other: String },
+    #[error("client {client}: {message}; an admin must correct maxConnectionAge")]
+    InvalidConnectionAge { client: String, message: String },
+    #[error(
+        "the Stowaway key Secret {} is unusable: {problem}; delete it and restart the operator to create a new one",
+        crate::allocator::SERVER_KEY_SECRET
+    )]
+    InvalidServerKey { problem: String },
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -121,6 +132,9 @@ impl Error {
             Self::TunnelClaim { .. } => "TunnelClaimFailed",
             Self::ServerKey { .. } => "ServerKeyFailed",
             Self::RecordConnection { .. } => "StatusWriteFailed",
+            Self::DuplicatePublicKey { .. } => "DuplicatePublicKey",
+            Self::InvalidConnectionAge { .. } => "InvalidConnectionAge",
+            Self::InvalidServerKey { .. } => "ServerKeyFailed",
             Self::Finalizer(_) => "FinalizerFailed",
         }
     }

@@ -49,6 +49,12 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_LEASE_NAME)]
         lease_name: String,
     },
+    /// Print the ValidatingAdmissionPolicy and binding that restrict what a client's own
+    /// identity may change in its GefyraClient (providerParameter only) in --namespace.
+    AdmissionPolicy {
+        #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
     /// Run the operator (the default).
     Run,
 }
@@ -148,9 +154,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Some(Command::AdmissionPolicy { namespace }) => {
+            print!("{}", gefyra_api::admission::policy_yaml(&namespace));
+            return Ok(());
+        }
         Some(Command::Run) | None => {}
     }
     init_logging(args.log_format);
+    let wireguard_endpoint = args
+        .wireguard_endpoint
+        .clone()
+        .unwrap_or_else(|| format!("gefyra-stowaway-wireguard.{}.svc:31820", args.namespace));
     let pool = gefyra_api::ipam::Pool {
         tunnel: args.tunnel_pool.clone(),
         reserved: args.reserved_ranges.clone(),
@@ -182,10 +196,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
         concurrency: args.concurrency,
         pool,
-        wireguard_endpoint: args
-            .wireguard_endpoint
-            .clone()
-            .unwrap_or_else(|| format!("gefyra-stowaway-wireguard.{}.svc:31820", args.namespace)),
+        wireguard_endpoint: wireguard_endpoint
+            .parse()
+            .map_err(|problem| anyhow::anyhow!("--wireguard-endpoint {problem}"))?,
         max_connection_age: args
             .max_connection_age
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),

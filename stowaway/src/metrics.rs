@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::endpoint::PeerStats;
+use crate::peers::{Refusal, Refused};
 
 pub struct Metrics {
     registry: Registry,
@@ -20,6 +21,8 @@ pub struct Metrics {
     pub flows: IntGaugeVec,
     /// Flows by protocol and result: opened, refused.
     pub flows_total: IntCounterVec,
+    /// ACTIVE clients not admitted as peers right now, by reason.
+    pub refused_clients: IntGaugeVec,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -51,8 +54,17 @@ impl Default for Metrics {
             "Forwarded flows by protocol and result",
             &["protocol", "result"],
         );
+        let refused_clients = gauge(
+            "stowaway_refused_clients",
+            "ACTIVE clients not admitted as peers, by reason (their providerConfig disagrees with the operator's decisions, or is invalid, or their key is shared)",
+            &["reason"],
+        );
+        for reason in Refusal::ALL {
+            refused_clients.with_label_values(&[reason.label()]).set(0);
+        }
         for collector in [
             Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refused_clients.clone()),
             Box::new(handshakes.clone()),
             Box::new(dropped.clone()),
             Box::new(flows.clone()),
@@ -69,11 +81,22 @@ impl Default for Metrics {
             dropped,
             flows,
             flows_total,
+            refused_clients,
         }
     }
 }
 
 impl Metrics {
+    /// Sets `stowaway_refused_clients` from the latest refusals.
+    pub fn observe_refused(&self, refused: &[Refused]) {
+        for reason in Refusal::ALL {
+            let count = refused.iter().filter(|r| r.reason == reason).count();
+            self.refused_clients
+                .with_label_values(&[reason.label()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The text exposition format, with one series per peer from `stats`.
     pub fn render(&self, stats: &BTreeMap<String, PeerStats>, now: SystemTime) -> String {
         let last_handshake = gauge(

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use base64::Engine;
+use gefyra_api::connection::ProviderConfig;
+use gefyra_api::ipam::Routes;
 use gefyra_api::{ClientState, GefyraClient};
 use ipnet::IpNet;
 
@@ -48,16 +50,51 @@ pub fn encode_key(key: &Key) -> String {
     base64::engine::general_purpose::STANDARD.encode(key)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpecError {
-    #[error("client {client}: providerConfig has no valid {key}")]
-    Missing { client: String, key: &'static str },
-    #[error("client {client}: providerParameter.subnet {subnet:?} is not a CIDR")]
-    Subnet { client: String, subnet: String },
+/// What the operator decided, read from the objects only it writes: the tunnel-address
+/// claims (Leases: address → holder uid) and the routes table (client name → uid, subnet).
+/// A client's own fields (`providerConfig`, `providerParameter`) must agree with these, or
+/// the client is no peer: whoever could write them cannot take another client's range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decisions {
+    /// Tunnel address → the uid of the client whose claim holds it.
+    pub claims: BTreeMap<IpAddr, String>,
+    pub routes: Routes,
 }
 
-/// The peer an ACTIVE client describes; `Ok(None)` for clients that are not ACTIVE.
-pub fn spec_of(client: &GefyraClient) -> Result<Option<PeerSpec>, SpecError> {
+/// Why a client that asks to be a peer is not one (a closed set: a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    /// `providerConfig` does not parse.
+    InvalidConfig,
+    /// The tunnel address is not held by this client's claim.
+    AddressNotClaimed,
+    /// Another client has the same public key.
+    DuplicateKey,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [Self::InvalidConfig, Self::AddressNotClaimed, Self::DuplicateKey];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::InvalidConfig => "invalid_config",
+            Self::AddressNotClaimed => "address_not_claimed",
+            Self::DuplicateKey => "duplicate_key",
+        }
+    }
+}
+
+/// A client that is not admitted: why, and what to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Refusal,
+    pub message: String,
+}
+
+/// The peer an ACTIVE client is, if the operator's decisions back it: its tunnel address
+/// must be held by its own claim; its routed subnet is the one the routes table records for
+/// it (whatever its `providerParameter` says). `Ok(None)` for clients that are not ACTIVE.
+pub fn spec_of(client: &GefyraClient, decisions: &Decisions) -> Result<Option<PeerSpec>, Refused> {
     if client.state != ClientState::Active {
         return Ok(None);
     }
@@ -65,61 +102,48 @@ pub fn spec_of(client: &GefyraClient) -> Result<Option<PeerSpec>, SpecError> {
     let Some(config) = client.provider_config.as_ref() else {
         return Ok(None);
     };
-    let text = |key: &'static str| {
-        config
-            .get(key)
-            .and_then(|value| value.as_str())
-            .ok_or_else(|| SpecError::Missing {
-                client: name.clone(),
-                key,
-            })
-    };
-    let key = |key: &'static str| {
-        text(key).and_then(|value| {
-            decode_key(value).ok_or_else(|| SpecError::Missing {
-                client: name.clone(),
-                key,
-            })
-        })
-    };
-    let public_key = key("Interface.PublicKey")?;
-    let preshared_key = key("Peer.PresharedKey")?;
-    let address: IpAddr = text("Interface.Address")?
-        .parse()
-        .map_err(|_| SpecError::Missing {
-            client: name.clone(),
-            key: "Interface.Address",
-        })?;
-    let mut ranges = vec![IpNet::from(address)];
-    let subnet = client
-        .provider_parameter
-        .as_ref()
-        .and_then(|parameter| parameter.get("subnet"))
-        .and_then(|subnet| subnet.as_str());
-    if let Some(subnet) = subnet {
-        ranges.push(subnet.parse().map_err(|_| SpecError::Subnet {
-            client: name.clone(),
-            subnet: subnet.to_string(),
-        })?);
+    let config = ProviderConfig::parse(config).map_err(|error| Refused {
+        reason: Refusal::InvalidConfig,
+        message: format!("client {name}: {error}"),
+    })?;
+    let uid = client.metadata.uid.clone().unwrap_or_default();
+    if decisions.claims.get(&config.address) != Some(&uid) {
+        return Err(Refused {
+            reason: Refusal::AddressNotClaimed,
+            message: format!(
+                "client {name}: providerConfig.Interface.Address {} is not held by this client's tunnel-address claim; not admitted",
+                config.address
+            ),
+        });
     }
+    let mut ranges = vec![IpNet::from(config.address)];
+    ranges.extend(
+        decisions
+            .routes
+            .get(&name)
+            .filter(|route| route.uid == uid)
+            .map(|route| route.subnet),
+    );
     Ok(Some(PeerSpec {
         client: name,
-        public_key,
-        preshared_key,
+        public_key: *config.public_key.bytes(),
+        preshared_key: *config.preshared_key.bytes(),
         ranges,
     }))
 }
 
-/// Every peer the clients describe, by public key, and the problems of those that could
-/// not be read. Two clients with the same public key: neither is a peer (reported).
+/// Every peer the clients describe and the operator's decisions back, by public key, and
+/// the clients refused. Two clients with the same public key: neither is a peer (the
+/// operator refuses the later one; this holds while it has not yet).
 pub fn desired<'a>(
     clients: impl IntoIterator<Item = &'a GefyraClient>,
-) -> (BTreeMap<Key, PeerSpec>, Vec<String>) {
+    decisions: &Decisions,
+) -> (BTreeMap<Key, PeerSpec>, Vec<Refused>) {
     let mut peers: BTreeMap<Key, PeerSpec> = BTreeMap::new();
     let mut duplicates: BTreeMap<Key, Vec<String>> = BTreeMap::new();
-    let mut problems = Vec::new();
+    let mut refused = Vec::new();
     for client in clients {
-        match spec_of(client) {
+        match spec_of(client, decisions) {
             Ok(Some(spec)) => {
                 if let Some(first) = peers.get(&spec.public_key) {
                     duplicates
@@ -131,18 +155,21 @@ pub fn desired<'a>(
                 }
             }
             Ok(None) => {}
-            Err(error) => problems.push(error.to_string()),
+            Err(refusal) => refused.push(refusal),
         }
     }
     for (key, clients) in duplicates {
         peers.remove(&key);
-        problems.push(format!(
-            "clients {} share the public key {}; none of them may connect",
-            clients.join(", "),
-            encode_key(&key)
-        ));
+        refused.push(Refused {
+            reason: Refusal::DuplicateKey,
+            message: format!(
+                "clients {} share the public key {}; none of them may connect",
+                clients.join(", "),
+                encode_key(&key)
+            ),
+        });
     }
-    (peers, problems)
+    (peers, refused)
 }
 
 /// How to get from the current peer table to the desired one.
@@ -211,17 +238,43 @@ mod tests {
         }
         serde_json::from_value(json!({
             "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
-            "metadata": {"name": name, "namespace": "gefyra"},
+            "metadata": {"name": name, "namespace": "gefyra", "uid": format!("uid-{name}")},
             "provider": "stowaway",
             "state": state,
             "providerParameter": parameter,
             "providerConfig": {
                 "Interface.Address": address,
+                "Interface.DNS": "192.168.99.1",
+                "Interface.ListenPort": "51820",
                 "Interface.PublicKey": key(public),
+                "Peer.PublicKey": key(100),
                 "Peer.PresharedKey": key(200),
+                "Peer.Endpoint": "203.0.113.7:31820",
+                "Peer.AllowedIPs": "0.0.0.0/0, ::/0",
             }
         }))
         .unwrap()
+    }
+
+    /// The operator's decisions for `clients` as they describe themselves.
+    fn decided(clients: &[GefyraClient]) -> Decisions {
+        let mut decisions = Decisions::default();
+        for client in clients {
+            let name = client.metadata.name.clone().unwrap();
+            let uid = client.metadata.uid.clone().unwrap();
+            if let Some(Ok(address)) = client.provider_config.as_ref().map(|c| c["Interface.Address"].as_str().unwrap().parse()) {
+                decisions.claims.insert(address, uid.clone());
+            }
+            if let Some(subnet) = client.provider_parameter.as_ref().and_then(|p| p.get("subnet")) {
+                let subnet = subnet.as_str().unwrap().parse().unwrap();
+                decisions.routes.insert(name, gefyra_api::ipam::Route { uid, subnet });
+            }
+        }
+        decisions
+    }
+
+    fn desired_of(clients: &[GefyraClient]) -> (BTreeMap<Key, PeerSpec>, Vec<Refused>) {
+        desired(clients, &decided(clients))
     }
 
     #[test]
@@ -229,9 +282,14 @@ mod tests {
         let clients = [
             client("a", "ACTIVE", 1, "192.168.96.2", Some("10.1.0.0/16")),
             client("b", "WAITING", 2, "192.168.96.3", None),
-            client("c", "ACTIVE", 3, "not-an-address", None),
+            client("c", "ACTIVE", 3, "192.168.96.4", None),
         ];
-        let (peers, problems) = desired(&clients);
+        let mut decisions = decided(&clients);
+        let mut broken = clients[2].clone();
+        broken.provider_config.as_mut().unwrap().insert("Interface.Address".into(), json!("not-an-address"));
+        let clients = [clients[0].clone(), clients[1].clone(), broken];
+        decisions.claims.remove(&"192.168.96.4".parse().unwrap());
+        let (peers, refused) = desired(&clients, &decisions);
         assert_eq!(peers.len(), 1);
         let a = &peers[&[1; 32]];
         assert_eq!(a.client, "a");
@@ -242,14 +300,32 @@ mod tests {
                 "10.1.0.0/16".parse().unwrap()
             ]
         );
-        assert_eq!(
-            problems,
-            ["client c: providerConfig has no valid Interface.Address"]
-        );
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].reason, Refusal::InvalidConfig);
+        assert!(refused[0].message.starts_with("client c: providerConfig.Interface.Address"), "{:?}", refused[0]);
         assert!(
             !format!("{a:?}").contains(&key(200)),
             "no preshared key in Debug"
         );
+    }
+
+    #[test]
+    fn a_forged_config_or_subnet_takes_nothing_from_another_client() {
+        let a = client("a", "ACTIVE", 1, "192.168.96.2", Some("10.1.0.0/16"));
+        let honest_b = client("b", "ACTIVE", 2, "192.168.96.3", None);
+        let decisions = decided(&[a.clone(), honest_b]);
+        // b claims a's tunnel address: not admitted, a unaffected.
+        let b = client("b", "ACTIVE", 2, "192.168.96.2", None);
+        let (peers, refused) = desired(&[a.clone(), b], &decisions);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[&[1; 32]].client, "a");
+        assert_eq!(refused[0].reason, Refusal::AddressNotClaimed);
+        // b asks for a's subnet in its providerParameter: it gets only what the routes table
+        // records for it (nothing), and a keeps its subnet.
+        let b = client("b", "ACTIVE", 2, "192.168.96.3", Some("10.1.0.0/16"));
+        let (peers, _) = desired(&[a, b], &decisions);
+        assert_eq!(peers[&[2; 32]].ranges, ["192.168.96.3/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(peers[&[1; 32]].ranges.len(), 2);
     }
 
     #[test]
@@ -258,19 +334,20 @@ mod tests {
             client("a", "ACTIVE", 1, "192.168.96.2", None),
             client("b", "ACTIVE", 1, "192.168.96.3", None),
         ];
-        let (peers, problems) = desired(&clients);
+        let (peers, refused) = desired_of(&clients);
         assert!(peers.is_empty());
-        assert!(problems[0].contains("clients a, b share the public key"));
+        assert_eq!(refused[0].reason, Refusal::DuplicateKey);
+        assert!(refused[0].message.contains("clients a, b share the public key"));
     }
 
     #[test]
     fn plans_touch_only_what_changed() {
-        let before = desired(&[
+        let before = desired_of(&[
             client("a", "ACTIVE", 1, "192.168.96.2", None),
             client("b", "ACTIVE", 2, "192.168.96.3", None),
         ])
         .0;
-        let after = desired(&[
+        let after = desired_of(&[
             client("a", "ACTIVE", 1, "192.168.96.2", None),
             client("b", "ACTIVE", 2, "192.168.96.3", Some("10.2.0.0/16")),
             client("c", "ACTIVE", 3, "192.168.96.4", None),
@@ -298,7 +375,7 @@ mod tests {
 
     #[test]
     fn sources_are_checked_and_routes_take_the_longest_prefix() {
-        let (peers, _) = desired(&[
+        let (peers, _) = desired_of(&[
             client("a", "ACTIVE", 1, "192.168.96.2", Some("10.0.0.0/8")),
             client("b", "ACTIVE", 2, "192.168.96.3", Some("10.5.0.0/16")),
         ]);

@@ -16,9 +16,10 @@ use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use gefyra_api::GefyraClient;
-use gefyra_api::ipam::SERVER_KEY_SECRET;
+use gefyra_api::ipam::{CLAIM_SELECTOR, ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
 use gefyra_api::rbac::{identity_yaml, rule};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -27,7 +28,7 @@ use serde_json::json;
 
 use crate::dataplane::{self, DataPlane, Forward, Shared};
 use crate::metrics::Metrics;
-use crate::peers::{self, Key};
+use crate::peers::{self, Decisions, Key, Refused};
 use crate::status::PeerStatus;
 
 #[derive(Parser, Debug)]
@@ -103,7 +104,8 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
-/// Stowaway's rules: read the clients, patch their status, read its own key by name.
+/// Stowaway's rules: read the clients and the operator's decisions (tunnel-address claims,
+/// the routes table by name), patch the clients' status, read its own key by name.
 pub fn stowaway_rules() -> Vec<PolicyRule> {
     vec![
         rule(
@@ -114,6 +116,8 @@ pub fn stowaway_rules() -> Vec<PolicyRule> {
         ),
         rule("gefyra.dev", &["gefyraclients/status"], &[], &["patch"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
+        rule("coordination.k8s.io", &["leases"], &[], &["get", "list", "watch"]),
+        rule("", &["configmaps"], &[ROUTES_CONFIGMAP], &["get", "list", "watch"]),
     ]
 }
 
@@ -288,7 +292,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let server = tokio::spawn(serve(args.http_address, health));
 
     let key = server_key(&client, &args.namespace).await?;
-    let (plane, handle) = DataPlane::bind(config.clone(), key, shared.clone(), metrics)?;
+    let (plane, handle) = DataPlane::bind(config.clone(), key, shared.clone(), metrics.clone())?;
     tracing::info!(
         listen = %plane.local_addr()?,
         resolver = %config.resolver,
@@ -298,7 +302,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let mut plane = tokio::task::spawn_blocking(move || plane.run());
 
     let clients: Api<GefyraClient> = Api::namespaced(client.clone(), &args.namespace);
-    let peers_task = tokio::spawn(keep_peers(clients.clone(), handle.clone(), ready));
+    let peers_task = tokio::spawn(keep_peers(
+        client.clone(),
+        args.namespace.clone(),
+        handle.clone(),
+        metrics.clone(),
+        ready,
+    ));
     let status_task = tokio::spawn(write_status(
         clients,
         shared,
@@ -334,36 +344,99 @@ async fn shutdown_signal() {
     }
 }
 
-/// Keeps the data plane's peer table equal to the ACTIVE clients (bursts of events are
-/// applied together).
-async fn keep_peers(api: Api<GefyraClient>, handle: dataplane::Handle, ready: Arc<AtomicBool>) {
+/// Follows `api` into a store (watch retried with backoff); `changed` is told of every
+/// event.
+fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    changed: Arc<tokio::sync::Notify>,
+) -> reflector::Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (store, writer) = reflector::store();
-    let changed = Arc::new(tokio::sync::Notify::new());
-    let notify = changed.clone();
     tokio::spawn(
-        reflector(writer, watcher(api, watcher::Config::default()))
+        reflector(writer, watcher(api, config))
             // Failed watches are retried with backoff, not in a hot loop.
             .default_backoff()
             .for_each(move |event| {
                 match event {
-                    Ok(_) => notify.notify_one(),
-                    Err(error) => tracing::warn!(%error, "watching GefyraClients failed; retrying"),
+                    Ok(_) => changed.notify_one(),
+                    Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
                 }
                 futures::future::ready(())
             }),
     );
-    if store.wait_until_ready().await.is_err() {
-        return;
+    store
+}
+
+/// The operator's decisions as the stores show them: who holds which tunnel address, and
+/// the routes table.
+fn decisions(claims: &reflector::Store<Lease>, routes: &reflector::Store<ConfigMap>) -> Decisions {
+    let claims = claims
+        .state()
+        .iter()
+        .filter_map(|lease| {
+            let (address, uid) = gefyra_api::ipam::claimed(lease)?;
+            Some((address, uid.to_string()))
+        })
+        .collect();
+    let routes = routes
+        .state()
+        .iter()
+        .find(|map| map.metadata.name.as_deref() == Some(ROUTES_CONFIGMAP))
+        .and_then(|map| map.data.as_ref())
+        .map(|data| gefyra_api::ipam::decode_routes(data).0)
+        .unwrap_or_default();
+    Decisions { claims, routes }
+}
+
+/// Keeps the data plane's peer table equal to the ACTIVE clients that the operator's
+/// decisions back (bursts of events are applied together).
+async fn keep_peers(
+    client: Client,
+    namespace: String,
+    handle: dataplane::Handle,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let clients = follow(
+        Api::<GefyraClient>::namespaced(client.clone(), &namespace),
+        watcher::Config::default(),
+        "GefyraClients",
+        changed.clone(),
+    );
+    let claims = follow(
+        Api::<Lease>::namespaced(client.clone(), &namespace),
+        watcher::Config::default().labels(CLAIM_SELECTOR),
+        "tunnel-address claims (Leases)",
+        changed.clone(),
+    );
+    let routes = follow(
+        Api::<ConfigMap>::namespaced(client, &namespace),
+        watcher::Config::default().fields(&format!("metadata.name={ROUTES_CONFIGMAP}")),
+        "the routes table (ConfigMap)",
+        changed.clone(),
+    );
+    for store in [clients.wait_until_ready().await, claims.wait_until_ready().await, routes.wait_until_ready().await] {
+        if store.is_err() {
+            return;
+        }
     }
-    let mut reported: Vec<String> = Vec::new();
+    let mut reported: Vec<Refused> = Vec::new();
     loop {
-        let clients = store.state();
-        let (desired, problems) = peers::desired(clients.iter().map(|client| client.as_ref()));
-        if problems != reported {
-            for problem in &problems {
-                tracing::warn!(problem, "a client cannot be a peer");
+        let decisions = decisions(&claims, &routes);
+        let clients = clients.state();
+        let (desired, refused) = peers::desired(clients.iter().map(|client| client.as_ref()), &decisions);
+        if refused != reported {
+            for refusal in &refused {
+                tracing::warn!(reason = refusal.reason.label(), "{}", refusal.message);
             }
-            reported = problems;
+            metrics.observe_refused(&refused);
+            reported = refused;
         }
         handle.set_peers(desired);
         ready.store(true, Ordering::Relaxed);

@@ -16,7 +16,9 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use kube::config::Kubeconfig;
 
+use gefyra_api::connection::{ProviderConfig, WireGuardKey};
 use gefyra_api::wireguard::{ConfigFormat, TunnelConfig};
+use ipnet::IpNet;
 use gefyra_api::{ClientState, GefyraClient};
 use kube::Api;
 use serde_json::{Value, json};
@@ -356,17 +358,17 @@ impl Lab {
     pub fn peer(&mut self, config: &PeerConfig, stowaway_port: u16) -> Result<Peer> {
         let peer = self.new_peer()?;
         let tunnel = TunnelConfig {
-            private_key: config.private_key.clone(),
-            address: format!("{}/32", config.address),
+            private_key: config.private_key,
+            address: IpNet::from(config.address),
             mtu: None,
-            server_public_key: config.server_public_key.clone(),
-            preshared_key: Some(config.preshared_key.clone()),
-            endpoint: format!("{}:{stowaway_port}", peer.gateway),
-            allowed_ips: "0.0.0.0/0".into(),
+            server_public_key: config.server_public_key,
+            preshared_key: Some(config.preshared_key),
+            endpoint: format!("{}:{stowaway_port}", peer.gateway).parse().map_err(anyhow::Error::msg)?,
+            allowed_ips: vec!["0.0.0.0/0".parse()?],
         };
         let file = self.dir.join(format!("{}.conf", peer.netns));
         write_secret(&file, &tunnel.render(ConfigFormat::Wg))?;
-        self.configure_peer(&peer, &file, &tunnel.address)?;
+        self.configure_peer(&peer, &file, &tunnel.address.to_string())?;
         Ok(peer)
     }
 
@@ -550,34 +552,31 @@ impl Stowaway {
 
 /// What a peer needs from its client's providerConfig (and its own private key).
 pub struct PeerConfig {
-    pub private_key: String,
-    pub preshared_key: String,
-    pub server_public_key: String,
+    pub private_key: WireGuardKey,
+    pub preshared_key: WireGuardKey,
+    pub server_public_key: WireGuardKey,
     pub address: IpAddr,
 }
 
 impl PeerConfig {
     /// From an ACTIVE client's providerConfig; `private_key` when the client kept its own.
     pub fn of(client: &gefyra_api::GefyraClient, private_key: Option<&str>) -> Result<Self> {
-        let config = client
-            .provider_config
-            .as_ref()
-            .context("an ACTIVE client has a providerConfig")?;
-        let text = |key: &str| {
-            config
-                .get(key)
-                .and_then(|value| value.as_str())
-                .map(str::to_string)
-                .with_context(|| format!("providerConfig has {key}"))
-        };
+        let config = ProviderConfig::parse(
+            client
+                .provider_config
+                .as_ref()
+                .context("an ACTIVE client has a providerConfig")?,
+        )?;
         Ok(Self {
             private_key: match private_key {
-                Some(key) => key.to_string(),
-                None => text("Interface.PrivateKey")?,
+                Some(key) => key.parse().map_err(anyhow::Error::msg)?,
+                None => config
+                    .private_key
+                    .context("providerConfig has Interface.PrivateKey")?,
             },
-            preshared_key: text("Peer.PresharedKey")?,
-            server_public_key: text("Peer.PublicKey")?,
-            address: text("Interface.Address")?.parse()?,
+            preshared_key: config.preshared_key,
+            server_public_key: config.server_public_key,
+            address: config.address,
         })
     }
 }

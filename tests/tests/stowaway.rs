@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
-use gefyra_e2e::lab::{Deployment, PeerConfig, connect};
+use gefyra_e2e::lab::{Deployment, PeerConfig, connect, key_pair};
 use gefyra_e2e::{Cluster, WAIT, eventually};
 use kube::api::DeleteParams;
 use serde_json::{Value, json};
@@ -250,7 +250,9 @@ async fn garbage_and_a_handshake_flood_leave_real_peers_connected() -> Result<()
         .connected_peer("a", json!({ "subnet": "172.31.200.0/24" }), true)
         .await?;
     setup.reaches_the_cluster(&a.netns).await?;
-    let server_public = PeerConfig::of(&setup.clients.get("a").await?, Some(""))?.server_public_key;
+    let server_public = PeerConfig::of(&setup.clients.get("a").await?, Some(&key_pair().0))?
+        .server_public_key
+        .to_string();
     let initiations = strangers_initiations(&server_public, 3_000)?;
 
     // 10,000 random datagrams (every message type byte, every size up to 300), then the

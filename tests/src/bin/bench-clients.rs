@@ -238,16 +238,18 @@ async fn floor_connect_one(
         tunnel: address.into(),
         routed: None,
     };
-    let config = connection::provider_config(&connection::ConfigInputs {
-        allocation: &allocation,
-        client_public: &own.public,
-        client_private: None,
-        server_public: &server.public,
-        preshared_key: &connection::generate_preshared_key(),
-        endpoint: "gefyra-stowaway-wireguard.gefyra.svc:31820",
-    });
+    let key = |text: &str| text.parse().map_err(anyhow::Error::msg);
+    let config = connection::new_config(
+        &allocation,
+        key(&own.public)?,
+        None,
+        key(&server.public)?,
+        &"gefyra-stowaway-wireguard.gefyra.svc:31820"
+            .parse()
+            .map_err(anyhow::Error::msg)?,
+    );
     let mut patch = lifecycle::enter(ClientState::Active, Timestamp::now());
-    patch["providerConfig"] = json!(config);
+    patch["providerConfig"] = json!(config.to_map());
     api.patch(&name, &merge, &Patch::Merge(patch)).await?;
     event(&client, &object, "StateChanged").await?;
     ready(&api, &object, "Connected", "connected").await?;
