@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts the whole system on a running local control plane (tests/controlplane.sh up DIR):
-# the GefyraClient CRD, the `gefyra` namespace, the operator and Stowaway (logs: DIR/logs/).
+# the GefyraClient CRD, the `gefyra` namespace with its admission policy, the operator and
+# Stowaway (logs: DIR/logs/).
 # Stopped by `tests/controlplane.sh down DIR`, which stops every process recorded in DIR/pids.
 # Usage: tests/system.sh up DIR
 set -euo pipefail
@@ -18,6 +19,8 @@ done
 $kubectl apply --server-side --field-manager=gefyra-make-up -f "$root/crds/gefyraclients.yaml" >/dev/null
 $kubectl wait --for=condition=Established crd/gefyraclients.gefyra.dev --timeout=30s >/dev/null
 $kubectl get namespace gefyra >/dev/null 2>&1 || $kubectl create namespace gefyra >/dev/null
+# The trust boundary: a client's own identity may change only its providerParameter.
+"$operator" admission-policy --namespace gefyra | $kubectl apply --server-side --field-manager=gefyra-make-up -f - >/dev/null
 
 # start NAME HTTP_PORT COMMAND...: runs COMMAND in the background (recorded in DIR/pids) and
 # waits until its /readyz answers.

@@ -135,6 +135,7 @@ impl Cluster {
             .create(&PostParams::default(), &ns)
             .await
             .with_context(|| format!("creating test namespace {name}"))?;
+        install_admission_policy(self.admin()?, &name).await?;
         Ok(name)
     }
 }
@@ -534,6 +535,26 @@ impl Operator {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Installs (server-side apply) the admission policy and binding that restrict what a
+/// client's own identity may change in `namespace`, as the chart does for its namespace.
+pub async fn install_admission_policy(admin: Client, namespace: &str) -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use kube::api::{Patch, PatchParams};
+    let params = PatchParams::apply("gefyra-e2e").force();
+    let name = gefyra_api::admission::policy_name(namespace);
+    Api::<ValidatingAdmissionPolicy>::all(admin.clone())
+        .patch(&name, &params, &Patch::Apply(gefyra_api::admission::policy(namespace)))
+        .await
+        .with_context(|| format!("applying ValidatingAdmissionPolicy {name}"))?;
+    Api::<ValidatingAdmissionPolicyBinding>::all(admin)
+        .patch(&name, &params, &Patch::Apply(gefyra_api::admission::binding(namespace)))
+        .await
+        .with_context(|| format!("applying ValidatingAdmissionPolicyBinding {name}"))?;
+    Ok(())
 }
 
 /// Installs (server-side apply) the GefyraClient CRD and waits until it is served.

@@ -388,3 +388,117 @@ async fn bulk_transfers_complete_in_both_directions_and_in_parallel() -> Result<
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }
+
+/// The attacks of a client holding nothing but its own client file, and of a forged
+/// `providerConfig` (which only an admin can write now), against real peers: Stowaway takes
+/// a peer's address only from its claim and its subnet only from the routes table, so
+/// neither diverts another client's traffic.
+#[tokio::test]
+async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let subnet_a = "172.31.210.0/24";
+    let target = "172.31.210.1";
+    let forward_port = gefyra_e2e::free_port();
+    let mut setup = setup(
+        &cluster,
+        "stowaway-forged",
+        &[format!("{forward_port}={target}:8080")],
+    )
+    .await?;
+    setup.stowaway.wait_ready().await?;
+    let a = setup
+        .connected_peer("a", json!({ "subnet": subnet_a }), true)
+        .await?;
+    let b = setup
+        .connected_peer("b", json!({ "subnet": "172.30.210.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&a.netns).await?;
+    setup.reaches_the_cluster(&b.netns).await?;
+    // Both peers serve on the target address; the forward must reach A, whatever B does.
+    let target_ip: IpAddr = target.parse()?;
+    for (peer, name) in [(&a, "peer-a"), (&b, "peer-b")] {
+        ip_in(&peer.netns, &["addr", "add", &format!("{target}/32"), "dev", "lo"])?;
+        setup.lab.serve(&peer.netns, target_ip, name)?;
+    }
+    let cluster_netns = setup.lab.cluster_netns();
+    let forwarded = format!("http://{}:{forward_port}/", setup.lab.cluster_gateway());
+    let forward_reaches_a = |setup: &gefyra_e2e::lab::Deployment| -> Result<()> {
+        for _ in 0..3 {
+            let body = setup.lab.probe(&cluster_netns, &["http", &forwarded])?;
+            ensure!(body == "peer-a", "the forward reached {body:?}");
+        }
+        Ok(())
+    };
+    forward_reaches_a(&setup)?;
+
+    // B, with its own token, asks for A's subnet while ACTIVE: refused (ERROR
+    // SubnetConflict); A's traffic stays A's.
+    let b_client = setup.clients.get("b").await?;
+    let b_token = gefyra_e2e::token_of(&b_client)?;
+    let as_b: kube::Api<gefyra_api::GefyraClient> = kube::Api::namespaced(
+        cluster.with_token(&b_token)?,
+        setup.clients.namespace().context("namespaced")?,
+    );
+    let b_parameter = b_client.provider_parameter.clone().context("b is connected")?;
+    let mut hostile = b_parameter.clone();
+    hostile.insert("subnet".into(), json!(subnet_a));
+    gefyra_e2e::set_provider_parameter(&as_b, "b", Value::Object(hostile.clone())).await?;
+    let clients = setup.clients.clone();
+    eventually("b is refused A's subnet", WAIT, || async {
+        let b = clients.get("b").await?;
+        let reason = b.ready_condition().map(|ready| ready.reason.clone());
+        Ok((b.state == gefyra_api::ClientState::Error
+            && reason.as_deref() == Some("SubnetConflict"))
+        .then_some(()))
+    })
+    .await?;
+    forward_reaches_a(&setup)?;
+    setup.reaches_the_cluster(&a.netns).await?;
+
+    // With the operator stopped (so nothing corrects it), an admin forges B's
+    // providerConfig with A's tunnel address: B is no peer, counted, and A is untouched.
+    setup.operator.kill().await?;
+    let a_address = PeerConfig::of(&setup.clients.get("a").await?, Some(&key_pair().0))?.address;
+    let mut forged = b_client.provider_config.clone().context("b has a providerConfig")?;
+    forged.insert("Interface.Address".into(), json!(a_address.to_string()));
+    setup
+        .clients
+        .patch(
+            "b",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"state": "ACTIVE", "providerConfig": forged})),
+        )
+        .await?;
+    let stowaway = &setup.stowaway;
+    eventually("b's forged config is refused", WAIT, || async {
+        let refused = stowaway
+            .metric("stowaway_refused_clients{reason=\"address_not_claimed\"}")
+            .await?;
+        Ok((refused == 1.0).then_some(()))
+    })
+    .await?;
+    ensure!(stowaway.metric("stowaway_peers").await? == 1.0, "only a is a peer");
+    setup.reaches_the_cluster(&a.netns).await?;
+    forward_reaches_a(&setup)?;
+
+    // B's own config back, ACTIVE, still asking for A's subnet: B is a peer again, with
+    // only the subnet the routes table records for it; the forward still reaches A.
+    setup
+        .clients
+        .patch(
+            "b",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"state": "ACTIVE", "providerConfig": b_client.provider_config}),
+            ),
+        )
+        .await?;
+    eventually("b is a peer again", WAIT, || async {
+        Ok((stowaway.metric("stowaway_peers").await? == 2.0).then_some(()))
+    })
+    .await?;
+    setup.reaches_the_cluster(&b.netns).await?;
+    forward_reaches_a(&setup)?;
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}
