@@ -32,7 +32,8 @@ pub const PROTECTED_FIELDS: [&str; 9] = [
 
 /// The metadata a client may not change: who owns the object, what selects it, what must
 /// happen before it goes.
-pub const PROTECTED_METADATA: [&str; 4] = ["labels", "annotations", "finalizers", "ownerReferences"];
+pub const PROTECTED_METADATA: [&str; 4] =
+    ["labels", "annotations", "finalizers", "ownerReferences"];
 
 /// The name of the policy and of its binding for clients in `namespace` (one per install).
 pub fn policy_name(namespace: &str) -> String {
@@ -155,7 +156,10 @@ mod tests {
     fn every_protected_field_has_a_rule_naming_it() {
         let policy = policy("gefyra");
         let validations = policy.spec.unwrap().validations.unwrap();
-        assert_eq!(validations.len(), PROTECTED_FIELDS.len() + PROTECTED_METADATA.len());
+        assert_eq!(
+            validations.len(),
+            PROTECTED_FIELDS.len() + PROTECTED_METADATA.len()
+        );
         assert_eq!(
             validations[0].expression,
             "has(object.provider) == has(oldObject.provider) && (!has(object.provider) || object.provider == oldObject.provider)"
@@ -164,8 +168,18 @@ mod tests {
             validations.last().unwrap().expression,
             "has(object.metadata.ownerReferences) == has(oldObject.metadata.ownerReferences) && (!has(object.metadata.ownerReferences) || object.metadata.ownerReferences == oldObject.metadata.ownerReferences)"
         );
-        assert!(validations[6].message.as_deref().unwrap().starts_with("sunset may be changed only by an admin"));
-        assert!(!validations.iter().any(|v| v.expression.contains("providerParameter")));
+        assert!(
+            validations[6]
+                .message
+                .as_deref()
+                .unwrap()
+                .starts_with("sunset may be changed only by an admin")
+        );
+        assert!(
+            !validations
+                .iter()
+                .any(|v| v.expression.contains("providerParameter"))
+        );
     }
 
     #[test]
@@ -175,7 +189,10 @@ mod tests {
             "request.userInfo.username.matches('^system:serviceaccount:[^:]+:(gefyra-client-|gefyra-minter-)')"
         );
         let binding = binding("team-a");
-        assert_eq!(binding.metadata.name.as_deref(), Some("gefyra-client-fields-team-a"));
+        assert_eq!(
+            binding.metadata.name.as_deref(),
+            Some("gefyra-client-fields-team-a")
+        );
         assert_eq!(binding.spec.policy_name, "gefyra-client-fields-team-a");
     }
 }

@@ -49,7 +49,9 @@ impl FromStr for WireGuardKey {
             .decode(text)
             .ok()
             .and_then(|bytes| bytes.try_into().ok())
-            .ok_or_else(|| "is not a WireGuard key (base64 of 32 bytes, as `wg pubkey` prints)".to_string())?;
+            .ok_or_else(|| {
+                "is not a WireGuard key (base64 of 32 bytes, as `wg pubkey` prints)".to_string()
+            })?;
         Ok(Self(bytes))
     }
 }
@@ -79,7 +81,8 @@ impl FromStr for Endpoint {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let invalid = || format!("{text:?} is not HOST:PORT (a host name or IP address and a port)");
+        let invalid =
+            || format!("{text:?} is not HOST:PORT (a host name or IP address and a port)");
         let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
         let port = port
             .parse::<u16>()
@@ -119,7 +122,9 @@ pub fn is_dns_name(text: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -178,7 +183,11 @@ fn truncated(value: &str) -> String {
     value.chars().take(80).collect()
 }
 
-fn required<T>(object: &'static str, key: &'static str, value: Option<T>) -> Result<T, ContractError> {
+fn required<T>(
+    object: &'static str,
+    key: &'static str,
+    value: Option<T>,
+) -> Result<T, ContractError> {
     value.ok_or(ContractError {
         object,
         key,
@@ -324,18 +333,42 @@ impl ProviderConfig {
 
     pub fn parse(map: &Map<String, Value>) -> Result<Self, ContractError> {
         Ok(Self {
-            address: required(CONFIG, "Interface.Address", parsed(CONFIG, map, "Interface.Address")?)?,
+            address: required(
+                CONFIG,
+                "Interface.Address",
+                parsed(CONFIG, map, "Interface.Address")?,
+            )?,
             private_key: parsed(CONFIG, map, "Interface.PrivateKey")?,
-            dns: required(CONFIG, "Interface.DNS", parsed(CONFIG, map, "Interface.DNS")?)?,
+            dns: required(
+                CONFIG,
+                "Interface.DNS",
+                parsed(CONFIG, map, "Interface.DNS")?,
+            )?,
             listen_port: required(
                 CONFIG,
                 "Interface.ListenPort",
                 parsed(CONFIG, map, "Interface.ListenPort")?,
             )?,
-            public_key: required(CONFIG, "Interface.PublicKey", parsed(CONFIG, map, "Interface.PublicKey")?)?,
-            server_public_key: required(CONFIG, "Peer.PublicKey", parsed(CONFIG, map, "Peer.PublicKey")?)?,
-            preshared_key: required(CONFIG, "Peer.PresharedKey", parsed(CONFIG, map, "Peer.PresharedKey")?)?,
-            endpoint: required(CONFIG, "Peer.Endpoint", parsed(CONFIG, map, "Peer.Endpoint")?)?,
+            public_key: required(
+                CONFIG,
+                "Interface.PublicKey",
+                parsed(CONFIG, map, "Interface.PublicKey")?,
+            )?,
+            server_public_key: required(
+                CONFIG,
+                "Peer.PublicKey",
+                parsed(CONFIG, map, "Peer.PublicKey")?,
+            )?,
+            preshared_key: required(
+                CONFIG,
+                "Peer.PresharedKey",
+                parsed(CONFIG, map, "Peer.PresharedKey")?,
+            )?,
+            endpoint: required(
+                CONFIG,
+                "Peer.Endpoint",
+                parsed(CONFIG, map, "Peer.Endpoint")?,
+            )?,
             allowed_ips: required(
                 CONFIG,
                 "Peer.AllowedIPs",
@@ -403,21 +436,39 @@ mod tests {
     #[test]
     fn bad_values_are_refused_naming_the_field() {
         let mut map = config().to_map();
-        map.insert("Interface.Address".into(), json!("192.168.96.2\nPostUp = sh"));
+        map.insert(
+            "Interface.Address".into(),
+            json!("192.168.96.2\nPostUp = sh"),
+        );
         let error = ProviderConfig::parse(&map).unwrap_err();
         assert_eq!(error.key, "Interface.Address");
-        assert!(error.to_string().starts_with("providerConfig.Interface.Address"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("providerConfig.Interface.Address"),
+            "{error}"
+        );
         let mut map = config().to_map();
-        map.insert("Peer.Endpoint".into(), json!("evil\nPostUp = rm -rf /:31820"));
-        assert_eq!(ProviderConfig::parse(&map).unwrap_err().key, "Peer.Endpoint");
+        map.insert(
+            "Peer.Endpoint".into(),
+            json!("evil\nPostUp = rm -rf /:31820"),
+        );
+        assert_eq!(
+            ProviderConfig::parse(&map).unwrap_err().key,
+            "Peer.Endpoint"
+        );
         let mut map = config().to_map();
         map.remove("Peer.PresharedKey");
         assert_eq!(
             ProviderConfig::parse(&map).unwrap_err().to_string(),
             "providerConfig.Peer.PresharedKey is missing"
         );
-        let error = ProviderParameter::parse(json!({"subnet": 7}).as_object().unwrap()).unwrap_err();
-        assert_eq!(error.to_string(), "providerParameter.subnet must be a string, not a number");
+        let error =
+            ProviderParameter::parse(json!({"subnet": 7}).as_object().unwrap()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "providerParameter.subnet must be a string, not a number"
+        );
         let error =
             ProviderParameter::parse(json!({"publicKey": "abc"}).as_object().unwrap()).unwrap_err();
         assert!(error.to_string().contains("wg pubkey"), "{error}");
@@ -425,13 +476,27 @@ mod tests {
 
     #[test]
     fn endpoints_are_host_names_or_addresses_with_a_port() {
-        for good in ["203.0.113.7:31820", "[fd00::1]:31820", "stowaway.example.com:1", "localhost:9"] {
+        for good in [
+            "203.0.113.7:31820",
+            "[fd00::1]:31820",
+            "stowaway.example.com:1",
+            "localhost:9",
+        ] {
             let endpoint: Endpoint = good.parse().unwrap();
             assert_eq!(endpoint.to_string(), good);
         }
         for bad in [
-            "", ":1", "host", "host:0", "host:65536", "fd00::1:31820", "a b:1", "a\nb:1",
-            "-a:1", "a..b:1", "[1.2.3.4]:1",
+            "",
+            ":1",
+            "host",
+            "host:0",
+            "host:65536",
+            "fd00::1:31820",
+            "a b:1",
+            "a\nb:1",
+            "-a:1",
+            "a..b:1",
+            "[1.2.3.4]:1",
         ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad:?} accepted");
         }

@@ -150,7 +150,8 @@ mod tests {
             server_public_key: WireGuardKey([2; 32]),
             preshared_key: Some(WireGuardKey([3; 32])),
             endpoint: "203.0.113.7:31820".parse().unwrap(),
-            allowed_ips: crate::connection::parse_allowed_ips("192.168.99.1/32, 10.96.0.0/12").unwrap(),
+            allowed_ips: crate::connection::parse_allowed_ips("192.168.99.1/32, 10.96.0.0/12")
+                .unwrap(),
         }
     }
 

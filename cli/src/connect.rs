@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use gefyra_api::connection::{ContractError, ProviderConfig, ProviderParameter, WireGuardKey};
 use gefyra_api::wireguard::{ConfigFormat, TunnelConfig, generate_key_pair};
-use ipnet::IpNet;
 use gefyra_api::{ClientState, GefyraClient};
+use ipnet::IpNet;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
@@ -117,9 +117,10 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
     let config = provider_config(&active)
         .and_then(Result::ok)
         .ok_or_else(|| {
-            let problem = provider_config(&active)
-                .and_then(Result::err)
-                .map_or_else(|| "it has no providerConfig".to_string(), |error| error.to_string());
+            let problem = provider_config(&active).and_then(Result::err).map_or_else(
+                || "it has no providerConfig".to_string(),
+                |error| error.to_string(),
+            );
             CliError::new(
                 Kind::Failed,
                 format!("GefyraClient {id} is ACTIVE but {problem}; is the operator compatible?"),

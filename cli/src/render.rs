@@ -249,15 +249,14 @@ impl Inspection {
             .and_then(|status| status.wireguard.clone())
             .map(Value::Object);
         let config = config_of(client);
-        let connection = (client.provider_parameter.is_some()
-            || client.provider_config.is_some())
-        .then(|| Connection {
-            address: row.address.clone(),
-            subnet: row.subnet.clone(),
-            public_key: config.as_ref().map(|config| config.public_key.to_string()),
-            server_endpoint: config.as_ref().map(|config| config.endpoint.to_string()),
-            wireguard,
-        });
+        let connection = (client.provider_parameter.is_some() || client.provider_config.is_some())
+            .then(|| Connection {
+                address: row.address.clone(),
+                subnet: row.subnet.clone(),
+                public_key: config.as_ref().map(|config| config.public_key.to_string()),
+                server_endpoint: config.as_ref().map(|config| config.endpoint.to_string()),
+                wireguard,
+            });
         let events = events.map(|events| {
             let mut lines: Vec<EventLine> = events.iter().map(EventLine::of).collect();
             lines.sort_by(|a, b| a.time.cmp(&b.time));

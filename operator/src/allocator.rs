@@ -253,12 +253,19 @@ impl Claims {
 
     /// Since when the client with `uid` holds a tunnel address, as the store shows.
     pub fn held_since(&self, uid: &str) -> Option<Timestamp> {
-        self.held_by(uid).into_iter().map(|(_, held)| held.since).min()
+        self.held_by(uid)
+            .into_iter()
+            .map(|(_, held)| held.since)
+            .min()
     }
 
     /// `client`'s tunnel address: the one it already holds in `pool`, else a newly claimed
     /// one. The API server decides: a claim that already exists (409) is someone else's.
-    pub async fn claim_tunnel(&self, pool: &Pool, client: &GefyraClient) -> Result<Held, ClaimError> {
+    pub async fn claim_tunnel(
+        &self,
+        pool: &Pool,
+        client: &GefyraClient,
+    ) -> Result<Held, ClaimError> {
         let uid = client.uid().unwrap_or_default();
         let held = self.held_by(&uid);
         if let Some((_, current)) = held.iter().find(|(_, held)| pool.gives_out(held.address)) {

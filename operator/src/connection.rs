@@ -61,7 +61,9 @@ pub fn connection_due(
 ) -> Result<Option<Timestamp>, String> {
     let age = match max_age_seconds {
         Some(seconds) if seconds <= 0 => {
-            return Err(format!("maxConnectionAge {seconds} is not a positive number of seconds"));
+            return Err(format!(
+                "maxConnectionAge {seconds} is not a positive number of seconds"
+            ));
         }
         Some(seconds) => SignedDuration::from_secs(seconds),
         None => match default_max_age {
@@ -70,7 +72,10 @@ pub fn connection_due(
         },
     };
     since.checked_add(age).map(Some).map_err(|_| {
-        format!("maxConnectionAge {}s after {since} is beyond the last representable time", age.as_secs())
+        format!(
+            "maxConnectionAge {}s after {since} is beyond the last representable time",
+            age.as_secs()
+        )
     })
 }
 
@@ -106,15 +111,27 @@ mod tests {
         );
         assert_eq!(generated.address.to_string(), "192.168.96.2");
         assert!(config_matches(Some(&generated), &allocation, None));
-        assert!(!config_matches(Some(&generated), &allocation, Some(key(&client.public))));
+        assert!(!config_matches(
+            Some(&generated),
+            &allocation,
+            Some(key(&client.public))
+        ));
         let own = new_config(&allocation, key(&client.public), None, server, &endpoint);
-        assert!(config_matches(Some(&own), &allocation, Some(key(&client.public))));
+        assert!(config_matches(
+            Some(&own),
+            &allocation,
+            Some(key(&client.public))
+        ));
         assert!(!config_matches(Some(&own), &allocation, None));
         let elsewhere = Allocation {
             tunnel: "192.168.96.3/32".parse().unwrap(),
             ..allocation.clone()
         };
-        assert!(!config_matches(Some(&own), &elsewhere, Some(key(&client.public))));
+        assert!(!config_matches(
+            Some(&own),
+            &elsewhere,
+            Some(key(&client.public))
+        ));
         assert!(!config_matches(None, &allocation, None));
     }
 
@@ -132,7 +149,11 @@ mod tests {
         assert_eq!(connection_due(None, None, since), Ok(None));
         assert!(connection_due(Some(0), None, since).is_err());
         let last = Timestamp::MAX;
-        assert!(connection_due(Some(1), None, last).unwrap_err().contains("beyond"));
+        assert!(
+            connection_due(Some(1), None, last)
+                .unwrap_err()
+                .contains("beyond")
+        );
     }
 
     proptest! {

@@ -25,11 +25,11 @@ use tracing::{info, warn};
 
 use crate::allocator::{self, ClaimError, Claims};
 use crate::connection::{self, KeyPair};
-use gefyra_api::connection::{Endpoint, ProviderConfig, ProviderParameter, WireGuardKey};
 use crate::credentials::{self, ClientRbac, CredentialsNeed};
 use crate::error::{Error, Result};
 use crate::lifecycle;
 use crate::metrics::Metrics;
+use gefyra_api::connection::{Endpoint, ProviderConfig, ProviderParameter, WireGuardKey};
 
 pub const FINALIZER: &str = "gefyra.dev/cleanup";
 pub const FIELD_MANAGER: &str = "gefyra-operator";
@@ -1096,11 +1096,20 @@ mod tests {
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let at = |text: &str| Some(text.parse::<Timestamp>().unwrap());
         assert_eq!(
-            requeue_after(now, [at("2026-01-01T00:10:00Z"), None, at("2026-01-01T00:05:00Z")]),
+            requeue_after(
+                now,
+                [at("2026-01-01T00:10:00Z"), None, at("2026-01-01T00:05:00Z")]
+            ),
             Duration::from_secs(300)
         );
-        assert_eq!(requeue_after(now, [at("9999-01-01T00:00:00Z")]), MAX_REQUEUE.unsigned_abs());
-        assert_eq!(requeue_after(now, [at("2000-01-01T00:00:00Z")]), Duration::from_secs(1));
+        assert_eq!(
+            requeue_after(now, [at("9999-01-01T00:00:00Z")]),
+            MAX_REQUEUE.unsigned_abs()
+        );
+        assert_eq!(
+            requeue_after(now, [at("2000-01-01T00:00:00Z")]),
+            Duration::from_secs(1)
+        );
         assert_eq!(requeue_after(now, [None]), MAX_REQUEUE.unsigned_abs());
     }
 

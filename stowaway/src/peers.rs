@@ -73,7 +73,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 3] = [Self::InvalidConfig, Self::AddressNotClaimed, Self::DuplicateKey];
+    pub const ALL: [Refusal; 3] = [
+        Self::InvalidConfig,
+        Self::AddressNotClaimed,
+        Self::DuplicateKey,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -262,12 +266,22 @@ mod tests {
         for client in clients {
             let name = client.metadata.name.clone().unwrap();
             let uid = client.metadata.uid.clone().unwrap();
-            if let Some(Ok(address)) = client.provider_config.as_ref().map(|c| c["Interface.Address"].as_str().unwrap().parse()) {
+            if let Some(Ok(address)) = client
+                .provider_config
+                .as_ref()
+                .map(|c| c["Interface.Address"].as_str().unwrap().parse())
+            {
                 decisions.claims.insert(address, uid.clone());
             }
-            if let Some(subnet) = client.provider_parameter.as_ref().and_then(|p| p.get("subnet")) {
+            if let Some(subnet) = client
+                .provider_parameter
+                .as_ref()
+                .and_then(|p| p.get("subnet"))
+            {
                 let subnet = subnet.as_str().unwrap().parse().unwrap();
-                decisions.routes.insert(name, gefyra_api::ipam::Route { uid, subnet });
+                decisions
+                    .routes
+                    .insert(name, gefyra_api::ipam::Route { uid, subnet });
             }
         }
         decisions
@@ -286,7 +300,11 @@ mod tests {
         ];
         let mut decisions = decided(&clients);
         let mut broken = clients[2].clone();
-        broken.provider_config.as_mut().unwrap().insert("Interface.Address".into(), json!("not-an-address"));
+        broken
+            .provider_config
+            .as_mut()
+            .unwrap()
+            .insert("Interface.Address".into(), json!("not-an-address"));
         let clients = [clients[0].clone(), clients[1].clone(), broken];
         decisions.claims.remove(&"192.168.96.4".parse().unwrap());
         let (peers, refused) = desired(&clients, &decisions);
@@ -302,7 +320,13 @@ mod tests {
         );
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].reason, Refusal::InvalidConfig);
-        assert!(refused[0].message.starts_with("client c: providerConfig.Interface.Address"), "{:?}", refused[0]);
+        assert!(
+            refused[0]
+                .message
+                .starts_with("client c: providerConfig.Interface.Address"),
+            "{:?}",
+            refused[0]
+        );
         assert!(
             !format!("{a:?}").contains(&key(200)),
             "no preshared key in Debug"
@@ -324,7 +348,10 @@ mod tests {
         // records for it (nothing), and a keeps its subnet.
         let b = client("b", "ACTIVE", 2, "192.168.96.3", Some("10.1.0.0/16"));
         let (peers, _) = desired(&[a, b], &decisions);
-        assert_eq!(peers[&[2; 32]].ranges, ["192.168.96.3/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            peers[&[2; 32]].ranges,
+            ["192.168.96.3/32".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(peers[&[1; 32]].ranges.len(), 2);
     }
 
@@ -337,7 +364,11 @@ mod tests {
         let (peers, refused) = desired_of(&clients);
         assert!(peers.is_empty());
         assert_eq!(refused[0].reason, Refusal::DuplicateKey);
-        assert!(refused[0].message.contains("clients a, b share the public key"));
+        assert!(
+            refused[0]
+                .message
+                .contains("clients a, b share the public key")
+        );
     }
 
     #[test]

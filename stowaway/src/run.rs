@@ -116,8 +116,18 @@ pub fn stowaway_rules() -> Vec<PolicyRule> {
         ),
         rule("gefyra.dev", &["gefyraclients/status"], &[], &["patch"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
-        rule("coordination.k8s.io", &["leases"], &[], &["get", "list", "watch"]),
-        rule("", &["configmaps"], &[ROUTES_CONFIGMAP], &["get", "list", "watch"]),
+        rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &[],
+            &["get", "list", "watch"],
+        ),
+        rule(
+            "",
+            &["configmaps"],
+            &[ROUTES_CONFIGMAP],
+            &["get", "list", "watch"],
+        ),
     ]
 }
 
@@ -353,7 +363,13 @@ fn follow<K>(
     changed: Arc<tokio::sync::Notify>,
 ) -> reflector::Store<K>
 where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
@@ -421,7 +437,11 @@ async fn keep_peers(
         "the routes table (ConfigMap)",
         changed.clone(),
     );
-    for store in [clients.wait_until_ready().await, claims.wait_until_ready().await, routes.wait_until_ready().await] {
+    for store in [
+        clients.wait_until_ready().await,
+        claims.wait_until_ready().await,
+        routes.wait_until_ready().await,
+    ] {
         if store.is_err() {
             return;
         }
@@ -430,7 +450,8 @@ async fn keep_peers(
     loop {
         let decisions = decisions(&claims, &routes);
         let clients = clients.state();
-        let (desired, refused) = peers::desired(clients.iter().map(|client| client.as_ref()), &decisions);
+        let (desired, refused) =
+            peers::desired(clients.iter().map(|client| client.as_ref()), &decisions);
         if refused != reported {
             for refusal in &refused {
                 tracing::warn!(reason = refusal.reason.label(), "{}", refusal.message);

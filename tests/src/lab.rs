@@ -18,8 +18,8 @@ use kube::config::Kubeconfig;
 
 use gefyra_api::connection::{ProviderConfig, WireGuardKey};
 use gefyra_api::wireguard::{ConfigFormat, TunnelConfig};
-use ipnet::IpNet;
 use gefyra_api::{ClientState, GefyraClient};
+use ipnet::IpNet;
 use kube::Api;
 use serde_json::{Value, json};
 
@@ -363,7 +363,9 @@ impl Lab {
             mtu: None,
             server_public_key: config.server_public_key,
             preshared_key: Some(config.preshared_key),
-            endpoint: format!("{}:{stowaway_port}", peer.gateway).parse().map_err(anyhow::Error::msg)?,
+            endpoint: format!("{}:{stowaway_port}", peer.gateway)
+                .parse()
+                .map_err(anyhow::Error::msg)?,
             allowed_ips: vec!["0.0.0.0/0".parse()?],
         };
         let file = self.dir.join(format!("{}.conf", peer.netns));

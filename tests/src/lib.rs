@@ -547,11 +547,19 @@ pub async fn install_admission_policy(admin: Client, namespace: &str) -> Result<
     let params = PatchParams::apply("gefyra-e2e").force();
     let name = gefyra_api::admission::policy_name(namespace);
     Api::<ValidatingAdmissionPolicy>::all(admin.clone())
-        .patch(&name, &params, &Patch::Apply(gefyra_api::admission::policy(namespace)))
+        .patch(
+            &name,
+            &params,
+            &Patch::Apply(gefyra_api::admission::policy(namespace)),
+        )
         .await
         .with_context(|| format!("applying ValidatingAdmissionPolicy {name}"))?;
     Api::<ValidatingAdmissionPolicyBinding>::all(admin)
-        .patch(&name, &params, &Patch::Apply(gefyra_api::admission::binding(namespace)))
+        .patch(
+            &name,
+            &params,
+            &Patch::Apply(gefyra_api::admission::binding(namespace)),
+        )
         .await
         .with_context(|| format!("applying ValidatingAdmissionPolicyBinding {name}"))?;
     Ok(())

@@ -71,10 +71,23 @@ async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()
     own.patch(
         "0123456789abcdef0123456789abcdef",
         &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"patched-by": "client"}}})),
+        &Patch::Merge(json!({"providerParameter": null})),
     )
     .await
-    .context("the client patches its own GefyraClient")?;
+    .context("the client patches its own GefyraClient's providerParameter")?;
+    // Anything else of its object is the admin's (the admission policy, once the API
+    // server has loaded it; see trust.rs).
+    eventually("a client's label patch is refused", WAIT, || async {
+        let labels = own
+            .patch(
+                "0123456789abcdef0123456789abcdef",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"patched-by": "client"}}})),
+            )
+            .await;
+        Ok((labels.err().as_ref().and_then(api_status) == Some(403)).then_some(()))
+    })
+    .await?;
     let forbidden = |result: Result<(), kube::Error>, what: &str| -> Result<()> {
         let error = result
             .err()

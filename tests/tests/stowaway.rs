@@ -417,7 +417,10 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
     // Both peers serve on the target address; the forward must reach A, whatever B does.
     let target_ip: IpAddr = target.parse()?;
     for (peer, name) in [(&a, "peer-a"), (&b, "peer-b")] {
-        ip_in(&peer.netns, &["addr", "add", &format!("{target}/32"), "dev", "lo"])?;
+        ip_in(
+            &peer.netns,
+            &["addr", "add", &format!("{target}/32"), "dev", "lo"],
+        )?;
         setup.lab.serve(&peer.netns, target_ip, name)?;
     }
     let cluster_netns = setup.lab.cluster_netns();
@@ -439,7 +442,10 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
         cluster.with_token(&b_token)?,
         setup.clients.namespace().context("namespaced")?,
     );
-    let b_parameter = b_client.provider_parameter.clone().context("b is connected")?;
+    let b_parameter = b_client
+        .provider_parameter
+        .clone()
+        .context("b is connected")?;
     let mut hostile = b_parameter.clone();
     hostile.insert("subnet".into(), json!(subnet_a));
     gefyra_e2e::set_provider_parameter(&as_b, "b", Value::Object(hostile.clone())).await?;
@@ -459,7 +465,10 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
     // providerConfig with A's tunnel address: B is no peer, counted, and A is untouched.
     setup.operator.kill().await?;
     let a_address = PeerConfig::of(&setup.clients.get("a").await?, Some(&key_pair().0))?.address;
-    let mut forged = b_client.provider_config.clone().context("b has a providerConfig")?;
+    let mut forged = b_client
+        .provider_config
+        .clone()
+        .context("b has a providerConfig")?;
     forged.insert("Interface.Address".into(), json!(a_address.to_string()));
     setup
         .clients
@@ -477,7 +486,10 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
         Ok((refused == 1.0).then_some(()))
     })
     .await?;
-    ensure!(stowaway.metric("stowaway_peers").await? == 1.0, "only a is a peer");
+    ensure!(
+        stowaway.metric("stowaway_peers").await? == 1.0,
+        "only a is a peer"
+    );
     setup.reaches_the_cluster(&a.netns).await?;
     forward_reaches_a(&setup)?;
 
