@@ -362,6 +362,30 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     wait_for_state(&clients, "chart-rbac", ClientState::Active)
         .await
         .with_context(|| operator.log_text())?;
+    // The chart's admission policy holds: the client's own token may not change its sunset.
+    let client = clients.get("chart-rbac").await?;
+    let as_client: Api<GefyraClient> = Api::namespaced(
+        cluster.with_token(&gefyra_e2e::token_of(&client)?)?,
+        NAMESPACE,
+    );
+    eventually(
+        "the chart's admission policy refuses a client's sunset",
+        WAIT,
+        || async {
+            let patched = as_client
+                .patch(
+                    "chart-rbac",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"sunset": "2199-01-01T00:00:00Z"})),
+                )
+                .await;
+            Ok(patched
+                .err()
+                .filter(|error| error.to_string().contains("sunset may be changed only"))
+                .map(drop))
+        },
+    )
+    .await?;
     eventually(
         "Stowaway (as its ServiceAccount) is ready with the peer",
         WAIT,
@@ -450,6 +474,16 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     )
     .await?;
     crds.get(CRD).await.context("the CRD is kept")?;
+    let policy = gefyra_api::admission::policy_name(NAMESPACE);
+    ensure!(
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(
+            admin.clone()
+        )
+        .get_opt(&policy)
+        .await?
+        .is_none(),
+        "the admission policy {policy} is removed"
+    );
     Api::<Namespace>::all(admin.clone())
         .get(NAMESPACE)
         .await
