@@ -21,12 +21,14 @@ fn merge(body: Value) -> Patch<Value> {
     Patch::Merge(body)
 }
 
+/// A merge patch of client `name`, made as `api`'s identity.
+async fn patch(api: &Api<GefyraClient>, name: &str, body: Value) -> kube::Result<GefyraClient> {
+    api.patch(name, &PatchParams::default(), &merge(body)).await
+}
+
 /// The refusal of `patch` made as `api`: (HTTP status, message).
 async fn refusal(api: &Api<GefyraClient>, name: &str, body: Value) -> Result<(u16, String)> {
-    match api
-        .patch(name, &PatchParams::default(), &merge(body.clone()))
-        .await
-    {
+    match patch(api, name, body.clone()).await {
         Ok(_) => anyhow::bail!("{body} was accepted"),
         Err(error) => Ok((api_status(&error).unwrap_or(0), error.to_string())),
     }
@@ -46,13 +48,7 @@ async fn a_clients_own_token_may_change_its_provider_parameter_and_nothing_else(
     let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
     let _operator = Operator::start(&cluster, &ns, &[])?;
     create_client(admin.clone(), &ns, "dev").await?;
-    clients
-        .patch(
-            "dev",
-            &PatchParams::default(),
-            &merge(json!({"sunset": "2099-01-01T00:00:00Z"})),
-        )
-        .await?;
+    patch(&clients, "dev", json!({"sunset": "2099-01-01T00:00:00Z"})).await?;
     let dev = wait_for_ready(&clients, "dev").await?;
     let as_dev: Api<GefyraClient> = Api::namespaced(cluster.with_token(&token_of(&dev)?)?, &ns);
 
@@ -61,23 +57,10 @@ async fn a_clients_own_token_may_change_its_provider_parameter_and_nothing_else(
         "the admission policy refuses a client's sunset",
         WAIT,
         || async {
-            match as_dev
-                .patch(
-                    "dev",
-                    &PatchParams::default(),
-                    &merge(json!({"sunset": null})),
-                )
-                .await
-            {
+            match patch(&as_dev, "dev", json!({"sunset": null})).await {
                 Ok(_) => {
                     // Too early: put the admin's value back and try again.
-                    clients
-                        .patch(
-                            "dev",
-                            &PatchParams::default(),
-                            &merge(json!({"sunset": "2099-01-01T00:00:00Z"})),
-                        )
-                        .await?;
+                    patch(&clients, "dev", json!({"sunset": "2099-01-01T00:00:00Z"})).await?;
                     Ok(None)
                 }
                 Err(error) => Ok(Some((api_status(&error).unwrap_or(0), error.to_string()))),
@@ -166,15 +149,12 @@ async fn a_clients_own_token_may_change_its_provider_parameter_and_nothing_else(
     connect(&as_dev, "dev", Value::Null).await?;
     wait_for_state(&clients, "dev", ClientState::Waiting).await?;
     // Admins are not restricted.
-    clients
-        .patch(
-            "dev",
-            &PatchParams::default(),
-            &merge(
-                json!({"sunset": "2098-01-01T00:00:00Z", "metadata": {"labels": {"team": "a"}}}),
-            ),
-        )
-        .await?;
+    patch(
+        &clients,
+        "dev",
+        json!({"sunset": "2098-01-01T00:00:00Z", "metadata": {"labels": {"team": "a"}}}),
+    )
+    .await?;
     Ok(())
 }
 
@@ -234,13 +214,12 @@ async fn hostile_values_never_stop_the_operator() -> Result<()> {
     };
     // A renewal and a sunset millennia ahead: nothing due for longer than kube-runtime's
     // scheduler can hold.
-    clients
-        .patch(
-            "victim",
-            &PatchParams::default(),
-            &merge(json!({"sunset": "9999-12-30T00:00:00Z", "serviceAccountData": data})),
-        )
-        .await?;
+    patch(
+        &clients,
+        "victim",
+        json!({"sunset": "9999-12-30T00:00:00Z", "serviceAccountData": data}),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     alive(&mut operator)?;
     create_client(admin.clone(), &ns, "other").await?;
@@ -249,16 +228,15 @@ async fn hostile_values_never_stop_the_operator() -> Result<()> {
     // Connected, then the longest age and an ACTIVE transition at the end of time.
     connect(&clients, "victim", json!({"publicKey": key_pair().1})).await?;
     wait_for_state(&clients, "victim", ClientState::Active).await?;
-    clients
-        .patch(
-            "victim",
-            &PatchParams::default(),
-            &merge(json!({
-                "maxConnectionAge": gefyra_api::client::MAX_CONNECTION_AGE_SECONDS,
-                "stateTransitions": {"ACTIVE": "9999-12-30T00:00:00.000000Z"},
-            })),
-        )
-        .await?;
+    patch(
+        &clients,
+        "victim",
+        json!({
+            "maxConnectionAge": gefyra_api::client::MAX_CONNECTION_AGE_SECONDS,
+            "stateTransitions": {"ACTIVE": "9999-12-30T00:00:00.000000Z"},
+        }),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     alive(&mut operator)?;
 
