@@ -209,6 +209,7 @@ const PARAMETER: &str = "providerParameter";
 impl ProviderParameter {
     pub fn parse(map: &Map<String, Value>) -> Result<Self, ContractError> {
         let subnet = text(PARAMETER, map, "subnet")?
+            .filter(|value| !value.is_empty())
             .map(|value| {
                 value.parse::<IpNet>().map_err(|_| ContractError {
                     object: PARAMETER,
@@ -223,12 +224,15 @@ impl ProviderParameter {
         })
     }
 
-    /// The wire form (absent values are omitted).
+    /// The wire form. `subnet` is always there (empty: none): Gefyra's CLI reads the
+    /// subnet of every ACTIVE client when it picks its own, and fails on a client without.
     pub fn to_map(&self) -> Map<String, Value> {
         let mut map = Map::new();
-        if let Some(subnet) = self.subnet {
-            map.insert("subnet".into(), subnet.to_string().into());
-        }
+        let subnet = self
+            .subnet
+            .map(|subnet| subnet.to_string())
+            .unwrap_or_default();
+        map.insert("subnet".into(), subnet.into());
         if let Some(key) = self.public_key {
             map.insert("publicKey".into(), key.to_string().into());
         }
@@ -472,6 +476,23 @@ mod tests {
         let error =
             ProviderParameter::parse(json!({"publicKey": "abc"}).as_object().unwrap()).unwrap_err();
         assert!(error.to_string().contains("wg pubkey"), "{error}");
+    }
+
+    #[test]
+    fn a_parameter_always_records_a_subnet_in_the_form_gefyras_cli_reads() {
+        let none = ProviderParameter {
+            subnet: None,
+            public_key: Some(key(1)),
+        };
+        let map = none.to_map();
+        assert_eq!(map["subnet"], "");
+        assert_eq!(ProviderParameter::parse(&map).unwrap(), none);
+        let some = ProviderParameter {
+            subnet: Some("172.20.0.0/16".parse().unwrap()),
+            public_key: None,
+        };
+        assert_eq!(some.to_map()["subnet"], "172.20.0.0/16");
+        assert_eq!(ProviderParameter::parse(&some.to_map()).unwrap(), some);
     }
 
     #[test]

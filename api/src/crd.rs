@@ -64,10 +64,10 @@ fn schema() -> JSONSchemaProps {
         "subnet": {
             "type": "string",
             "maxLength": 64,
-            "description": "The range the client routes through the tunnel (CIDR), exclusive to it.",
+            "description": "The range the client routes through the tunnel (CIDR), exclusive to it; empty: none (recorded so that Gefyra's CLI, which reads every ACTIVE client's subnet, can read it).",
             "x-kubernetes-validations": [{
-                "rule": "isCIDR(self) && cidr(self).masked() == cidr(self)",
-                "message": "subnet must be a network in CIDR notation, e.g. 172.20.0.0/16",
+                "rule": "self == '' || (isCIDR(self) && cidr(self).masked() == cidr(self))",
+                "message": "subnet must be a network in CIDR notation, e.g. 172.20.0.0/16, or empty for none",
                 "reason": "FieldValueInvalid"
             }]
         },

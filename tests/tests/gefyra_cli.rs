@@ -234,3 +234,55 @@ async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> R
     let _ = std::fs::remove_dir_all(&home);
     Ok(())
 }
+
+/// A mixed fleet: a client connected by `kubectl gefyra connect` without `--subnet` must
+/// not break Gefyra's subnet negotiation, which reads `providerParameter["subnet"]` of every
+/// ACTIVE client. Gefyra's own function runs with another client's credentials
+/// (`gefyra-compat`, the mode Gefyra's CLI needs).
+#[tokio::test]
+async fn a_client_connected_by_our_cli_leaves_gefyras_subnet_negotiation_working() -> Result<()> {
+    let program = std::env::var("GEFYRA_CLI").context(
+        "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
+    )?;
+    let python = Path::new(&program).with_file_name("python");
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("mixed-fleet").await?;
+    let _operator = Operator::start(&cluster, &ns, &["--client-rbac", "gefyra-compat"])?;
+    let admin = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
+    for id in ["ours", "theirs"] {
+        admin.ok(&["clients", "create", "--client-id", id]).await?;
+    }
+    admin
+        .ok(&["clients", "config", "ours", "--host", "127.0.0.1", "-o", "ours.json"])
+        .await?;
+    let developer = KubectlGefyra::new(&admin.workdir.join("no-kubeconfig"), &ns)?;
+    std::fs::copy(admin.workdir.join("ours.json"), developer.workdir.join("ours.json"))?;
+    developer
+        .ok(&["connect", "-f", "ours.json", "--format", "wg", "--wg-config", "ours.conf"])
+        .await?;
+
+    let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, &ns);
+    let theirs = wait_for_state(&clients, "theirs", ClientState::Waiting).await?;
+    let kubeconfig = cluster.kubeconfig_with_token(&gefyra_e2e::token_of(&theirs)?)?;
+    let script = "import json, sys, types, kubernetes\n\
+        from gefyra.local.networking import _get_client_networks\n\
+        kubernetes.config.load_kube_config(config_file=sys.argv[1])\n\
+        config = types.SimpleNamespace(K8S_CUSTOM_OBJECT_API=kubernetes.client.CustomObjectsApi(), NAMESPACE=sys.argv[2])\n\
+        print(json.dumps(_get_client_networks(config)))\n";
+    let output = tokio::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(&kubeconfig)
+        .arg(&ns)
+        .output()
+        .await?;
+    let _ = std::fs::remove_file(&kubeconfig);
+    ensure!(
+        output.status.success(),
+        "Gefyra's subnet listing failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let subnets: Vec<String> = serde_json::from_slice(&output.stdout)?;
+    ensure!(subnets == [""], "the subnets Gefyra's CLI sees: {subnets:?}");
+    Ok(())
+}
