@@ -16,8 +16,8 @@ for binary in "$operator" "$stowaway"; do
   [ -x "$binary" ] || { echo "error: $binary is missing; run: cargo build -p gefyra-operator -p stowaway" >&2; exit 1; }
 done
 
-$kubectl apply --server-side --field-manager=gefyra-make-up -f "$root/crds/gefyraclients.yaml" >/dev/null
-$kubectl wait --for=condition=Established crd/gefyraclients.gefyra.dev --timeout=30s >/dev/null
+$kubectl apply --server-side --field-manager=gefyra-make-up -f "$root/crds/gefyraclients.yaml" -f "$root/crds/gefyrabridges.yaml" >/dev/null
+$kubectl wait --for=condition=Established crd/gefyraclients.gefyra.dev crd/gefyrabridges.gefyra.dev crd/gefyrabridgemounts.gefyra.dev --timeout=30s >/dev/null
 $kubectl get namespace gefyra >/dev/null 2>&1 || $kubectl create namespace gefyra >/dev/null
 # The trust boundary: a client's own identity may change only its providerParameter.
 "$operator" admission-policy --namespace gefyra | $kubectl apply --server-side --field-manager=gefyra-make-up -f - >/dev/null

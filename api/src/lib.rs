@@ -4,6 +4,7 @@
 //! Pure data and pure functions only (plus key generation): no I/O, no async runtime.
 
 pub mod admission;
+pub mod bridge;
 pub mod client;
 pub mod client_file;
 pub mod connection;

@@ -224,6 +224,7 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         }
     });
     let sweeper = sweep_allocations_forever(ctx.clone());
+    let bridges = crate::bridges::refuse_forever(ctx.clone());
     let reconciler = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -234,6 +235,7 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     tokio::select! {
         _ = reconciler => {},
         _ = sweeper => {},
+        _ = bridges => {},
     }
     claims.abort();
 }

@@ -21,7 +21,8 @@ pub enum ClientRbac {
     /// `get`, `watch`, `patch` on the client's own GefyraClient, nothing else.
     Minimal,
     /// Also `list` on all GefyraClients of the namespace, which Gefyra's CLI needs to pick
-    /// a subnet; every client then sees the others' objects, credentials included.
+    /// a subnet, and `get`/`list`/`watch` on GefyraBridges, which it lists when it
+    /// disconnects; every client then sees the others' objects, credentials included.
     GefyraCompat,
 }
 
@@ -82,9 +83,16 @@ pub fn role(client: &GefyraClient, rbac: ClientRbac) -> Role {
     }];
     if rbac == ClientRbac::GefyraCompat {
         rules.push(PolicyRule {
-            api_groups: Some(vec![group]),
+            api_groups: Some(vec![group.clone()]),
             resources: Some(vec![plural]),
             verbs: vec!["list".into()],
+            ..PolicyRule::default()
+        });
+        // Gefyra's CLI lists the client's GefyraBridges (by label) when it disconnects.
+        rules.push(PolicyRule {
+            api_groups: Some(vec![group]),
+            resources: Some(vec![gefyra_api::bridge::BRIDGE_PLURAL.into()]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
             ..PolicyRule::default()
         });
     }
@@ -286,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn gefyra_compat_role_adds_list_only() {
+    fn gefyra_compat_role_adds_list_and_bridges() {
         let minter = serde_json::to_value(minter_role(&client("abc"))).unwrap();
         assert_eq!(
             minter["rules"],
@@ -299,9 +307,13 @@ mod tests {
         assert_eq!(bound.subjects.unwrap()[0].name, "gefyra-minter-abc");
         let role = role(&client("abc"), ClientRbac::GefyraCompat);
         let rules = role.rules.unwrap();
-        assert_eq!(rules.len(), 2);
+        assert_eq!(rules.len(), 3);
         assert_eq!(rules[1].verbs, vec!["list".to_string()]);
         assert_eq!(rules[1].resource_names, None);
+        assert_eq!(
+            rules[2].resources.as_deref(),
+            Some(&["gefyrabridges".to_string()][..])
+        );
     }
 
     #[test]

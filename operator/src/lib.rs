@@ -2,6 +2,7 @@
 //! exclusive WireGuard IP ranges.
 
 pub mod allocator;
+pub mod bridges;
 pub mod connection;
 pub mod controller;
 pub mod credentials;

@@ -3,6 +3,7 @@
 //! refuses to let it create a Role granting more, since it has no `escalate` or `bind`).
 //! `gefyra-operator rbac` prints these objects; the chart renders the same rules.
 
+use gefyra_api::bridge::{BRIDGE_MOUNT_PLURAL, BRIDGE_PLURAL};
 use gefyra_api::rbac::{identity_yaml, rule};
 use k8s_openapi::api::rbac::v1::PolicyRule;
 
@@ -24,6 +25,14 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             &["gefyraclients/status"],
             &[],
             &["get", "patch", "update"],
+        ),
+        // Bridges are refused (ERROR: not supported yet); `get`, `list` and `watch` on
+        // them are also granted onward to clients in gefyra-compat mode.
+        rule(
+            "gefyra.dev",
+            &[BRIDGE_PLURAL, BRIDGE_MOUNT_PLURAL],
+            &[],
+            &["get", "list", "watch", "patch"],
         ),
         // Each client's identity.
         rule(

@@ -36,7 +36,11 @@ const DEFAULT_LEASE_NAME: &str = "gefyra-operator-leader";
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the GefyraClient CRD as YAML.
-    Crd,
+    Crd {
+        /// Print the GefyraBridge and GefyraBridgeMount CRDs instead.
+        #[arg(long)]
+        bridges: bool,
+    },
     /// Print the operator's own ServiceAccount, Role and RoleBinding for --namespace.
     Rbac {
         /// Name of the ServiceAccount, Role and RoleBinding.
@@ -139,8 +143,12 @@ fn init_logging(format: LogFormat) {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let args = cli.run;
     match cli.command {
-        Some(Command::Crd) => {
-            print!("{}", gefyra_api::crd::crd_yaml());
+        Some(Command::Crd { bridges }) => {
+            if bridges {
+                print!("{}", gefyra_api::bridge::crds_yaml());
+            } else {
+                print!("{}", gefyra_api::crd::crd_yaml());
+            }
             return Ok(());
         }
         Some(Command::Rbac {

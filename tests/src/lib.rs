@@ -565,34 +565,40 @@ pub async fn install_admission_policy(admin: Client, namespace: &str) -> Result<
     Ok(())
 }
 
-/// Installs (server-side apply) the GefyraClient CRD and waits until it is served.
+/// Installs (server-side apply) the GefyraClient, GefyraBridge and GefyraBridgeMount CRDs
+/// and waits until they are served.
 pub async fn install_crd(cluster: &Cluster) -> Result<()> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Patch, PatchParams};
     let crds: Api<CustomResourceDefinition> = Api::all(cluster.admin()?);
-    let crd = gefyra_api::crd::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(
-        &name,
-        &PatchParams::apply("gefyra-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    eventually(
-        "the GefyraClient CRD is established",
-        Duration::from_secs(30),
-        || async {
-            let crd = crds.get(&name).await?;
-            let established = crd
-                .status
-                .and_then(|status| status.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|condition| condition.type_ == "Established" && condition.status == "True");
-            Ok(established.then_some(()))
-        },
-    )
-    .await
+    let [bridges, mounts] = gefyra_api::bridge::crds();
+    for crd in [gefyra_api::crd::crd(), bridges, mounts] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("gefyra-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        eventually(
+            &format!("the CRD {name} is established"),
+            Duration::from_secs(30),
+            || async {
+                let crd = crds.get(&name).await?;
+                let established = crd
+                    .status
+                    .and_then(|status| status.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|condition| {
+                        condition.type_ == "Established" && condition.status == "True"
+                    });
+                Ok(established.then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// A private Docker daemon (Debian's `dockerd`, no bridge, no iptables, its own socket and

@@ -14,7 +14,7 @@ use gefyra_e2e::{
 };
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, PostParams};
 
 /// Gefyra's CLI always works in this namespace.
 const GEFYRA_NAMESPACE: &str = "gefyra";
@@ -237,10 +237,12 @@ async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> R
 
 /// A mixed fleet: a client connected by `kubectl gefyra connect` without `--subnet` must
 /// not break Gefyra's subnet negotiation, which reads `providerParameter["subnet"]` of every
-/// ACTIVE client. Gefyra's own function runs with another client's credentials
-/// (`gefyra-compat`, the mode Gefyra's CLI needs).
+/// ACTIVE client; and Gefyra's listing of a client's GefyraBridges must succeed. Gefyra's
+/// own functions run with another client's credentials (`gefyra-compat`, the mode Gefyra's
+/// CLI needs).
 #[tokio::test]
-async fn a_client_connected_by_our_cli_leaves_gefyras_subnet_negotiation_working() -> Result<()> {
+async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_working() -> Result<()>
+{
     let program = std::env::var("GEFYRA_CLI").context(
         "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
     )?;
@@ -254,22 +256,78 @@ async fn a_client_connected_by_our_cli_leaves_gefyras_subnet_negotiation_working
         admin.ok(&["clients", "create", "--client-id", id]).await?;
     }
     admin
-        .ok(&["clients", "config", "ours", "--host", "127.0.0.1", "-o", "ours.json"])
+        .ok(&[
+            "clients",
+            "config",
+            "ours",
+            "--host",
+            "127.0.0.1",
+            "-o",
+            "ours.json",
+        ])
         .await?;
     let developer = KubectlGefyra::new(&admin.workdir.join("no-kubeconfig"), &ns)?;
-    std::fs::copy(admin.workdir.join("ours.json"), developer.workdir.join("ours.json"))?;
+    std::fs::copy(
+        admin.workdir.join("ours.json"),
+        developer.workdir.join("ours.json"),
+    )?;
     developer
-        .ok(&["connect", "-f", "ours.json", "--format", "wg", "--wg-config", "ours.conf"])
+        .ok(&[
+            "connect",
+            "-f",
+            "ours.json",
+            "--format",
+            "wg",
+            "--wg-config",
+            "ours.conf",
+        ])
         .await?;
 
     let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, &ns);
     let theirs = wait_for_state(&clients, "theirs", ClientState::Waiting).await?;
+
+    // A GefyraBridge of theirs in Gefyra's wire layout (as Gefyra's CLI creates one): served,
+    // and refused by the operator with a reason, since bridging is not supported yet.
+    let bridges_api: Api<DynamicObject> = Api::namespaced_with(
+        cluster.admin()?,
+        &ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gefyra.dev", "v1", "gefyrabridge"),
+            "gefyrabridges",
+        ),
+    );
+    let bridge: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gefyra.dev/v1", "kind": "gefyrabridge",
+        "metadata": {"name": "theirs-web", "namespace": ns, "labels": {"gefyra.dev/client": "theirs"}},
+        "provider": "carrier2", "connectionProvider": "stowaway", "client": "theirs",
+        "target": "web", "targetNamespace": "demo", "destinationIP": "172.30.0.2",
+        "portMappings": ["8080:80"],
+    }))?;
+    bridges_api.create(&PostParams::default(), &bridge).await?;
+    let refused = eventually("the bridge is refused", WAIT, || async {
+        let bridge = bridges_api.get("theirs-web").await?;
+        Ok((bridge.data["state"] == "ERROR").then_some(bridge))
+    })
+    .await?;
+    ensure!(
+        refused.data["status"]["reason"] == "BridgingNotSupported"
+            && refused.data["status"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("not supported")),
+        "{:?}",
+        refused.data
+    );
+
     let kubeconfig = cluster.kubeconfig_with_token(&gefyra_e2e::token_of(&theirs)?)?;
+    // Gefyra's own functions: the subnets of the ACTIVE clients (read while it picks its
+    // own) and the client's bridges (listed when it disconnects).
     let script = "import json, sys, types, kubernetes\n\
         from gefyra.local.networking import _get_client_networks\n\
+        from gefyra.local.bridge import get_all_gefyrabridges\n\
         kubernetes.config.load_kube_config(config_file=sys.argv[1])\n\
-        config = types.SimpleNamespace(K8S_CUSTOM_OBJECT_API=kubernetes.client.CustomObjectsApi(), NAMESPACE=sys.argv[2])\n\
-        print(json.dumps(_get_client_networks(config)))\n";
+        config = types.SimpleNamespace(K8S_CUSTOM_OBJECT_API=kubernetes.client.CustomObjectsApi(), NAMESPACE=sys.argv[2], CLIENT_ID='theirs')\n\
+        bridges = [bridge['metadata']['name'] for bridge in get_all_gefyrabridges(config)]\n\
+        print(json.dumps({'subnets': _get_client_networks(config), 'bridges': bridges}))\n";
     let output = tokio::process::Command::new(&python)
         .args(["-c", script])
         .arg(&kubeconfig)
@@ -282,7 +340,10 @@ async fn a_client_connected_by_our_cli_leaves_gefyras_subnet_negotiation_working
         "Gefyra's subnet listing failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let subnets: Vec<String> = serde_json::from_slice(&output.stdout)?;
-    ensure!(subnets == [""], "the subnets Gefyra's CLI sees: {subnets:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    ensure!(
+        seen == serde_json::json!({"subnets": [""], "bridges": ["theirs-web"]}),
+        "what Gefyra's CLI sees: {seen}"
+    );
     Ok(())
 }
