@@ -45,7 +45,11 @@ start gefyra-operator 18080 "$operator" --namespace gefyra --http-address 127.0.
 start stowaway 18081 "$stowaway" --namespace gefyra --listen 0.0.0.0:31820 --http-address 127.0.0.1:18081
 
 # Stowaway's Service, as a LoadBalancer whose ingress is this machine, so that
-# `kubectl gefyra clients config ID` finds Stowaway without --host.
+# `kubectl gefyra clients config ID` finds Stowaway without --host. The address is this
+# machine's first global IPv4 address, not 127.0.0.1: a container (Gefyra's Cargo) reaches
+# the host there, while 127.0.0.1 would be the container's own loopback.
+advertised=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); print $4; exit }')
+advertised=${advertised:-127.0.0.1}
 $kubectl -n gefyra apply --server-side --field-manager=gefyra-make-up -f - >/dev/null <<'YAML'
 apiVersion: v1
 kind: Service
@@ -62,4 +66,5 @@ spec:
       targetPort: 31820
 YAML
 $kubectl -n gefyra patch service gefyra-stowaway-wireguard --subresource=status --type=merge \
-  -p '{"status":{"loadBalancer":{"ingress":[{"ip":"127.0.0.1"}]}}}' >/dev/null
+  -p "{\"status\":{\"loadBalancer\":{\"ingress\":[{\"ip\":\"$advertised\"}]}}}" >/dev/null
+echo "==> Stowaway is advertised at $advertised:31820 (client files written by \`kubectl gefyra clients config\` use it)" >&2
