@@ -13,3 +13,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod rbac;
 pub mod run;
+pub mod webhook;

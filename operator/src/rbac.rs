@@ -55,6 +55,13 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
         // The Stowaway server's key pair: created once, then only read, by name.
         rule("", &["secrets"], &[], &["create"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
+        // The subnet webhook's certificate (gefyra-compat mode): renewed by compare-and-swap.
+        rule(
+            "",
+            &["secrets"],
+            &[crate::webhook::TLS_SECRET],
+            &["get", "update"],
+        ),
         rule("events.k8s.io", &["events"], &[], &["create", "patch"]),
         // Tunnel-address claims are Leases named after their address (any name in the
         // pool); leader election uses one more. Creating cannot be limited by name.
@@ -71,6 +78,17 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             &["get", "update"],
         ),
     ]
+}
+
+/// The one cluster-scoped permission, for the subnet webhook only (gefyra-compat mode):
+/// publishing the CA of its certificate in its own ValidatingWebhookConfiguration.
+pub fn webhook_rules(configuration: &str) -> Vec<PolicyRule> {
+    vec![rule(
+        "admissionregistration.k8s.io",
+        &["validatingwebhookconfigurations"],
+        &[configuration],
+        &["get", "patch"],
+    )]
 }
 
 /// The operator's ServiceAccount, Role and RoleBinding, all named `name`, as one YAML stream.

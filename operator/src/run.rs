@@ -59,6 +59,14 @@ pub enum Command {
         #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
         namespace: String,
     },
+    /// Print the ValidatingWebhookConfiguration of the subnet webhook (gefyra-compat mode)
+    /// for the clients of --namespace, reaching the operator through Service
+    /// gefyra-operator-webhook (the operator fills in its caBundle), and the ClusterRole and
+    /// binding that let the operator do exactly that.
+    WebhookConfiguration {
+        #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
     /// Run the operator (the default).
     Run,
 }
@@ -111,6 +119,19 @@ pub struct RunArgs {
     /// maxConnectionAge.
     #[arg(long, env = "GEFYRA_MAX_CONNECTION_AGE")]
     pub max_connection_age: Option<u64>,
+    /// Serve the subnet webhook on this address (e.g. 0.0.0.0:9443): Gefyra's own CLI
+    /// (gefyra-compat mode) retries with another subnet when a taken one is refused there
+    /// with HTTP 500. Every replica serves it.
+    #[arg(long, env = "GEFYRA_WEBHOOK_ADDRESS")]
+    pub webhook_address: Option<SocketAddr>,
+    /// The ValidatingWebhookConfiguration whose caBundle the operator publishes; default
+    /// gefyra-client-subnets-<namespace>.
+    #[arg(long)]
+    pub webhook_configuration: Option<String>,
+    /// A host name or IP address the webhook's certificate is valid for (repeatable);
+    /// default: the Service gefyra-operator-webhook's names, localhost and 127.0.0.1.
+    #[arg(long = "webhook-name")]
+    pub webhook_names: Vec<String>,
     /// Reconcile only while holding the Lease (for more than one replica).
     #[arg(long, env = "GEFYRA_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -166,6 +187,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", gefyra_api::admission::policy_yaml(&namespace));
             return Ok(());
         }
+        Some(Command::WebhookConfiguration { namespace }) => {
+            print!(
+                "{}",
+                crate::webhook::install_yaml(&namespace, "gefyra-operator")
+            );
+            return Ok(());
+        }
         Some(Command::Run) | None => {}
     }
     init_logging(args.log_format);
@@ -211,6 +239,23 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             .max_connection_age
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
     };
+    let webhook = args.webhook_address.map(|address| {
+        let names = if args.webhook_names.is_empty() {
+            crate::webhook::default_names(&args.namespace)
+        } else {
+            args.webhook_names.clone()
+        };
+        tokio::spawn(crate::webhook::run(
+            client.clone(),
+            args.namespace.clone(),
+            settings.pool.clone(),
+            address,
+            args.webhook_configuration
+                .clone()
+                .unwrap_or_else(|| crate::webhook::configuration_name(&args.namespace)),
+            names,
+        ))
+    });
     let ctx = Arc::new(Context::new(client.clone(), metrics, settings));
 
     let election = args.leader_elect.then(|| {
@@ -247,8 +292,19 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Ok(())
     };
+    let webhook_failed = async {
+        match webhook {
+            Some(task) => match task.await {
+                Ok(Err(error)) => anyhow::anyhow!("the subnet webhook failed: {error:#}"),
+                Ok(Ok(())) => anyhow::anyhow!("the subnet webhook stopped"),
+                Err(error) => anyhow::anyhow!("the subnet webhook panicked: {error}"),
+            },
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         result = work => result?,
+        error = webhook_failed => return Err(error),
         _ = http::shutdown_signal() => info!("shutting down"),
     }
     server.abort();
