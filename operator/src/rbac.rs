@@ -141,11 +141,13 @@ mod tests {
                 assert!(!rule.verbs.iter().any(|v| v == verb), "{rule:?}");
             }
             assert!(!rule.resources.iter().flatten().any(|r| r == "*"));
-            // Secrets: create, and read only the server key by name; never list or watch.
+            // Secrets: create; read (the server key) or renew (the webhook's certificate)
+            // only by name; never list or watch.
             if rule.resources.iter().flatten().any(|r| r == "secrets") {
                 let by_name = rule.resource_names.is_some();
+                let read_or_renew = rule.verbs.iter().all(|v| v == "get" || v == "update");
                 assert!(
-                    rule.verbs == ["create"] || (by_name && rule.verbs == ["get"]),
+                    rule.verbs == ["create"] || (by_name && read_or_renew),
                     "{rule:?}"
                 );
             }
