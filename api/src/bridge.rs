@@ -4,13 +4,11 @@
 //! state ERROR with a reason saying so.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, CustomResourceDefinitionNames, CustomResourceDefinitionSpec,
-    CustomResourceDefinitionVersion, CustomResourceValidation, JSONSchemaProps,
+    CustomResourceDefinition, JSONSchemaProps,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
-use crate::client::{GROUP, VERSION};
+use crate::crd;
 
 pub const BRIDGE_KIND: &str = "gefyrabridge";
 pub const BRIDGE_PLURAL: &str = "gefyrabridges";
@@ -87,35 +85,7 @@ fn definition(
     schema: Value,
 ) -> CustomResourceDefinition {
     let schema: JSONSchemaProps = serde_json::from_value(schema).expect("a valid JSONSchemaProps");
-    CustomResourceDefinition {
-        metadata: ObjectMeta {
-            name: Some(format!("{plural}.{GROUP}")),
-            ..ObjectMeta::default()
-        },
-        spec: CustomResourceDefinitionSpec {
-            group: GROUP.to_string(),
-            names: CustomResourceDefinitionNames {
-                kind: kind.to_string(),
-                list_kind: Some(format!("{kind}List")),
-                plural: plural.to_string(),
-                singular: Some(kind.to_string()),
-                short_names: Some(short_names.map(str::to_string).to_vec()),
-                ..CustomResourceDefinitionNames::default()
-            },
-            scope: "Namespaced".to_string(),
-            versions: vec![CustomResourceDefinitionVersion {
-                name: VERSION.to_string(),
-                served: true,
-                storage: true,
-                schema: Some(CustomResourceValidation {
-                    open_api_v3_schema: Some(schema),
-                }),
-                ..CustomResourceDefinitionVersion::default()
-            }],
-            ..CustomResourceDefinitionSpec::default()
-        },
-        status: None,
-    }
+    crd::definition(kind, plural, &short_names, crd::version(schema))
 }
 
 /// The CRDs `gefyrabridges.gefyra.dev` and `gefyrabridgemounts.gefyra.dev`.

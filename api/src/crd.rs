@@ -170,48 +170,73 @@ fn column(
     }
 }
 
-/// The CRD `gefyraclients.gefyra.dev`.
-pub fn crd() -> CustomResourceDefinition {
+/// A namespaced CRD of group `gefyra.dev` in Gefyra's naming (the singular is the kind)
+/// with one served and stored `version`.
+pub(crate) fn definition(
+    kind: &str,
+    plural: &str,
+    short_names: &[&str],
+    version: CustomResourceDefinitionVersion,
+) -> CustomResourceDefinition {
     CustomResourceDefinition {
         metadata: ObjectMeta {
-            name: Some(format!("{PLURAL}.{GROUP}")),
+            name: Some(format!("{plural}.{GROUP}")),
             ..ObjectMeta::default()
         },
         spec: CustomResourceDefinitionSpec {
             group: GROUP.to_string(),
             names: CustomResourceDefinitionNames {
-                kind: KIND.to_string(),
-                list_kind: Some(format!("{KIND}List")),
-                plural: PLURAL.to_string(),
-                singular: Some(KIND.to_string()),
-                short_names: Some(vec!["gclients".into(), "gclient".into()]),
+                kind: kind.to_string(),
+                list_kind: Some(format!("{kind}List")),
+                plural: plural.to_string(),
+                singular: Some(kind.to_string()),
+                short_names: Some(short_names.iter().map(|name| name.to_string()).collect()),
                 ..CustomResourceDefinitionNames::default()
             },
             scope: "Namespaced".to_string(),
-            versions: vec![CustomResourceDefinitionVersion {
-                name: VERSION.to_string(),
-                served: true,
-                storage: true,
-                schema: Some(CustomResourceValidation { open_api_v3_schema: Some(schema()) }),
-                subresources: Some(CustomResourceSubresources {
-                    status: Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceSubresourceStatus(
-                        serde_json::Map::new().into(),
-                    )),
-                    ..CustomResourceSubresources::default()
-                }),
-                additional_printer_columns: Some(vec![
+            versions: vec![version],
+            ..CustomResourceDefinitionSpec::default()
+        },
+        status: None,
+    }
+}
+
+/// Version `v1`, served and stored, validated by `schema`.
+pub(crate) fn version(schema: JSONSchemaProps) -> CustomResourceDefinitionVersion {
+    CustomResourceDefinitionVersion {
+        name: VERSION.to_string(),
+        served: true,
+        storage: true,
+        schema: Some(CustomResourceValidation {
+            open_api_v3_schema: Some(schema),
+        }),
+        ..CustomResourceDefinitionVersion::default()
+    }
+}
+
+/// The CRD `gefyraclients.gefyra.dev`.
+pub fn crd() -> CustomResourceDefinition {
+    definition(
+        KIND,
+        PLURAL,
+        &["gclients", "gclient"],
+        CustomResourceDefinitionVersion {
+            subresources: Some(CustomResourceSubresources {
+                status: Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceSubresourceStatus(
+                    serde_json::Map::new().into(),
+                )),
+                ..CustomResourceSubresources::default()
+            }),
+            additional_printer_columns: Some(vec![
                     column("State", "string", ".state", "The lifecycle state"),
                     column("Address", "string", ".providerConfig.Interface\\.Address", "The client's tunnel address"),
                     column("Subnet", "string", ".providerParameter.subnet", "The client's routed range"),
                     column("Handshake", "date", ".status.wireguard.latest_handshake", "The latest WireGuard handshake"),
                     column("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
                 ]),
-                ..CustomResourceDefinitionVersion::default()
-            }],
-            ..CustomResourceDefinitionSpec::default()
+            ..version(schema())
         },
-        status: None,
-    }
+    )
 }
 
 /// The CRD as the YAML committed in `crds/`.
