@@ -388,9 +388,38 @@ where
     store
 }
 
+/// The routes table as last decoded, decoded again only when the ConfigMap changes (the peer
+/// table is recomputed on every client event, status writes included).
+#[derive(Default)]
+struct RoutesTable {
+    version: Option<String>,
+    routes: gefyra_api::ipam::Routes,
+}
+
+impl RoutesTable {
+    fn current(&mut self, store: &reflector::Store<ConfigMap>) -> &gefyra_api::ipam::Routes {
+        let map = store
+            .state()
+            .into_iter()
+            .find(|map| map.metadata.name.as_deref() == Some(ROUTES_CONFIGMAP));
+        let version = map
+            .as_ref()
+            .and_then(|map| map.metadata.resource_version.clone());
+        if version != self.version || version.is_none() {
+            self.routes = map
+                .as_ref()
+                .and_then(|map| map.data.as_ref())
+                .map(|data| gefyra_api::ipam::decode_routes(data).0)
+                .unwrap_or_default();
+            self.version = version;
+        }
+        &self.routes
+    }
+}
+
 /// The operator's decisions as the stores show them: who holds which tunnel address, and
 /// the routes table.
-fn decisions(claims: &reflector::Store<Lease>, routes: &reflector::Store<ConfigMap>) -> Decisions {
+fn decisions(claims: &reflector::Store<Lease>, routes: &gefyra_api::ipam::Routes) -> Decisions {
     let claims = claims
         .state()
         .iter()
@@ -399,14 +428,10 @@ fn decisions(claims: &reflector::Store<Lease>, routes: &reflector::Store<ConfigM
             Some((address, uid.to_string()))
         })
         .collect();
-    let routes = routes
-        .state()
-        .iter()
-        .find(|map| map.metadata.name.as_deref() == Some(ROUTES_CONFIGMAP))
-        .and_then(|map| map.data.as_ref())
-        .map(|data| gefyra_api::ipam::decode_routes(data).0)
-        .unwrap_or_default();
-    Decisions { claims, routes }
+    Decisions {
+        claims,
+        routes: routes.clone(),
+    }
 }
 
 /// Keeps the data plane's peer table equal to the ACTIVE clients that the operator's
@@ -447,8 +472,9 @@ async fn keep_peers(
         }
     }
     let mut reported: Vec<Refused> = Vec::new();
+    let mut table = RoutesTable::default();
     loop {
-        let decisions = decisions(&claims, &routes);
+        let decisions = decisions(&claims, table.current(&routes));
         let clients = clients.state();
         let (desired, refused) =
             peers::desired(clients.iter().map(|client| client.as_ref()), &decisions);
