@@ -11,7 +11,8 @@ CONTROLPLANE := tests/controlplane.sh
 # docker.io: the real Gefyra CLI needs a Docker daemon even for `gefyra clients ...`.
 # dnsmasq-base, iputils-ping: the DNS server and ping of the network lab (Stowaway's tests).
 # musl-tools, file: the image's static binaries (make static).
-DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file
+# debootstrap: the stand-in for Gefyra's Cargo image (tests/cargo-image.sh).
+DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap
 
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
@@ -89,7 +90,8 @@ e2e: controlplane
 	cargo build -p gefyra-operator -p stowaway -p kubectl-gefyra -p gefyra-e2e --bins --locked
 	cargo test -p gefyra-e2e --locked --no-run
 	@tests/gefyra-cli.sh >/dev/null
-	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
+	@tests/cargo-image.sh >/dev/null
+	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh) GEFYRA_CARGO_ROOTFS=$$(tests/cargo-image.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
 	status=0; $(CONTROLPLANE) run "$$dir" -- cargo test -p gefyra-e2e --locked -- --test-threads=4 || status=$$?; \
 	tests/no-leftovers.sh "$$dir" || status=1; \
 	exit $$status

@@ -609,10 +609,50 @@ pub struct DockerDaemon {
     child: std::process::Child,
     root: PathBuf,
     pub host: String,
+    /// The bridge of the daemon's default network, ours to delete (see `with_bridge`).
+    bridge: Option<String>,
 }
+
+/// Gefyra's Cargo bind-mounts this host path; Docker makes it a directory if it is missing.
+const HOST_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 impl DockerDaemon {
     pub async fn start() -> Result<Self> {
+        Self::start_with(&["--bridge=none"], None).await
+    }
+
+    /// A daemon that can run Gefyra's Cargo: a default bridge network of its own (Cargo's
+    /// network is not set up without one) on `10.211.0.1/24`, and runc cut to this machine's
+    /// capability bounding set (`tests/runc-bounded.sh`), since Cargo is privileged.
+    pub async fn with_bridge() -> Result<Self> {
+        let bridge = format!("gfdock{:04x}", rand::random::<u16>());
+        for args in [
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec!["addr", "add", "10.211.0.1/24", "dev", &bridge],
+            vec!["link", "set", &bridge, "up"],
+        ] {
+            let status = std::process::Command::new("ip").args(&args).status()?;
+            ensure!(status.success(), "ip {args:?} failed");
+        }
+        let runtime = repo_root().join("tests/runc-bounded.sh");
+        let result = Self::start_with(
+            &[
+                &format!("--bridge={bridge}"),
+                &format!("--add-runtime=bounded={}", runtime.display()),
+                "--default-runtime=bounded",
+            ],
+            Some(bridge.clone()),
+        )
+        .await;
+        if result.is_err() {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &bridge])
+                .status();
+        }
+        result
+    }
+
+    async fn start_with(network: &[&str], bridge: Option<String>) -> Result<Self> {
         let dockerd = ["/usr/sbin/dockerd", "/usr/bin/dockerd"]
             .into_iter()
             .map(PathBuf::from)
@@ -631,9 +671,9 @@ impl DockerDaemon {
             .args([
                 "--iptables=false",
                 "--ip6tables=false",
-                "--bridge=none",
                 "--storage-driver=vfs",
             ])
+            .args(network)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -643,6 +683,7 @@ impl DockerDaemon {
             child,
             host: format!("unix://{}", socket.display()),
             root,
+            bridge,
         };
         let ready = eventually(
             "dockerd answers on its socket",
@@ -665,6 +706,18 @@ impl DockerDaemon {
 
 impl Drop for DockerDaemon {
     fn drop(&mut self) {
+        if self.bridge.is_some() {
+            // Containers and networks first: a network's bridge outlives the daemon.
+            let _ = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    "docker ps -aq | xargs -r docker rm -f; docker network prune -f",
+                ])
+                .env("DOCKER_HOST", &self.host)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         let pid = self.child.id().to_string();
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -678,6 +731,15 @@ impl Drop for DockerDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.root);
+        if let Some(bridge) = &self.bridge {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", bridge])
+                .status();
+            // Only an empty directory Docker made for Cargo's mount (never a real socket).
+            if Path::new(HOST_DOCKER_SOCKET).is_dir() {
+                let _ = std::fs::remove_dir(HOST_DOCKER_SOCKET);
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use gefyra_e2e::{
     Cluster, DockerDaemon, KubectlGefyra, Operator, api_status, decoded, eventually, install_crd,
     parse_client_file, wait_for_state,
 };
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, PostParams};
@@ -53,7 +54,7 @@ impl GefyraCli<'_> {
 }
 
 #[tokio::test]
-async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> Result<()> {
+async fn the_real_gefyra_cli_manages_clients_and_connects_through_its_cargo() -> Result<()> {
     let program = std::env::var("GEFYRA_CLI").context(
         "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
     )?;
@@ -72,8 +73,33 @@ async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> R
         Err(error) if api_status(&error) == Some(409) => {}
         other => drop(other?),
     }
-    let _operator = Operator::start(&cluster, GEFYRA_NAMESPACE, &[])?;
-    let docker = DockerDaemon::start().await?;
+    // Gefyra's CLI needs gefyra-compat; its connect (below) the subnet webhook, reached by URL
+    // here (the chart uses a Service), and a Docker that can run its Cargo.
+    gefyra_e2e::install_admission_policy(admin.clone(), GEFYRA_NAMESPACE).await?;
+    let webhook_address: std::net::SocketAddr =
+        format!("127.0.0.1:{}", gefyra_e2e::free_port()).parse()?;
+    let configuration =
+        gefyra_operator::webhook::url_configuration(GEFYRA_NAMESPACE, webhook_address);
+    let configuration_name = configuration.metadata.name.clone().context("a name")?;
+    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    configurations
+        .patch(
+            &configuration_name,
+            &kube::api::PatchParams::apply("gefyra-e2e").force(),
+            &kube::api::Patch::Apply(&configuration),
+        )
+        .await?;
+    let operator = Operator::start(
+        &cluster,
+        GEFYRA_NAMESPACE,
+        &[
+            "--client-rbac",
+            "gefyra-compat",
+            "--webhook-address",
+            &webhook_address.to_string(),
+        ],
+    )?;
+    let docker = DockerDaemon::with_bridge().await?;
     let home = std::env::temp_dir().join(format!("gefyra-cli-home-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&home)?;
     let gefyra = GefyraCli {
@@ -231,6 +257,18 @@ async fn the_real_gefyra_cli_creates_lists_configures_and_deletes_clients() -> R
         )
         .await?;
     }
+
+    gefyras_own_connect(
+        &cluster,
+        GEFYRA_NAMESPACE,
+        &gefyra.program,
+        &docker,
+        &operator,
+    )
+    .await?;
+    configurations
+        .delete(&configuration_name, &kube::api::DeleteParams::default())
+        .await?;
     let _ = std::fs::remove_dir_all(&home);
     Ok(())
 }
@@ -345,5 +383,261 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
         seen == serde_json::json!({"subnets": [""], "bridges": ["theirs-web"]}),
         "what Gefyra's CLI sees: {seen}"
     );
+    Ok(())
+}
+
+/// This machine's first global IPv4 address: where a container reaches the host.
+fn host_address() -> Result<std::net::Ipv4Addr> {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            line.split_whitespace()
+                .nth(3)?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .context("this machine has a global IPv4 address")
+}
+
+/// Gefyra's own connect, all the way: its CLI from PyPI starts its Cargo container (a
+/// stand-in built from Debian's packages, `tests/cargo-image.sh`) under a private dockerd,
+/// negotiates a subnet — retrying by itself when our webhook refuses a taken one with 500 —
+/// in a namespace where a `kubectl gefyra connect` client is ACTIVE too, brings the tunnel up
+/// to Stowaway, passes its own probe of 192.168.99.1, reaches a server on the cluster side
+/// through Stowaway, disconnects and connects again.
+async fn gefyras_own_connect(
+    cluster: &Cluster,
+    ns: &str,
+    program: &str,
+    docker: &DockerDaemon,
+    operator: &Operator,
+) -> Result<()> {
+    let rootfs = std::env::var("GEFYRA_CARGO_ROOTFS").context(
+        "GEFYRA_CARGO_ROOTFS is not set: run through `make test`, which builds it with tests/cargo-image.sh",
+    )?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), ns);
+    // Stowaway on a UDP port of this machine; the cluster side is a server on its address.
+    let wireguard_port = std::net::UdpSocket::bind("0.0.0.0:0")?.local_addr()?.port();
+    let stowaway_http = gefyra_e2e::free_port();
+    let _stowaway = tokio::process::Command::new(gefyra_e2e::lab::stowaway_binary())
+        .args([
+            "--namespace",
+            ns,
+            "--resolver",
+            "127.0.0.1:53",
+            "--status-interval",
+            "1",
+        ])
+        .args(["--listen", &format!("0.0.0.0:{wireguard_port}")])
+        .args(["--http-address", &format!("127.0.0.1:{stowaway_http}")])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let metric = |name: &'static str| async move {
+        let (_, body) = gefyra_e2e::http_get(stowaway_http, "/metrics").await?;
+        Ok::<f64, anyhow::Error>(
+            body.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0.0),
+        )
+    };
+    eventually("Stowaway is ready", WAIT, || async {
+        let ready = gefyra_e2e::http_get(stowaway_http, "/readyz").await.ok();
+        Ok(ready.filter(|(code, _)| *code == 200).map(drop))
+    })
+    .await?;
+    let host = host_address()?;
+    let server = tokio::net::TcpListener::bind((host, 0)).await?;
+    let server_port = server.local_addr()?.port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut stream, _)) = server.accept().await {
+            let _ = stream
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 16\r\n\r\nthrough-stowaway")
+                .await;
+        }
+    });
+
+    // A client routing 172.18.0.0/15: Docker's first networks (172.18/16, 172.19/16) are
+    // taken in the cluster, though no ACTIVE client lists them as its subnet string.
+    gefyra_e2e::create_client(admin.clone(), ns, "blocker").await?;
+    let (_, blocker_key) = gefyra_e2e::lab::key_pair();
+    wait_for_state(&clients, "blocker", ClientState::Waiting).await?;
+    gefyra_e2e::set_provider_parameter(
+        &clients,
+        "blocker",
+        serde_json::json!({"subnet": "172.18.0.0/15", "publicKey": blocker_key}),
+    )
+    .await?;
+    wait_for_state(&clients, "blocker", ClientState::Active).await?;
+    // A client of ours, connected without a subnet (the mixed fleet).
+    let ours = KubectlGefyra::new(&cluster.kubeconfig, ns)?;
+    let port = wireguard_port.to_string();
+    let host_text = host.to_string();
+    for id in ["ours", "g1"] {
+        ours.ok(&["clients", "create", "--client-id", id]).await?;
+        ours.ok(&[
+            "clients",
+            "config",
+            id,
+            "--host",
+            &host_text,
+            "--port",
+            &port,
+            "-o",
+            &format!("{id}.json"),
+        ])
+        .await?;
+    }
+    ours.ok(&[
+        "connect",
+        "-f",
+        "ours.json",
+        "--format",
+        "wg",
+        "--wg-config",
+        "ours.conf",
+    ])
+    .await?;
+    // The webhook answers once the operator has published its CA.
+    let probe = clients.clone();
+    eventually(
+        "the subnet webhook refuses a taken subnet",
+        WAIT,
+        || async {
+            let dry_run = kube::api::PatchParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            let body = serde_json::json!({"providerParameter": {"subnet": "172.18.0.0/16"}});
+            let refused = probe
+                .patch("g1", &dry_run, &kube::api::Patch::Merge(body))
+                .await;
+            Ok(refused
+                .err()
+                .filter(|error| api_status(error) == Some(500))
+                .map(drop))
+        },
+    )
+    .await
+    .with_context(|| operator.log_text())?;
+
+    // Gefyra's CLI, as a developer runs it: the client file, its Docker, no kubeconfig.
+    let image = "gefyra-cargo-standin:2.5.6";
+    let imported = tokio::process::Command::new("sh")
+        .args(["-c", &format!("docker import --change 'ENTRYPOINT [\"/usr/local/bin/entrypoint.sh\"]' {rootfs} {image}")])
+        .env("DOCKER_HOST", &docker.host)
+        .output()
+        .await?;
+    ensure!(
+        imported.status.success(),
+        "docker import: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let home = ours.workdir.join("developer");
+    std::fs::create_dir_all(&home)?;
+    let file = ours.workdir.join("g1.json");
+    let gefyra = |args: Vec<String>| {
+        let mut command = std::process::Command::new(program);
+        command
+            .args(&args)
+            .env("DOCKER_HOST", &docker.host)
+            .env("HOME", &home)
+            .env_remove("KUBECONFIG")
+            .current_dir(&home);
+        async move {
+            let output = tokio::task::spawn_blocking(move || command.output()).await??;
+            ensure!(
+                output.status.success(),
+                "gefyra {args:?} failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        }
+    };
+    let connect_args = || -> Vec<String> {
+        [
+            "connections",
+            "connect",
+            "-f",
+            &file.to_string_lossy(),
+            "-n",
+            "g1",
+            "--cargo-image",
+            image,
+            "--timeout",
+            "30",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    gefyra(connect_args())
+        .await
+        .with_context(|| operator.log_text())?;
+    let connected = clients.get("g1").await?;
+    let subnet = connected
+        .provider_parameter
+        .as_ref()
+        .and_then(|parameter| parameter.get("subnet"))
+        .and_then(|subnet| subnet.as_str())
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        connected.state == ClientState::Active
+            && !subnet.starts_with("172.18.")
+            && !subnet.starts_with("172.19."),
+        "Gefyra's CLI retried past the taken subnets: {:?} {subnet}",
+        connected.state
+    );
+    ensure!(metric("stowaway_handshakes_total{result=\"completed\"}").await? >= 1.0);
+
+    // From Cargo, through the tunnel and Stowaway, to the cluster side.
+    let opened_before = metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await?;
+    let fetch = format!(
+        "exec 3<>/dev/tcp/{host}/{server_port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    // Asynchronously: the server above runs on this test's runtime.
+    let fetched = tokio::process::Command::new("docker")
+        .args(["exec", "gefyra-cargo-g1", "bash", "-c", &fetch])
+        .env("DOCKER_HOST", &docker.host)
+        .output()
+        .await?;
+    let body = String::from_utf8_lossy(&fetched.stdout);
+    ensure!(
+        body.ends_with("through-stowaway"),
+        "Cargo fetched {body:?}: {}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    ensure!(
+        metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await? > opened_before,
+        "the fetch went through Stowaway"
+    );
+
+    // Disconnect, connect again, remove: the client follows.
+    gefyra(
+        ["connections", "disconnect", "g1"]
+            .map(str::to_string)
+            .to_vec(),
+    )
+    .await?;
+    wait_for_state(&clients, "g1", ClientState::Waiting).await?;
+    // A reconnect names the connection only (Gefyra keeps its client file).
+    gefyra(
+        ["connections", "connect", "-n", "g1", "--timeout", "30"]
+            .map(str::to_string)
+            .to_vec(),
+    )
+    .await?;
+    wait_for_state(&clients, "g1", ClientState::Active).await?;
+    gefyra(["connections", "rm", "g1"].map(str::to_string).to_vec()).await?;
     Ok(())
 }
