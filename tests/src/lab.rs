@@ -526,14 +526,7 @@ impl Stowaway {
 
     /// The value of one metric series (`name{labels}` exactly as exposed), 0 if absent.
     pub async fn metric(&self, series: &str) -> Result<f64> {
-        let (_, body) = self.http_get("/metrics").await?;
-        Ok(body
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().ok()).flatten()
-            })
-            .unwrap_or(0.0))
+        crate::metric(self.http_port, series).await
     }
 
     pub async fn wait_ready(&mut self) -> Result<()> {

@@ -448,6 +448,19 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// The value of one metric series (`name{labels}` exactly as exposed) served on the loopback
+/// port's `/metrics`, 0 if absent.
+pub async fn metric(port: u16, series: &str) -> Result<f64> {
+    let (_, body) = http_get(port, "/metrics").await?;
+    Ok(body
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0))
+}
+
 /// Creates the ServiceAccount, Role and RoleBinding of a component's `rbac` output in
 /// `namespace` (nothing else is accepted).
 pub async fn apply_identity(admin: Client, namespace: &str, yaml: &str) -> Result<()> {

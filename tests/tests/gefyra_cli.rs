@@ -53,11 +53,45 @@ impl GefyraCli<'_> {
     }
 }
 
+/// The `gefyra` program `make test` installed (tests/gefyra-cli.sh).
+fn gefyra_cli_program() -> Result<String> {
+    std::env::var("GEFYRA_CLI").context(
+        "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
+    )
+}
+
+/// Connects client `id` as a developer does with our CLI: a client file written by the admin
+/// (`clients config ID CONFIG_ARGS`), then `connect -f` without `--subnet` and without any
+/// kubeconfig.
+async fn connect_without_subnet(
+    admin: &KubectlGefyra,
+    id: &str,
+    config_args: &[&str],
+) -> Result<()> {
+    let file = format!("{id}.json");
+    let mut args = vec!["clients", "config", id, "-o", &file];
+    args.extend_from_slice(config_args);
+    admin.ok(&args).await?;
+    let developer = KubectlGefyra::new(&admin.workdir.join("no-kubeconfig"), &admin.namespace)?;
+    std::fs::copy(admin.workdir.join(&file), developer.workdir.join(&file))?;
+    let wg_config = format!("{id}.conf");
+    developer
+        .ok(&[
+            "connect",
+            "-f",
+            &file,
+            "--format",
+            "wg",
+            "--wg-config",
+            &wg_config,
+        ])
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_real_gefyra_cli_manages_clients_and_connects_through_its_cargo() -> Result<()> {
-    let program = std::env::var("GEFYRA_CLI").context(
-        "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
-    )?;
+    let program = gefyra_cli_program()?;
     let cluster = Cluster::from_env().await?;
     install_crd(&cluster).await?;
     let admin = cluster.admin()?;
@@ -281,9 +315,7 @@ async fn the_real_gefyra_cli_manages_clients_and_connects_through_its_cargo() ->
 #[tokio::test]
 async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_working() -> Result<()>
 {
-    let program = std::env::var("GEFYRA_CLI").context(
-        "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
-    )?;
+    let program = gefyra_cli_program()?;
     let python = Path::new(&program).with_file_name("python");
     let cluster = Cluster::from_env().await?;
     install_crd(&cluster).await?;
@@ -293,33 +325,7 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
     for id in ["ours", "theirs"] {
         admin.ok(&["clients", "create", "--client-id", id]).await?;
     }
-    admin
-        .ok(&[
-            "clients",
-            "config",
-            "ours",
-            "--host",
-            "127.0.0.1",
-            "-o",
-            "ours.json",
-        ])
-        .await?;
-    let developer = KubectlGefyra::new(&admin.workdir.join("no-kubeconfig"), &ns)?;
-    std::fs::copy(
-        admin.workdir.join("ours.json"),
-        developer.workdir.join("ours.json"),
-    )?;
-    developer
-        .ok(&[
-            "connect",
-            "-f",
-            "ours.json",
-            "--format",
-            "wg",
-            "--wg-config",
-            "ours.conf",
-        ])
-        .await?;
+    connect_without_subnet(&admin, "ours", &["--host", "127.0.0.1"]).await?;
 
     let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, &ns);
     let theirs = wait_for_state(&clients, "theirs", ClientState::Waiting).await?;
@@ -441,14 +447,7 @@ async fn gefyras_own_connect(
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let metric = |name: &'static str| async move {
-        let (_, body) = gefyra_e2e::http_get(stowaway_http, "/metrics").await?;
-        Ok::<f64, anyhow::Error>(
-            body.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or(0.0),
-        )
-    };
+    let metric = |series: &'static str| gefyra_e2e::metric(stowaway_http, series);
     eventually("Stowaway is ready", WAIT, || async {
         let ready = gefyra_e2e::http_get(stowaway_http, "/readyz").await.ok();
         Ok(ready.filter(|(code, _)| *code == 200).map(drop))
@@ -482,31 +481,15 @@ async fn gefyras_own_connect(
     let ours = KubectlGefyra::new(&cluster.kubeconfig, ns)?;
     let port = wireguard_port.to_string();
     let host_text = host.to_string();
-    for id in ["ours", "g1"] {
-        ours.ok(&["clients", "create", "--client-id", id]).await?;
-        ours.ok(&[
-            "clients",
-            "config",
-            id,
-            "--host",
-            &host_text,
-            "--port",
-            &port,
-            "-o",
-            &format!("{id}.json"),
-        ])
+    let endpoint = ["--host", host_text.as_str(), "--port", port.as_str()];
+    ours.ok(&["clients", "create", "--client-id", "ours"])
         .await?;
-    }
-    ours.ok(&[
-        "connect",
-        "-f",
-        "ours.json",
-        "--format",
-        "wg",
-        "--wg-config",
-        "ours.conf",
-    ])
-    .await?;
+    connect_without_subnet(&ours, "ours", &endpoint).await?;
+    // Gefyra's client: its file only.
+    ours.ok(&["clients", "create", "--client-id", "g1"]).await?;
+    let mut config = vec!["clients", "config", "g1", "-o", "g1.json"];
+    config.extend_from_slice(&endpoint);
+    ours.ok(&config).await?;
     // The webhook answers once the operator has published its CA.
     let probe = clients.clone();
     eventually(
