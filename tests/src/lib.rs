@@ -635,9 +635,24 @@ impl DockerDaemon {
     }
 
     /// A daemon that can run Gefyra's Cargo: a default bridge network of its own (Cargo's
-    /// network is not set up without one) on `10.211.0.1/24`, and runc cut to this machine's
-    /// capability bounding set (`tests/runc-bounded.sh`), since Cargo is privileged.
+    /// network is not set up without one) on `10.211.0.1/24`, runc cut to this machine's
+    /// capability bounding set (`tests/runc-bounded.sh`), since Cargo is privileged, and the
+    /// host's `/var/run/docker.sock` too, since Cargo mounts that path to patch the routes of
+    /// `gefyra run` containers (refused while another Docker daemon answers there).
     pub async fn with_bridge() -> Result<Self> {
+        let host_socket = Path::new(HOST_DOCKER_SOCKET);
+        if host_socket.is_dir() {
+            // An empty directory an earlier Docker made for Cargo's mount.
+            let _ = std::fs::remove_dir(host_socket);
+        } else if host_socket.exists() {
+            ensure!(
+                tokio::net::UnixStream::connect(host_socket).await.is_err(),
+                "a Docker daemon answers on {HOST_DOCKER_SOCKET}: Gefyra's Cargo would mount it \
+                 instead of the test's; stop it (systemctl stop docker docker.socket) and run again"
+            );
+            std::fs::remove_file(host_socket)
+                .with_context(|| format!("removing the stale socket {HOST_DOCKER_SOCKET}"))?;
+        }
         let bridge = format!("gfdock{:04x}", rand::random::<u16>());
         for args in [
             vec!["link", "add", &bridge, "type", "bridge"],
@@ -651,6 +666,7 @@ impl DockerDaemon {
         let result = Self::start_with(
             &[
                 &format!("--bridge={bridge}"),
+                &format!("--host=unix://{HOST_DOCKER_SOCKET}"),
                 &format!("--add-runtime=bounded={}", runtime.display()),
                 "--default-runtime=bounded",
             ],
@@ -748,9 +764,13 @@ impl Drop for DockerDaemon {
             let _ = std::process::Command::new("ip")
                 .args(["link", "del", bridge])
                 .status();
-            // Only an empty directory Docker made for Cargo's mount (never a real socket).
-            if Path::new(HOST_DOCKER_SOCKET).is_dir() {
-                let _ = std::fs::remove_dir(HOST_DOCKER_SOCKET);
+            // Our daemon's second socket (dockerd leaves it behind when killed), or an empty
+            // directory Docker made for Cargo's mount.
+            let host_socket = Path::new(HOST_DOCKER_SOCKET);
+            if host_socket.is_dir() {
+                let _ = std::fs::remove_dir(host_socket);
+            } else if host_socket.exists() {
+                let _ = std::fs::remove_file(host_socket);
             }
         }
     }

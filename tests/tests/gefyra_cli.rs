@@ -415,7 +415,8 @@ fn host_address() -> Result<std::net::Ipv4Addr> {
 /// negotiates a subnet — retrying by itself when our webhook refuses a taken one with 500 —
 /// in a namespace where a `kubectl gefyra connect` client is ACTIVE too, brings the tunnel up
 /// to Stowaway, passes its own probe of 192.168.99.1, reaches a server on the cluster side
-/// through Stowaway, disconnects and connects again.
+/// through Stowaway from Cargo and from a `gefyra run` app container, disconnects (removing
+/// the app container) and connects again.
 async fn gefyras_own_connect(
     cluster: &Cluster,
     ns: &str,
@@ -516,7 +517,7 @@ async fn gefyras_own_connect(
     // Gefyra's CLI, as a developer runs it: the client file, its Docker, no kubeconfig.
     let image = "gefyra-cargo-standin:2.5.6";
     let imported = tokio::process::Command::new("sh")
-        .args(["-c", &format!("docker import --change 'ENTRYPOINT [\"/usr/local/bin/entrypoint.sh\"]' {rootfs} {image}")])
+        .args(["-c", &format!("docker import --change 'ENTRYPOINT [\"/usr/local/bin/entrypoint.sh\"]' --change 'WORKDIR /' {rootfs} {image}")])
         .env("DOCKER_HOST", &docker.host)
         .output()
         .await?;
@@ -605,14 +606,64 @@ async fn gefyras_own_connect(
         "the fetch went through Stowaway"
     );
 
-    // Disconnect, connect again, remove: the client follows.
+    // `gefyra run`: an app container on Gefyra's network whose default route Cargo patches,
+    // so it reaches the cluster side through the tunnel and Stowaway (the subnet Gefyra's CLI
+    // negotiated is the peer's routed range there).
     gefyra(
-        ["connections", "disconnect", "g1"]
+        [
+            "run",
+            "-d",
+            "-i",
+            image,
+            "-N",
+            "gefyra-app",
+            "-n",
+            ns,
+            "-c",
+            "sleep infinity",
+            "--connection-name",
+            "g1",
+        ]
+        .map(str::to_string)
+        .to_vec(),
+    )
+    .await?;
+    let opened_before = metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await?;
+    let fetched = tokio::process::Command::new("docker")
+        .args(["exec", "gefyra-app", "bash", "-c", &fetch])
+        .env("DOCKER_HOST", &docker.host)
+        .output()
+        .await?;
+    let body = String::from_utf8_lossy(&fetched.stdout);
+    ensure!(
+        body.ends_with("through-stowaway"),
+        "the app container fetched {body:?}: {}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    ensure!(
+        metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await? > opened_before,
+        "the app container's fetch went through Cargo and Stowaway, not the Docker bridge"
+    );
+
+    // Disconnect (it lists the client's GefyraBridges, then removes the app container),
+    // connect again, remove: the client follows.
+    gefyra(
+        ["connections", "disconnect", "g1", "--yes"]
             .map(str::to_string)
             .to_vec(),
     )
     .await?;
     wait_for_state(&clients, "g1", ClientState::Waiting).await?;
+    let left = tokio::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", "name=^gefyra-app$"])
+        .env("DOCKER_HOST", &docker.host)
+        .output()
+        .await?;
+    ensure!(
+        left.status.success() && left.stdout.trim_ascii().is_empty(),
+        "disconnect removed the app container: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
     // A reconnect names the connection only (Gefyra keeps its client file).
     gefyra(
         ["connections", "connect", "-n", "g1", "--timeout", "30"]
