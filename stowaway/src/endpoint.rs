@@ -130,6 +130,12 @@ impl Endpoint {
         peers::route(self.peers.values().map(|peer| &peer.spec), address).is_some()
     }
 
+    /// The client whose peer's range holds `address`.
+    pub fn owner(&self, address: IpAddr) -> Option<String> {
+        peers::route(self.peers.values().map(|peer| &peer.spec), address)
+            .map(|spec| spec.client.clone())
+    }
+
     /// Applies a plan: added and replaced peers get a fresh tunnel, removed ones lose
     /// theirs at once; every other peer keeps its session.
     pub fn apply(&mut self, plan: Plan) {

@@ -5,5 +5,6 @@ pub mod endpoint;
 pub mod metrics;
 pub mod packet;
 pub mod peers;
+pub mod policy;
 pub mod run;
 pub mod status;

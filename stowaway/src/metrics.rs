@@ -21,6 +21,8 @@ pub struct Metrics {
     pub flows: IntGaugeVec,
     /// Flows by protocol and result: opened, refused.
     pub flows_total: IntCounterVec,
+    /// Flows ended by a timeout, by protocol and timeout.
+    pub expiries: IntCounterVec,
     /// ACTIVE clients not admitted as peers right now, by reason.
     pub refused_clients: IntGaugeVec,
 }
@@ -54,6 +56,11 @@ impl Default for Metrics {
             "Forwarded flows by protocol and result",
             &["protocol", "result"],
         );
+        let expiries = counter(
+            "stowaway_flow_expiries_total",
+            "Flows ended by a timeout, by protocol and timeout (idle, handshake, dial)",
+            &["protocol", "timeout"],
+        );
         let refused_clients = gauge(
             "stowaway_refused_clients",
             "ACTIVE clients not admitted as peers, by reason (their providerConfig disagrees with the operator's decisions, or is invalid, or their key is shared)",
@@ -69,6 +76,7 @@ impl Default for Metrics {
             Box::new(dropped.clone()),
             Box::new(flows.clone()),
             Box::new(flows_total.clone()),
+            Box::new(expiries.clone()),
         ] {
             registry
                 .register(collector)
@@ -81,6 +89,7 @@ impl Default for Metrics {
             dropped,
             flows,
             flows_total,
+            expiries,
             refused_clients,
         }
     }

@@ -6,8 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use gefyra_api::ipam::SERVER_ADDRESS;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
-    TcpPacket, UdpPacket, UdpRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket,
+    UdpRepr,
 };
 
 /// Hop limit of the packets Stowaway builds.
@@ -134,6 +135,89 @@ fn echo_reply<'a>(ip: &Ipv4Packet<&[u8]>, payload: &[u8]) -> Inbound<'a> {
     Inbound::Echo { reply: bytes }
 }
 
+/// Bytes of the refused packet's payload quoted in an ICMP error (its ports).
+const QUOTED: usize = 8;
+
+/// The ICMP error "communication administratively prohibited" for a packet a peer sent
+/// (IPv4 type 3 code 13, IPv6 type 1 code 1), from the destination it tried, quoting the
+/// packet's header and first bytes as ICMP requires. `None` for what does not parse.
+pub fn prohibited(packet: &[u8]) -> Option<Vec<u8>> {
+    let checksums = ChecksumCapabilities::default();
+    match packet.first().map(|byte| byte >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            let header = usize::from(ip.header_len());
+            let end = usize::from(ip.total_len()).min(packet.len());
+            let payload = packet.get(header..end)?;
+            let data = &payload[..payload.len().min(QUOTED)];
+            let quoted = Ipv4Repr {
+                src_addr: ip.src_addr(),
+                dst_addr: ip.dst_addr(),
+                next_header: ip.next_header(),
+                payload_len: data.len(),
+                hop_limit: ip.hop_limit(),
+            };
+            let icmp = Icmpv4Repr::DstUnreachable {
+                reason: Icmpv4DstUnreachable::CommProhibited,
+                header: quoted,
+                data,
+            };
+            let outer = Ipv4Repr {
+                src_addr: ip.dst_addr(),
+                dst_addr: ip.src_addr(),
+                next_header: IpProtocol::Icmp,
+                payload_len: icmp.buffer_len(),
+                hop_limit: HOP_LIMIT,
+            };
+            let mut bytes = vec![0u8; outer.buffer_len() + icmp.buffer_len()];
+            let mut reply = Ipv4Packet::new_unchecked(&mut bytes[..]);
+            outer.emit(&mut reply, &checksums);
+            icmp.emit(
+                &mut Icmpv4Packet::new_unchecked(reply.payload_mut()),
+                &checksums,
+            );
+            Some(bytes)
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            let start = ip.header_len();
+            let end = (start + usize::from(ip.payload_len())).min(packet.len());
+            let payload = packet.get(start..end)?;
+            let data = &payload[..payload.len().min(QUOTED)];
+            let quoted = Ipv6Repr {
+                src_addr: ip.src_addr(),
+                dst_addr: ip.dst_addr(),
+                next_header: ip.next_header(),
+                payload_len: data.len(),
+                hop_limit: ip.hop_limit(),
+            };
+            let icmp = Icmpv6Repr::DstUnreachable {
+                reason: Icmpv6DstUnreachable::AdminProhibit,
+                header: quoted,
+                data,
+            };
+            let outer = Ipv6Repr {
+                src_addr: ip.dst_addr(),
+                dst_addr: ip.src_addr(),
+                next_header: IpProtocol::Icmpv6,
+                payload_len: icmp.buffer_len(),
+                hop_limit: HOP_LIMIT,
+            };
+            let mut bytes = vec![0u8; outer.buffer_len() + icmp.buffer_len()];
+            let mut reply = Ipv6Packet::new_unchecked(&mut bytes[..]);
+            outer.emit(&mut reply);
+            icmp.emit(
+                &outer.src_addr,
+                &outer.dst_addr,
+                &mut Icmpv6Packet::new_unchecked(reply.payload_mut()),
+                &checksums,
+            );
+            Some(bytes)
+        }
+        _ => None,
+    }
+}
+
 /// A UDP datagram from `source` to `destination` (both of one IP version), as an IP packet.
 pub fn udp_packet(source: SocketAddr, destination: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
     let checksums = ChecksumCapabilities::default();
@@ -208,6 +292,46 @@ mod tests {
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_refused_datagram_gets_an_administratively_prohibited_error_quoting_it() {
+        let checksums = ChecksumCapabilities::default();
+        let sent = udp_packet(addr("192.168.99.5:40000"), addr("127.0.0.1:9090"), b"x").unwrap();
+        let error = prohibited(&sent).unwrap();
+        let ip = Ipv4Packet::new_checked(&error[..]).unwrap();
+        assert_eq!(IpAddr::V4(ip.dst_addr()), addr("192.168.99.5:0").ip());
+        assert_eq!(ip.next_header(), IpProtocol::Icmp);
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        match Icmpv4Repr::parse(&icmp, &checksums).unwrap() {
+            Icmpv4Repr::DstUnreachable {
+                reason,
+                header,
+                data,
+            } => {
+                assert_eq!(reason, Icmpv4DstUnreachable::CommProhibited);
+                assert_eq!(IpAddr::V4(header.dst_addr), addr("127.0.0.1:0").ip());
+                // The quoted UDP header names the ports the peer's socket used.
+                assert_eq!(&data[..2], &40000u16.to_be_bytes());
+                assert_eq!(&data[2..4], &9090u16.to_be_bytes());
+            }
+            other => panic!("{other:?}"),
+        }
+        let sent = udp_packet(addr("[fd00::5]:40000"), addr("[::1]:53"), b"x").unwrap();
+        let error = prohibited(&sent).unwrap();
+        let ip = Ipv6Packet::new_checked(&error[..]).unwrap();
+        assert_eq!(ip.next_header(), IpProtocol::Icmpv6);
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        let parsed = Icmpv6Repr::parse(&ip.src_addr(), &ip.dst_addr(), &icmp, &checksums).unwrap();
+        assert!(matches!(
+            parsed,
+            Icmpv6Repr::DstUnreachable {
+                reason: Icmpv6DstUnreachable::AdminProhibit,
+                ..
+            }
+        ));
+        assert_eq!(prohibited(b"garbage"), None);
+        assert_eq!(prohibited(&[]), None);
     }
 
     #[test]

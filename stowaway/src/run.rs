@@ -1,6 +1,7 @@
 //! The process around the data plane: command line, the server key, the watch of
 //! GefyraClients that keeps the peer table, status write-back, HTTP endpoints.
 
+use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use serde_json::json;
 use crate::dataplane::{self, DataPlane, Forward, Shared};
 use crate::metrics::Metrics;
 use crate::peers::{self, Decisions, Key, Refused};
+use crate::policy::{DEFAULT_DENY, EgressPolicy, GlobalLimits, PeerLimits};
 use crate::status::PeerStatus;
 
 #[derive(Parser, Debug)]
@@ -100,8 +102,71 @@ pub struct RunArgs {
     /// Handshakes per second (all peers together) before cookies are required.
     #[arg(long, default_value_t = 100)]
     pub handshakes_per_second: u64,
+    /// A range peers may never reach (repeatable; replaces the default list). Loopback,
+    /// unspecified, link-local, multicast, broadcast and Stowaway's own addresses are
+    /// refused whatever is given.
+    #[arg(long = "deny", value_name = "CIDR", default_values = DEFAULT_DENY)]
+    pub deny: Vec<IpNet>,
+    /// With any: peers may reach only these ranges (repeatable); `--deny` still applies.
+    #[arg(long = "allow", value_name = "CIDR")]
+    pub allow: Vec<IpNet>,
+    /// TCP flows one peer may hold at once.
+    #[arg(long, default_value_t = 256)]
+    pub peer_max_tcp_flows: usize,
+    /// TCP connections of one peer whose cluster-side dial may be under way at once.
+    #[arg(long, default_value_t = 64)]
+    pub peer_max_dials: usize,
+    /// UDP flows (source, destination pairs, each a socket) one peer may hold at once.
+    #[arg(long, default_value_t = 256)]
+    pub peer_max_udp_flows: usize,
+    /// Buffer space one peer's TCP flows may reserve (about 1.06 MiB each).
+    #[arg(long, default_value_t = 128 << 20)]
+    pub peer_max_buffer_bytes: usize,
+    /// TCP and UDP flows of all peers together; 0: the descriptor limit less 256.
+    #[arg(long, default_value_t = 0)]
+    pub max_flows: usize,
+    /// Buffer space all peers' TCP flows may reserve together.
+    #[arg(long, default_value_t = 384 << 20)]
+    pub max_buffer_bytes: usize,
+    /// Seconds a TCP flow lives while its peer sends nothing; keep-alives go out every 30 s,
+    /// so a live peer (an idle SSH session too) always answers within that.
+    #[arg(long, default_value_t = 300)]
+    pub tcp_idle_timeout: u64,
+    /// Seconds a TCP connection may take to be established.
+    #[arg(long, default_value_t = 10)]
+    pub tcp_handshake_timeout: u64,
     #[arg(long, value_enum, env = "GEFYRA_LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
+}
+
+/// The addresses of this network namespace's interfaces (the pod's): peers never reach
+/// them, so neither Stowaway's own ports nor a sidecar's are open to the tunnel.
+fn own_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let interfaces = nix::ifaddrs::getifaddrs()
+        .map_err(|error| anyhow::anyhow!("listing this pod's addresses (getifaddrs): {error}"))?;
+    let mut own: Vec<IpAddr> = interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            address
+                .as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect();
+    own.sort();
+    own.dedup();
+    Ok(own)
+}
+
+/// Flows all peers may hold together when `--max-flows` is 0: the soft descriptor limit
+/// less 256 for everything else (each flow holds one descriptor).
+fn descriptor_budget() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft.saturating_sub(256))
+        .unwrap_or(usize::MAX)
+        .max(256)
 }
 
 /// Stowaway's rules: read the clients and the operator's decisions (tunnel-address claims,
@@ -284,8 +349,32 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         mtu: args.mtu,
         udp_idle: Duration::from_secs(args.udp_idle_timeout),
         dial_timeout: Duration::from_secs(args.dial_timeout),
+        tcp_idle: Duration::from_secs(args.tcp_idle_timeout),
+        tcp_handshake: Duration::from_secs(args.tcp_handshake_timeout),
         handshakes_per_second: args.handshakes_per_second,
+        egress: EgressPolicy::new(args.deny.clone(), args.allow.clone(), own_addresses()?),
+        peer_limits: PeerLimits {
+            tcp_flows: args.peer_max_tcp_flows,
+            dials: args.peer_max_dials,
+            udp_flows: args.peer_max_udp_flows,
+            buffer_bytes: args.peer_max_buffer_bytes,
+        },
+        global_limits: GlobalLimits {
+            flows: match args.max_flows {
+                0 => descriptor_budget(),
+                flows => flows,
+            },
+            buffer_bytes: args.max_buffer_bytes,
+        },
     };
+    tracing::info!(
+        deny = ?args.deny,
+        allow = ?args.allow,
+        own = ?config.egress.own(),
+        peer_limits = ?config.peer_limits,
+        global_limits = ?config.global_limits,
+        "egress policy and limits"
+    );
     let client = Client::try_default().await.map_err(|error| {
         anyhow::anyhow!(
             "cannot reach the Kubernetes API ({error}); set KUBECONFIG or run in-cluster"

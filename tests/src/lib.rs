@@ -3,6 +3,7 @@
 //! `make test` starts one control plane for the whole run and exports its admin
 //! kubeconfig as `GEFYRA_KUBECONFIG`; every test gets its own fresh namespace from it.
 
+pub mod attacker;
 pub mod lab;
 
 use std::future::Future;

@@ -429,7 +429,7 @@ async fn gefyras_own_connect(
     )?;
     let admin = cluster.admin()?;
     let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), ns);
-    // Stowaway on a UDP port of this machine; the cluster side is a server on its address.
+    // Stowaway on a UDP port of this machine.
     let wireguard_port = std::net::UdpSocket::bind("0.0.0.0:0")?.local_addr()?.port();
     let stowaway_http = gefyra_e2e::free_port();
     let _stowaway = tokio::process::Command::new(gefyra_e2e::lab::stowaway_binary())
@@ -455,16 +455,16 @@ async fn gefyras_own_connect(
     })
     .await?;
     let host = host_address()?;
-    let server = tokio::net::TcpListener::bind((host, 0)).await?;
-    let server_port = server.local_addr()?.port();
-    tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        while let Ok((mut stream, _)) = server.accept().await {
-            let _ = stream
-                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 16\r\n\r\nthrough-stowaway")
-                .await;
-        }
-    });
+    // The cluster side: a server in a network namespace of its own (Stowaway never lets a
+    // peer reach Stowaway's own addresses, this machine's included).
+    let mut lab = gefyra_e2e::lab::Lab::new()?;
+    let cluster_netns = lab.cluster_netns();
+    let cluster_address = lab.cluster_address();
+    lab.serve(
+        &cluster_netns,
+        std::net::IpAddr::V4(cluster_address),
+        "through-stowaway",
+    )?;
 
     // A client routing 172.18.0.0/15: Docker's first networks (172.18/16, 172.19/16) are
     // taken in the cluster, though no ACTIVE client lists them as its subnet string.
@@ -587,9 +587,8 @@ async fn gefyras_own_connect(
     // From Cargo, through the tunnel and Stowaway, to the cluster side.
     let opened_before = metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await?;
     let fetch = format!(
-        "exec 3<>/dev/tcp/{host}/{server_port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+        "exec 3<>/dev/tcp/{cluster_address}/8080; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
     );
-    // Asynchronously: the server above runs on this test's runtime.
     let fetched = tokio::process::Command::new("docker")
         .args(["exec", "gefyra-cargo-g1", "bash", "-c", &fetch])
         .env("DOCKER_HOST", &docker.host)

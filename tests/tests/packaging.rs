@@ -282,6 +282,34 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
             .contains("- --leader-elect"),
         "leader election with more than one operator"
     );
+    let defaults = template("").await?;
+    for expected in [
+        "- --deny=169.254.0.0/16",
+        "- --deny=fe80::/10",
+        "- --peer-max-tcp-flows=256",
+        "- --peer-max-buffer-bytes=134217728",
+        "- --tcp-idle-timeout=300",
+    ] {
+        ensure!(
+            defaults.contains(expected),
+            "Stowaway's egress policy and limits render {expected:?}"
+        );
+    }
+    ensure!(!defaults.contains("--allow="), "no allow list by default");
+    let restricted = template(
+        "stowaway.egress.allow={10.96.0.0/12,10.244.0.0/16},stowaway.limits.perPeer.udpFlows=8",
+    )
+    .await?;
+    for expected in [
+        "- --allow=10.96.0.0/12",
+        "- --allow=10.244.0.0/16",
+        "- --peer-max-udp-flows=8",
+    ] {
+        ensure!(
+            restricted.contains(expected),
+            "chart values render {expected:?}"
+        );
+    }
     let balanced = template(
         "stowaway.service.type=LoadBalancer,stowaway.service.annotations.example\\.com/lb=udp,stowaway.service.loadBalancerSourceRanges={203.0.113.0/24}",
     )

@@ -514,3 +514,237 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }
+
+/// The attack, with the attacker's own credentials: a client connected with its own key
+/// drives a userspace WireGuard peer that writes any packet it likes. Stowaway refuses its
+/// way to loopback, link-local, Stowaway's own addresses and anything outside `--allow`
+/// (a reset, an ICMP error, counted), refuses its flows beyond its limits while a real
+/// neighbour peer keeps working, and expires what it leaves half-open or abandons — while
+/// the neighbour's idle connection, kept alive by its kernel, survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_share() -> Result<()>
+{
+    use gefyra_e2e::attacker::{Attacker, Reply, port, syn_answered};
+    use smoltcp::wire::TcpControl;
+    use std::net::SocketAddrV4;
+
+    let cluster = Cluster::from_env().await?;
+    let extra: Vec<String> = [
+        "--status-interval",
+        "1",
+        // The lab's cluster namespace lives in 10.77.0.0/16.
+        "--allow",
+        "10.0.0.0/8",
+        "--peer-max-tcp-flows",
+        "3",
+        "--peer-max-dials",
+        "3",
+        "--peer-max-udp-flows",
+        "2",
+        "--tcp-idle-timeout",
+        "3",
+        "--tcp-handshake-timeout",
+        "2",
+        "--udp-idle-timeout",
+        "2",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let mut setup = Deployment::start(&cluster, "hostile", &extra).await?;
+    setup.stowaway.wait_ready().await?;
+    let neighbour = setup
+        .connected_peer("neighbour", json!({ "subnet": "172.28.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&neighbour.netns).await?;
+
+    // The attacker: a client of its own, its own key, a tunnel of its own making.
+    let admin = setup.clients.clone().into_client();
+    let ns = setup.clients.namespace().context("namespaced")?.to_string();
+    gefyra_e2e::create_client(admin, &ns, "mallory").await?;
+    gefyra_e2e::wait_for_ready(&setup.clients, "mallory").await?;
+    let (private, public) = key_pair();
+    let active = connect(&setup.clients, "mallory", json!({ "publicKey": public })).await?;
+    let config = PeerConfig::of(&active, Some(&private))?;
+    let stowaway_address = format!("127.0.0.1:{}", setup.stowaway.port).parse()?;
+    let mut mallory = tokio::task::block_in_place(|| Attacker::connect(&config, stowaway_address))?;
+    let stowaway = &setup.stowaway;
+    let cluster_address = setup.lab.cluster_address();
+    let http = SocketAddrV4::new(cluster_address, 8080);
+    let echo = SocketAddrV4::new(cluster_address, 7007);
+    let metrics_port = stowaway.http_port;
+
+    // Egress: Stowaway's own metrics (on loopback, and the port on an address of its own
+    // network namespace), the metadata service, and an address outside --allow: each a
+    // reset.
+    let denied_before = stowaway
+        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .await?;
+    let refused_destinations = [
+        SocketAddrV4::new([127, 0, 0, 1].into(), metrics_port),
+        SocketAddrV4::new(setup.lab.cluster_gateway(), metrics_port),
+        SocketAddrV4::new([169, 254, 169, 254].into(), 80),
+        SocketAddrV4::new([198, 51, 100, 1].into(), 80),
+    ];
+    for (index, destination) in refused_destinations.iter().enumerate() {
+        let answered = tokio::task::block_in_place(|| {
+            syn_answered(&mut mallory, port(index as u16), *destination)
+        })?;
+        ensure!(!answered, "the attacker reached {destination}");
+    }
+    // A datagram to the metadata service: an ICMP "administratively prohibited".
+    let probe = mallory.udp(
+        port(10),
+        SocketAddrV4::new([169, 254, 169, 254].into(), 53),
+        b"x",
+    );
+    mallory.send(&probe)?;
+    let replies = tokio::task::block_in_place(|| mallory.receive(Duration::from_secs(2)))?;
+    ensure!(
+        replies.contains(&Reply::Unreachable { code: 13 }),
+        "a refused datagram is answered with ICMP code 13: {replies:?}"
+    );
+    let denied = stowaway
+        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .await?;
+    ensure!(
+        denied >= denied_before + 5.0,
+        "egress refusals counted: {denied_before} -> {denied}"
+    );
+    // The cluster itself is reachable for the attacker too (the control).
+    ensure!(
+        tokio::task::block_in_place(|| syn_answered(&mut mallory, port(11), http))?,
+        "the attacker's SYN to the cluster service is answered"
+    );
+    let reset = mallory.tcp(port(11), http, TcpControl::Rst, 1_001, None);
+    mallory.send(&reset)?;
+
+    // Limits: UDP flows beyond 2 are refused with an ICMP error, TCP flows beyond 3 with a
+    // reset; the neighbour is untouched.
+    eventually("the attacker's earlier flows are gone", WAIT, || async {
+        let tcp = stowaway.metric("stowaway_flows{protocol=\"tcp\"}").await?;
+        let udp = stowaway.metric("stowaway_flows{protocol=\"udp\"}").await?;
+        Ok((tcp == 0.0 && udp == 0.0).then_some(()))
+    })
+    .await?;
+    let limited_before = stowaway
+        .metric("stowaway_dropped_total{reason=\"peer_limit\"}")
+        .await?;
+    for index in 20..23 {
+        let datagram = mallory.udp(port(index), echo, b"echo");
+        mallory.send(&datagram)?;
+    }
+    let replies = tokio::task::block_in_place(|| mallory.receive(Duration::from_secs(2)))?;
+    let echoed = replies
+        .iter()
+        .filter(|reply| matches!(reply, Reply::Udp { payload, .. } if payload == b"echo"))
+        .count();
+    ensure!(
+        echoed == 2 && replies.contains(&Reply::Unreachable { code: 13 }),
+        "two UDP flows relayed, the third refused: {replies:?}"
+    );
+    let echoed = setup
+        .lab
+        .probe(&neighbour.netns, &["udp", &echo.to_string(), "neighbour"])?;
+    ensure!(echoed == "neighbour", "the neighbour's UDP: {echoed:?}");
+    for index in 30..34 {
+        let syn = mallory.tcp(port(index), http, TcpControl::Syn, 1_000, None);
+        mallory.send(&syn)?;
+    }
+    let replies = tokio::task::block_in_place(|| mallory.receive(Duration::from_secs(3)))?;
+    // By port: a SYN-ACK (retransmitted, then reset when the handshake times out), or a
+    // reset only.
+    let ports_with = |want_syn: bool| {
+        let mut ports: Vec<u16> = replies
+            .iter()
+            .filter_map(|reply| match reply {
+                Reply::Tcp { syn, to_port, .. } if *syn == want_syn => Some(*to_port),
+                _ => None,
+            })
+            .filter(|to_port| (30..34).map(port).any(|p| p == *to_port))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    };
+    let accepted = ports_with(true);
+    let reset_only: Vec<u16> = ports_with(false)
+        .into_iter()
+        .filter(|p| !accepted.contains(p))
+        .collect();
+    ensure!(
+        accepted.len() == 3 && reset_only.len() == 1,
+        "three connections accepted and one reset: {replies:?}"
+    );
+    ensure!(
+        stowaway
+            .metric("stowaway_dropped_total{reason=\"peer_limit\"}")
+            .await?
+            >= limited_before + 2.0,
+        "limit refusals counted"
+    );
+    let body = setup
+        .lab
+        .probe(&neighbour.netns, &["http", &format!("http://{http}/")])?;
+    ensure!(
+        body == "cluster",
+        "the neighbour's HTTP while the attacker is at its limit: {body:?}"
+    );
+
+    // Timeouts: the three handshakes the attacker never completes expire, its UDP flows
+    // idle out; then a connection it completes and abandons expires too.
+    eventually("the half-open and idle flows expire", WAIT, || async {
+        let handshakes = stowaway
+            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"handshake\"}")
+            .await?;
+        let udp = stowaway
+            .metric("stowaway_flow_expiries_total{protocol=\"udp\",timeout=\"idle\"}")
+            .await?;
+        let open = stowaway.metric("stowaway_flows{protocol=\"tcp\"}").await?;
+        Ok((handshakes >= 3.0 && udp >= 2.0 && open == 0.0).then_some(()))
+    })
+    .await?;
+    let syn = mallory.tcp(port(40), http, TcpControl::Syn, 5_000, None);
+    mallory.send(&syn)?;
+    let replies = tokio::task::block_in_place(|| mallory.receive(Duration::from_secs(2)))?;
+    let server_seq = replies
+        .iter()
+        .find_map(|reply| match reply {
+            Reply::Tcp {
+                syn: true,
+                seq,
+                to_port,
+                ..
+            } if *to_port == port(40) => Some(*seq),
+            _ => None,
+        })
+        .context("a SYN-ACK for the connection the attacker completes")?;
+    let ack = mallory.tcp(
+        port(40),
+        http,
+        TcpControl::None,
+        5_001,
+        Some(server_seq.wrapping_add(1)),
+    );
+    mallory.send(&ack)?;
+    eventually("the abandoned connection expires", WAIT, || async {
+        let idle = stowaway
+            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"idle\"}")
+            .await?;
+        let open = stowaway.metric("stowaway_flows{protocol=\"tcp\"}").await?;
+        Ok((idle >= 1.0 && open == 0.0).then_some(()))
+    })
+    .await?;
+
+    // The neighbour's connection, idle for more than twice the idle timeout, survives: its
+    // kernel answers the keep-alives.
+    let held = setup
+        .lab
+        .probe(&neighbour.netns, &["hold", &format!("http://{http}/"), "7"])?;
+    ensure!(
+        held == "cluster",
+        "an idle live connection survived: {held:?}"
+    );
+    setup.reaches_the_cluster(&neighbour.netns).await?;
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}

@@ -46,6 +46,19 @@ fn main() -> Result<()> {
             print!("{}", String::from_utf8_lossy(&body));
             Ok(())
         }
+        Some("hold") => {
+            // Connects, stays idle for SECONDS, then asks: whether an idle flow survived.
+            let url = args.get(1).context("a URL")?;
+            let seconds: u64 = args.get(2).context("SECONDS")?.parse()?;
+            let (address, host, path) = split_url(url)?;
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+            std::thread::sleep(Duration::from_secs(seconds));
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+            let (_, body) = read_response(stream)?;
+            print!("{}", String::from_utf8_lossy(&body));
+            Ok(())
+        }
         Some("download") => {
             let (_, body) = get(args.get(1).context("a URL")?, Duration::from_secs(120))?;
             print!("{}", body.len());
@@ -72,7 +85,7 @@ fn main() -> Result<()> {
             print!("{}", resolve(server, name)?);
             Ok(())
         }
-        _ => bail!("usage: lab serve|http|download|udp|dns ... (see the source)"),
+        _ => bail!("usage: lab serve|http|hold|download|udp|dns ... (see the source)"),
     }
 }
 

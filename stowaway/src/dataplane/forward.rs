@@ -1,0 +1,84 @@
+//! Forwards: a TCP port on the cluster side whose connections go through the tunnel to an
+//! address a connected peer holds.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+
+use gefyra_api::ipam::SERVER_ADDRESS;
+
+use super::DataPlane;
+
+/// A TCP port on the cluster side whose connections go through the tunnel to `target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = String;
+
+    /// `PORT=ADDR:PORT` (listens on every address) or `LISTEN_ADDR:PORT=ADDR:PORT`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (listen, target) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not PORT=ADDRESS:PORT"))?;
+        let listen = match listen.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+            Err(_) => listen
+                .parse()
+                .map_err(|_| format!("{listen:?} is neither a port nor ADDRESS:PORT"))?,
+        };
+        let target: SocketAddr = target
+            .parse()
+            .map_err(|_| format!("{target:?} is not ADDRESS:PORT"))?;
+        if target.is_ipv6() {
+            return Err(format!(
+                "{target}: forwards to IPv6 addresses are not supported yet"
+            ));
+        }
+        Ok(Self { listen, target })
+    }
+}
+
+impl DataPlane {
+    /// Connections on a forward listener: through the tunnel to the forward's target, if a
+    /// connected peer holds it and its limits allow one more flow.
+    pub(super) fn accept(&mut self, listener: usize) {
+        loop {
+            let Some((listener, forward)) = self.listeners.get(listener) else {
+                return;
+            };
+            let target = forward.target;
+            let (stream, from) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting on a forward listener failed");
+                    return;
+                }
+            };
+            let local = SocketAddr::new(SERVER_ADDRESS, self.ephemeral_port());
+            let opened = match self.endpoint.owner(target.ip()) {
+                Some(peer) => self.open_forwarded(peer, stream, target, local),
+                None => {
+                    tracing::info!(%from, %target, "forward refused: no connected client holds the target");
+                    let _ = stream.shutdown(Shutdown::Both);
+                    false
+                }
+            };
+            if !opened {
+                self.metrics
+                    .flows_total
+                    .with_label_values(&["tcp", "refused"])
+                    .inc();
+            }
+        }
+    }
+
+    fn ephemeral_port(&mut self) -> u16 {
+        let port = self.next_port;
+        self.next_port = if port == u16::MAX { 49_152 } else { port + 1 };
+        port
+    }
+}

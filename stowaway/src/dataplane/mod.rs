@@ -1,0 +1,587 @@
+//! The data plane: one thread, one event loop (mio) over the WireGuard socket and every
+//! forwarded flow. Peers' TCP is terminated by a userspace stack (smoltcp) and
+//! re-originated as an ordinary socket; UDP is relayed datagram by datagram; nothing needs
+//! a TUN device or a capability.
+//!
+//! By concept: `device` (the stack's in-memory device), `tunnel` (the WireGuard socket, its
+//! outbox, packets to and from peers), `tcp` (dials and flows), `udp` (the relay),
+//! `forward` (cluster-side listeners into the tunnel). Every flow lives in one map as one
+//! `Flow`; what a peer may reach and hold is decided by `crate::policy`.
+
+mod device;
+mod forward;
+mod tcp;
+mod tunnel;
+mod udp;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gefyra_api::ipam::SERVER_ADDRESS;
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Events, Interest, Poll, Token, Waker};
+use smoltcp::iface::{Config as StackConfig, Interface, SocketSet};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+pub use forward::Forward;
+
+use crate::endpoint::{Endpoint, PeerStats};
+use crate::metrics::Metrics;
+use crate::peers::{Key, PeerSpec};
+use crate::policy::{EgressPolicy, GlobalLimits, Holding, Ledger, PeerLimits};
+use device::Queues;
+
+/// The server's IPv6 address inside the userspace stack (never on a wire: it only lets the
+/// stack accept IPv6 flows).
+const SERVER_ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+const WIREGUARD: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_LISTENER: usize = 2;
+const FIRST_FLOW: usize = 1 << 16;
+/// The largest UDP datagram.
+const DATAGRAM: usize = 65_536;
+/// Rounds of stack polling and copying in one turn of the event loop.
+const PUMP_ROUNDS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The WireGuard socket (UDP 31820 by default).
+    pub listen: SocketAddr,
+    /// Where DNS queries to 192.168.99.1 are relayed.
+    pub resolver: SocketAddr,
+    pub forwards: Vec<Forward>,
+    /// The tunnel MTU (the largest IP packet a peer sends or receives).
+    pub mtu: usize,
+    pub udp_idle: Duration,
+    pub dial_timeout: Duration,
+    /// A TCP flow whose peer sent nothing this long (not even the answer to a keep-alive)
+    /// is aborted.
+    pub tcp_idle: Duration,
+    /// A TCP flow not established this long after it opened is aborted.
+    pub tcp_handshake: Duration,
+    /// Handshakes per second (all peers) before cookies are required.
+    pub handshakes_per_second: u64,
+    /// Where peers may open flows to.
+    pub egress: EgressPolicy,
+    pub peer_limits: PeerLimits,
+    pub global_limits: GlobalLimits,
+}
+
+/// What the control plane tells the data plane.
+pub enum Command {
+    Peers(BTreeMap<Key, PeerSpec>),
+    Stop,
+}
+
+/// What the data plane publishes for the control plane (status write-back, metrics, probes).
+#[derive(Default)]
+pub struct Shared {
+    pub stats: Mutex<BTreeMap<String, PeerStats>>,
+    /// Unix seconds of the loop's last tick (liveness).
+    pub heartbeat: AtomicU64,
+}
+
+/// The control plane's side: send commands, wake the loop.
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl Handle {
+    pub fn set_peers(&self, peers: BTreeMap<Key, PeerSpec>) {
+        self.send(Command::Peers(peers));
+    }
+
+    pub fn stop(&self) {
+        self.send(Command::Stop);
+    }
+
+    fn send(&self, command: Command) {
+        // A stopped data plane has nothing left to tell.
+        if self.commands.send(command).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A peer, as flows are accounted to it: its client's name.
+type PeerId = String;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// A flow as the peer's packets name it: (protocol, peer side, cluster side).
+type Tuple = (Protocol, SocketAddr, SocketAddr);
+
+/// One forwarded flow: whose it is, what it holds, and what it is now.
+struct Flow {
+    peer: PeerId,
+    holding: Holding,
+    tuple: Tuple,
+    opened: Instant,
+    /// The last packet of this flow from the peer (UDP: in either direction).
+    last_heard: Instant,
+    kind: FlowKind,
+}
+
+enum FlowKind {
+    /// A peer's TCP connection whose cluster-side dial is under way.
+    Dial(tcp::Dial),
+    Tcp(tcp::TcpFlow),
+    Udp(udp::UdpFlow),
+}
+
+pub struct DataPlane {
+    config: Config,
+    poll: Poll,
+    wireguard: UdpSocket,
+    commands: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    endpoint: Endpoint,
+    stack: Interface,
+    queues: Queues,
+    sockets: SocketSet<'static>,
+    listeners: Vec<(TcpListener, Forward)>,
+    flows: HashMap<Token, Flow>,
+    tuples: HashMap<Tuple, Token>,
+    ledger: Ledger<PeerId>,
+    next_token: usize,
+    next_port: u16,
+    started: Instant,
+    /// The time of this turn of the event loop.
+    now: Instant,
+    buffer: Vec<u8>,
+    /// Datagrams the WireGuard socket could not take yet (sent when it is writable again,
+    /// so that a burst from the stack is delayed rather than lost), and their bytes.
+    outbox: VecDeque<(SocketAddr, Vec<u8>)>,
+    outbox_bytes: usize,
+    /// The WireGuard socket had more to read when this turn's share was used up.
+    wireguard_pending: bool,
+    /// UDP flows with datagrams left when their share of a turn was used up.
+    udp_pending: HashSet<Token>,
+    /// ICMP errors still allowed this second.
+    icmp_budget: u32,
+    /// The last pump stopped at its bound with work left: do not sleep.
+    unfinished: bool,
+}
+
+impl DataPlane {
+    /// Binds every socket (so a taken port fails here, before anything runs).
+    pub fn bind(
+        config: Config,
+        private_key: Key,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<(Self, Handle)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut wireguard = UdpSocket::bind(config.listen).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("binding the WireGuard socket {}: {error}", config.listen),
+            )
+        })?;
+        poll.registry().register(
+            &mut wireguard,
+            WIREGUARD,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let mut listeners = Vec::new();
+        for (index, forward) in config.forwards.iter().enumerate() {
+            let mut listener = TcpListener::bind(forward.listen).map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("binding the forward listener {}: {error}", forward.listen),
+                )
+            })?;
+            poll.registry().register(
+                &mut listener,
+                Token(FIRST_LISTENER + index),
+                Interest::READABLE,
+            )?;
+            listeners.push((listener, *forward));
+        }
+        let mut queues = Queues {
+            inbound: VecDeque::new(),
+            outbound: Vec::new(),
+            mtu: config.mtu,
+        };
+        let started = Instant::now();
+        let mut stack = Interface::new(
+            StackConfig::new(HardwareAddress::Ip),
+            &mut queues,
+            smoltcp::time::Instant::ZERO,
+        );
+        // Accept every destination: the stack stands in for the whole cluster.
+        stack.set_any_ip(true);
+        stack.update_ip_addrs(|addresses| {
+            let server = match SERVER_ADDRESS {
+                IpAddr::V4(v4) => IpCidr::new(IpAddress::Ipv4(v4), 32),
+                IpAddr::V6(v6) => IpCidr::new(IpAddress::Ipv6(v6), 128),
+            };
+            addresses.push(server).expect("room for two addresses");
+            addresses
+                .push(IpCidr::new(IpAddress::Ipv6(SERVER_ADDRESS_V6), 128))
+                .expect("room for two addresses");
+        });
+        if let IpAddr::V4(v4) = SERVER_ADDRESS {
+            stack
+                .routes_mut()
+                .add_default_ipv4_route(v4)
+                .expect("room for a route");
+        }
+        stack
+            .routes_mut()
+            .add_default_ipv6_route(SERVER_ADDRESS_V6)
+            .expect("room for a route");
+        let (sender, commands) = mpsc::channel();
+        let endpoint = Endpoint::with_handshake_rate(private_key, config.handshakes_per_second);
+        let ledger = Ledger::new(config.peer_limits, config.global_limits);
+        let plane = Self {
+            config,
+            poll,
+            wireguard,
+            commands,
+            shared,
+            metrics,
+            endpoint,
+            stack,
+            queues,
+            sockets: SocketSet::new(Vec::new()),
+            listeners,
+            flows: HashMap::new(),
+            tuples: HashMap::new(),
+            ledger,
+            next_token: FIRST_FLOW,
+            next_port: 49_152,
+            started,
+            now: started,
+            buffer: vec![0; DATAGRAM],
+            outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            wireguard_pending: false,
+            udp_pending: HashSet::new(),
+            icmp_budget: tunnel::ICMP_ERRORS_PER_SECOND,
+            unfinished: false,
+        };
+        let handle = Handle {
+            commands: sender,
+            waker,
+        };
+        Ok((plane, handle))
+    }
+
+    /// The WireGuard socket's address (the port, when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.wireguard.local_addr()
+    }
+
+    /// Runs until `Handle::stop` (or the handle is dropped).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now();
+        loop {
+            self.now = Instant::now();
+            if self.now >= next_tick {
+                self.tick();
+                next_tick = self.now + Duration::from_secs(1);
+            }
+            let stack_delay = self
+                .stack
+                .poll_delay(self.stack_now(), &self.sockets)
+                .map(|delay| Duration::from_micros(delay.total_micros()));
+            let busy = self.unfinished || self.wireguard_pending || !self.udp_pending.is_empty();
+            let timeout = if busy {
+                Duration::ZERO
+            } else {
+                stack_delay
+                    .unwrap_or(Duration::MAX)
+                    .min(next_tick.saturating_duration_since(self.now))
+            };
+            if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            self.now = Instant::now();
+            // Not only on writable edges: whatever waits is sent as soon as there is room.
+            if !self.outbox.is_empty() {
+                self.flush_outbox();
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WIREGUARD => {
+                        if event.is_writable() {
+                            self.flush_outbox();
+                        }
+                        if event.is_readable() {
+                            self.wireguard_pending = true;
+                        }
+                    }
+                    WAKER => {
+                        if !self.take_commands() {
+                            return Ok(());
+                        }
+                    }
+                    Token(index) if index < FIRST_FLOW => self.accept(index - FIRST_LISTENER),
+                    token => self.flow_event(token, event.is_readable(), event.is_writable()),
+                }
+            }
+            // Every source gets a bounded share of this turn: the tunnel, then each UDP flow
+            // with datagrams waiting, then every TCP flow (in `pump`).
+            if self.wireguard_pending {
+                self.receive_datagrams();
+            }
+            if !self.udp_pending.is_empty() {
+                let ready: Vec<Token> = self.udp_pending.drain().collect();
+                for token in ready {
+                    self.udp_readable(token);
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn stack_now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(
+            i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX),
+        )
+    }
+
+    /// Applies the control plane's commands; `false` to stop.
+    fn take_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Peers(desired)) => self.set_peers(&desired),
+                Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
+                Err(mpsc::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn set_peers(&mut self, desired: &BTreeMap<Key, PeerSpec>) {
+        let plan = crate::peers::plan(&self.endpoint.specs(), desired);
+        if plan.add.is_empty() && plan.replace.is_empty() && plan.remove.is_empty() {
+            return;
+        }
+        tracing::info!(
+            added = plan.add.len(),
+            replaced = plan.replace.len(),
+            removed = plan.remove.len(),
+            peers = desired.len(),
+            "peer table changed"
+        );
+        self.endpoint.apply(plan);
+        self.metrics
+            .peers
+            .set(i64::try_from(desired.len()).unwrap_or(i64::MAX));
+        // Flows of peers that are gone end now.
+        let gone: Vec<Token> = self
+            .flows
+            .iter()
+            .filter(|(_, flow)| !self.endpoint.holds(flow.tuple.1.ip()))
+            .map(|(token, _)| *token)
+            .collect();
+        for token in gone {
+            self.end_flow(token);
+        }
+    }
+
+    fn tick(&mut self) {
+        for (to, datagram) in self.endpoint.tick() {
+            self.send_datagram(to, datagram);
+        }
+        self.icmp_budget = tunnel::ICMP_ERRORS_PER_SECOND;
+        self.expire_flows();
+        *self.shared.stats.lock().expect("stats lock") = self.endpoint.peer_stats();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.shared.heartbeat.store(unix, Ordering::Relaxed);
+        self.pump();
+    }
+
+    /// Ends flows past their timeouts, each expiry counted by protocol and timeout.
+    fn expire_flows(&mut self) {
+        let now = self.now;
+        let config = &self.config;
+        let mut expired = Vec::new();
+        for (token, flow) in &self.flows {
+            let since_opened = now.saturating_duration_since(flow.opened);
+            let since_heard = now.saturating_duration_since(flow.last_heard);
+            let timeout = match &flow.kind {
+                FlowKind::Dial(_) => (since_opened >= config.dial_timeout).then_some("dial"),
+                FlowKind::Udp(_) => (since_heard >= config.udp_idle).then_some("idle"),
+                FlowKind::Tcp(flow) => {
+                    let state = self
+                        .sockets
+                        .get::<smoltcp::socket::tcp::Socket>(flow.socket)
+                        .state();
+                    tcp::timed_out(state, since_opened, since_heard, config)
+                }
+            };
+            if let Some(timeout) = timeout {
+                expired.push((*token, flow.tuple.0, timeout));
+            }
+        }
+        for (token, protocol, timeout) in expired {
+            tracing::debug!(protocol = protocol.label(), timeout, "flow expired");
+            self.metrics
+                .expiries
+                .with_label_values(&[protocol.label(), timeout])
+                .inc();
+            match timeout {
+                "dial" => self.dial_failed(token, "timed out"),
+                _ => self.end_flow(token),
+            }
+        }
+    }
+
+    fn token(&mut self) -> Token {
+        let token = Token(self.next_token);
+        self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_FLOW);
+        token
+    }
+
+    /// Records a new flow under `token`.
+    fn insert_flow(
+        &mut self,
+        token: Token,
+        peer: PeerId,
+        holding: Holding,
+        tuple: Tuple,
+        kind: FlowKind,
+    ) {
+        self.tuples.insert(tuple, token);
+        self.flows.insert(
+            token,
+            Flow {
+                peer,
+                holding,
+                tuple,
+                opened: self.now,
+                last_heard: self.now,
+                kind,
+            },
+        );
+    }
+
+    /// Takes a flow out of the map and gives back what it held; the caller closes it.
+    fn remove_flow(&mut self, token: Token) -> Option<Flow> {
+        let flow = self.flows.remove(&token)?;
+        if self.tuples.get(&flow.tuple) == Some(&token) {
+            self.tuples.remove(&flow.tuple);
+        }
+        self.ledger.release(&flow.peer, flow.holding);
+        self.udp_pending.remove(&token);
+        Some(flow)
+    }
+
+    /// Ends a flow now: a TCP flow is reset (and removed once the stack has sent the RST),
+    /// anything else closed at once.
+    fn end_flow(&mut self, token: Token) {
+        match self.flows.get(&token).map(|flow| &flow.kind) {
+            Some(FlowKind::Tcp(flow)) => {
+                self.sockets
+                    .get_mut::<smoltcp::socket::tcp::Socket>(flow.socket)
+                    .abort();
+            }
+            Some(FlowKind::Dial(_)) => self.dial_failed(token, "its peer is gone"),
+            Some(FlowKind::Udp(_)) => self.close_udp(token),
+            None => {}
+        }
+    }
+
+    fn flow_event(&mut self, token: Token, readable: bool, writable: bool) {
+        match self.flows.get_mut(&token).map(|flow| &mut flow.kind) {
+            Some(FlowKind::Dial(_)) => self.dial_event(token),
+            Some(FlowKind::Tcp(flow)) => {
+                flow.readable |= readable;
+                flow.writable |= writable;
+            }
+            Some(FlowKind::Udp(_)) if readable => {
+                self.udp_pending.insert(token);
+            }
+            _ => {}
+        }
+    }
+
+    /// Where a connection or datagram to `destination` really goes: 192.168.99.1:53 is the
+    /// resolver, other ports of the server address go nowhere; anything else only where the
+    /// egress policy lets a peer go. `Err` is the `stowaway_dropped_total` reason.
+    fn target_of(&self, destination: SocketAddr) -> Result<SocketAddr, &'static str> {
+        let ip = destination.ip();
+        if ip == SERVER_ADDRESS || ip == IpAddr::V6(SERVER_ADDRESS_V6) {
+            return if destination.port() == 53 {
+                Ok(self.config.resolver)
+            } else {
+                Err("no_service")
+            };
+        }
+        match self.config.egress.check(ip) {
+            Ok(()) => Ok(destination),
+            Err(refusal) => {
+                tracing::debug!(%destination, %refusal, "egress denied");
+                Err("egress_denied")
+            }
+        }
+    }
+
+    /// Admits a flow for `peer` in the ledger; a refusal is counted and logged.
+    fn admit(&mut self, peer: &PeerId, holding: Holding, tuple: Tuple) -> bool {
+        match self.ledger.admit(peer, holding) {
+            Ok(()) => true,
+            Err(hit) => {
+                tracing::debug!(client = %peer, protocol = tuple.0.label(), destination = %tuple.2, limit = %hit, "flow refused: over a limit");
+                self.metrics
+                    .dropped
+                    .with_label_values(&[hit.reason()])
+                    .inc();
+                false
+            }
+        }
+    }
+
+    /// Moves packets through the stack and bytes between the stack and the cluster sockets
+    /// until nothing moves; then sends what the stack wrote.
+    fn pump(&mut self) {
+        // Bounded, so that the event loop always comes back to the sockets; what is left
+        // is picked up on the next turn.
+        self.unfinished = true;
+        for _ in 0..PUMP_ROUNDS {
+            let now = self.stack_now();
+            self.stack.poll(now, &mut self.queues, &mut self.sockets);
+            let moved = self.shuttle();
+            self.stack.poll(now, &mut self.queues, &mut self.sockets);
+            let outbound = std::mem::take(&mut self.queues.outbound);
+            for packet in &outbound {
+                self.send_to_peer(packet);
+            }
+            if !moved && self.queues.inbound.is_empty() {
+                self.unfinished = false;
+                break;
+            }
+        }
+        self.remove_finished();
+    }
+}

@@ -1,0 +1,413 @@
+//! TCP: a peer's SYN is held while the cluster side is dialled; then the stack takes the
+//! connection and bytes are copied between its socket and the cluster-side socket, each
+//! flow a bounded share per round.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use smoltcp::wire::IpListenEndpoint;
+
+use super::{Config, DataPlane, Flow, FlowKind, PeerId, Tuple};
+use crate::policy::Holding;
+
+/// Per-flow receive buffer of the userspace TCP stack (peer to cluster): the window the
+/// peer may fill.
+const TCP_RECEIVE_BUFFER: usize = 1 << 20;
+/// Per-flow send buffer (cluster to peer): bounds the data in flight to the peer. The stack
+/// does not pace and retransmits after at least 1 s, so every burst lost on the way costs
+/// a second. Measured with iperf3 (`make bench`): 512 KiB gave 0.03–0.10 Gbit/s towards the
+/// peer, 128 KiB 0.07–0.28, 64 KiB 0.43–0.54 (at or above the kernel baseline).
+const TCP_SEND_BUFFER: usize = 64 << 10;
+/// What one TCP flow reserves of its peer's and the global buffer space.
+pub(super) const TCP_FLOW_BUFFERS: usize = TCP_RECEIVE_BUFFER + TCP_SEND_BUFFER;
+/// Bytes one flow may move in each direction per round of the pump, so that one busy flow
+/// cannot keep the others waiting.
+const FLOW_SHARE: usize = 64 << 10;
+/// Keep-alives towards an idle peer, at most this far apart and at least three per
+/// `--tcp-idle-timeout`: a live peer answers them, so only a vanished one goes silent that
+/// long.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+fn keep_alive(config: &Config) -> smoltcp::time::Duration {
+    let interval = KEEP_ALIVE
+        .min(config.tcp_idle / 3)
+        .max(Duration::from_millis(100));
+    smoltcp::time::Duration::from_millis(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A peer's connection awaiting its cluster-side dial; the peer's SYN is held meanwhile.
+pub(super) struct Dial {
+    stream: TcpStream,
+    syn: Vec<u8>,
+}
+
+/// A TCP flow: a stack socket on the tunnel side, an ordinary socket on the cluster side.
+pub(super) struct TcpFlow {
+    pub socket: SocketHandle,
+    stream: TcpStream,
+    /// Edge-triggered readiness not yet used up.
+    pub readable: bool,
+    pub writable: bool,
+    /// The cluster side finished sending (FIN queued towards the peer).
+    cluster_done: bool,
+    /// The peer finished sending and it was passed on (cluster side shut down for writing).
+    peer_done: bool,
+}
+
+/// Which timeout a TCP flow has run out of, if any.
+pub(super) fn timed_out(
+    state: tcp::State,
+    since_opened: Duration,
+    since_heard: Duration,
+    config: &Config,
+) -> Option<&'static str> {
+    match state {
+        tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived => {
+            (since_opened >= config.tcp_handshake).then_some("handshake")
+        }
+        tcp::State::Closed | tcp::State::TimeWait => None,
+        _ => (since_heard >= config.tcp_idle).then_some("idle"),
+    }
+}
+
+impl DataPlane {
+    /// A peer's SYN for a new connection: dial the cluster side if the policy and the
+    /// peer's limits allow it, else refuse (a reset).
+    pub(super) fn dial(&mut self, peer: PeerId, tuple: Tuple, syn: Vec<u8>) {
+        let target = match self.target_of(tuple.2) {
+            Ok(target) => target,
+            Err(reason) => {
+                self.metrics.dropped.with_label_values(&[reason]).inc();
+                self.refuse(syn);
+                return;
+            }
+        };
+        let holding = Holding::Tcp {
+            dialing: true,
+            buffer_bytes: TCP_FLOW_BUFFERS,
+        };
+        if !self.admit(&peer, holding, tuple) {
+            self.refuse(syn);
+            return;
+        }
+        let token = self.token();
+        let registered = TcpStream::connect(target).and_then(|mut stream| {
+            self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(stream)
+        });
+        match registered {
+            Ok(stream) => self.insert_flow(
+                token,
+                peer,
+                holding,
+                tuple,
+                FlowKind::Dial(Dial { stream, syn }),
+            ),
+            Err(error) => {
+                tracing::debug!(peer = %tuple.1, destination = %tuple.2, %error, "dial failed");
+                self.ledger.release(&peer, holding);
+                self.refuse(syn);
+            }
+        }
+    }
+
+    /// Hands the SYN to the stack with no socket to take it: the stack answers with a reset.
+    fn refuse(&mut self, syn: Vec<u8>) {
+        self.metrics
+            .flows_total
+            .with_label_values(&["tcp", "refused"])
+            .inc();
+        self.queues.inbound.push_back(syn);
+    }
+
+    pub(super) fn dial_failed(&mut self, token: Token, why: &str) {
+        if !matches!(
+            self.flows.get(&token).map(|flow| &flow.kind),
+            Some(FlowKind::Dial(_))
+        ) {
+            return;
+        }
+        let Some(Flow {
+            tuple,
+            kind: FlowKind::Dial(mut dial),
+            ..
+        }) = self.remove_flow(token)
+        else {
+            return;
+        };
+        tracing::debug!(peer = %tuple.1, destination = %tuple.2, why, "dial failed");
+        let _ = self.poll.registry().deregister(&mut dial.stream);
+        self.refuse(dial.syn);
+    }
+
+    pub(super) fn dial_event(&mut self, token: Token) {
+        let Some(Flow {
+            kind: FlowKind::Dial(dial),
+            ..
+        }) = self.flows.get(&token)
+        else {
+            return;
+        };
+        match (dial.stream.take_error(), dial.stream.peer_addr()) {
+            (Ok(Some(error)), _) | (Err(error), _) => {
+                self.dial_failed(token, &error.to_string());
+                return;
+            }
+            (Ok(None), Err(error)) if error.kind() == io::ErrorKind::NotConnected => return,
+            (Ok(None), Err(error)) => {
+                self.dial_failed(token, &error.to_string());
+                return;
+            }
+            (Ok(None), Ok(_)) => {}
+        }
+        let Some(mut flow) = self.flows.remove(&token) else {
+            return;
+        };
+        let FlowKind::Dial(Dial { stream, syn }) = flow.kind else {
+            return;
+        };
+        let mut socket = new_socket(&self.config);
+        if socket.listen(IpListenEndpoint::from(flow.tuple.2)).is_err() {
+            // Back in the map as it was, so that the failure path gives everything back.
+            flow.kind = FlowKind::Dial(Dial { stream, syn });
+            self.flows.insert(token, flow);
+            self.dial_failed(token, "the stack refused the listen endpoint");
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        let _ = stream.set_nodelay(true);
+        flow.kind = FlowKind::Tcp(TcpFlow::new(handle, stream));
+        flow.holding = Holding::Tcp {
+            dialing: false,
+            buffer_bytes: TCP_FLOW_BUFFERS,
+        };
+        tracing::debug!(tuple = ?flow.tuple, "TCP flow opened");
+        self.ledger.dialed(&flow.peer);
+        self.flows.insert(token, flow);
+        self.queues.inbound.push_back(syn);
+        self.count_opened();
+    }
+
+    pub(super) fn count_opened(&self) {
+        self.metrics
+            .flows_total
+            .with_label_values(&["tcp", "opened"])
+            .inc();
+        self.metrics.flows.with_label_values(&["tcp"]).inc();
+    }
+
+    /// Copies bytes between every flow's two sides, each a bounded share; whether any byte
+    /// moved.
+    pub(super) fn shuttle(&mut self) -> bool {
+        let mut moved = false;
+        for flow in self.flows.values_mut() {
+            let FlowKind::Tcp(tcp) = &mut flow.kind else {
+                continue;
+            };
+            let socket = self.sockets.get_mut::<tcp::Socket>(tcp.socket);
+            // A reset or aborted connection keeps what it had received; it goes nowhere now.
+            if socket.state() == tcp::State::Closed {
+                continue;
+            }
+            moved |= peer_to_cluster(tcp, socket);
+            moved |= cluster_to_peer(tcp, socket);
+        }
+        moved
+    }
+
+    pub(super) fn remove_finished(&mut self) {
+        let finished: Vec<Token> = self
+            .flows
+            .iter()
+            .filter(|(_, flow)| match &flow.kind {
+                FlowKind::Tcp(tcp) => {
+                    let state = self.sockets.get::<tcp::Socket>(tcp.socket).state();
+                    state == tcp::State::Closed || state == tcp::State::TimeWait
+                }
+                _ => false,
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in finished {
+            let Some(Flow {
+                tuple,
+                kind: FlowKind::Tcp(mut flow),
+                ..
+            }) = self.remove_flow(token)
+            else {
+                continue;
+            };
+            tracing::debug!(
+                ?tuple,
+                state = %self.sockets.get::<tcp::Socket>(flow.socket).state(),
+                peer_done = flow.peer_done,
+                cluster_done = flow.cluster_done,
+                "TCP flow ended"
+            );
+            let _ = self.poll.registry().deregister(&mut flow.stream);
+            // Whatever the peer had not finished is cut on the cluster side too.
+            let _ = flow.stream.shutdown(Shutdown::Both);
+            self.sockets.remove(flow.socket);
+            self.metrics.flows.with_label_values(&["tcp"]).dec();
+        }
+    }
+
+    /// A flow from the cluster side into the tunnel (a forward): the stack connects to
+    /// `target` from `local`; the stream is the accepted cluster-side connection.
+    pub(super) fn open_forwarded(
+        &mut self,
+        peer: PeerId,
+        mut stream: TcpStream,
+        target: SocketAddr,
+        local: SocketAddr,
+    ) -> bool {
+        let tuple = (super::Protocol::Tcp, target, local);
+        let holding = Holding::Tcp {
+            dialing: false,
+            buffer_bytes: TCP_FLOW_BUFFERS,
+        };
+        if !self.admit(&peer, holding, tuple) {
+            return false;
+        }
+        let mut socket = new_socket(&self.config);
+        if let Err(error) = socket.connect(
+            self.stack.context(),
+            smoltcp::wire::IpEndpoint::from(target),
+            smoltcp::wire::IpEndpoint::from(local),
+        ) {
+            tracing::warn!(%target, ?error, "forward connect failed");
+            self.ledger.release(&peer, holding);
+            return false;
+        }
+        let token = self.token();
+        if self
+            .poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            self.ledger.release(&peer, holding);
+            return false;
+        }
+        let handle = self.sockets.add(socket);
+        let _ = stream.set_nodelay(true);
+        self.insert_flow(
+            token,
+            peer,
+            holding,
+            tuple,
+            FlowKind::Tcp(TcpFlow::new(handle, stream)),
+        );
+        tracing::debug!(?tuple, "forwarded TCP flow opened");
+        self.count_opened();
+        true
+    }
+}
+
+impl TcpFlow {
+    fn new(socket: SocketHandle, stream: TcpStream) -> Self {
+        Self {
+            socket,
+            stream,
+            readable: true,
+            writable: true,
+            cluster_done: false,
+            peer_done: false,
+        }
+    }
+}
+
+fn new_socket(config: &Config) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; TCP_RECEIVE_BUFFER]),
+        tcp::SocketBuffer::new(vec![0; TCP_SEND_BUFFER]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    socket.set_ack_delay(None);
+    socket.set_keep_alive(Some(keep_alive(config)));
+    socket
+}
+
+/// Bytes the peer sent, on to the cluster side (at most a share); its FIN becomes a write
+/// shutdown.
+fn peer_to_cluster(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
+    let mut moved = false;
+    let mut share = FLOW_SHARE;
+    while share > 0 && flow.writable && socket.can_recv() {
+        let stream = &mut flow.stream;
+        match socket.recv(|bytes| {
+            let bytes = &bytes[..bytes.len().min(share)];
+            match stream.write(bytes) {
+                Ok(written) => (written, Ok(written)),
+                Err(error) => (0, Err(error)),
+            }
+        }) {
+            Ok(Ok(0)) => break,
+            Ok(Ok(written)) => {
+                moved = true;
+                share = share.saturating_sub(written);
+            }
+            Ok(Err(error)) if error.kind() == io::ErrorKind::WouldBlock => {
+                flow.writable = false;
+            }
+            Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => {
+                socket.abort();
+                return true;
+            }
+            Err(_) => break,
+        }
+    }
+    if !flow.peer_done && matches!(socket.recv(|_| (0, ())), Err(tcp::RecvError::Finished)) {
+        flow.peer_done = true;
+        let _ = flow.stream.shutdown(Shutdown::Write);
+        moved = true;
+    }
+    moved
+}
+
+/// Bytes the cluster side sent, on to the peer (at most a share); its end becomes a FIN.
+fn cluster_to_peer(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
+    let mut moved = false;
+    let mut share = FLOW_SHARE;
+    while share > 0 && flow.readable && !flow.cluster_done && socket.can_send() {
+        let stream = &mut flow.stream;
+        match socket.send(|room| {
+            let limit = room.len().min(share);
+            match stream.read(&mut room[..limit]) {
+                Ok(read) => (read, Ok(read)),
+                Err(error) => (0, Err(error)),
+            }
+        }) {
+            Ok(Ok(0)) => {
+                flow.cluster_done = true;
+                socket.close();
+                moved = true;
+            }
+            Ok(Ok(read)) => {
+                moved = true;
+                share = share.saturating_sub(read);
+            }
+            Ok(Err(error)) if error.kind() == io::ErrorKind::WouldBlock => {
+                flow.readable = false;
+            }
+            Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => {
+                socket.abort();
+                return true;
+            }
+            Err(_) => break,
+        }
+    }
+    moved
+}

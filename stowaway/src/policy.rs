@@ -1,0 +1,468 @@
+//! Where a peer's traffic may go (the egress policy) and how much of what all peers share
+//! one peer may hold (the limits). Pure: decisions from addresses and counts, no I/O.
+//!
+//! A userspace WireGuard client can write any destination into its packets, so the policy
+//! is decided here, on the cluster side, never by the laptop's routing table.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// Destinations no flag can open: Stowaway's own loopback and unspecified addresses,
+/// link-local (cloud metadata services live there), multicast and broadcast.
+const NEVER: &[&str] = &[
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// The `--deny` default: metadata services that are not link-local on every provider, on
+/// top of what is never reachable.
+pub const DEFAULT_DENY: &[&str] = &[
+    "169.254.0.0/16",
+    "fe80::/10",
+    "100.100.100.200/32",
+    "fd00:ec2::254/128",
+];
+
+/// Why a destination is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Loopback, unspecified, link-local, multicast or broadcast.
+    Reserved(IpNet),
+    /// One of Stowaway's own addresses (its pod: its metrics, any sidecar).
+    OwnAddress,
+    /// Inside a `--deny` range.
+    Denied(IpNet),
+    /// Outside every `--allow` range (only when some are given).
+    NotAllowed,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reserved(range) => write!(f, "{range} is never reachable through Stowaway"),
+            Self::OwnAddress => write!(f, "Stowaway's own address"),
+            Self::Denied(range) => write!(f, "denied by --deny {range}"),
+            Self::NotAllowed => write!(f, "outside every --allow range"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EgressPolicy {
+    never: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    allow: Vec<IpNet>,
+    own: Vec<IpAddr>,
+}
+
+impl EgressPolicy {
+    /// `allow` empty: every destination not refused otherwise.
+    pub fn new(deny: Vec<IpNet>, allow: Vec<IpNet>, own: Vec<IpAddr>) -> Self {
+        let never = NEVER
+            .iter()
+            .map(|range| range.parse().expect("a valid built-in range"))
+            .collect();
+        let own = own
+            .into_iter()
+            .map(|address| address.to_canonical())
+            .collect();
+        Self {
+            never,
+            deny,
+            allow,
+            own,
+        }
+    }
+
+    pub fn default_deny() -> Vec<IpNet> {
+        DEFAULT_DENY
+            .iter()
+            .map(|range| range.parse().expect("a valid built-in range"))
+            .collect()
+    }
+
+    /// Stowaway's own addresses, as the policy refuses them.
+    pub fn own(&self) -> &[IpAddr] {
+        &self.own
+    }
+
+    /// Whether a peer may reach `destination` (IPv4-mapped IPv6 counts as IPv4).
+    pub fn check(&self, destination: IpAddr) -> Result<(), Refusal> {
+        let destination = destination.to_canonical();
+        if let Some(range) = self.never.iter().find(|range| range.contains(&destination)) {
+            return Err(Refusal::Reserved(*range));
+        }
+        if self.own.contains(&destination) {
+            return Err(Refusal::OwnAddress);
+        }
+        if let Some(range) = self.deny.iter().find(|range| range.contains(&destination)) {
+            return Err(Refusal::Denied(*range));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|range| range.contains(&destination)) {
+            return Err(Refusal::NotAllowed);
+        }
+        Ok(())
+    }
+}
+
+/// What one peer may hold at once; each a count or bytes, checked before a flow opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    pub tcp_flows: usize,
+    /// TCP connections whose cluster-side dial is under way.
+    pub dials: usize,
+    pub udp_flows: usize,
+    /// Buffer space of the userspace stack reserved by the peer's TCP flows.
+    pub buffer_bytes: usize,
+}
+
+/// Bounds shared by all peers: they protect the process (descriptors, memory), not a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalLimits {
+    /// TCP and UDP flows together (each holds a descriptor and, for UDP, a port).
+    pub flows: usize,
+    pub buffer_bytes: usize,
+}
+
+/// What a flow holds while it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// A TCP flow; `dialing` while its cluster-side connect is under way.
+    Tcp {
+        dialing: bool,
+        buffer_bytes: usize,
+    },
+    Udp,
+}
+
+/// Which bound refused a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    PeerTcpFlows,
+    PeerDials,
+    PeerUdpFlows,
+    PeerBuffer,
+    GlobalFlows,
+    GlobalBuffer,
+}
+
+impl LimitHit {
+    /// The `stowaway_dropped_total` reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::PeerTcpFlows | Self::PeerDials | Self::PeerUdpFlows | Self::PeerBuffer => {
+                "peer_limit"
+            }
+            Self::GlobalFlows | Self::GlobalBuffer => "global_limit",
+        }
+    }
+}
+
+impl std::fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PeerTcpFlows => "the peer's TCP flows (--peer-max-tcp-flows)",
+            Self::PeerDials => "the peer's pending dials (--peer-max-dials)",
+            Self::PeerUdpFlows => "the peer's UDP flows (--peer-max-udp-flows)",
+            Self::PeerBuffer => "the peer's buffer space (--peer-max-buffer-bytes)",
+            Self::GlobalFlows => "all flows (--max-flows)",
+            Self::GlobalBuffer => "all buffer space (--max-buffer-bytes)",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub tcp_flows: usize,
+    pub dials: usize,
+    pub udp_flows: usize,
+    pub buffer_bytes: usize,
+}
+
+impl Usage {
+    fn add(&mut self, holding: Holding) {
+        match holding {
+            Holding::Tcp {
+                dialing,
+                buffer_bytes,
+            } => {
+                self.tcp_flows = self.tcp_flows.saturating_add(1);
+                self.dials = self.dials.saturating_add(usize::from(dialing));
+                self.buffer_bytes = self.buffer_bytes.saturating_add(buffer_bytes);
+            }
+            Holding::Udp => self.udp_flows = self.udp_flows.saturating_add(1),
+        }
+    }
+
+    fn remove(&mut self, holding: Holding) {
+        match holding {
+            Holding::Tcp {
+                dialing,
+                buffer_bytes,
+            } => {
+                self.tcp_flows = self.tcp_flows.saturating_sub(1);
+                self.dials = self.dials.saturating_sub(usize::from(dialing));
+                self.buffer_bytes = self.buffer_bytes.saturating_sub(buffer_bytes);
+            }
+            Holding::Udp => self.udp_flows = self.udp_flows.saturating_sub(1),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Who holds what: admits a flow only within its peer's and the global bounds, so a peer
+/// over its limit is refused new flows and the others are not.
+#[derive(Debug)]
+pub struct Ledger<P> {
+    peer: PeerLimits,
+    global: GlobalLimits,
+    by_peer: HashMap<P, Usage>,
+    total: Usage,
+}
+
+impl<P: std::hash::Hash + Eq + Clone> Ledger<P> {
+    pub fn new(peer: PeerLimits, global: GlobalLimits) -> Self {
+        Self {
+            peer,
+            global,
+            by_peer: HashMap::new(),
+            total: Usage::default(),
+        }
+    }
+
+    /// Records `holding` for `peer` if every bound allows it.
+    pub fn admit(&mut self, peer: &P, holding: Holding) -> Result<(), LimitHit> {
+        let usage = self.by_peer.get(peer).copied().unwrap_or_default();
+        let mut after = usage;
+        after.add(holding);
+        let mut total = self.total;
+        total.add(holding);
+        let limits = self.peer;
+        if after.tcp_flows > limits.tcp_flows {
+            return Err(LimitHit::PeerTcpFlows);
+        }
+        if after.dials > limits.dials {
+            return Err(LimitHit::PeerDials);
+        }
+        if after.udp_flows > limits.udp_flows {
+            return Err(LimitHit::PeerUdpFlows);
+        }
+        if after.buffer_bytes > limits.buffer_bytes {
+            return Err(LimitHit::PeerBuffer);
+        }
+        if total.tcp_flows.saturating_add(total.udp_flows) > self.global.flows {
+            return Err(LimitHit::GlobalFlows);
+        }
+        if total.buffer_bytes > self.global.buffer_bytes {
+            return Err(LimitHit::GlobalBuffer);
+        }
+        self.by_peer.insert(peer.clone(), after);
+        self.total = total;
+        Ok(())
+    }
+
+    /// Gives back what `admit` recorded (a flow ended).
+    pub fn release(&mut self, peer: &P, holding: Holding) {
+        if let Some(usage) = self.by_peer.get_mut(peer) {
+            usage.remove(holding);
+            self.total.remove(holding);
+            if usage.is_empty() {
+                self.by_peer.remove(peer);
+            }
+        }
+    }
+
+    /// A dial finished: the flow stays, the pending dial is no more.
+    pub fn dialed(&mut self, peer: &P) {
+        if let Some(usage) = self.by_peer.get_mut(peer) {
+            usage.dials = usage.dials.saturating_sub(1);
+            self.total.dials = self.total.dials.saturating_sub(1);
+        }
+    }
+
+    pub fn usage(&self, peer: &P) -> Usage {
+        self.by_peer.get(peer).copied().unwrap_or_default()
+    }
+
+    pub fn total(&self) -> Usage {
+        self.total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy(deny: &[&str], allow: &[&str], own: &[&str]) -> EgressPolicy {
+        EgressPolicy::new(
+            deny.iter().map(|range| range.parse().unwrap()).collect(),
+            allow.iter().map(|range| range.parse().unwrap()).collect(),
+            own.iter().map(|address| address.parse().unwrap()).collect(),
+        )
+    }
+
+    fn check(policy: &EgressPolicy, destination: &str) -> Result<(), Refusal> {
+        policy.check(destination.parse().unwrap())
+    }
+
+    #[test]
+    fn loopback_link_local_multicast_and_own_addresses_are_never_reachable() {
+        // Even with an allow list that names them.
+        let policy = policy(&[], &["0.0.0.0/0", "::/0"], &["10.244.1.7"]);
+        for destination in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "fe80::1",
+            "224.0.0.251",
+            "ff02::1",
+            "255.255.255.255",
+        ] {
+            assert!(
+                matches!(check(&policy, destination), Err(Refusal::Reserved(_))),
+                "{destination}"
+            );
+        }
+        assert_eq!(check(&policy, "10.244.1.7"), Err(Refusal::OwnAddress));
+        assert_eq!(
+            check(&policy, "::ffff:10.244.1.7"),
+            Err(Refusal::OwnAddress)
+        );
+        assert_eq!(check(&policy, "10.244.1.8"), Ok(()));
+    }
+
+    #[test]
+    fn deny_wins_and_an_allow_list_admits_only_its_ranges() {
+        let open = policy(&["10.96.0.0/12"], &[], &[]);
+        assert_eq!(
+            check(&open, "10.96.0.10"),
+            Err(Refusal::Denied("10.96.0.0/12".parse().unwrap()))
+        );
+        assert_eq!(check(&open, "8.8.8.8"), Ok(()));
+        let closed = policy(&["10.96.0.10/32"], &["10.96.0.0/12", "fd00::/8"], &[]);
+        assert_eq!(check(&closed, "10.96.1.1"), Ok(()));
+        assert_eq!(check(&closed, "fd00::5"), Ok(()));
+        assert_eq!(check(&closed, "8.8.8.8"), Err(Refusal::NotAllowed));
+        assert!(matches!(
+            check(&closed, "10.96.0.10"),
+            Err(Refusal::Denied(_))
+        ));
+        let defaults = EgressPolicy::new(EgressPolicy::default_deny(), vec![], vec![]);
+        assert!(check(&defaults, "100.100.100.200").is_err());
+        assert!(check(&defaults, "fd00:ec2::254").is_err());
+    }
+
+    const PEER: PeerLimits = PeerLimits {
+        tcp_flows: 3,
+        dials: 2,
+        udp_flows: 2,
+        buffer_bytes: 250,
+    };
+    const TCP: Holding = Holding::Tcp {
+        dialing: true,
+        buffer_bytes: 100,
+    };
+
+    #[test]
+    fn a_peer_over_its_limits_is_refused_and_the_others_are_not() {
+        let mut ledger = Ledger::new(
+            PEER,
+            GlobalLimits {
+                flows: 100,
+                buffer_bytes: 10_000,
+            },
+        );
+        assert_eq!(ledger.admit(&"a", TCP), Ok(()));
+        assert_eq!(ledger.admit(&"a", TCP), Ok(()));
+        assert_eq!(ledger.admit(&"a", TCP), Err(LimitHit::PeerDials));
+        ledger.dialed(&"a");
+        assert_eq!(ledger.admit(&"a", TCP), Err(LimitHit::PeerBuffer));
+        assert_eq!(ledger.admit(&"a", Holding::Udp), Ok(()));
+        assert_eq!(ledger.admit(&"a", Holding::Udp), Ok(()));
+        assert_eq!(
+            ledger.admit(&"a", Holding::Udp),
+            Err(LimitHit::PeerUdpFlows)
+        );
+        // Another peer is untouched by a's usage.
+        assert_eq!(ledger.admit(&"b", TCP), Ok(()));
+        assert_eq!(ledger.admit(&"b", Holding::Udp), Ok(()));
+        // Released, a flow's room is a's again.
+        ledger.release(&"a", TCP);
+        assert_eq!(ledger.admit(&"a", TCP), Ok(()));
+        assert_eq!(ledger.usage(&"a").tcp_flows, 2);
+    }
+
+    #[test]
+    fn the_global_bounds_hold_across_peers() {
+        let mut ledger = Ledger::new(
+            PEER,
+            GlobalLimits {
+                flows: 3,
+                buffer_bytes: 10_000,
+            },
+        );
+        for peer in ["a", "b", "c"] {
+            assert_eq!(ledger.admit(&peer, Holding::Udp), Ok(()));
+        }
+        assert_eq!(ledger.admit(&"d", Holding::Udp), Err(LimitHit::GlobalFlows));
+    }
+
+    proptest! {
+        /// Whatever order flows open and end in, usage never exceeds a bound and returns to
+        /// zero when everything is released.
+        #[test]
+        fn usage_stays_within_bounds_and_returns_to_zero(
+            steps in proptest::collection::vec((0u8..4, 0u8..3, any::<bool>()), 0..200)
+        ) {
+            let global = GlobalLimits { flows: 8, buffer_bytes: 600 };
+            let mut ledger = Ledger::new(PEER, global);
+            let mut held: Vec<(u8, Holding)> = Vec::new();
+            for (peer, kind, open) in steps {
+                let holding = match kind {
+                    0 => TCP,
+                    1 => Holding::Tcp { dialing: false, buffer_bytes: 100 },
+                    _ => Holding::Udp,
+                };
+                if open {
+                    if ledger.admit(&peer, holding).is_ok() {
+                        held.push((peer, holding));
+                    }
+                } else if let Some(index) = held.iter().position(|(p, _)| *p == peer) {
+                    let (peer, holding) = held.remove(index);
+                    ledger.release(&peer, holding);
+                }
+                for peer in 0..4u8 {
+                    let usage = ledger.usage(&peer);
+                    prop_assert!(usage.tcp_flows <= PEER.tcp_flows);
+                    prop_assert!(usage.dials <= PEER.dials);
+                    prop_assert!(usage.udp_flows <= PEER.udp_flows);
+                    prop_assert!(usage.buffer_bytes <= PEER.buffer_bytes);
+                }
+                let total = ledger.total();
+                prop_assert!(total.tcp_flows + total.udp_flows <= global.flows);
+                prop_assert!(total.buffer_bytes <= global.buffer_bytes);
+            }
+            for (peer, holding) in held {
+                ledger.release(&peer, holding);
+            }
+            prop_assert_eq!(ledger.total(), Usage::default());
+        }
+    }
+}
