@@ -584,26 +584,35 @@ async fn gefyras_own_connect(
     );
     ensure!(metric("stowaway_handshakes_total{result=\"completed\"}").await? >= 1.0);
 
-    // From Cargo, through the tunnel and Stowaway, to the cluster side.
-    let opened_before = metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await?;
+    // From a container, through the tunnel and Stowaway, to the cluster side: the server's
+    // body, and a TCP flow opened in Stowaway (not, say, straight over the Docker bridge).
     let fetch = format!(
         "exec 3<>/dev/tcp/{cluster_address}/8080; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
     );
-    let fetched = tokio::process::Command::new("docker")
-        .args(["exec", "gefyra-cargo-g1", "bash", "-c", &fetch])
-        .env("DOCKER_HOST", &docker.host)
-        .output()
-        .await?;
-    let body = String::from_utf8_lossy(&fetched.stdout);
-    ensure!(
-        body.ends_with("through-stowaway"),
-        "Cargo fetched {body:?}: {}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
-    ensure!(
-        metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await? > opened_before,
-        "the fetch went through Stowaway"
-    );
+    let fetch_through_stowaway = |container: &'static str| {
+        let (fetch, host) = (fetch.clone(), docker.host.clone());
+        async move {
+            let series = "stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}";
+            let opened_before = metric(series).await?;
+            let fetched = tokio::process::Command::new("docker")
+                .args(["exec", container, "bash", "-c", &fetch])
+                .env("DOCKER_HOST", &host)
+                .output()
+                .await?;
+            let body = String::from_utf8_lossy(&fetched.stdout);
+            ensure!(
+                body.ends_with("through-stowaway"),
+                "{container} fetched {body:?}: {}",
+                String::from_utf8_lossy(&fetched.stderr)
+            );
+            ensure!(
+                metric(series).await? > opened_before,
+                "{container}'s fetch went through Stowaway"
+            );
+            anyhow::Ok(())
+        }
+    };
+    fetch_through_stowaway("gefyra-cargo-g1").await?;
 
     // `gefyra run`: an app container on Gefyra's network whose default route Cargo patches,
     // so it reaches the cluster side through the tunnel and Stowaway (the subnet Gefyra's CLI
@@ -627,22 +636,7 @@ async fn gefyras_own_connect(
         .to_vec(),
     )
     .await?;
-    let opened_before = metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await?;
-    let fetched = tokio::process::Command::new("docker")
-        .args(["exec", "gefyra-app", "bash", "-c", &fetch])
-        .env("DOCKER_HOST", &docker.host)
-        .output()
-        .await?;
-    let body = String::from_utf8_lossy(&fetched.stdout);
-    ensure!(
-        body.ends_with("through-stowaway"),
-        "the app container fetched {body:?}: {}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
-    ensure!(
-        metric("stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}").await? > opened_before,
-        "the app container's fetch went through Cargo and Stowaway, not the Docker bridge"
-    );
+    fetch_through_stowaway("gefyra-app").await?;
 
     // Disconnect (it lists the client's GefyraBridges, then removes the app container),
     // connect again, remove: the client follows.

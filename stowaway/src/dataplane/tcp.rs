@@ -411,3 +411,75 @@ fn cluster_to_peer(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
     }
     moved
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{EgressPolicy, GlobalLimits, PeerLimits};
+
+    fn config(idle: u64, handshake: u64) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            resolver: "127.0.0.1:53".parse().unwrap(),
+            forwards: Vec::new(),
+            mtu: 1420,
+            udp_idle: Duration::from_secs(60),
+            dial_timeout: Duration::from_secs(10),
+            tcp_idle: Duration::from_secs(idle),
+            tcp_handshake: Duration::from_secs(handshake),
+            handshakes_per_second: 100,
+            egress: EgressPolicy::new(Vec::new(), Vec::new(), Vec::new()),
+            peer_limits: PeerLimits {
+                tcp_flows: 1,
+                dials: 1,
+                udp_flows: 1,
+                buffer_bytes: 1,
+            },
+            global_limits: GlobalLimits {
+                flows: 1,
+                buffer_bytes: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn handshakes_are_bounded_from_the_open_and_established_flows_by_the_peers_silence() {
+        let config = config(300, 10);
+        let secs = Duration::from_secs;
+        for state in [
+            tcp::State::SynReceived,
+            tcp::State::SynSent,
+            tcp::State::Listen,
+        ] {
+            assert_eq!(timed_out(state, secs(9), secs(9), &config), None);
+            assert_eq!(
+                timed_out(state, secs(10), secs(0), &config),
+                Some("handshake")
+            );
+        }
+        for state in [
+            tcp::State::Established,
+            tcp::State::FinWait1,
+            tcp::State::CloseWait,
+        ] {
+            // An old flow whose peer keeps answering lives on.
+            assert_eq!(timed_out(state, secs(86_400), secs(299), &config), None);
+            assert_eq!(
+                timed_out(state, secs(301), secs(300), &config),
+                Some("idle")
+            );
+        }
+        // Already ending: the stack finishes it.
+        assert_eq!(
+            timed_out(tcp::State::TimeWait, secs(1_000), secs(1_000), &config),
+            None
+        );
+    }
+
+    #[test]
+    fn keep_alives_come_at_least_three_times_per_idle_timeout() {
+        assert_eq!(keep_alive(&config(300, 10)).total_millis(), 30_000);
+        assert_eq!(keep_alive(&config(3, 10)).total_millis(), 1_000);
+        assert_eq!(keep_alive(&config(0, 10)).total_millis(), 100);
+    }
+}

@@ -8,6 +8,8 @@
 //!   among N peers by its static key) against boringtun alone (each initiation straight to
 //!   its peer's tunnel).
 //! - Memory: the endpoint with 10,000 peers configured.
+//! - Fairness: a quiet peer's request latency and download alone and while another peer
+//!   floods Stowaway (UDP without a rate limit; four TCP streams), as ratios to alone.
 //!
 //! Needs root (network namespaces) and the control plane (`make bench` starts it).
 
@@ -305,6 +307,82 @@ fn baseline(lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
     Ok((peer, address(6)))
 }
 
+/// The port of the flood's iperf3 server.
+const FLOOD_PORT: &str = "5202";
+/// Requests per latency measurement.
+const REQUESTS: &str = "300";
+
+/// A quiet peer's request latency (p50, p99 in ms; a new connection per request) and
+/// download throughput.
+fn quiet_figures(
+    lab: &Lab,
+    quiet: &str,
+    service: Ipv4Addr,
+    seconds: u64,
+) -> Result<(f64, f64, f64)> {
+    let url = format!("http://{service}:8080/");
+    let lab_binary = gefyra_e2e::lab::lab_binary();
+    let latency = lab.exec_in(
+        quiet,
+        lab_binary.to_str().context("a UTF-8 path")?,
+        &["latency", &url, REQUESTS],
+    )?;
+    let mut parts = latency.split_whitespace().map(str::parse::<f64>);
+    let p50 = parts.next().context("p50")??;
+    let p99 = parts.next().context("p99")??;
+    let download = iperf(lab, quiet, service, seconds, true)?;
+    Ok((p50, p99, download))
+}
+
+/// Fairness: the quiet peer alone, then while the noisy peer floods Stowaway at line rate
+/// (UDP without a rate limit; four TCP upload streams), measured back to back.
+fn fairness(lab: &Lab, noisy: &str, quiet: &str, service: Ipv4Addr, seconds: u64) -> Result<()> {
+    let alone = quiet_figures(lab, quiet, service, seconds)?;
+    let flood_seconds = (seconds * 3 + 10).to_string();
+    let server = service.to_string();
+    let mut rows = vec![("quiet peer alone", alone)];
+    for (name, extra) in [
+        (
+            "noisy peer: UDP, no rate limit",
+            &["-u", "-b", "0", "-l", "1300"][..],
+        ),
+        ("noisy peer: 4 TCP streams up", &["-P", "4"][..]),
+    ] {
+        let mut flood = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", noisy, "iperf3", "-c", &server, "-p", FLOOD_PORT,
+            ])
+            .args(["-t", &flood_seconds])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(2));
+        let measured = quiet_figures(lab, quiet, service, seconds);
+        let _ = flood.kill();
+        let _ = flood.wait();
+        rows.push((name, measured?));
+        // Let the flood's server take the next test.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    println!(
+        "== Fairness through Stowaway: a quiet peer's requests ({REQUESTS}, a connection each) and download"
+    );
+    println!(
+        "                                   p50 ms   p99 ms   download Gbit/s   vs alone (p50, p99, download)"
+    );
+    for (name, (p50, p99, download)) in &rows {
+        println!(
+            "{name:<34} {p50:>7.2}  {p99:>7.2}   {:>7.2}           {:>5.2}x {:>5.2}x {:>5.2}x",
+            download / 1e9,
+            p50 / alone.0,
+            p99 / alone.1,
+            download / alone.2
+        );
+    }
+    Ok(())
+}
+
 /// Waits until `netns` reaches `address` (handshake done, server listening).
 fn reachable(lab: &Lab, netns: &str, address: Ipv4Addr) -> Result<()> {
     for _ in 0..60 {
@@ -338,6 +416,9 @@ async fn throughput(seconds: u64) -> Result<()> {
     let peer = deployment
         .connected_peer("bench", json!({ "subnet": "172.31.200.0/24" }), true)
         .await?;
+    let quiet = deployment
+        .connected_peer("quiet", json!({ "subnet": "172.30.200.0/24" }), true)
+        .await?;
     let service = deployment.lab.cluster_address();
     let cluster_netns = deployment.lab.cluster_netns();
     deployment.lab.spawn_in(
@@ -345,6 +426,13 @@ async fn throughput(seconds: u64) -> Result<()> {
         "iperf3",
         std::path::Path::new("iperf3"),
         &["-s", "-B", &service.to_string()],
+    )?;
+    // A second server: the noisy peer's flood (one iperf3 server runs one test at a time).
+    deployment.lab.spawn_in(
+        &cluster_netns,
+        "iperf3-flood",
+        std::path::Path::new("iperf3"),
+        &["-s", "-B", &service.to_string(), "-p", FLOOD_PORT],
     )?;
     // Stowaway answers ICMP echo only at its own tunnel address.
     reachable(&deployment.lab, &peer.netns, Ipv4Addr::new(192, 168, 99, 1))?;
@@ -384,6 +472,7 @@ async fn throughput(seconds: u64) -> Result<()> {
         ours_up / base_up,
         ours_down / base_down
     );
+    fairness(lab, &peer.netns, &quiet.netns, service, seconds)?;
     match peak_rss_mib(deployment.stowaway.process.child.id()) {
         Some(mib) => println!("stowaway peak RSS {mib:.1} MiB"),
         None => println!("stowaway peak RSS unavailable"),

@@ -59,6 +59,24 @@ fn main() -> Result<()> {
             print!("{}", String::from_utf8_lossy(&body));
             Ok(())
         }
+        Some("latency") => {
+            // COUNT requests one after another, each on a new connection: "p50_ms p99_ms".
+            let url = args.get(1).context("a URL")?;
+            let count: usize = args.get(2).context("COUNT")?.parse()?;
+            let mut millis = Vec::with_capacity(count);
+            for _ in 0..count {
+                let started = std::time::Instant::now();
+                get(url, Duration::from_secs(10))?;
+                millis.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            millis.sort_by(f64::total_cmp);
+            let at = |quantile: f64| {
+                let index = ((millis.len() as f64 - 1.0) * quantile).round() as usize;
+                millis.get(index).copied().unwrap_or(f64::NAN)
+            };
+            print!("{:.3} {:.3}", at(0.5), at(0.99));
+            Ok(())
+        }
         Some("download") => {
             let (_, body) = get(args.get(1).context("a URL")?, Duration::from_secs(120))?;
             print!("{}", body.len());
@@ -85,7 +103,7 @@ fn main() -> Result<()> {
             print!("{}", resolve(server, name)?);
             Ok(())
         }
-        _ => bail!("usage: lab serve|http|hold|download|udp|dns ... (see the source)"),
+        _ => bail!("usage: lab serve|http|hold|latency|download|udp|dns ... (see the source)"),
     }
 }
 
