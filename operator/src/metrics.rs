@@ -6,7 +6,7 @@ use std::time::Duration;
 use gefyra_api::{ClientState, GefyraClient};
 use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::Error;
@@ -18,6 +18,7 @@ pub struct Metrics {
     reconcile_duration: HistogramVec,
     clients: IntGaugeVec,
     pool: IntGaugeVec,
+    leader: IntGauge,
     store: OnceLock<Store<GefyraClient>>,
 }
 
@@ -61,8 +62,14 @@ impl Default for Metrics {
             &["use"],
         )
         .expect("valid metric");
+        let leader = IntGauge::new(
+            "gefyra_operator_leader",
+            "1 while this replica holds the leader lease and reconciles (always 1 without --leader-elect), 0 while it stands by",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(pool.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(leader.clone()),
             Box::new(reconciles.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(reconcile_duration.clone()),
@@ -79,6 +86,7 @@ impl Default for Metrics {
             reconcile_duration,
             clients,
             pool,
+            leader,
             store: OnceLock::new(),
         }
     }
@@ -87,6 +95,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn watch_store(&self, store: Store<GefyraClient>) {
         let _ = self.store.set(store);
+    }
+
+    /// Whether this replica leads (reconciles) or stands by.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     pub fn observe_pool(&self, capacity: u128, allocated: usize) {

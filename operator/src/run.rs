@@ -278,9 +278,19 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             }
         };
         match &election {
-            None => controller::run(ctx.clone(), set_ready).await,
+            None => {
+                ctx.metrics.set_leader(true);
+                controller::run(ctx.clone(), set_ready).await
+            }
             Some(election) => {
+                // A standby is ready (it serves the webhook and takes over when the leader
+                // goes): readiness never waits for the lease, or a rolling update of two
+                // replicas could not finish. Leadership is the gefyra_operator_leader gauge.
+                info!("standing by for the leader lease; ready");
+                ready.store(true, Ordering::Relaxed);
+                ctx.metrics.set_leader(false);
                 election.acquire().await;
+                ctx.metrics.set_leader(true);
                 tokio::select! {
                     _ = controller::run(ctx.clone(), set_ready) => {},
                     _ = election.keep() => {

@@ -316,6 +316,21 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over() -> Result<()> {
         !second.log_text().contains("became the leader"),
         "the follower must not lead"
     );
+    // Readiness never waits for the lease (or a rolling update of two replicas could not
+    // finish); leadership is a metric.
+    ensure!(
+        second.http_get("/readyz").await?.0 == 200,
+        "the standby is ready"
+    );
+    ensure!(
+        follower_metrics.contains("\ngefyra_operator_leader 0\n"),
+        "the standby reports gefyra_operator_leader 0: {follower_metrics}"
+    );
+    let (_, leader_metrics) = first.http_get("/metrics").await?;
+    ensure!(
+        leader_metrics.contains("\ngefyra_operator_leader 1\n"),
+        "the leader reports gefyra_operator_leader 1"
+    );
 
     first.kill().await?;
     create_client(admin.clone(), &ns, "after").await?;
@@ -324,6 +339,11 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over() -> Result<()> {
         second.log_text().contains("became the leader"),
         "the follower took over: {}",
         second.log_text()
+    );
+    let (_, taken_over) = second.http_get("/metrics").await?;
+    ensure!(
+        taken_over.contains("\ngefyra_operator_leader 1\n"),
+        "the new leader reports gefyra_operator_leader 1"
     );
     Ok(())
 }
