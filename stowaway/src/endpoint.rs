@@ -176,6 +176,19 @@ impl Endpoint {
         }
     }
 
+    /// The peer (our index) a transport-data datagram is for, if it is one and that peer
+    /// exists — read from the header only, before any cryptography, so that the data plane
+    /// can give every peer its share of decryption.
+    pub fn data_peer(&self, datagram: &[u8]) -> Option<u32> {
+        // Type 4 (little-endian u32), receiver index, counter, then at least the 16-byte tag.
+        if datagram.len() < 32 || datagram[..4] != [4, 0, 0, 0] {
+            return None;
+        }
+        let receiver = u32::from_le_bytes(datagram[4..8].try_into().ok()?);
+        let index = receiver >> 8;
+        self.peers.contains_key(&index).then_some(index)
+    }
+
     /// Handles one datagram received from `from`.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Handled {
         let mut handled = Handled::default();
@@ -507,8 +520,36 @@ mod tests {
             if length >= 4 {
                 datagram[..4].copy_from_slice(&((i % 5) as u32).to_le_bytes());
             }
+            // A peer index from the header only if such a peer exists.
+            assert!(
+                endpoint
+                    .data_peer(&datagram)
+                    .is_none_or(|index| endpoint.peers.contains_key(&index))
+            );
             let handled = endpoint.handle_datagram(from, &datagram);
             assert!(handled.packets.is_empty());
         }
+    }
+
+    #[test]
+    fn data_datagrams_name_their_peer_before_decryption() {
+        let private = [2; 32];
+        let mut endpoint = endpoint_with(vec![spec("a", private, &["192.168.96.2/32"])]);
+        let mut client = client_tunnel(private, endpoint.public_key());
+        let handled = send_from(&mut endpoint, &mut client, [192, 168, 96, 2]);
+        assert_eq!(handled.packets.len(), 1);
+        let mut buffer = vec![0u8; BUFFER];
+        let packet = ipv4([192, 168, 96, 2], [192, 168, 99, 1], b"again");
+        let TunnResult::WriteToNetwork(data) = client.encapsulate(&packet, &mut buffer) else {
+            panic!("a data datagram once the session is up");
+        };
+        let data = data.to_vec();
+        let index = endpoint.data_peer(&data).expect("a known peer's data");
+        assert!(endpoint.peers.contains_key(&index));
+        // Another receiver index, or a handshake message: no peer.
+        let mut stranger = data.clone();
+        stranger[4..8].copy_from_slice(&0xffff_ff00u32.to_le_bytes());
+        assert_eq!(endpoint.data_peer(&stranger), None);
+        assert_eq!(endpoint.data_peer(&data[..31]), None);
     }
 }

@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
     };
     endpoint.apply(plan(&Default::default(), &[([2; 32], peer)].into()));
     let from = "198.51.100.7:51820".parse().unwrap();
+    let _ = endpoint.data_peer(data);
     let _ = endpoint.handle_datagram(from, data);
     let _ = packet::classify(data);
+    let _ = packet::prohibited(data);
     let _ = packet::destination(data);
 });

@@ -10,6 +10,7 @@
 
 mod device;
 mod forward;
+mod inbox;
 mod tcp;
 mod tunnel;
 mod udp;
@@ -175,6 +176,8 @@ pub struct DataPlane {
     outbox_bytes: usize,
     /// The WireGuard socket had more to read when this turn's share was used up.
     wireguard_pending: bool,
+    /// Data datagrams read and not yet decrypted, by peer.
+    inbox: inbox::Inbox<u32>,
     /// UDP flows with datagrams left when their share of a turn was used up.
     udp_pending: HashSet<Token>,
     /// ICMP errors still allowed this second.
@@ -278,6 +281,7 @@ impl DataPlane {
             outbox: VecDeque::new(),
             outbox_bytes: 0,
             wireguard_pending: false,
+            inbox: inbox::Inbox::new(tunnel::PEER_INBOX, tunnel::INBOX),
             udp_pending: HashSet::new(),
             icmp_budget: tunnel::ICMP_ERRORS_PER_SECOND,
             unfinished: false,
@@ -308,7 +312,10 @@ impl DataPlane {
                 .stack
                 .poll_delay(self.stack_now(), &self.sockets)
                 .map(|delay| Duration::from_micros(delay.total_micros()));
-            let busy = self.unfinished || self.wireguard_pending || !self.udp_pending.is_empty();
+            let busy = self.unfinished
+                || self.wireguard_pending
+                || !self.inbox.is_empty()
+                || !self.udp_pending.is_empty();
             let timeout = if busy {
                 Duration::ZERO
             } else {
@@ -348,7 +355,7 @@ impl DataPlane {
             }
             // Every source gets a bounded share of this turn: the tunnel, then each UDP flow
             // with datagrams waiting, then every TCP flow (in `pump`).
-            if self.wireguard_pending {
+            if self.wireguard_pending || !self.inbox.is_empty() {
                 self.receive_datagrams();
             }
             if !self.udp_pending.is_empty() {

@@ -8,9 +8,15 @@ use super::{DataPlane, FlowKind, PeerId, Protocol};
 use crate::endpoint::Drop;
 use crate::packet::{self, Inbound};
 
-/// Datagrams read from the WireGuard socket in one turn of the event loop before the flows
-/// get theirs: a peer flooding the socket cannot keep the loop from the others' flows.
-const DATAGRAMS_PER_TURN: usize = 256;
+/// Datagrams read from the WireGuard socket in one turn of the event loop.
+const READS_PER_TURN: usize = 512;
+/// Datagrams decrypted in one turn, taken from the peers' queues in turn, before the flows
+/// get theirs: a peer flooding the socket cannot keep the loop from the others.
+const DECRYPTS_PER_TURN: usize = 256;
+/// Data datagrams one peer may have waiting for decryption (beyond: dropped, counted as
+/// `peer_queue_full`), and all peers together.
+pub(super) const PEER_INBOX: usize = 256;
+pub(super) const INBOX: usize = 8_192;
 /// Bytes of datagrams waiting for room in the WireGuard socket's send buffer, all peers
 /// together (beyond: dropped and counted).
 const OUTBOX_BYTES: usize = 16 << 20;
@@ -56,53 +62,78 @@ impl DataPlane {
         }
     }
 
-    /// Reads up to this turn's share of datagrams; `wireguard_pending` says whether more
-    /// wait.
+    /// Reads up to this turn's share of datagrams — data into its peer's queue, anything
+    /// else (handshakes, cookies, strangers) handled at once — then decrypts up to this
+    /// turn's share from the queues, one peer after another. `wireguard_pending` says
+    /// whether the socket has more.
     pub(super) fn receive_datagrams(&mut self) {
         let mut datagram = std::mem::take(&mut self.buffer);
-        self.wireguard_pending = true;
-        for _ in 0..DATAGRAMS_PER_TURN {
-            let (length, from) = match self.wireguard.recv_from(&mut datagram) {
-                Ok(received) => received,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    self.wireguard_pending = false;
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "receiving on the WireGuard socket failed");
-                    self.wireguard_pending = false;
-                    break;
-                }
-            };
-            let is_initiation = datagram.first() == Some(&1) && length == 148;
-            let handled = self.endpoint.handle_datagram(from, &datagram[..length]);
-            if is_initiation {
-                let result = match (&handled.handshake_with, handled.dropped) {
-                    (Some(_), _) => "completed",
-                    (None, Some(Drop::UnknownPeer)) => "unknown_peer",
-                    (None, Some(_)) => "rejected",
-                    (None, None) if !handled.replies.is_empty() => "cookie_required",
-                    (None, None) => "rejected",
+        if self.wireguard_pending {
+            for _ in 0..READS_PER_TURN {
+                let (length, from) = match self.wireguard.recv_from(&mut datagram) {
+                    Ok(received) => received,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        self.wireguard_pending = false;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "receiving on the WireGuard socket failed");
+                        self.wireguard_pending = false;
+                        break;
+                    }
                 };
-                self.metrics.handshakes.with_label_values(&[result]).inc();
-            }
-            if let Some(drop) = handled.dropped {
-                self.metrics
-                    .dropped
-                    .with_label_values(&[drop.as_str()])
-                    .inc();
-            }
-            if let Some(client) = &handled.handshake_with {
-                tracing::debug!(client, %from, "handshake completed");
-            }
-            for reply in handled.replies {
-                self.send_datagram(from, reply);
-            }
-            for (peer, packet) in handled.packets {
-                self.route_inbound(peer, packet);
+                let received = &datagram[..length];
+                match self.endpoint.data_peer(received) {
+                    Some(peer) => {
+                        if !self.inbox.push(peer, from, received.to_vec()) {
+                            self.metrics
+                                .dropped
+                                .with_label_values(&["peer_queue_full"])
+                                .inc();
+                        }
+                    }
+                    None => self.handle_datagram(from, received),
+                }
             }
         }
         self.buffer = datagram;
+        for _ in 0..DECRYPTS_PER_TURN {
+            let Some((from, data)) = self.inbox.pop() else {
+                break;
+            };
+            self.handle_datagram(from, &data);
+        }
+    }
+
+    /// One datagram through the WireGuard endpoint: replies sent, packets routed, counted.
+    fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8]) {
+        let is_initiation = datagram.first() == Some(&1) && datagram.len() == 148;
+        let handled = self.endpoint.handle_datagram(from, datagram);
+        if is_initiation {
+            let result = match (&handled.handshake_with, handled.dropped) {
+                (Some(_), _) => "completed",
+                (None, Some(Drop::UnknownPeer)) => "unknown_peer",
+                (None, Some(_)) => "rejected",
+                (None, None) if !handled.replies.is_empty() => "cookie_required",
+                (None, None) => "rejected",
+            };
+            self.metrics.handshakes.with_label_values(&[result]).inc();
+        }
+        if let Some(drop) = handled.dropped {
+            self.metrics
+                .dropped
+                .with_label_values(&[drop.as_str()])
+                .inc();
+        }
+        if let Some(client) = &handled.handshake_with {
+            tracing::debug!(client, %from, "handshake completed");
+        }
+        for reply in handled.replies {
+            self.send_datagram(from, reply);
+        }
+        for (peer, packet) in handled.packets {
+            self.route_inbound(peer, packet);
+        }
     }
 
     /// A decrypted packet from `peer` (its source already checked against its ranges).
