@@ -211,19 +211,21 @@ fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, reverse: bool) 
 
 /// The baseline: peer namespace -> wireguard-go server with kernel forwarding -> service.
 /// Returns (peer namespace, service address).
-fn baseline(lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
+fn baseline(lab: &mut Lab) -> Result<Baseline> {
     let slot = lab.slot;
-    let (peer, gateway, service) = (
+    let (peer, noisy, gateway, service) = (
         format!("gfb-{slot}-peer"),
+        format!("gfb-{slot}-noisy"),
         format!("gfb-{slot}-gw"),
         format!("gfb-{slot}-svc"),
     );
-    for netns in [&peer, &gateway, &service] {
+    for netns in [&peer, &noisy, &gateway, &service] {
         lab.add_netns(netns)?;
     }
     let address = |last: u8| Ipv4Addr::new(10, 79, slot, last);
     lab.wire((&peer, address(2)), (&gateway, address(1)), "bl0", 30)?;
     lab.wire((&gateway, address(5)), (&service, address(6)), "bl1", 30)?;
+    lab.wire((&noisy, address(10)), (&gateway, address(9)), "bl2", 30)?;
     run(
         "ip",
         &[
@@ -237,15 +239,22 @@ fn baseline(lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
         ],
     )?;
     lab.exec_in(&gateway, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    let (server_key, client_key) = (key(), key());
+    let (server_key, client_key, noisy_key) = (key(), key(), key());
     let encode = |bytes: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let server_file = lab.dir.join("baseline-server.key");
     let client_file = lab.dir.join("baseline-client.key");
+    let noisy_file = lab.dir.join("baseline-noisy.key");
     write_secret(&server_file, &encode(server_key))?;
     write_secret(&client_file, &encode(client_key))?;
-    let (server_if, client_if) = (format!("gwbs{slot}"), format!("gwbc{slot}"));
+    write_secret(&noisy_file, &encode(noisy_key))?;
+    let (server_if, client_if, noisy_if) = (
+        format!("gwbs{slot}"),
+        format!("gwbc{slot}"),
+        format!("gwbn{slot}"),
+    );
     lab.wireguard_go(&gateway, &server_if)?;
     lab.wireguard_go(&peer, &client_if)?;
+    lab.wireguard_go(&noisy, &noisy_if)?;
     let path = |file: &std::path::Path| file.to_str().map(str::to_string).context("a UTF-8 path");
     lab.exec_in(
         &gateway,
@@ -261,29 +270,39 @@ fn baseline(lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
             &encode(public_of(client_key)),
             "allowed-ips",
             "192.168.99.2/32",
-        ],
-    )?;
-    lab.exec_in(
-        &peer,
-        "wg",
-        &[
-            "set",
-            &client_if,
-            "private-key",
-            &path(&client_file)?,
             "peer",
-            &encode(public_of(server_key)),
-            "endpoint",
-            &format!("{}:51820", address(1)),
+            &encode(public_of(noisy_key)),
             "allowed-ips",
-            "0.0.0.0/0",
-            "persistent-keepalive",
-            "21",
+            "192.168.99.3/32",
         ],
     )?;
+    for (netns, interface, file, gateway_address) in [
+        (&peer, &client_if, &client_file, address(1)),
+        (&noisy, &noisy_if, &noisy_file, address(9)),
+    ] {
+        lab.exec_in(
+            netns,
+            "wg",
+            &[
+                "set",
+                interface,
+                "private-key",
+                &path(file)?,
+                "peer",
+                &encode(public_of(server_key)),
+                "endpoint",
+                &format!("{gateway_address}:51820"),
+                "allowed-ips",
+                "0.0.0.0/0",
+                "persistent-keepalive",
+                "21",
+            ],
+        )?;
+    }
     for (netns, interface, own) in [
         (&gateway, &server_if, "192.168.99.1/24"),
         (&peer, &client_if, "192.168.99.2/32"),
+        (&noisy, &noisy_if, "192.168.99.3/32"),
     ] {
         run("ip", &["-n", netns, "addr", "add", own, "dev", interface])?;
         run(
@@ -291,20 +310,42 @@ fn baseline(lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
             &["-n", netns, "link", "set", interface, "mtu", "1420", "up"],
         )?;
     }
-    for route in ["192.168.99.1/32".to_string(), format!("{}/30", address(4))] {
-        run(
-            "ip",
-            &["-n", &peer, "route", "add", &route, "dev", &client_if],
-        )?;
+    for (netns, interface) in [(&peer, &client_if), (&noisy, &noisy_if)] {
+        for route in ["192.168.99.1/32".to_string(), format!("{}/30", address(4))] {
+            run(
+                "ip",
+                &["-n", netns, "route", "add", &route, "dev", interface],
+            )?;
+        }
     }
     let iperf3 = std::path::Path::new("iperf3");
+    let service_address = address(6).to_string();
     lab.spawn_in(
         &service,
         "baseline-iperf3",
         iperf3,
-        &["-s", "-B", &address(6).to_string()],
+        &["-s", "-B", &service_address],
     )?;
-    Ok((peer, address(6)))
+    lab.spawn_in(
+        &service,
+        "baseline-iperf3-flood",
+        iperf3,
+        &["-s", "-B", &service_address, "-p", FLOOD_PORT],
+    )?;
+    lab.serve(&service, std::net::IpAddr::V4(address(6)), "baseline")?;
+    Ok(Baseline {
+        quiet: peer,
+        noisy,
+        service: address(6),
+    })
+}
+
+/// The baseline's namespaces: two wireguard-go peers of one wireguard-go server with kernel
+/// forwarding, and the service behind it.
+struct Baseline {
+    quiet: String,
+    noisy: String,
+    service: Ipv4Addr,
 }
 
 /// The port of the flood's iperf3 server.
@@ -336,7 +377,14 @@ fn quiet_figures(
 
 /// Fairness: the quiet peer alone, then while the noisy peer floods Stowaway at line rate
 /// (UDP without a rate limit; four TCP upload streams), measured back to back.
-fn fairness(lab: &Lab, noisy: &str, quiet: &str, service: Ipv4Addr, seconds: u64) -> Result<()> {
+fn fairness(
+    through: &str,
+    lab: &Lab,
+    noisy: &str,
+    quiet: &str,
+    service: Ipv4Addr,
+    seconds: u64,
+) -> Result<()> {
     let alone = quiet_figures(lab, quiet, service, seconds)?;
     let flood_seconds = (seconds * 3 + 10).to_string();
     let server = service.to_string();
@@ -366,7 +414,7 @@ fn fairness(lab: &Lab, noisy: &str, quiet: &str, service: Ipv4Addr, seconds: u64
         std::thread::sleep(Duration::from_secs(2));
     }
     println!(
-        "== Fairness through Stowaway: a quiet peer's requests ({REQUESTS}, a connection each) and download"
+        "== Fairness through {through}: a quiet peer's requests ({REQUESTS}, a connection each) and download"
     );
     println!(
         "                                   p50 ms   p99 ms   download Gbit/s   vs alone (p50, p99, download)"
@@ -436,8 +484,10 @@ async fn throughput(seconds: u64) -> Result<()> {
     )?;
     // Stowaway answers ICMP echo only at its own tunnel address.
     reachable(&deployment.lab, &peer.netns, Ipv4Addr::new(192, 168, 99, 1))?;
-    let (baseline_peer, baseline_service) = baseline(&mut deployment.lab)?;
+    let base = baseline(&mut deployment.lab)?;
+    let (baseline_peer, baseline_service) = (base.quiet.clone(), base.service);
     reachable(&deployment.lab, &baseline_peer, baseline_service)?;
+    reachable(&deployment.lab, &base.noisy, baseline_service)?;
     // Let both iperf3 servers listen.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -472,7 +522,15 @@ async fn throughput(seconds: u64) -> Result<()> {
         ours_up / base_up,
         ours_down / base_down
     );
-    fairness(lab, &peer.netns, &quiet.netns, service, seconds)?;
+    fairness(
+        "baseline: wireguard-go + kernel forwarding",
+        lab,
+        &base.noisy,
+        &base.quiet,
+        baseline_service,
+        seconds,
+    )?;
+    fairness("Stowaway", lab, &peer.netns, &quiet.netns, service, seconds)?;
     match peak_rss_mib(deployment.stowaway.process.child.id()) {
         Some(mib) => println!("stowaway peak RSS {mib:.1} MiB"),
         None => println!("stowaway peak RSS unavailable"),
