@@ -6,7 +6,8 @@ use std::time::Duration;
 use gefyra_api::{ClientState, GefyraClient};
 use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::error::Error;
