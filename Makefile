@@ -17,13 +17,14 @@ DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools ipe
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
 
-.PHONY: static generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench fuzz
+.PHONY: static image generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench fuzz
 
 help:
 	@echo "make up          start the whole system locally (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
 	@echo "make down        stop it"
 	@echo "make test        every test: fmt, clippy, unit tests, tests against a real control plane"
 	@echo "make bench       benchmarks"
+	@echo "make image       the image (FROM scratch, offline) from make static, saved to target/gefyra-operator-image.tar"
 	@echo "make cluster-up / cluster-down   the control plane alone"
 
 prereqs:
@@ -68,6 +69,11 @@ static:
 	  file "$$path" | grep -q 'static' || { echo "error: $$path is not statically linked" >&2; exit 1; }; \
 	  env -i "$$path" --version >/dev/null || { echo "error: $$path does not run" >&2; exit 1; }; \
 	done; echo "static binaries: $(addprefix target/$(STATIC_TARGET)/release/,$(STATIC_BINARIES))"
+
+# The image (Dockerfile, FROM scratch: builds offline from the static binaries), saved to
+# target/gefyra-operator-image.tar by a private dockerd.
+image: static
+	@tests/image.sh
 
 lint:
 	cargo fmt --all --check

@@ -11,8 +11,9 @@ use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::{key_pair, stowaway_binary};
 use gefyra_e2e::{
-    Cluster, Operator, OwnControlPlane, controlplane_tool, create_client, eventually, free_port,
-    http_get, operator_binary, repo_root, set_provider_parameter, wait_for_state, wait_gone,
+    Cluster, DockerDaemon, Operator, OwnControlPlane, controlplane_tool, create_client, eventually,
+    free_port, http_get, operator_binary, repo_root, set_provider_parameter, wait_for_state,
+    wait_gone,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
@@ -614,5 +615,71 @@ async fn generated_files_are_current() -> Result<()> {
         );
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// The image builds offline — `FROM scratch`, nothing pulled — from `make static`'s
+/// binaries (`tests/image.sh`, what `make image` runs), and each binary runs from it as
+/// 65532 with nothing else in the image (no shell).
+#[tokio::test]
+async fn the_image_builds_offline_from_the_static_binaries_and_runs_as_65532() -> Result<()> {
+    let built = tokio::process::Command::new(repo_root().join("tests/image.sh"))
+        .output()
+        .await?;
+    ensure!(
+        built.status.success(),
+        "tests/image.sh failed (run make static first): {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let tarball = String::from_utf8(built.stdout)?.trim().to_string();
+    let docker = DockerDaemon::start().await?;
+    let run_docker = |args: Vec<String>| {
+        let host = docker.host.clone();
+        async move {
+            let output = tokio::process::Command::new("docker")
+                .args(&args)
+                .env("DOCKER_HOST", host)
+                .output()
+                .await?;
+            anyhow::Ok((
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).trim().to_string(),
+            ))
+        }
+    };
+    let args = |text: &str| text.split(' ').map(str::to_string).collect::<Vec<_>>();
+    let (loaded, _) = run_docker(args(&format!("load --input {tarball}"))).await?;
+    ensure!(loaded, "docker load {tarball}");
+    let (_, config) = run_docker(
+        [
+            "image",
+            "inspect",
+            "--format",
+            "{{.Config.User}}|{{json .Config.Entrypoint}}|{{len .RootFS.Layers}}",
+            "gefyra-operator:local",
+        ]
+        .map(str::to_string)
+        .to_vec(),
+    )
+    .await?;
+    ensure!(
+        config == "65532:65532|[\"/usr/local/bin/gefyra-operator\"]|1",
+        "user, entrypoint and one layer: {config}"
+    );
+    for binary in ["gefyra-operator", "stowaway", "kubectl-gefyra"] {
+        let (ran, version) = run_docker(args(&format!(
+            "run --rm --network none --entrypoint /usr/local/bin/{binary} gefyra-operator:local --version"
+        )))
+        .await?;
+        ensure!(
+            ran && version.contains(env!("CARGO_PKG_VERSION")),
+            "{binary} --version in the image: {version:?}"
+        );
+    }
+    let (whoami, _) = run_docker(args(
+        "run --rm --network none --entrypoint /bin/sh gefyra-operator:local -c true",
+    ))
+    .await?;
+    ensure!(!whoami, "the image has no shell");
     Ok(())
 }
