@@ -364,15 +364,6 @@ async fn report_failure(event: &Finalizer<GefyraClient>, error: &Error, ctx: &Co
     let api: Api<GefyraClient> =
         Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     let now = Timestamp::now();
-    if !deleting && client.state != ClientState::Error {
-        let _ = api
-            .patch(
-                &client.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(lifecycle::enter(ClientState::Error, now)),
-            )
-            .await;
-    }
     let condition = lifecycle::ready_condition(
         client.ready_condition(),
         false,
@@ -390,6 +381,16 @@ async fn report_failure(event: &Finalizer<GefyraClient>, error: &Error, ctx: &Co
         .await
     {
         warn!(client = %client.name_any(), %error, "could not record the failure in the client's status");
+    }
+    // The reason first, then the state: whoever sees ERROR sees why.
+    if !deleting && client.state != ClientState::Error {
+        let _ = api
+            .patch(
+                &client.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(lifecycle::enter(ClientState::Error, now)),
+            )
+            .await;
     }
 }
 
