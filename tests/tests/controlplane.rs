@@ -251,7 +251,9 @@ async fn terminated_run_leaves_no_process_behind() -> Result<()> {
         !status.success(),
         "an interrupted run reports failure, got {status}"
     );
-    no_process_left(&dir).await
+    no_process_left(&dir).await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 #[tokio::test]
@@ -273,7 +275,10 @@ async fn component_that_fails_to_start_is_reported_with_its_log() -> Result<()> 
         stderr.contains("no-such-flag-for-test"),
         "stderr shows the component's log: {stderr}"
     );
-    no_process_left(&dir).await
+    no_process_left(&dir).await?;
+    // The script keeps a failed start's directory for its logs; the test has read them.
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 fn tempdir(what: &str) -> Result<std::path::PathBuf> {
