@@ -181,12 +181,16 @@ async fn operator_serves_health_and_metrics() -> Result<()> {
     })
     .await?;
     assert_eq!(operator.http_get("/livez").await?.0, 200);
-    let (status, metrics) = operator.http_get("/metrics").await?;
-    assert_eq!(status, 200);
-    assert!(
-        metrics.contains("gefyra_operator_clients{state=\"WAITING\"} 1"),
-        "clients by state: {metrics}"
-    );
+    // Counts come from the operator's cache at scrape time, which may trail the API server
+    // (where the test saw WAITING) by a watch event.
+    let metrics = eventually("the metrics count the client as WAITING", WAIT, || async {
+        let (status, metrics) = operator.http_get("/metrics").await?;
+        assert_eq!(status, 200);
+        Ok(metrics
+            .contains("gefyra_operator_clients{state=\"WAITING\"} 1")
+            .then_some(metrics))
+    })
+    .await?;
     assert!(
         metrics.contains("gefyra_operator_reconcile_duration_seconds_bucket"),
         "duration histogram: {metrics}"
