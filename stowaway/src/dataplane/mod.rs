@@ -409,7 +409,7 @@ impl DataPlane {
             .map(|(token, _)| *token)
             .collect();
         for token in gone {
-            self.end_flow(token);
+            self.end_flow(token, "its peer is gone");
         }
     }
 
@@ -457,10 +457,7 @@ impl DataPlane {
                 .expiries
                 .with_label_values(&[protocol.label(), timeout])
                 .inc();
-            match timeout {
-                "dial" => self.dial_failed(token, "timed out"),
-                _ => self.end_flow(token),
-            }
+            self.end_flow(token, "timed out");
         }
     }
 
@@ -504,16 +501,16 @@ impl DataPlane {
         Some(flow)
     }
 
-    /// Ends a flow now: a TCP flow is reset (and removed once the stack has sent the RST),
-    /// anything else closed at once.
-    fn end_flow(&mut self, token: Token) {
+    /// Ends a flow now (`why`, for a dial's log): a TCP flow is reset (and removed once the
+    /// stack has sent the RST), a dial refused, a UDP flow closed.
+    fn end_flow(&mut self, token: Token, why: &str) {
         match self.flows.get(&token).map(|flow| &flow.kind) {
             Some(FlowKind::Tcp(flow)) => {
                 self.sockets
                     .get_mut::<smoltcp::socket::tcp::Socket>(flow.socket)
                     .abort();
             }
-            Some(FlowKind::Dial(_)) => self.dial_failed(token, "its peer is gone"),
+            Some(FlowKind::Dial(_)) => self.dial_failed(token, why),
             Some(FlowKind::Udp(_)) => self.close_udp(token),
             None => {}
         }
@@ -535,23 +532,26 @@ impl DataPlane {
 
     /// Where a connection or datagram to `destination` really goes: 192.168.99.1:53 is the
     /// resolver, other ports of the server address go nowhere; anything else only where the
-    /// egress policy lets a peer go. `Err` is the `stowaway_dropped_total` reason.
-    fn target_of(&self, destination: SocketAddr) -> Result<SocketAddr, &'static str> {
+    /// egress policy lets a peer go. A refusal is counted (`no_service`, `egress_denied`)
+    /// and logged, as `admit` does for limits.
+    fn target_of(&self, destination: SocketAddr) -> Option<SocketAddr> {
         let ip = destination.ip();
-        if ip == SERVER_ADDRESS || ip == IpAddr::V6(SERVER_ADDRESS_V6) {
-            return if destination.port() == 53 {
-                Ok(self.config.resolver)
-            } else {
-                Err("no_service")
-            };
-        }
-        match self.config.egress.check(ip) {
-            Ok(()) => Ok(destination),
-            Err(refusal) => {
-                tracing::debug!(%destination, %refusal, "egress denied");
-                Err("egress_denied")
+        let refused = if ip == SERVER_ADDRESS || ip == IpAddr::V6(SERVER_ADDRESS_V6) {
+            if destination.port() == 53 {
+                return Some(self.config.resolver);
             }
-        }
+            "no_service"
+        } else {
+            match self.config.egress.check(ip) {
+                Ok(()) => return Some(destination),
+                Err(refusal) => {
+                    tracing::debug!(%destination, %refusal, "egress denied");
+                    "egress_denied"
+                }
+            }
+        };
+        self.metrics.dropped.with_label_values(&[refused]).inc();
+        None
     }
 
     /// Admits a flow for `peer` in the ledger; a refusal is counted and logged.

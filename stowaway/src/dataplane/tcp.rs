@@ -79,13 +79,9 @@ impl DataPlane {
     /// A peer's SYN for a new connection: dial the cluster side if the policy and the
     /// peer's limits allow it, else refuse (a reset).
     pub(super) fn dial(&mut self, peer: PeerId, tuple: Tuple, syn: Vec<u8>) {
-        let target = match self.target_of(tuple.2) {
-            Ok(target) => target,
-            Err(reason) => {
-                self.metrics.dropped.with_label_values(&[reason]).inc();
-                self.refuse(syn);
-                return;
-            }
+        let Some(target) = self.target_of(tuple.2) else {
+            self.refuse(syn);
+            return;
         };
         let holding = Holding::Tcp {
             dialing: true,

@@ -45,13 +45,7 @@ impl DataPlane {
     }
 
     fn open_udp(&mut self, peer: PeerId, tuple: Tuple) -> Option<Token> {
-        let target = match self.target_of(tuple.2) {
-            Ok(target) => target,
-            Err(reason) => {
-                self.metrics.dropped.with_label_values(&[reason]).inc();
-                return None;
-            }
-        };
+        let target = self.target_of(tuple.2)?;
         if !self.admit(&peer, Holding::Udp, tuple) {
             return None;
         }
