@@ -682,6 +682,13 @@ impl DockerDaemon {
         result
     }
 
+    /// `docker`, talking to this daemon.
+    pub fn docker(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("docker");
+        command.env("DOCKER_HOST", &self.host);
+        command
+    }
+
     async fn start_with(network: &[&str], bridge: Option<String>) -> Result<Self> {
         let dockerd = ["/usr/sbin/dockerd", "/usr/bin/dockerd"]
             .into_iter()

@@ -516,9 +516,14 @@ async fn gefyras_own_connect(
 
     // Gefyra's CLI, as a developer runs it: the client file, its Docker, no kubeconfig.
     let image = "gefyra-cargo-standin:2.5.6";
-    let imported = tokio::process::Command::new("sh")
-        .args(["-c", &format!("docker import --change 'ENTRYPOINT [\"/usr/local/bin/entrypoint.sh\"]' --change 'WORKDIR /' {rootfs} {image}")])
-        .env("DOCKER_HOST", &docker.host)
+    let imported = docker
+        .docker()
+        .args([
+            "import",
+            "--change",
+            "ENTRYPOINT [\"/usr/local/bin/entrypoint.sh\"]",
+        ])
+        .args(["--change", "WORKDIR /", &rootfs, image])
         .output()
         .await?;
     ensure!(
@@ -590,15 +595,12 @@ async fn gefyras_own_connect(
         "exec 3<>/dev/tcp/{cluster_address}/8080; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
     );
     let fetch_through_stowaway = |container: &'static str| {
-        let (fetch, host) = (fetch.clone(), docker.host.clone());
+        let mut exec = docker.docker();
+        exec.args(["exec", container, "bash", "-c", &fetch]);
         async move {
             let series = "stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}";
             let opened_before = metric(series).await?;
-            let fetched = tokio::process::Command::new("docker")
-                .args(["exec", container, "bash", "-c", &fetch])
-                .env("DOCKER_HOST", &host)
-                .output()
-                .await?;
+            let fetched = exec.output().await?;
             let body = String::from_utf8_lossy(&fetched.stdout);
             ensure!(
                 body.ends_with("through-stowaway"),
@@ -647,9 +649,9 @@ async fn gefyras_own_connect(
     )
     .await?;
     wait_for_state(&clients, "g1", ClientState::Waiting).await?;
-    let left = tokio::process::Command::new("docker")
+    let left = docker
+        .docker()
         .args(["ps", "-aq", "--filter", "name=^gefyra-app$"])
-        .env("DOCKER_HOST", &docker.host)
         .output()
         .await?;
     ensure!(

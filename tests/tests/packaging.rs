@@ -634,13 +634,10 @@ async fn the_image_builds_offline_from_the_static_binaries_and_runs_as_65532() -
     let tarball = String::from_utf8(built.stdout)?.trim().to_string();
     let docker = DockerDaemon::start().await?;
     let run_docker = |args: Vec<String>| {
-        let host = docker.host.clone();
+        let mut command = docker.docker();
+        command.args(&args);
         async move {
-            let output = tokio::process::Command::new("docker")
-                .args(&args)
-                .env("DOCKER_HOST", host)
-                .output()
-                .await?;
+            let output = command.output().await?;
             anyhow::Ok((
                 output.status.success(),
                 String::from_utf8_lossy(&output.stdout).trim().to_string(),
