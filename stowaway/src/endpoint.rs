@@ -137,9 +137,19 @@ impl Endpoint {
     }
 
     /// Applies a plan: added and replaced peers get a fresh tunnel, removed ones lose
-    /// theirs at once; every other peer keeps its session.
+    /// theirs at once, updated ones take their new ranges; every other peer (and every
+    /// updated one) keeps its session.
     pub fn apply(&mut self, plan: Plan) {
         self.routes.clear();
+        for spec in plan.update {
+            let peer = self
+                .by_key
+                .get(&spec.public_key)
+                .and_then(|index| self.peers.get_mut(index));
+            if let Some(peer) = peer {
+                peer.spec = spec;
+            }
+        }
         for key in plan
             .remove
             .iter()
@@ -235,9 +245,12 @@ impl Endpoint {
                     break;
                 }
                 TunnResult::WriteToNetwork(reply) => {
+                    // A handshake response (type 2) completes the handshake; a cookie reply
+                    // (type 3, the tunnel's own rate check) does not.
+                    let is_response = reply.first() == Some(&2);
                     handled.replies.push(reply.to_vec());
                     peer.endpoint = Some(from);
-                    if is_init {
+                    if is_init && is_response {
                         handled.handshake_with = Some(peer.spec.client.clone());
                     }
                     // Queued packets follow a handshake: drain them.
@@ -499,6 +512,58 @@ mod tests {
         assert_eq!(
             endpoint.handle_datagram(from, init).dropped,
             Some(Drop::UnknownPeer)
+        );
+    }
+
+    #[test]
+    fn a_peer_whose_ranges_change_keeps_its_session_and_sends_only_from_the_new_ones() {
+        let mut endpoint = endpoint_with(vec![spec("a", [2; 32], &["192.168.96.2/32"])]);
+        let server = endpoint.public_key();
+        let from: SocketAddr = FROM.parse().unwrap();
+        let mut buffer = vec![0u8; BUFFER];
+        let mut a = client_tunnel([2; 32], server);
+        assert_eq!(
+            send_from(&mut endpoint, &mut a, [192, 168, 96, 2])
+                .packets
+                .len(),
+            1
+        );
+        // The routed subnet arrives (the operator records it after the connect).
+        endpoint.apply(Plan {
+            update: vec![spec("a", [2; 32], &["192.168.96.2/32", "10.1.0.0/16"])],
+            ..Plan::default()
+        });
+        let TunnResult::WriteToNetwork(data) =
+            a.encapsulate(&ipv4([10, 1, 0, 5], [192, 168, 99, 1], b"sub"), &mut buffer)
+        else {
+            panic!("a still has its session: data, not an initiation");
+        };
+        assert_eq!(data[0], 4);
+        let handled = endpoint.handle_datagram(from, data);
+        assert_eq!((handled.dropped, handled.packets.len()), (None, 1));
+        assert!(
+            endpoint
+                .encapsulate("10.1.9.9".parse().unwrap(), b"x")
+                .is_some()
+        );
+        // And it goes away again: the session stays, the subnet is refused.
+        endpoint.apply(Plan {
+            update: vec![spec("a", [2; 32], &["192.168.96.2/32"])],
+            ..Plan::default()
+        });
+        let TunnResult::WriteToNetwork(data) =
+            a.encapsulate(&ipv4([10, 1, 0, 5], [192, 168, 99, 1], b"sub"), &mut buffer)
+        else {
+            panic!("data");
+        };
+        assert_eq!(
+            endpoint.handle_datagram(from, data).dropped,
+            Some(Drop::SpoofedSource)
+        );
+        assert!(
+            endpoint
+                .encapsulate("10.1.9.9".parse().unwrap(), b"x")
+                .is_none()
         );
     }
 

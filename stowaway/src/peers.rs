@@ -180,7 +180,10 @@ pub fn desired<'a>(
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub add: Vec<PeerSpec>,
-    /// Same public key, other preshared key or ranges: the peer's session starts anew.
+    /// Same public key, client and preshared key, other ranges: the peer keeps its session
+    /// (a routed subnet arriving after the connect must not cost a handshake).
+    pub update: Vec<PeerSpec>,
+    /// Same public key, other client or preshared key: the peer's session starts anew.
     pub replace: Vec<PeerSpec>,
     pub remove: Vec<Key>,
 }
@@ -190,8 +193,14 @@ pub fn plan(current: &BTreeMap<Key, PeerSpec>, desired: &BTreeMap<Key, PeerSpec>
     for (key, spec) in desired {
         match current.get(key) {
             None => plan.add.push(spec.clone()),
-            Some(existing) if existing != spec => plan.replace.push(spec.clone()),
-            Some(_) => {}
+            Some(existing) if existing == spec => {}
+            Some(existing)
+                if existing.client == spec.client
+                    && existing.preshared_key == spec.preshared_key =>
+            {
+                plan.update.push(spec.clone())
+            }
+            Some(_) => plan.replace.push(spec.clone()),
         }
     }
     plan.remove = current
@@ -393,13 +402,21 @@ mod tests {
             ["c"]
         );
         assert_eq!(
-            plan.replace
+            plan.update
                 .iter()
                 .map(|p| p.client.as_str())
                 .collect::<Vec<_>>(),
             ["b"]
         );
+        assert!(plan.replace.is_empty());
         assert!(plan.remove.is_empty());
+        // Another preshared key or another client for the same key: a new session.
+        let mut rekeyed = after.clone();
+        rekeyed.get_mut(&[1; 32]).unwrap().preshared_key = [9; 32];
+        rekeyed.get_mut(&[2; 32]).unwrap().client = "b2".to_string();
+        let plan = super::plan(&after, &rekeyed);
+        assert_eq!(plan.replace.len(), 2);
+        assert!(plan.add.is_empty() && plan.update.is_empty() && plan.remove.is_empty());
         let gone = super::plan(&after, &BTreeMap::new());
         assert_eq!(gone.remove.len(), 3);
     }

@@ -93,6 +93,8 @@ pub struct Lab {
     namespaces: Vec<String>,
     links: Vec<String>,
     processes: Vec<Process>,
+    /// WireGuard interfaces whose wireguard-go logs into `dir` (`<interface>.log`).
+    wireguard_interfaces: Vec<String>,
     pub dir: PathBuf,
 }
 
@@ -124,6 +126,7 @@ impl Lab {
             namespaces: Vec::new(),
             links: Vec::new(),
             processes: Vec::new(),
+            wireguard_interfaces: Vec::new(),
             dir,
         };
         let cluster = lab.cluster_netns();
@@ -251,6 +254,24 @@ impl Lab {
         Ok(())
     }
 
+    /// What a failing test shows of the peer in `netns`: `wg show` and the logs of every
+    /// wireguard-go in the lab (verbose: handshakes sent, received and refused).
+    pub fn peer_report(&self, netns: &str) -> String {
+        let mut report = format!("peer in {netns}:\n");
+        match self.exec_in(netns, "wg", &["show"]) {
+            Ok(shown) => report.push_str(&shown),
+            Err(error) => report.push_str(&format!("wg show failed: {error:#}")),
+        }
+        for interface in &self.wireguard_interfaces {
+            let log = std::fs::read_to_string(self.dir.join(format!("{interface}.log")));
+            report.push_str(&format!(
+                "\n--- wireguard-go {interface}:\n{}",
+                log.unwrap_or_default()
+            ));
+        }
+        report
+    }
+
     /// Starts wireguard-go for `interface` in `netns` and waits for the interface.
     pub fn wireguard_go(&mut self, netns: &str, interface: &str) -> Result<()> {
         let wireguard_go = which("wireguard-go")?;
@@ -259,9 +280,11 @@ impl Lab {
             .args(["--pdeathsig=SIGKILL", "ip", "netns", "exec", netns])
             .arg(&wireguard_go)
             .arg(interface)
-            .env("WG_PROCESS_FOREGROUND", "1");
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .env("LOG_LEVEL", "verbose");
         let process = Process::spawn(&mut command, self.dir.join(format!("{interface}.log")))?;
         self.processes.push(process);
+        self.wireguard_interfaces.push(interface.to_string());
         for _ in 0..100 {
             if run("ip", &["-n", netns, "link", "show", interface]).is_ok() {
                 return Ok(());
@@ -737,7 +760,8 @@ impl Deployment {
             },
         )
         .await
-        .with_context(|| self.stowaway.process.log_text())?;
+        .with_context(|| self.stowaway.process.log_text())
+        .with_context(|| lab.peer_report(netns))?;
         let resolved = lab.probe(netns, &["dns", "192.168.99.1:53", DNS_NAME])?;
         ensure!(
             resolved == lab.cluster_address().to_string(),

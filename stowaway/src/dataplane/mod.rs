@@ -387,11 +387,12 @@ impl DataPlane {
 
     fn set_peers(&mut self, desired: &BTreeMap<Key, PeerSpec>) {
         let plan = crate::peers::plan(&self.endpoint.specs(), desired);
-        if plan.add.is_empty() && plan.replace.is_empty() && plan.remove.is_empty() {
+        if plan == crate::peers::Plan::default() {
             return;
         }
         tracing::info!(
             added = plan.add.len(),
+            updated = plan.update.len(),
             replaced = plan.replace.len(),
             removed = plan.remove.len(),
             peers = desired.len(),
