@@ -7,21 +7,24 @@ export GEFYRA_CACHE_DIR ?= $(HOME)/.cache/gefyra-operator
 # Where `make up` / `make cluster-up` keep the running control plane (kubeconfig inside).
 CLUSTER_DIR ?= $(GEFYRA_CACHE_DIR)/cluster
 CONTROLPLANE := tests/controlplane.sh
+NODE := tests/node.sh
 # Debian packages the whole system needs (installed when root, else the apt-get line is shown).
 # docker.io: the real Gefyra CLI needs a Docker daemon even for `gefyra clients ...`.
 # dnsmasq-base, iputils-ping: the DNS server and ping of the network lab (Stowaway's tests).
 # musl-tools, file: the image's static binaries (make static).
 # debootstrap: the stand-in for Gefyra's Cargo image (tests/cargo-image.sh).
-DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap
+# containerd, runc, containernetworking-plugins, iptables, busybox-static: the local node
+# (tests/node.sh) and its test workload.
+DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap containerd runc containernetworking-plugins iptables busybox-static
 
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
 
-.PHONY: static image generate help prereqs controlplane cluster-up cluster-down up down test lint unit e2e bench fuzz
+.PHONY: static image generate help prereqs controlplane node cluster-up cluster-down up down test lint unit e2e e2e-node bench fuzz
 
 help:
-	@echo "make up          start the whole system locally (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
-	@echo "make down        stop it"
+	@echo "make up          a local cluster with a node, the chart installed from the local image, a demo Service (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
+	@echo "make down        stop it (nothing left behind)"
 	@echo "make test        every test: fmt, clippy, unit tests, tests against a real control plane"
 	@echo "make bench       benchmarks"
 	@echo "make image       the image (FROM scratch, offline) from make static, saved to target/gefyra-operator-image.tar"
@@ -42,15 +45,21 @@ cluster-up: controlplane
 cluster-down:
 	@$(CONTROLPLANE) down $(CLUSTER_DIR)
 
-up: cluster-up
-	cargo build -p gefyra-operator -p stowaway -p kubectl-gefyra --locked
+# The node's binaries (kubelet, kube-proxy, kube-scheduler, CoreDNS) and images (pause,
+# CoreDNS, busybox), and the project's image from `make static`.
+node: controlplane static
+	@$(NODE) build >/dev/null
+	@tests/image.sh >/dev/null
+
+up: node
+	cargo build -p kubectl-gefyra --locked
+	@$(NODE) up $(CLUSTER_DIR)
 	@tests/system.sh up $(CLUSTER_DIR)
-	@echo "export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"
-	@echo "export PATH=$(CURDIR)/target/debug:\$$PATH   # then: kubectl gefyra clients create"
 
-down: cluster-down
+down:
+	@$(NODE) down $(CLUSTER_DIR)
 
-test: prereqs lint unit static fuzz e2e
+test: prereqs lint unit static fuzz e2e e2e-node
 
 # Regenerates every generated file that is committed (drift is checked by `make test`):
 # the CRD, the chart's CRD and RBAC templates, deploy/ (see tests/generate.sh).
@@ -99,6 +108,16 @@ e2e: controlplane
 	@tests/cargo-image.sh >/dev/null
 	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh) GEFYRA_CARGO_ROOTFS=$$(tests/cargo-image.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
 	status=0; $(CONTROLPLANE) run "$$dir" -- cargo test -p gefyra-e2e --locked -- --test-threads=4 || status=$$?; \
+	tests/no-leftovers.sh "$$dir" || status=1; \
+	exit $$status
+
+# The tests that need a node (tests/tests/node.rs, ignored elsewhere) on a cluster of their
+# own with one, against the Pods the chart installs from the local image.
+e2e-node: node
+	cargo build -p kubectl-gefyra -p gefyra-e2e --bins --locked
+	cargo test -p gefyra-e2e --locked --test node --no-run
+	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-node-cluster.XXXXXX"); \
+	status=0; $(NODE) run "$$dir" -- cargo test -p gefyra-e2e --locked --test node -- --ignored --nocapture || status=$$?; \
 	tests/no-leftovers.sh "$$dir" || status=1; \
 	exit $$status
 

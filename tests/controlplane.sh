@@ -41,10 +41,19 @@ throwaway_module() {
 }
 
 build_kubernetes() {
-  [ -x "$k8s_bin/kube-apiserver" ] && [ -x "$k8s_bin/kube-controller-manager" ] && [ -x "$k8s_bin/kubectl" ] && return 0
+  build_kubernetes_into "$k8s_bin" kube-apiserver kube-controller-manager kubectl
+}
+
+# build_kubernetes_into DIR COMMAND... — k8s.io/kubernetes/cmd/COMMAND of the pinned release,
+# unless DIR already holds them all.
+build_kubernetes_into() {
+  local dest=$1; shift
+  local pkg missing=0
+  for pkg in "$@"; do [ -x "$dest/$pkg" ] || missing=1; done
+  [ "$missing" = 1 ] || return 0
   local started=$SECONDS work minor gomod
   work=$(mktemp -d)
-  log "building kube-apiserver, kube-controller-manager, kubectl $KUBERNETES_VERSION (cold build: several minutes)"
+  log "building $* $KUBERNETES_VERSION (cold build: several minutes)"
   throwaway_module "$work"
   gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
   [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$KUBERNETES_VERSION from the Go module proxy"
@@ -63,18 +72,18 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitCommit=0000000000000000000000000000000000000000 -X $pkg.gitTreeState=clean"
     ldflags+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  mkdir -p "$k8s_bin.tmp"
+  mkdir -p "$dest.tmp"
   log "  resolving and downloading modules"
   (cd "$work" && go mod download -x 2>&1 | grep -c '^# get' | sed 's/^/  modules fetched: /' >&2 || true)
-  for pkg in kube-apiserver kube-controller-manager kubectl; do
+  for pkg in "$@"; do
     log "  compiling $pkg ($((SECONDS - started)) s so far)"
-    (cd "$work" && go build -v -trimpath -ldflags "$ldflags" -o "$k8s_bin.tmp/$pkg" "k8s.io/kubernetes/cmd/$pkg" 2>&1 |
+    (cd "$work" && go build -v -trimpath -ldflags "$ldflags" -o "$dest.tmp/$pkg" "k8s.io/kubernetes/cmd/$pkg" 2>&1 |
       awk '{ n++; if (n % 200 == 0) { printf "  ... %d packages compiled\n", n > "/dev/stderr" } }')
-    [ -x "$k8s_bin.tmp/$pkg" ] || die "building $pkg failed; rerun with: cd $work && go build k8s.io/kubernetes/cmd/$pkg"
+    [ -x "$dest.tmp/$pkg" ] || die "building $pkg failed; rerun with: cd $work && go build k8s.io/kubernetes/cmd/$pkg"
   done
-  rm -rf "$k8s_bin" && mv "$k8s_bin.tmp" "$k8s_bin"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
   rm -rf "$work"
-  log "  kubernetes binaries built in $((SECONDS - started)) s"
+  log "  $* built in $((SECONDS - started)) s"
 }
 
 build_etcd() {
@@ -135,7 +144,7 @@ free_port() {
 }
 
 make_pki() {
-  local pki=$1 api_port=$2
+  local pki=$1 api_port=$2 address=$3
   mkdir -p "$pki"
   (
     cd "$pki"
@@ -148,9 +157,11 @@ make_pki() {
       openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -out "$1.crt" -extfile "$1.ext" 2>/dev/null
       rm -f "$1.csr" "$1.ext"
     }
-    issue apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    issue apiserver "/CN=kube-apiserver" serverAuth "IP:$address,IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
     issue admin "/O=system:masters/CN=gefyra-local-admin" clientAuth
     issue controller-manager "/CN=system:kube-controller-manager" clientAuth
+    # The API server's identity towards a node's kubelet (logs, exec).
+    issue apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
     chmod 600 ./*.key
@@ -220,16 +231,22 @@ cmd_up() {
   if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ] && [ ! -e "$dir/.gefyra-controlplane" ]; then
     die "$dir is not empty and holds no control plane; choose another directory"
   fi
-  rm -rf "$dir/etcd" "$dir/pki" "$dir/logs" "$dir/pids" "$dir/apiserver" "$dir/controller-manager" "$dir/ports" "$dir/server"
+  rm -rf "$dir/etcd" "$dir/pki" "$dir/logs" "$dir/pids" "$dir/apiserver" "$dir/controller-manager" "$dir/ports" "$dir/server" "$dir/node"
   mkdir -p "$dir/logs" "$dir/pids"
   touch "$dir/.gefyra-controlplane"
   dir=$(cd "$dir" && pwd)
   ports_taken=$dir/ports
+  # A node beside it (tests/node.sh defines node_prepare): its address comes first.
+  if declare -F node_prepare >/dev/null; then node_prepare; fi
   local started=$SECONDS
   local etcd_port etcd_peer_port api_port kcm_port
   etcd_port=$(free_port); etcd_peer_port=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
-  local pki=$dir/pki server="https://127.0.0.1:$api_port"
-  make_pki "$pki" "$api_port"
+  # 127.0.0.1 unless a node runs beside it (tests/node.sh): then the node's address, which
+  # Pods reach through the `kubernetes` Service (endpoints kept by the API server's lease).
+  local address=${GEFYRA_APISERVER_ADDRESS:-127.0.0.1} reconciler=none
+  [ "$address" = 127.0.0.1 ] || reconciler=lease
+  local pki=$dir/pki server="https://$address:$api_port"
+  make_pki "$pki" "$api_port" "$address"
 
   start_component etcd "$etcd_bin/etcd" --name local --data-dir "$dir/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -239,10 +256,12 @@ cmd_up() {
   wait_for etcd 30 port_open "$etcd_port"
 
   start_component kube-apiserver "$k8s_bin/kube-apiserver" \
-    --bind-address=127.0.0.1 --secure-port="$api_port" --advertise-address=127.0.0.1 \
-    --endpoint-reconciler-type=none --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address="$address" --secure-port="$api_port" --advertise-address="$address" \
+    --endpoint-reconciler-type="$reconciler" --etcd-servers="http://127.0.0.1:$etcd_port" \
     --cert-dir="$dir/apiserver" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" --authorization-mode=RBAC \
+    --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     --service-cluster-ip-range=10.0.0.0/24 --service-node-port-range=30000-32767 \
     --service-account-issuer="$server" --service-account-key-file="$pki/sa.pub" \
     --service-account-signing-key-file="$pki/sa.key" --profiling=false \
@@ -265,6 +284,8 @@ cmd_up() {
 
   echo "$server" >"$dir/server"
   log "control plane ready in $((SECONDS - started)) s: $server"
+  # A node's components (tests/node.sh, which sources this file and defines node_up).
+  if declare -F node_up >/dev/null; then node_up; fi
   log "export KUBECONFIG=$dir/kubeconfig"
 }
 
@@ -281,6 +302,10 @@ running_pids() {
 cmd_down() {
   local d
   d=$(state_dir "${1:-}")
+  # A node beside it: its own teardown first (Pods, containerd, rules, interfaces, cgroups).
+  if [ -e "$d/.gefyra-node" ]; then
+    if declare -F node_down >/dev/null; then node_down "$d"; else "$here/node.sh" down "$d"; return; fi
+  fi
   [ -d "$d/pids" ] || return 0
   local name f pid others=()
   for f in "$d"/pids/*.pid; do
@@ -329,6 +354,9 @@ cmd_run() {
   child=""
   return "$status"
 }
+
+# Sourced (by node.sh) for its functions only.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-}" in
   build) cmd_build ;;

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Builds the image from `make static`'s binaries with the Dockerfile (FROM scratch: nothing
-# is pulled) under a private dockerd of its own, saves it and stops that dockerd. Prints the
-# tarball's path (`docker save` format: `docker load` and containerd's `ctr images import`
-# take it). Needs root and Debian's docker.io.
-# Usage: tests/image.sh [TAG]        (default: gefyra-operator:local)
+# Builds images with a private dockerd of its own (classic builder, FROM scratch: nothing is
+# pulled), saves them to one tarball (`docker save` format: `docker load` and containerd's
+# `ctr images import` take it) and stops that dockerd. Prints the tarball's path.
+# Needs root and Debian's docker.io.
+# Usage:
+#   tests/image.sh                          the project's image (Dockerfile, from `make static`)
+#                                           as gefyra-operator:local → target/gefyra-operator-image.tar
+#   tests/image.sh OUT TAG=CONTEXT...       each CONTEXT (a directory with a Dockerfile) as TAG → OUT
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-tag=${1:-gefyra-operator:local}
-release="$root/target/x86_64-unknown-linux-musl/release"
-out="$root/target/gefyra-operator-image.tar"
-for binary in gefyra-operator stowaway kubectl-gefyra; do
-  [ -x "$release/$binary" ] || { echo "error: $release/$binary is missing: run make static first" >&2; exit 1; }
-done
+if [ "$#" -eq 0 ]; then
+  release="$root/target/x86_64-unknown-linux-musl/release"
+  for binary in gefyra-operator stowaway kubectl-gefyra; do
+    [ -x "$release/$binary" ] || { echo "error: $release/$binary is missing: run make static first" >&2; exit 1; }
+  done
+  set -- "$root/target/gefyra-operator-image.tar" "gefyra-operator:local=$root"
+fi
+out=$1; shift
+[ "$#" -gt 0 ] || { echo "usage: tests/image.sh [OUT TAG=CONTEXT...]" >&2; exit 2; }
 "$here/prereqs.sh" docker.io
 work=$(mktemp -d "${TMPDIR:-/tmp}/gefyra-image.XXXXXX")
 socket="unix://$work/docker.sock"
@@ -31,8 +37,13 @@ for _ in $(seq 150); do
   kill -0 "$daemon" 2>/dev/null || { cat "$work/dockerd.log" >&2; exit 1; }
   sleep 0.2
 done
-# The classic builder: BuildKit would fetch its frontend.
-DOCKER_BUILDKIT=0 docker -H "$socket" build --quiet --tag "$tag" "$root" >/dev/null
-docker -H "$socket" save --output "$out.tmp" "$tag"
+tags=()
+for image in "$@"; do
+  tag=${image%%=*} context=${image#*=}
+  # The classic builder: BuildKit would fetch its frontend.
+  DOCKER_BUILDKIT=0 docker -H "$socket" build --quiet --tag "$tag" "$context" >/dev/null
+  tags+=("$tag")
+done
+docker -H "$socket" save --output "$out.tmp" "${tags[@]}"
 mv "$out.tmp" "$out"
 echo "$out"

@@ -2,8 +2,10 @@
 # runc, with every container's (and exec's) capabilities cut to this machine's bounding set.
 # Our machines run in a sandbox whose bounding set lacks some capabilities (CAP_SYS_RESOURCE),
 # and Docker asks for all of them for a privileged container — as Gefyra's CLI starts Cargo —
-# so runc would refuse ("unable to apply caps"). The private dockerd of the tests uses this as
-# its default runtime; nothing else changes.
+# so runc would refuse ("unable to apply caps"). Lowering a process's OOM score below 0 needs
+# CAP_SYS_RESOURCE too (the kubelet asks -998 for every Pod sandbox): a negative oomScoreAdj
+# becomes 0. The private dockerd of the tests and the local node's containerd use this as
+# their runtime; nothing else changes.
 bundle=
 process=
 prev=
@@ -35,6 +37,10 @@ with open(path) as f:
 capabilities = spec.get("process", spec).get("capabilities", {})
 for kind, values in capabilities.items():
     capabilities[kind] = [value for value in values if value in allowed]
+if "CAP_SYS_RESOURCE" not in allowed:
+    process = spec.get("process", spec)
+    if process.get("oomScoreAdj", 0) < 0:
+        process["oomScoreAdj"] = 0
 with open(path, "w") as f:
     json.dump(spec, f)
 PY

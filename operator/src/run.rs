@@ -67,8 +67,8 @@ pub enum Command {
         #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
         namespace: String,
     },
-    /// Run the operator (the default).
-    Run,
+    /// Run the operator (the default; its options go before or after `run`).
+    Run(Box<RunArgs>),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -162,8 +162,11 @@ fn init_logging(format: LogFormat) {
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    let args = cli.run;
-    match cli.command {
+    let (command, args) = match cli.command {
+        Some(Command::Run(args)) => (None, *args),
+        command => (command, cli.run),
+    };
+    match command {
         Some(Command::Crd { bridges }) => {
             if bridges {
                 print!("{}", gefyra_api::bridge::crds_yaml());
@@ -194,7 +197,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Command::Run) | None => {}
+        Some(Command::Run(_)) | None => {}
     }
     init_logging(args.log_format);
     let wireguard_endpoint = args
@@ -342,5 +345,29 @@ async fn wait_for_crd(client: &Client, namespace: &str) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         waited += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_takes_its_options_after_the_subcommand_as_the_chart_passes_them() {
+        let cli = Cli::try_parse_from([
+            "gefyra-operator",
+            "run",
+            "--namespace=other",
+            "--http-address=0.0.0.0:8080",
+            "--log-format=json",
+        ])
+        .expect("the chart's arguments parse");
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("the run subcommand");
+        };
+        assert_eq!(args.namespace, "other");
+        // And before it, or without it.
+        let cli = Cli::try_parse_from(["gefyra-operator", "--namespace=before"]).unwrap();
+        assert_eq!(cli.run.namespace, "before");
     }
 }

@@ -95,6 +95,8 @@ pub struct Lab {
     processes: Vec<Process>,
     /// WireGuard interfaces whose wireguard-go logs into `dir` (`<interface>.log`).
     wireguard_interfaces: Vec<String>,
+    /// /etc/netns/<netns> directories (resolv.conf for `ip netns exec`).
+    resolvers: Vec<PathBuf>,
     pub dir: PathBuf,
 }
 
@@ -127,6 +129,7 @@ impl Lab {
             links: Vec::new(),
             processes: Vec::new(),
             wireguard_interfaces: Vec::new(),
+            resolvers: Vec::new(),
             dir,
         };
         let cluster = lab.cluster_netns();
@@ -309,6 +312,19 @@ impl Lab {
             .args(args);
         let process = Process::spawn(&mut command, self.dir.join(format!("{name}.log")))?;
         self.processes.push(process);
+        Ok(())
+    }
+
+    /// Programs run in `netns` (by `ip netns exec`) resolve names through `nameserver`, as
+    /// a developer's machine does with the tunnel's DNS address; removed with the lab.
+    pub fn use_resolver(&mut self, netns: &str, nameserver: IpAddr) -> Result<()> {
+        let dir = Path::new("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )?;
+        self.resolvers.push(dir);
         Ok(())
     }
 
@@ -528,6 +544,9 @@ impl Drop for Lab {
         }
         for netns in &self.namespaces {
             let _ = run("ip", &["netns", "del", netns]);
+        }
+        for resolver in &self.resolvers {
+            let _ = std::fs::remove_dir_all(resolver);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir(Path::new(SLOTS).join(self.slot.to_string()));

@@ -156,6 +156,39 @@ pub fn controlplane_tool(name: &str) -> Result<PathBuf> {
 
 /// A control plane of a test's own (`tests/controlplane.sh up`), for tests that need one
 /// nothing else touches (cluster-scoped objects, fixed NodePorts); stopped when dropped.
+/// Runs helm or kubectl (of the local control plane) against `kubeconfig`; fails with the
+/// output unless it exits 0.
+pub async fn run_tool(program: &str, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let output = tokio::process::Command::new(controlplane_tool(program)?)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("gefyra-helm-cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("gefyra-helm-config"),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            std::env::temp_dir().join("gefyra-helm-data"),
+        )
+        .output()
+        .await
+        .with_context(|| format!("running {program} {args:?}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{text}"
+    );
+    Ok(text)
+}
+
 pub struct OwnControlPlane {
     pub dir: PathBuf,
     pub cluster: Cluster,

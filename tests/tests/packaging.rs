@@ -4,15 +4,15 @@
 //! deploy/`, the chart's RBAC doing the operator's and Stowaway's whole job
 //! (impersonation), and generated files without drift.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::{key_pair, stowaway_binary};
 use gefyra_e2e::{
-    Cluster, DockerDaemon, Operator, OwnControlPlane, controlplane_tool, create_client, eventually,
-    free_port, http_get, operator_binary, repo_root, set_provider_parameter, wait_for_state,
+    Cluster, DockerDaemon, Operator, OwnControlPlane, create_client, eventually, free_port,
+    http_get, operator_binary, repo_root, run_tool as run, set_provider_parameter, wait_for_state,
     wait_gone,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -27,38 +27,6 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(60);
 const CRD: &str = "gefyraclients.gefyra.dev";
 const NAMESPACE: &str = "gefyra";
-
-/// Runs helm or kubectl against `kubeconfig`; fails with the output unless it exits 0.
-async fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let output = tokio::process::Command::new(controlplane_tool(program)?)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("gefyra-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("gefyra-helm-config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("gefyra-helm-data"),
-        )
-        .output()
-        .await
-        .with_context(|| format!("running {program} {args:?}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    ensure!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{text}"
-    );
-    Ok(text)
-}
 
 fn chart() -> PathBuf {
     repo_root().join("charts/gefyra-operator")
