@@ -116,7 +116,8 @@ e2e: controlplane
 e2e-node: node
 	cargo build -p kubectl-gefyra -p gefyra-e2e --bins --locked
 	cargo test -p gefyra-e2e --locked --test node --no-run
-	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-node-cluster.XXXXXX"); \
+	@tests/gefyra-cli.sh >/dev/null
+	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-node-cluster.XXXXXX"); \
 	status=0; $(NODE) run "$$dir" -- cargo test -p gefyra-e2e --locked --test node -- --ignored --nocapture || status=$$?; \
 	tests/no-leftovers.sh "$$dir" || status=1; \
 	exit $$status

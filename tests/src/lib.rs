@@ -652,6 +652,47 @@ pub async fn install_crd(cluster: &Cluster) -> Result<()> {
 /// data directory). The real Gefyra CLI refuses to start without a Docker daemon, even for
 /// `gefyra clients ...`, which only talks to the API server. Stopped with SIGTERM when
 /// dropped, so it takes its containerd down with it.
+/// Gefyra's own CLI (`gefyra`, from PyPI) as an admin runs it: `KUBECONFIG`, a Docker daemon
+/// (it wants one even for `clients ...`) and a home of its own.
+pub struct GefyraCli<'a> {
+    pub program: String,
+    pub cluster: &'a Cluster,
+    pub docker: &'a DockerDaemon,
+    pub home: &'a Path,
+}
+
+impl GefyraCli<'_> {
+    /// Runs `gefyra ARGS`; fails with its output unless it exits 0.
+    pub async fn run(&self, args: &[&str]) -> Result<String> {
+        let std::process::Output {
+            status,
+            stdout,
+            stderr,
+        } = tokio::process::Command::new(&self.program)
+            .args(args)
+            .env("KUBECONFIG", &self.cluster.kubeconfig)
+            .env("DOCKER_HOST", &self.docker.host)
+            .env("HOME", self.home)
+            .output()
+            .await
+            .with_context(|| format!("running {} {args:?}", self.program))?;
+        let stdout = String::from_utf8_lossy(&stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&stderr);
+        ensure!(
+            status.success(),
+            "gefyra {args:?} failed ({status}):\n{stdout}\n{stderr}"
+        );
+        Ok(format!("{stdout}{stderr}"))
+    }
+}
+
+/// The `gefyra` program `make test` installed (tests/gefyra-cli.sh).
+pub fn gefyra_cli_program() -> Result<String> {
+    std::env::var("GEFYRA_CLI").context(
+        "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
+    )
+}
+
 pub struct DockerDaemon {
     child: std::process::Child,
     root: PathBuf,

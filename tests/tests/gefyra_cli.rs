@@ -3,14 +3,13 @@
 //! does the same flows with the same results (client files byte for byte).
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::{
-    Cluster, DockerDaemon, KubectlGefyra, Operator, api_status, decoded, eventually, install_crd,
-    parse_client_file, wait_for_state,
+    Cluster, DockerDaemon, GefyraCli, KubectlGefyra, Operator, api_status, decoded, eventually,
+    gefyra_cli_program, install_crd, parse_client_file, wait_for_state,
 };
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -20,45 +19,6 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, PostPa
 /// Gefyra's CLI always works in this namespace.
 const GEFYRA_NAMESPACE: &str = "gefyra";
 const WAIT: Duration = Duration::from_secs(60);
-
-struct GefyraCli<'a> {
-    program: String,
-    cluster: &'a Cluster,
-    docker: &'a DockerDaemon,
-    home: &'a Path,
-}
-
-impl GefyraCli<'_> {
-    /// Runs `gefyra ARGS`; fails with its output unless it exits 0.
-    async fn run(&self, args: &[&str]) -> Result<String> {
-        let Output {
-            status,
-            stdout,
-            stderr,
-        } = tokio::process::Command::new(&self.program)
-            .args(args)
-            .env("KUBECONFIG", &self.cluster.kubeconfig)
-            .env("DOCKER_HOST", &self.docker.host)
-            .env("HOME", self.home)
-            .output()
-            .await
-            .with_context(|| format!("running {} {args:?}", self.program))?;
-        let stdout = String::from_utf8_lossy(&stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&stderr);
-        ensure!(
-            status.success(),
-            "gefyra {args:?} failed ({status}):\n{stdout}\n{stderr}"
-        );
-        Ok(format!("{stdout}{stderr}"))
-    }
-}
-
-/// The `gefyra` program `make test` installed (tests/gefyra-cli.sh).
-fn gefyra_cli_program() -> Result<String> {
-    std::env::var("GEFYRA_CLI").context(
-        "GEFYRA_CLI is not set: run through `make test`, which installs the CLI with tests/gefyra-cli.sh",
-    )
-}
 
 /// Connects client `id` as a developer does with our CLI: a client file written by the admin
 /// (`clients config ID CONFIG_ARGS`), then `connect -f` without `--subnet` and without any

@@ -4,6 +4,7 @@
 //! but the client file reaches a Service by name through NodePort 31820 and the Stowaway Pod;
 //! the Stowaway Pod replaced, the peer's traffic resumes with the config it has; two operator
 //! replicas roll and hand over leadership; `helm uninstall` keeps the CRD and the namespace.
+//! The admin's steps also with Gefyra's own CLI (`GEFYRA_CLI`, tests/gefyra-cli.sh).
 //!
 //! `make test` runs these on a cluster of their own with a node (`make e2e-node`); they are
 //! ignored elsewhere: `tests/node.sh run -- cargo test -p gefyra-e2e --test node -- --ignored`.
@@ -14,8 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use gefyra_api::GefyraClient;
-use gefyra_e2e::lab::Lab;
-use gefyra_e2e::{Cluster, KubectlGefyra, eventually, repo_root, run_tool as run};
+use gefyra_e2e::lab::{Lab, Peer};
+use gefyra_e2e::{
+    Cluster, DockerDaemon, GefyraCli, KubectlGefyra, eventually, gefyra_cli_program, repo_root,
+    run_tool as run,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -152,6 +156,54 @@ async fn wait_reaches_web(lab: &Lab, netns: &str, pod_ip: &str, timeout: Duratio
     .with_context(|| lab.peer_report(netns))
 }
 
+/// A developer's machine: `connect -f FILE` (no kubeconfig), then wireguard-go in a
+/// namespace of its own configured from the file it wrote, the node's ranges routed through
+/// the tunnel and names resolved through the tunnel's DNS address.
+async fn laptop(
+    lab: &mut Lab,
+    developer: &KubectlGefyra,
+    clients: &Api<GefyraClient>,
+    id: &str,
+) -> Result<Peer> {
+    let file = format!("{id}.json");
+    let wg_config = format!("{id}.conf");
+    let connected = developer
+        .ok(&[
+            "connect",
+            "-f",
+            &file,
+            "--format",
+            "wg",
+            "--wg-config",
+            &wg_config,
+        ])
+        .await?;
+    ensure!(connected.contains("is ACTIVE"), "{connected}");
+    let address = clients
+        .get(id)
+        .await?
+        .provider_config
+        .as_ref()
+        .and_then(|config| config.get("Interface.Address"))
+        .and_then(|value| value.as_str().map(str::to_string))
+        .context("a tunnel address")?;
+    let peer = lab.new_peer()?;
+    lab.configure_peer(
+        &peer,
+        &developer.workdir.join(&wg_config),
+        &format!("{address}/32"),
+    )?;
+    for range in CLUSTER_RANGES {
+        lab.exec_in(
+            &peer.netns,
+            "ip",
+            &["route", "add", range, "dev", &peer.interface],
+        )?;
+    }
+    lab.use_resolver(&peer.netns, IpAddr::V4(Ipv4Addr::new(192, 168, 99, 1)))?;
+    Ok(peer)
+}
+
 async fn leader(leases: &Api<Lease>) -> Result<Option<String>> {
     Ok(leases
         .get_opt("gefyra-operator-leader")
@@ -256,43 +308,50 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
         gefyra.workdir.join("dev.json"),
         developer.workdir.join("dev.json"),
     )?;
-    let connected = developer
-        .ok(&[
-            "connect",
-            "-f",
-            "dev.json",
-            "--format",
-            "wg",
-            "--wg-config",
-            "dev.conf",
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), NAMESPACE);
+    let mut lab = Lab::new()?;
+    let peer = laptop(&mut lab, &developer, &clients, "dev").await?;
+    wait_reaches_web(&lab, &peer.netns, &web_ip, Duration::from_secs(60)).await?;
+
+    // The same with Gefyra's own CLI for the admin's steps: its `clients create` and
+    // `clients config` make the file a second developer connects with.
+    let docker = DockerDaemon::start().await?;
+    let home = lab.dir.join("gefyra-home");
+    std::fs::create_dir_all(&home)?;
+    let theirs = GefyraCli {
+        program: gefyra_cli_program()?,
+        cluster: &cluster,
+        docker: &docker,
+        home: &home,
+    };
+    theirs
+        .run(&[
+            "clients",
+            "create",
+            "--client-id",
+            "gdev",
+            "--timeout",
+            "60",
         ])
         .await?;
-    ensure!(connected.contains("is ACTIVE"), "{connected}");
-    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), NAMESPACE);
-    let address = clients
-        .get("dev")
-        .await?
-        .provider_config
-        .as_ref()
-        .and_then(|config| config.get("Interface.Address"))
-        .and_then(|value| value.as_str().map(str::to_string))
-        .context("a tunnel address")?;
-    let mut lab = Lab::new()?;
-    let peer = lab.new_peer()?;
-    lab.configure_peer(
-        &peer,
-        &developer.workdir.join("dev.conf"),
-        &format!("{address}/32"),
-    )?;
-    for range in CLUSTER_RANGES {
-        lab.exec_in(
-            &peer.netns,
-            "ip",
-            &["route", "add", range, "dev", &peer.interface],
-        )?;
-    }
-    lab.use_resolver(&peer.netns, IpAddr::V4(Ipv4Addr::new(192, 168, 99, 1)))?;
-    wait_reaches_web(&lab, &peer.netns, &web_ip, Duration::from_secs(60)).await?;
+    let printed = theirs
+        .run(&[
+            "clients",
+            "config",
+            "gdev",
+            "--host",
+            &NODE_IP.to_string(),
+            "--port",
+            "31820",
+        ])
+        .await?;
+    let file = printed
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .with_context(|| format!("gefyra clients config prints a client file:\n{printed}"))?;
+    gefyra_e2e::lab::write_secret(&developer.workdir.join("gdev.json"), file)?;
+    let second = laptop(&mut lab, &developer, &clients, "gdev").await?;
+    wait_reaches_web(&lab, &second.netns, &web_ip, Duration::from_secs(60)).await?;
 
     // Stowaway's Pod deleted: a new one comes up with the same key, and the peer's traffic
     // resumes with the config it has.
