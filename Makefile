@@ -109,6 +109,7 @@ e2e: controlplane
 	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh) GEFYRA_CARGO_ROOTFS=$$(tests/cargo-image.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-test-cluster.XXXXXX"); \
 	status=0; $(CONTROLPLANE) run "$$dir" -- cargo test -p gefyra-e2e --locked -- --test-threads=4 || status=$$?; \
 	tests/no-leftovers.sh "$$dir" || status=1; \
+	if [ $$status = 0 ]; then rm -rf "$$dir"; else echo "the control plane's logs: $$dir/logs" >&2; fi; \
 	exit $$status
 
 # The tests that need a node (tests/tests/node.rs, ignored elsewhere) on a cluster of their
@@ -120,6 +121,7 @@ e2e-node: node
 	@export GEFYRA_CLI=$$(tests/gefyra-cli.sh); dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-node-cluster.XXXXXX"); \
 	status=0; $(NODE) run "$$dir" -- cargo test -p gefyra-e2e --locked --test node -- --ignored --nocapture || status=$$?; \
 	tests/no-leftovers.sh "$$dir" || status=1; \
+	if [ $$status = 0 ]; then rm -rf "$$dir"; else echo "the node's logs: $$dir/logs, $$dir/node/pod-logs" >&2; fi; \
 	exit $$status
 
 # Figures, not assertions. In process: IP allocation with BENCH_LIVE_RANGES live clients vs

@@ -196,6 +196,8 @@ start_component() {
   local name=$1; shift
   setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$dir/pids/$name.pid"
+  # Stopped through its pid file; the shell need not report how it ended ("Killed").
+  disown $!
 }
 
 fail_component() {

@@ -401,6 +401,8 @@ node_down() {
   # socket, libcni's result cache of this network.
   rm -f /var/lib/kubelet/device-plugins/kubelet.sock /var/lib/cni/results/gefyra-node-*
   rmdir /var/lib/kubelet/device-plugins /var/lib/kubelet /var/lib/cni/results /var/lib/cni 2>/dev/null || true
+  # The images and containers' layers (hundreds of MB); the logs stay.
+  rm -rf "$nd/containerd" "$nd/kubelet"
   rm -f "$d/.gefyra-node"
 }
 
