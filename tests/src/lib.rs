@@ -375,6 +375,22 @@ impl KubectlGefyra {
         Ok(output.stdout)
     }
 
+    /// `connect -f FILE --format wg --wg-config WG_CONFIG EXTRA...` (a `wg setconf` file),
+    /// which must succeed; returns stdout.
+    pub async fn connect_wg(&self, file: &str, wg_config: &str, extra: &[&str]) -> Result<String> {
+        let mut args = vec![
+            "connect",
+            "-f",
+            file,
+            "--format",
+            "wg",
+            "--wg-config",
+            wg_config,
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args).await
+    }
+
     /// Runs `args`, which must fail with exit code `code` and one line on stderr; returns it.
     pub async fn fails(&self, args: &[&str], code: i32) -> Result<String> {
         let output = self.run(args).await?;

@@ -458,17 +458,7 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         developer.workdir.join("dev.json"),
     )?;
     let connected = developer
-        .ok(&[
-            "connect",
-            "-f",
-            "dev.json",
-            "--format",
-            "wg",
-            "--wg-config",
-            "dev.conf",
-            "--subnet",
-            "172.29.0.0/16",
-        ])
+        .connect_wg("dev.json", "dev.conf", &["--subnet", "172.29.0.0/16"])
         .await?;
     ensure!(connected.contains("is ACTIVE"), "{connected}");
     let wg_config = developer.workdir.join("dev.conf");

@@ -35,17 +35,7 @@ async fn connect_without_subnet(
     let developer = KubectlGefyra::new(&admin.workdir.join("no-kubeconfig"), &admin.namespace)?;
     std::fs::copy(admin.workdir.join(&file), developer.workdir.join(&file))?;
     let wg_config = format!("{id}.conf");
-    developer
-        .ok(&[
-            "connect",
-            "-f",
-            &file,
-            "--format",
-            "wg",
-            "--wg-config",
-            &wg_config,
-        ])
-        .await?;
+    developer.connect_wg(&file, &wg_config, &[]).await?;
     Ok(())
 }
 

@@ -167,17 +167,7 @@ async fn laptop(
 ) -> Result<Peer> {
     let file = format!("{id}.json");
     let wg_config = format!("{id}.conf");
-    let connected = developer
-        .ok(&[
-            "connect",
-            "-f",
-            &file,
-            "--format",
-            "wg",
-            "--wg-config",
-            &wg_config,
-        ])
-        .await?;
+    let connected = developer.connect_wg(&file, &wg_config, &[]).await?;
     ensure!(connected.contains("is ACTIVE"), "{connected}");
     let address = clients
         .get(id)
