@@ -2,7 +2,7 @@
 # Fails if any process of the control plane in DIR is still running (waits up to 10 s,
 # the time the teardown watchdog needs to notice its owner is gone), or if a node's traces
 # are left (tests/node.sh): a mount under DIR, the node's address, its bridge, a CNI network
-# namespace, a KUBE-*/CNI-* iptables chain, a kubepods cgroup, the kubelet's or CNI's files.
+# namespace, a KUBE-*/CNI-* iptables chain or kube nftables table, a kubepods cgroup, the kubelet's or CNI's files.
 set -euo pipefail
 dir=${1:?usage: tests/no-leftovers.sh DIR}
 others() { # live processes mentioning DIR, other than this script and its subshells
@@ -20,6 +20,7 @@ node_traces() {
   for tool in iptables-save ip6tables-save; do
     command -v "$tool" >/dev/null && { "$tool" 2>/dev/null | grep -E '^:(KUBE-|CNI-)' | sed "s/^/$tool chain /" || true; }
   done
+  command -v nft >/dev/null && { nft list tables 2>/dev/null | grep -E ' (kube-proxy|kubelet)$' | sed 's/^/nftables /' || true; }
   ls -d /sys/fs/cgroup/kubepods /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /' || true
   ls -d /var/lib/kubelet /var/lib/cni/results/gefyra-node-* /var/log/pods 2>/dev/null | sed 's/^/file /' || true
 }
