@@ -18,7 +18,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, Store, store::Writer};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -68,6 +68,9 @@ pub struct Context {
     /// The controller's cache of GefyraClients (set by `run`), to find a public key that
     /// another client already uses.
     clients: std::sync::OnceLock<Store<GefyraClient>>,
+    /// The routes table as last seen (watched by `run`): the sweep asks the API server only
+    /// when this or the claims show a range of a client the cache does not know.
+    routes: std::sync::OnceLock<Store<ConfigMap>>,
 }
 
 impl Context {
@@ -91,6 +94,7 @@ impl Context {
             claims,
             claims_writer: Mutex::new(Some(writer)),
             clients: std::sync::OnceLock::new(),
+            routes: std::sync::OnceLock::new(),
         }
     }
 
@@ -195,9 +199,31 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         return;
     }
     ctx.observe_pool();
+    let (routes_store, routes_writer) = reflector::store();
+    let routes = watcher(
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", ipam::ROUTES_CONFIGMAP)),
+    )
+    .default_backoff()
+    .reflect(routes_writer)
+    .for_each(|event| async move {
+        if let Err(error) = event {
+            warn!(%error, "watching the routes table (ConfigMap) failed; retrying");
+        }
+    });
+    let routes = tokio::spawn(routes);
+    let _ = ctx.routes.set(routes_store);
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
-    let controller = Controller::new(clients, watcher::Config::default())
+    // Stowaway's `status.wireguard` writes (every 30 s per active peer) start no reconcile:
+    // an idle fleet costs the API server nothing. Every other change does, as before.
+    let (reader, writer) = reflector::store();
+    let changes = watcher(clients, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_relevant, PredicateConfig::default());
+    let controller = Controller::for_stream(changes, reader)
         .owns(
             accounts,
             watcher::Config::default().labels(&format!(
@@ -238,6 +264,23 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         _ = bridges => {},
     }
     claims.abort();
+    routes.abort();
+}
+
+/// What a reconcile may act on: the whole object but for what only Stowaway writes
+/// (`status.wireguard`) and what every write changes (resourceVersion, managedFields), as a
+/// hash; equal hashes start no reconcile.
+pub fn reconcile_relevant(client: &GefyraClient) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut relevant = client.clone();
+    relevant.metadata.resource_version = None;
+    relevant.metadata.managed_fields = None;
+    if let Some(status) = relevant.status.as_mut() {
+        status.wireguard = None;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&relevant).ok()?.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// Every 30 s, frees the ranges of clients that no longer exist (e.g. deleted while no
@@ -251,7 +294,41 @@ async fn sweep_allocations_forever(ctx: Arc<Context>) {
     }
 }
 
+/// Whether the caches show a claim or a route of a client they do not know (then the sweep
+/// asks the API server; else it sends nothing). Unsure (a cache not synced yet): true.
+fn may_hold_stale_ranges(ctx: &Context) -> bool {
+    let (Some(clients), Some(routes)) = (ctx.clients.get(), ctx.routes.get()) else {
+        return true;
+    };
+    let known: std::collections::BTreeSet<String> = clients
+        .state()
+        .iter()
+        .filter_map(|client| client.metadata.uid.clone())
+        .collect();
+    let claimed = ctx
+        .claims
+        .store
+        .state()
+        .iter()
+        .filter_map(|lease| allocator::claimed(lease).map(|(_, uid)| uid.to_string()))
+        .collect::<Vec<_>>();
+    let routed = routes
+        .state()
+        .iter()
+        .filter_map(|table| table.data.as_ref())
+        .flat_map(|data| allocator::decode_table(data).0.into_values())
+        .map(|route| route.uid)
+        .collect::<Vec<_>>();
+    claimed
+        .iter()
+        .chain(routed.iter())
+        .any(|uid| !known.contains(uid))
+}
+
 async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
+    if !may_hold_stale_ranges(ctx) {
+        return Ok(());
+    }
     let namespace = &ctx.settings.namespace;
     // Only entries seen *before* listing the clients are candidates: a claim or route made
     // after the list belongs to a client the list may not show yet.
@@ -1093,6 +1170,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_stowaways_status_writes_start_no_reconcile() {
+        let client: GefyraClient = serde_json::from_value(json!({
+            "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+            "metadata": {"name": "a", "namespace": "gefyra", "resourceVersion": "1", "generation": 2},
+            "provider": "stowaway", "state": "ACTIVE",
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Connected",
+                "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 2}]},
+        }))
+        .unwrap();
+        let base = reconcile_relevant(&client);
+        let mut handshake = client.clone();
+        handshake.metadata.resource_version = Some("2".into());
+        handshake.status.as_mut().unwrap().wireguard = Some(
+            json!({"latest_handshake": "2026-01-01T00:00:30Z"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        assert_eq!(reconcile_relevant(&handshake), base, "Stowaway's write");
+        let mut stale = client.clone();
+        stale.status.as_mut().unwrap().conditions[0].observed_generation = Some(1);
+        assert_ne!(
+            reconcile_relevant(&stale),
+            base,
+            "another writer's condition"
+        );
+        let mut state = client.clone();
+        state.state = ClientState::Waiting;
+        assert_ne!(reconcile_relevant(&state), base, "a field");
+        let mut deleting = client.clone();
+        deleting.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        assert_ne!(reconcile_relevant(&deleting), base, "the finalizers");
+    }
 
     #[test]
     fn requeues_are_bounded_whatever_is_due() {

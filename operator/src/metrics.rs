@@ -20,6 +20,7 @@ pub struct Metrics {
     clients: IntGaugeVec,
     pool: IntGaugeVec,
     leader: IntGauge,
+    api_requests: IntCounterVec,
     store: OnceLock<Store<GefyraClient>>,
 }
 
@@ -68,8 +69,17 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease and reconciles (always 1 without --leader-elect), 0 while it stands by",
         )
         .expect("valid metric");
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "gefyra_operator_api_requests_total",
+                "Requests this operator sent to the Kubernetes API server, by verb (watch, get, post, put, patch, delete)",
+            ),
+            &["verb"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(pool.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_requests.clone()),
             Box::new(leader.clone()),
             Box::new(reconciles.clone()),
             Box::new(reconcile_errors.clone()),
@@ -88,12 +98,38 @@ impl Default for Metrics {
             clients,
             pool,
             leader,
+            api_requests,
             store: OnceLock::new(),
         }
     }
 }
 
+/// The verb of a request to the API server, from its method and query (bounded).
+pub fn api_verb(method: &str, query: Option<&str>) -> &'static str {
+    let watching = query.is_some_and(|query| {
+        query
+            .split('&')
+            .any(|pair| pair == "watch=true" || pair == "watch=1")
+    });
+    match method {
+        "GET" if watching => "watch",
+        "GET" => "get",
+        "POST" => "post",
+        "PUT" => "put",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        _ => "other",
+    }
+}
+
 impl Metrics {
+    /// Counts one request to the API server (see [`api_verb`]).
+    pub fn count_api_request(&self, method: &str, query: Option<&str>) {
+        self.api_requests
+            .with_label_values(&[api_verb(method, query)])
+            .inc();
+    }
+
     pub fn watch_store(&self, store: Store<GefyraClient>) {
         let _ = self.store.set(store);
     }

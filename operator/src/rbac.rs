@@ -51,7 +51,13 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
         // The API server's CA for client files; the routes table (compare-and-swap).
         rule("", &["configmaps"], &["kube-root-ca.crt"], &["get"]),
         rule("", &["configmaps"], &[], &["create"]),
-        rule("", &["configmaps"], &[ROUTES_CONFIGMAP], &["get", "update"]),
+        // ... watched (by name) so that an idle sweep asks nothing.
+        rule(
+            "",
+            &["configmaps"],
+            &[ROUTES_CONFIGMAP],
+            &["get", "update", "list", "watch"],
+        ),
         // The Stowaway server's key pair: created once, then only read, by name.
         rule("", &["secrets"], &[], &["create"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),

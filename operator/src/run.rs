@@ -161,6 +161,23 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The client of the API server (kubeconfig or in-cluster), every request it sends counted
+/// in `gefyra_operator_api_requests_total`.
+async fn api_client(metrics: Arc<Metrics>) -> Result<Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let count = tower::util::MapRequestLayer::new(
+        move |request: axum::http::Request<kube::client::Body>| {
+            metrics.count_api_request(request.method().as_str(), request.uri().query());
+            request
+        },
+    );
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&count)
+        .build())
+}
+
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let (command, args) = match cli.command {
         Some(Command::Run(args)) => (None, *args),
@@ -211,12 +228,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     pool.validate().map_err(|problem| {
         anyhow::anyhow!("--tunnel-pool / --reserved-ranges: {problem}; choose other ranges")
     })?;
-    let client = Client::try_default().await.map_err(|error| {
+    let metrics = Arc::new(Metrics::default());
+    let client = api_client(metrics.clone()).await.map_err(|error| {
         anyhow::anyhow!(
             "cannot reach the Kubernetes API ({error}); set KUBECONFIG or run in-cluster"
         )
     })?;
-    let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let health = Health {
         metrics: metrics.clone(),

@@ -202,6 +202,82 @@ async fn operator_serves_health_and_metrics() -> Result<()> {
     Ok(())
 }
 
+/// Every request the operator sent to the API server, as it counts them.
+async fn requests_sent(operator: &Operator) -> Result<f64> {
+    let (_, metrics) = operator.http_get("/metrics").await?;
+    Ok(metrics
+        .lines()
+        .filter(|line| line.starts_with("gefyra_operator_api_requests_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
+/// The idle cost: an ACTIVE client whose peer keeps handshaking gets `status.wireguard`
+/// written by Stowaway every 30 s; none of those writes may cost a reconcile or a request.
+#[tokio::test]
+async fn status_writes_of_an_idle_active_client_cost_no_reconcile_and_no_request() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("idle").await?;
+    let operator = Operator::start(
+        &cluster,
+        &ns,
+        &["--wireguard-endpoint", "203.0.113.7:31820"],
+    )?;
+    let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, &ns);
+    create_client(cluster.admin()?, &ns, "idle").await?;
+    wait_for_ready(&clients, "idle").await?;
+    let (_, public) = gefyra_e2e::lab::key_pair();
+    gefyra_e2e::lab::connect(&clients, "idle", json!({ "publicKey": public })).await?;
+    // Settled: the counts stop moving (the connect's own writes come back as watch events).
+    let counts = || async {
+        Ok::<_, anyhow::Error>((
+            requests_sent(&operator).await?,
+            gefyra_e2e::metric(
+                operator.http_port,
+                "gefyra_operator_reconciles_total{result=\"ok\"}",
+            )
+            .await?,
+        ))
+    };
+    let mut settled = counts().await?;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = counts().await?;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    ensure!(
+        settled.0 > 0.0,
+        "the operator counts its requests: {settled:?}"
+    );
+    // Stowaway's writes (as Stowaway sends them: a merge patch of the status subresource).
+    for round in 0..10 {
+        clients
+            .patch_status(
+                "idle",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "wireguard": {
+                    "latest_handshake": format!("2026-01-01T00:00:{round:02}Z"),
+                    "transfer": { "received": round * 1000, "sent": round * 2000 },
+                    "endpoint": { "host": "198.51.100.7", "port": 51820 },
+                } } })),
+            )
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = counts().await?;
+    ensure!(
+        after == settled,
+        "10 status writes cost (requests, reconciles) {settled:?} -> {after:?}"
+    );
+    // A change that matters still reconciles: disconnecting returns it to WAITING.
+    gefyra_e2e::lab::connect(&clients, "idle", serde_json::Value::Null).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn invalid_manifests_are_rejected_with_a_readable_message() -> Result<()> {
     let cluster = Cluster::from_env().await?;
