@@ -315,7 +315,72 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 struct OperatorRuns {
     create: Run,
     connect: Run,
+    idle: Idle,
     rss_mib: Option<f64>,
+}
+
+/// One idle minute of the connected fleet: Stowaway's status writes (every client's peer
+/// handshaking, `status.wireguard` written every 30 s) against what the operator sent.
+struct Idle {
+    status_writes: usize,
+    operator_requests: f64,
+}
+
+/// Every request the operator sent to the API server, as it counts them.
+async fn operator_requests(operator: &Operator) -> Result<f64> {
+    let (_, metrics) = operator.http_get("/metrics").await?;
+    Ok(metrics
+        .lines()
+        .filter(|line| line.starts_with("gefyra_operator_api_requests_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
+/// Writes `status.wireguard` of every client twice in one minute, spread evenly (as
+/// Stowaway does for peers that keep handshaking), once the operator has settled; what the
+/// operator sent meanwhile.
+async fn idle_minute(
+    operator: &Operator,
+    api: &Api<GefyraClient>,
+    names: &[String],
+) -> Result<Idle> {
+    let mut settled = operator_requests(operator).await?;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = operator_requests(operator).await?;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let start = Instant::now();
+    let total = names.len() * 2;
+    let pace = Duration::from_secs(60).div_f64(total.max(1) as f64);
+    let writes = futures::stream::iter(0..total)
+        .map(|i| {
+            let api = api.clone();
+            let name = names[i % names.len()].clone();
+            async move {
+                tokio::time::sleep_until((start + pace.mul_f64(i as f64)).into()).await;
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "status": { "wireguard": {
+                        "latest_handshake": Timestamp::now().to_string(),
+                        "transfer": { "received": i * 1000, "sent": i * 2000 },
+                    } } })),
+                )
+                .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY);
+    writes.try_collect::<Vec<()>>().await?;
+    tokio::time::sleep_until((start + Duration::from_secs(60)).into()).await;
+    Ok(Idle {
+        status_writes: total,
+        operator_requests: operator_requests(operator).await? - settled,
+    })
 }
 
 async fn with_operator(cluster: &Cluster, n: usize) -> Result<OperatorRuns> {
@@ -400,6 +465,7 @@ async fn with_operator(cluster: &Cluster, n: usize) -> Result<OperatorRuns> {
     // Connect, CONNECTING at a time, each with a key of its own as `kubectl gefyra connect`
     // does: from the patch until the watch shows ACTIVE.
     let start = Instant::now();
+    let names: Vec<String> = created.keys().cloned().collect();
     let latencies = futures::stream::iter(created.into_keys())
         .map(|name| {
             let (api, active, changed) = (api.clone(), active.clone(), changed.clone());
@@ -435,9 +501,11 @@ async fn with_operator(cluster: &Cluster, n: usize) -> Result<OperatorRuns> {
         latencies,
     };
     watch.abort();
+    let idle = idle_minute(&operator, &api, &names).await?;
     Ok(OperatorRuns {
         create,
         connect,
+        idle,
         rss_mib: peak_rss_mib(pid),
     })
 }
@@ -471,6 +539,15 @@ async fn main() -> Result<()> {
             / floor_connect.percentile(0.50).as_secs_f64(),
         operator.connect.percentile(0.99).as_secs_f64()
             / floor_connect.percentile(0.99).as_secs_f64()
+    );
+    println!(
+        "== Idle: N = {n} ACTIVE clients, status.wireguard of each written every 30 s (Stowaway's writes), one minute"
+    );
+    println!(
+        "stowaway   {} status writes/min\noperator   {:.0} requests/min\nratio      {:.3} (operator requests / status writes; aim 0)",
+        operator.idle.status_writes,
+        operator.idle.operator_requests,
+        operator.idle.operator_requests / operator.idle.status_writes.max(1) as f64
     );
     match operator.rss_mib {
         Some(mib) => println!("operator   peak RSS {mib:.1} MiB"),
