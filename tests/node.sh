@@ -114,8 +114,11 @@ build_node_images() {
 node_build() {
   "$node_here/prereqs.sh" go containerd runc containernetworking-plugins iptables busybox-static docker.io file musl-tools
   cmd_build >/dev/null
+  # CoreDNS builds beside the Kubernetes binaries (cold: minutes each).
+  build_coredns &
+  local coredns_build=$!
   build_kubernetes_into "$node_bin" kubelet kube-proxy kube-scheduler
-  build_coredns
+  wait "$coredns_build" || die "building CoreDNS failed"
   build_node_images
   echo "$node_bin"
 }
