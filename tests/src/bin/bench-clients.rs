@@ -6,7 +6,7 @@
 //! Environment: GEFYRA_KUBECONFIG (the control plane), GEFYRA_OPERATOR_BINARY (the operator
 //! to measure, normally a release build), GEFYRA_BENCH_CLIENTS (default 1000).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -323,17 +323,21 @@ struct OperatorRuns {
 /// handshaking, `status.wireguard` written every 30 s) against what the operator sent.
 struct Idle {
     status_writes: usize,
-    operator_requests: f64,
+    /// By verb.
+    operator_requests: BTreeMap<String, f64>,
 }
 
-/// Every request the operator sent to the API server, as it counts them.
-async fn operator_requests(operator: &Operator) -> Result<f64> {
+/// Every request the operator sent to the API server, by verb, as it counts them.
+async fn operator_requests(operator: &Operator) -> Result<BTreeMap<String, f64>> {
     let (_, metrics) = operator.http_get("/metrics").await?;
     Ok(metrics
         .lines()
-        .filter(|line| line.starts_with("gefyra_operator_api_requests_total{"))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
+        .filter_map(|line| line.strip_prefix("gefyra_operator_api_requests_total{verb=\""))
+        .filter_map(|rest| {
+            let (verb, value) = rest.split_once("\"} ")?;
+            Some((verb.to_string(), value.parse::<f64>().ok()?))
+        })
+        .collect())
 }
 
 /// Writes `status.wireguard` of every client twice in one minute, spread evenly (as
@@ -377,9 +381,17 @@ async fn idle_minute(
         .buffer_unordered(CONCURRENCY);
     writes.try_collect::<Vec<()>>().await?;
     tokio::time::sleep_until((start + Duration::from_secs(60)).into()).await;
+    let after = operator_requests(operator).await?;
     Ok(Idle {
         status_writes: total,
-        operator_requests: operator_requests(operator).await? - settled,
+        operator_requests: after
+            .into_iter()
+            .map(|(verb, count)| {
+                let before = settled.get(&verb).copied().unwrap_or(0.0);
+                (verb, count - before)
+            })
+            .filter(|(_, count)| *count > 0.0)
+            .collect(),
     })
 }
 
@@ -543,11 +555,12 @@ async fn main() -> Result<()> {
     println!(
         "== Idle: N = {n} ACTIVE clients, status.wireguard of each written every 30 s (Stowaway's writes), one minute"
     );
+    let requests: f64 = operator.idle.operator_requests.values().sum();
     println!(
-        "stowaway   {} status writes/min\noperator   {:.0} requests/min\nratio      {:.3} (operator requests / status writes; aim 0)",
+        "stowaway   {} status writes/min\noperator   {requests:.0} requests/min {:?}\nratio      {:.3} (operator requests / status writes; aim 0)",
         operator.idle.status_writes,
         operator.idle.operator_requests,
-        operator.idle.operator_requests / operator.idle.status_writes.max(1) as f64
+        requests / operator.idle.status_writes.max(1) as f64
     );
     match operator.rss_mib {
         Some(mib) => println!("operator   peak RSS {mib:.1} MiB"),
