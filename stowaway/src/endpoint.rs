@@ -74,7 +74,9 @@ pub struct PeerStats {
 
 struct Peer {
     spec: PeerSpec,
-    tunnel: Tunn,
+    /// The peer's noise state, made on its first handshake (not when it is configured: a
+    /// fleet of configured peers that never connect costs a spec each, not a tunnel each).
+    tunnel: Option<Box<Tunn>>,
     /// Where the peer was last heard from (it may roam).
     endpoint: Option<SocketAddr>,
 }
@@ -166,24 +168,28 @@ impl Endpoint {
                 index = (index + 1) & 0x00ff_ffff;
             }
             self.next_index = (index + 1) & 0x00ff_ffff;
-            let tunnel = Tunn::new(
-                self.private.clone(),
-                PublicKey::from(spec.public_key),
-                Some(spec.preshared_key),
-                None,
-                index,
-                Some(self.limiter.clone()),
-            );
             self.by_key.insert(spec.public_key, index);
             self.peers.insert(
                 index,
                 Peer {
                     spec,
-                    tunnel,
+                    tunnel: None,
                     endpoint: None,
                 },
             );
         }
+    }
+
+    /// A fresh tunnel for the peer `spec` at our `index`.
+    fn tunnel_for(&self, spec: &PeerSpec, index: u32) -> Box<Tunn> {
+        Box::new(Tunn::new(
+            self.private.clone(),
+            PublicKey::from(spec.public_key),
+            Some(spec.preshared_key),
+            None,
+            index,
+            Some(self.limiter.clone()),
+        ))
     }
 
     /// The peer (our index) a transport-data datagram is for, if it is one and that peer
@@ -228,17 +234,35 @@ impl Endpoint {
             Ok(Packet::PacketCookieReply(reply)) => Some(reply.receiver_idx >> 8),
             Ok(Packet::PacketData(data)) => Some(data.receiver_idx >> 8),
         };
-        let Some(peer) = index.and_then(|index| self.peers.get_mut(&index)) else {
+        let Some(index) = index.filter(|index| self.peers.contains_key(index)) else {
             handled.dropped = Some(Drop::UnknownPeer);
             return handled;
         };
         let is_init = datagram.first() == Some(&1);
+        let fresh = match self.peers.get(&index) {
+            // Only an initiation (its key already proven by the DH above) makes a tunnel;
+            // anything else for a peer that never handshook is refused.
+            Some(peer) if peer.tunnel.is_none() && !is_init => {
+                handled.dropped = Some(Drop::Rejected);
+                return handled;
+            }
+            Some(peer) if peer.tunnel.is_none() => Some(self.tunnel_for(&peer.spec, index)),
+            _ => None,
+        };
+        let Some(peer) = self.peers.get_mut(&index) else {
+            handled.dropped = Some(Drop::UnknownPeer);
+            return handled;
+        };
+        if let Some(fresh) = fresh {
+            peer.tunnel = Some(fresh);
+        }
+        let Some(tunnel) = peer.tunnel.as_mut() else {
+            handled.dropped = Some(Drop::Rejected);
+            return handled;
+        };
         let mut input: &[u8] = datagram;
         loop {
-            match peer
-                .tunnel
-                .decapsulate(Some(from.ip()), input, &mut self.buffer)
-            {
+            match tunnel.decapsulate(Some(from.ip()), input, &mut self.buffer) {
                 TunnResult::Done => break,
                 TunnResult::Err(_) => {
                     handled.dropped = Some(Drop::Rejected);
@@ -295,7 +319,7 @@ impl Endpoint {
         let peer = self.peers.get_mut(&index)?;
         let endpoint = peer.endpoint?;
         let mut buffer = vec![0u8; packet.len() + 148];
-        match peer.tunnel.encapsulate(packet, &mut buffer) {
+        match peer.tunnel.as_mut()?.encapsulate(packet, &mut buffer) {
             TunnResult::WriteToNetwork(datagram) => Some((endpoint, datagram.to_vec())),
             _ => None,
         }
@@ -306,7 +330,14 @@ impl Endpoint {
         self.peers
             .values()
             .map(|peer| {
-                let (since_handshake, sent, received, _, _) = peer.tunnel.stats();
+                let (since_handshake, sent, received) = peer
+                    .tunnel
+                    .as_ref()
+                    .map(|tunnel| {
+                        let (since, sent, received, _, _) = tunnel.stats();
+                        (since, sent, received)
+                    })
+                    .unwrap_or_default();
                 let stats = PeerStats {
                     since_handshake,
                     received: received as u64,
@@ -324,8 +355,11 @@ impl Endpoint {
         self.limiter.reset_count();
         let mut out = Vec::new();
         for peer in self.peers.values_mut() {
+            let Some(tunnel) = peer.tunnel.as_mut() else {
+                continue;
+            };
             if let (TunnResult::WriteToNetwork(datagram), Some(endpoint)) =
-                (peer.tunnel.update_timers(&mut self.buffer), peer.endpoint)
+                (tunnel.update_timers(&mut self.buffer), peer.endpoint)
             {
                 out.push((endpoint, datagram.to_vec()));
             }
@@ -565,6 +599,46 @@ mod tests {
                 .encapsulate("10.1.9.9".parse().unwrap(), b"x")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn configured_peers_hold_no_tunnel_until_they_handshake() {
+        let mut endpoint = endpoint_with(vec![
+            spec("a", [2; 32], &["192.168.96.2/32"]),
+            spec("b", [3; 32], &["192.168.96.3/32"]),
+        ]);
+        assert!(endpoint.peers.values().all(|peer| peer.tunnel.is_none()));
+        // Data for a peer that never handshook (its index guessed) is refused, not a panic.
+        let index = *endpoint.by_key.values().next().unwrap();
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&(index << 8).to_le_bytes());
+        data.extend_from_slice(&[0u8; 40]);
+        let from: SocketAddr = FROM.parse().unwrap();
+        assert_eq!(
+            endpoint.handle_datagram(from, &data).dropped,
+            Some(Drop::Rejected)
+        );
+        assert!(
+            endpoint
+                .encapsulate("192.168.96.2".parse().unwrap(), b"x")
+                .is_none()
+        );
+        assert_eq!(endpoint.peer_stats()["a"], PeerStats::default());
+        let server = endpoint.public_key();
+        let mut a = client_tunnel([2; 32], server);
+        assert_eq!(
+            send_from(&mut endpoint, &mut a, [192, 168, 96, 2])
+                .packets
+                .len(),
+            1
+        );
+        let with_tunnel: Vec<&str> = endpoint
+            .peers
+            .values()
+            .filter(|peer| peer.tunnel.is_some())
+            .map(|peer| peer.spec.client.as_str())
+            .collect();
+        assert_eq!(with_tunnel, ["a"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! - Handshakes per second on one core: through Stowaway's endpoint (the initiator looked up
 //!   among N peers by its static key) against boringtun alone (each initiation straight to
 //!   its peer's tunnel).
-//! - Memory: the endpoint with 10,000 peers configured.
+//! - Memory: the endpoint with 10,000 peers configured, then after a handshake each.
 //! - Fairness: a quiet peer's request latency and download alone and while another peer
 //!   floods Stowaway (UDP without a rate limit; four TCP streams), as ratios to alone.
 //!
@@ -159,23 +159,44 @@ fn rss_kib() -> Result<u64> {
 
 fn memory() -> Result<()> {
     let before = rss_kib()?;
-    let mut endpoint = Endpoint::new(key());
-    let desired: BTreeMap<_, _> = (0..MEMORY_PEERS)
-        .map(|index| {
-            let public = public_of(key());
+    // No handshake limit here: every peer below handshakes once, at once.
+    let mut endpoint = Endpoint::with_handshake_rate(key(), u64::MAX);
+    let server = endpoint.public_key();
+    let privates: Vec<[u8; 32]> = (0..MEMORY_PEERS).map(|_| key()).collect();
+    let desired: BTreeMap<_, _> = privates
+        .iter()
+        .enumerate()
+        .map(|(index, private)| {
+            let public = public_of(*private);
             (public, spec(index, public))
         })
         .collect();
     endpoint.apply(peers::plan(&BTreeMap::new(), &desired));
     drop(desired);
-    let after = rss_kib()?;
-    let grown = after.saturating_sub(before);
-    println!("== Memory, endpoint with {MEMORY_PEERS} peers configured");
-    println!(
-        "{:.1} MiB ({:.1} KiB a peer)",
-        grown as f64 / 1024.0,
-        grown as f64 / MEMORY_PEERS as f64
-    );
+    let configured = rss_kib()?.saturating_sub(before);
+    println!("== Memory, endpoint with {MEMORY_PEERS} peers");
+    let per_peer = |grown: u64| {
+        format!(
+            "{:.1} MiB ({:.1} KiB a peer)",
+            grown as f64 / 1024.0,
+            grown as f64 / MEMORY_PEERS as f64
+        )
+    };
+    println!("configured, none connected yet   {}", per_peer(configured));
+    // Each peer's first handshake makes its tunnel (the client side is dropped at once).
+    let from: SocketAddr = "198.51.100.7:51820".parse()?;
+    for (index, private) in privates.iter().enumerate() {
+        let init = initiation(*private, server, index as u32)?;
+        let handled = endpoint.handle_datagram(from, &init);
+        if handled.handshake_with.is_none() {
+            bail!(
+                "peer {index}'s handshake did not complete: {:?}",
+                handled.dropped
+            );
+        }
+    }
+    let handshaken = rss_kib()?.saturating_sub(before);
+    println!("each after one handshake         {}", per_peer(handshaken));
     std::hint::black_box(&endpoint);
     Ok(())
 }
