@@ -254,8 +254,13 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     let reconciler = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(%error, "reconcile failed");
+            match result {
+                // A client deleted while a change of one of its objects was queued.
+                Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                    tracing::debug!(%object, "the client is gone; nothing to reconcile");
+                }
+                Err(error) => warn!(%error, "reconcile failed"),
+                Ok(_) => {}
             }
         });
     tokio::select! {
