@@ -172,6 +172,24 @@ fn enter_action(state: ClientState) -> String {
     format!("Enter{}{}", &name[..1], name[1..].to_ascii_lowercase())
 }
 
+/// Keeps `writer`'s store in step with what `api` and `config` select, retrying (with
+/// backoff) after a failed watch; `what` names it in the log.
+async fn reflect_forever<K>(api: Api<K>, config: watcher::Config, writer: Writer<K>, what: &str)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: Send + Sync + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                warn!(%error, "watching {what} failed; retrying");
+            }
+        })
+        .await;
+}
+
 /// Runs the controller until shutdown; `ready` is told once the cache is synced.
 pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     let namespace = ctx.settings.namespace.clone();
@@ -182,36 +200,24 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         .expect("not poisoned")
         .take()
         .expect("controller::run is called once per Context");
-    let claims = watcher(
+    let claims = tokio::spawn(reflect_forever(
         ctx.claims.api.clone(),
         watcher::Config::default().labels(allocator::CLAIM_SELECTOR),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .for_each(|event| async move {
-        if let Err(error) = event {
-            warn!(%error, "watching the tunnel-address claims (Leases) failed; retrying");
-        }
-    });
-    let claims = tokio::spawn(claims);
+        writer,
+        "the tunnel-address claims (Leases)",
+    ));
     if ctx.claims.store.wait_until_ready().await.is_err() {
         warn!("the tunnel-address claims could not be watched; stopping");
         return;
     }
     ctx.observe_pool();
     let (routes_store, routes_writer) = reflector::store();
-    let routes = watcher(
+    let routes = tokio::spawn(reflect_forever(
         Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", ipam::ROUTES_CONFIGMAP)),
-    )
-    .default_backoff()
-    .reflect(routes_writer)
-    .for_each(|event| async move {
-        if let Err(error) = event {
-            warn!(%error, "watching the routes table (ConfigMap) failed; retrying");
-        }
-    });
-    let routes = tokio::spawn(routes);
+        routes_writer,
+        "the routes table (ConfigMap)",
+    ));
     let _ = ctx.routes.set(routes_store);
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
