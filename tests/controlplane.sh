@@ -130,10 +130,14 @@ cmd_bin_dir() { printf '%s\n' "$cache_dir"; }
 state_dir() { printf '%s\n' "${1:-${GEFYRA_CLUSTER_DIR:-$cache_dir/cluster}}"; }
 
 # A loopback TCP port that nothing listens on or uses right now.
+# Chosen below the kernel's ephemeral range: a port in that range can be handed to some
+# outgoing connection (the API server's to etcd, say) between our check and the bind.
 free_port() {
-  local port
+  local port low
+  low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 12000 ] || low=32768
   for _ in $(seq 1 200); do
-    port=$((20000 + RANDOM % 30000))
+    port=$((10000 + RANDOM % (low - 10000)))
     if [ -z "$(ss -Htan "( sport = :$port )" 2>/dev/null)" ] && ! grep -qx "$port" "$ports_taken" 2>/dev/null; then
       echo "$port" >>"$ports_taken"
       echo "$port"
