@@ -180,18 +180,6 @@ impl Endpoint {
         }
     }
 
-    /// A fresh tunnel for the peer `spec` at our `index`.
-    fn tunnel_for(&self, spec: &PeerSpec, index: u32) -> Box<Tunn> {
-        Box::new(Tunn::new(
-            self.private.clone(),
-            PublicKey::from(spec.public_key),
-            Some(spec.preshared_key),
-            None,
-            index,
-            Some(self.limiter.clone()),
-        ))
-    }
-
     /// The peer (our index) a transport-data datagram is for, if it is one and that peer
     /// exists — read from the header only, before any cryptography, so that the data plane
     /// can give every peer its share of decryption.
@@ -234,32 +222,29 @@ impl Endpoint {
             Ok(Packet::PacketCookieReply(reply)) => Some(reply.receiver_idx >> 8),
             Ok(Packet::PacketData(data)) => Some(data.receiver_idx >> 8),
         };
-        let Some(index) = index.filter(|index| self.peers.contains_key(index)) else {
+        let Some((index, peer)) =
+            index.and_then(|index| Some((index, self.peers.get_mut(&index)?)))
+        else {
             handled.dropped = Some(Drop::UnknownPeer);
             return handled;
         };
         let is_init = datagram.first() == Some(&1);
-        let fresh = match self.peers.get(&index) {
-            // Only an initiation (its key already proven by the DH above) makes a tunnel;
-            // anything else for a peer that never handshook is refused.
-            Some(peer) if peer.tunnel.is_none() && !is_init => {
-                handled.dropped = Some(Drop::Rejected);
-                return handled;
-            }
-            Some(peer) if peer.tunnel.is_none() => Some(self.tunnel_for(&peer.spec, index)),
-            _ => None,
-        };
-        let Some(peer) = self.peers.get_mut(&index) else {
-            handled.dropped = Some(Drop::UnknownPeer);
-            return handled;
-        };
-        if let Some(fresh) = fresh {
-            peer.tunnel = Some(fresh);
-        }
-        let Some(tunnel) = peer.tunnel.as_mut() else {
+        // Only an initiation (its key already proven by the DH above) makes a tunnel;
+        // anything else for a peer that never handshook is refused.
+        if peer.tunnel.is_none() && !is_init {
             handled.dropped = Some(Drop::Rejected);
             return handled;
-        };
+        }
+        let tunnel = peer.tunnel.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                self.private.clone(),
+                PublicKey::from(peer.spec.public_key),
+                Some(peer.spec.preshared_key),
+                None,
+                index,
+                Some(self.limiter.clone()),
+            ))
+        });
         let mut input: &[u8] = datagram;
         loop {
             match tunnel.decapsulate(Some(from.ip()), input, &mut self.buffer) {
