@@ -142,9 +142,9 @@ pub fn binding(namespace: &str) -> ValidatingAdmissionPolicyBinding {
 /// The policy and its binding as YAML documents.
 pub fn policy_yaml(namespace: &str) -> String {
     let mut yaml = String::new();
-    yaml.push_str(&serde_yaml::to_string(&policy(namespace)).expect("the policy serializes"));
+    yaml.push_str(&serde_saphyr::to_string(&policy(namespace)).expect("the policy serializes"));
     yaml.push_str("---\n");
-    yaml.push_str(&serde_yaml::to_string(&binding(namespace)).expect("the binding serializes"));
+    yaml.push_str(&serde_saphyr::to_string(&binding(namespace)).expect("the binding serializes"));
     yaml
 }
 

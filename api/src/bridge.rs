@@ -114,7 +114,7 @@ pub fn crds_yaml() -> String {
         if index > 0 {
             yaml.push_str("---\n");
         }
-        yaml.push_str(&serde_yaml::to_string(crd).expect("a CRD serializes to YAML"));
+        yaml.push_str(&serde_saphyr::to_string(crd).expect("a CRD serializes to YAML"));
     }
     yaml
 }

@@ -66,7 +66,7 @@ pub fn identity_yaml(name: &str, namespace: &str, app: &str, rules: Vec<PolicyRu
     ];
     documents
         .iter()
-        .map(|document| serde_yaml::to_string(document).expect("RBAC objects serialize"))
+        .map(|document| serde_saphyr::to_string(document).expect("RBAC objects serialize"))
         .collect::<Vec<_>>()
         .join("---\n")
 }

@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn the_server_is_read_from_the_chosen_context() {
-        let kubeconfig: Kubeconfig = serde_yaml::from_str(
+        let kubeconfig: Kubeconfig = serde_saphyr::from_str(
             r#"
 clusters:
 - name: a

@@ -138,7 +138,7 @@ pub fn kubeconfig_yaml(file: &ClientFile, command: &Path, client_file: &Path) ->
         }],
         "current-context": name,
     });
-    serde_yaml::to_string(&config).expect("YAML serializes")
+    serde_saphyr::to_string(&config).expect("YAML serializes")
 }
 
 pub async fn write_kubeconfig(path: &Path, output: Option<&Path>) -> Result<()> {
@@ -458,7 +458,7 @@ mod tests {
             Path::new("/usr/local/bin/kubectl-gefyra"),
             Path::new("/home/dev/client.json"),
         );
-        let config: Value = serde_yaml::from_str(&yaml).unwrap();
+        let config: Value = serde_saphyr::from_str(&yaml).unwrap();
         let exec = &config["users"][0]["user"]["exec"];
         assert_eq!(exec["apiVersion"], EXEC_V1);
         assert_eq!(exec["interactiveMode"], "Never");

@@ -113,7 +113,7 @@ fn or_dash(value: &Option<String>) -> String {
 
 fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
     match format {
-        OutputFormat::Yaml => serde_yaml::to_string(value).expect("views serialize to YAML"),
+        OutputFormat::Yaml => serde_saphyr::to_string(value).expect("views serialize to YAML"),
         _ => {
             let mut text = serde_json::to_string_pretty(value).expect("views serialize to JSON");
             text.push('\n');

@@ -176,6 +176,27 @@ pub async fn modify_routes<T>(
     Err(TableError::Contended(ATTEMPTS))
 }
 
+/// [`modify_routes`], unless `change` succeeds on the watched table `cached` and changes
+/// nothing there (the client's route is already recorded): then no request is sent. Any
+/// other outcome, a refusal included, is decided against the API server.
+pub async fn modify_routes_unless_in_place<T>(
+    client: &Client,
+    namespace: &str,
+    cached: Option<&ConfigMap>,
+    mut change: impl FnMut(&mut Routes) -> Result<T, IpamError>,
+) -> Result<(Result<T, IpamError>, Routes), TableError> {
+    if let Some(cached) = cached {
+        let (mut routes, _) = decode_table(cached.data.as_ref().unwrap_or(&BTreeMap::new()));
+        let before = routes.clone();
+        if let Ok(result) = change(&mut routes)
+            && routes == before
+        {
+            return Ok((Ok(result), routes));
+        }
+    }
+    modify_routes(client, namespace, change).await
+}
+
 /// Reads the routes table without changing it.
 pub async fn read_routes(client: &Client, namespace: &str) -> Result<Routes, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);

@@ -29,10 +29,14 @@ use crate::credentials::{self, ClientRbac, CredentialsNeed};
 use crate::error::{Error, Result};
 use crate::lifecycle;
 use crate::metrics::Metrics;
+use crate::owned::{Owned, OwnedObjects};
 use gefyra_api::connection::{Endpoint, ProviderConfig, ProviderParameter, WireGuardKey};
 
 pub const FINALIZER: &str = "gefyra.dev/cleanup";
 pub const FIELD_MANAGER: &str = "gefyra-operator";
+
+/// The longest a reconcile waits for the caches of owned objects after a start.
+const OWNED_CACHE_WAIT: Duration = Duration::from_secs(30);
 
 /// What the operator is told on its command line.
 #[derive(Clone, Debug)]
@@ -71,6 +75,12 @@ pub struct Context {
     /// The routes table as last seen (watched by `run`): the sweep asks the API server only
     /// when this or the claims show a range of a client the cache does not know.
     routes: std::sync::OnceLock<Store<ConfigMap>>,
+    /// The objects clients own as last seen (watched by `run`): applies already in place
+    /// are skipped.
+    owned: std::sync::OnceLock<OwnedObjects>,
+    /// Per client, its entry in the routes table as this process last saw it from the API
+    /// server (`None`: no route), so that a stale watched table is never trusted for it.
+    routes_seen: Mutex<HashMap<String, Option<ipam::Route>>>,
 }
 
 impl Context {
@@ -95,6 +105,20 @@ impl Context {
             claims_writer: Mutex::new(Some(writer)),
             clients: std::sync::OnceLock::new(),
             routes: std::sync::OnceLock::new(),
+            owned: std::sync::OnceLock::new(),
+            routes_seen: Mutex::default(),
+        }
+    }
+
+    /// Waits (at most [`OWNED_CACHE_WAIT`]) until the caches of owned objects are filled, so
+    /// that the first reconciles after a start find settled objects in place instead of
+    /// applying them again; past that, applies go to the API server as before.
+    async fn owned_caches_filled(&self) {
+        let deadline = tokio::time::Instant::now() + OWNED_CACHE_WAIT;
+        while self.owned.get().is_some_and(|owned| !owned.ready())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -218,9 +242,27 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         routes_writer,
         "the routes table (ConfigMap)",
     ));
+    // Filled before the first reconcile, so that settled routes are found in place.
+    if routes_store.wait_until_ready().await.is_err() {
+        warn!("the routes table could not be watched; stopping");
+        return;
+    }
     let _ = ctx.routes.set(routes_store);
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
-    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    // What clients own, watched whole (without managedFields) so that an apply already in
+    // place is skipped; a change or deletion of any of them reconciles its client.
+    let managed = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        credentials::MANAGED_BY
+    ));
+    let (service_accounts, accounts) = owned_watch::<ServiceAccount>(&ctx, &managed);
+    let (roles, role_changes) = owned_watch::<Role>(&ctx, &managed);
+    let (role_bindings, binding_changes) = owned_watch::<RoleBinding>(&ctx, &managed);
+    let _ = ctx.owned.set(OwnedObjects {
+        service_accounts,
+        roles,
+        role_bindings,
+    });
     // Stowaway's `status.wireguard` writes (every 30 s per active peer) start no reconcile:
     // an idle fleet costs the API server nothing. Every other change does, as before.
     let (reader, writer) = reflector::store();
@@ -230,13 +272,9 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         .applied_objects()
         .predicate_filter(reconcile_relevant, PredicateConfig::default());
     let controller = Controller::for_stream(changes, reader)
-        .owns(
-            accounts,
-            watcher::Config::default().labels(&format!(
-                "app.kubernetes.io/managed-by={}",
-                credentials::MANAGED_BY
-            )),
-        )
+        .owns_stream(accounts)
+        .owns_stream(role_changes)
+        .owns_stream(binding_changes)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
@@ -276,6 +314,34 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     }
     claims.abort();
     routes.abort();
+}
+
+/// A reflected watch of the objects of kind `K` clients own: its cache, and its changes
+/// (deletions included) to trigger their clients' reconciles.
+fn owned_watch<K>(
+    ctx: &Context,
+    config: &watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let api = Api::<K>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let changes = watcher(api, config.clone())
+        .default_backoff()
+        .modify(|object| object.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    (store, changes)
 }
 
 /// What a reconcile may act on: the whole object but for what only Stowaway writes
@@ -538,7 +604,8 @@ async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         .await?;
     }
 
-    // Build and apply the identity.
+    // Build and apply the identity (what is already in place is not sent again).
+    ctx.owned_caches_filled().await;
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let account = credentials::service_account(client);
     let sa_name = account.name_any();
@@ -743,7 +810,8 @@ fn requeue_after(now: Timestamp, dues: impl IntoIterator<Item = Option<Timestamp
         .unsigned_abs()
 }
 
-/// Server-side applies one of the client's objects; a failure names its kind and name.
+/// Server-side applies one of the client's objects, unless the watched cache shows every
+/// field of it already in place; a failure names its kind and name.
 async fn apply_owned<K>(
     ctx: &Context,
     namespace: &str,
@@ -754,12 +822,18 @@ async fn apply_owned<K>(
 ) -> Result<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
+        + Owned
         + serde::Serialize
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
-    K::DynamicType: Default,
 {
+    if let Some(cached) = ctx
+        .owned
+        .get()
+        .and_then(|owned| owned.in_place(namespace, name, object))
+    {
+        return Ok(cached);
+    }
     Api::<K>::namespaced(ctx.client.clone(), namespace)
         .patch(name, params, &Patch::Apply(object))
         .await
@@ -897,7 +971,7 @@ async fn connect_or_disconnect(
     // The routed range first (compare-and-swap over every route), then the tunnel address
     // (a claim by unique name): both are recorded in the API server before any
     // configuration is published.
-    let (routed, _) = allocator::modify_routes(&ctx.client, &namespace, |routes| {
+    let (routed, _) = change_route(ctx, &namespace, &name, |routes| {
         ipam::route(pool, routes, &name, &uid, request.subnet)
     })
     .await?;
@@ -1030,11 +1104,46 @@ async fn connect_or_disconnect(
     Ok((due, true, generation))
 }
 
+/// Changes the routes table for the client `name` (see [`allocator::modify_routes`]),
+/// without a request when the watched table shows the change already in place (a settled
+/// client's reconcile). The watched table counts only once it shows the client's entry as
+/// this process last saw it from the API server: a write of its own that the watch has not
+/// delivered yet must not be judged against the older table.
+async fn change_route<T>(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    change: impl FnMut(&mut ipam::Routes) -> std::result::Result<T, IpamError>,
+) -> std::result::Result<(std::result::Result<T, IpamError>, ipam::Routes), allocator::TableError> {
+    let cached = ctx
+        .routes
+        .get()
+        .and_then(|store| {
+            store.get(&reflector::ObjectRef::new(ipam::ROUTES_CONFIGMAP).within(namespace))
+        })
+        .filter(|cached| {
+            let seen = ctx.routes_seen.lock().expect("not poisoned");
+            seen.get(name).is_none_or(|entry| {
+                let (routes, _) =
+                    allocator::decode_table(cached.data.as_ref().unwrap_or(&Default::default()));
+                routes.get(name) == entry.as_ref()
+            })
+        });
+    let (result, routes) =
+        allocator::modify_routes_unless_in_place(&ctx.client, namespace, cached.as_deref(), change)
+            .await?;
+    ctx.routes_seen
+        .lock()
+        .expect("not poisoned")
+        .insert(name.to_string(), routes.get(name).cloned());
+    Ok((result, routes))
+}
+
 /// Gives back everything `client` holds: its routed range and its tunnel-address claims.
 async fn release(client: &GefyraClient, ctx: &Context) -> Result<()> {
     let name = client.name_any();
     let namespace = client.namespace().unwrap_or_default();
-    let (_had_route, _) = allocator::modify_routes(&ctx.client, &namespace, |routes| {
+    let (_had_route, _) = change_route(ctx, &namespace, &name, |routes| {
         Ok(routes.remove(&name).is_some())
     })
     .await?;
@@ -1159,6 +1268,7 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     }
     // Then the peer: its ranges become free for others.
     release(client, ctx).await?;
+    ctx.routes_seen.lock().expect("not poisoned").remove(&name);
     info!(client = %name, "client removed with its ServiceAccounts, Roles and RoleBindings (access and token minter)");
     Ok(Action::await_change())
 }

@@ -1,4 +1,4 @@
-//! `/livez`, `/readyz` and `/metrics`.
+//! `/livez`, `/readyz` and `/metrics`, served by the shared process shell.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
@@ -19,19 +20,16 @@ pub struct Health {
 }
 
 pub async fn serve(address: SocketAddr, health: Health) -> std::io::Result<()> {
-    let app = Router::new()
+    let routes = Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|State(health): State<Health>| async move { health.metrics.render() }),
-        )
+        .route("/metrics", get(metrics))
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "serving /livez, /readyz, /metrics");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+    gefyra_process::serve_http(address, routes).await
+}
+
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    gefyra_process::metrics_response(&health.metrics.families())
 }
 
 async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
@@ -42,15 +40,5 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: waiting for the GefyraClient CRD and the cache",
         )
-    }
-}
-
-/// SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
     }
 }

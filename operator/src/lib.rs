@@ -11,6 +11,7 @@ pub mod http;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod owned;
 pub mod rbac;
 pub mod run;
 pub mod webhook;

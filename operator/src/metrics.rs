@@ -90,6 +90,11 @@ impl Default for Metrics {
                 .register(collector)
                 .expect("metric registered once");
         }
+        gefyra_process::register_standard_metrics(
+            &registry,
+            "gefyra_operator",
+            env!("CARGO_PKG_VERSION"),
+        );
         Self {
             registry,
             reconciles,
@@ -163,7 +168,8 @@ impl Metrics {
     }
 
     /// The text exposition format; client counts are taken from the cache at scrape time.
-    pub fn render(&self) -> String {
+    /// Every metric family, the per-state client counts taken from the cache now.
+    pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
         if let Some(store) = self.store.get() {
             let clients = store.state();
             for state in ClientState::ALL {
@@ -176,9 +182,14 @@ impl Metrics {
                     .set(count as i64);
             }
         }
+        self.registry.gather()
+    }
+
+    /// The text exposition format of [`Metrics::families`].
+    pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(&self.families(), &mut buffer)
             .expect("text encoding never fails");
         String::from_utf8(buffer).expect("metrics are UTF-8")
     }

@@ -46,7 +46,7 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             "rbac.authorization.k8s.io",
             &["roles", "rolebindings"],
             &[],
-            &["get", "create", "patch", "delete"],
+            &["get", "list", "watch", "create", "patch", "delete"],
         ),
         // The API server's CA for client files; the routes table (compare-and-swap).
         rule("", &["configmaps"], &["kube-root-ca.crt"], &["get"]),
@@ -81,7 +81,7 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             "coordination.k8s.io",
             &["leases"],
             &[lease_name],
-            &["get", "update"],
+            &["get", "update", "patch"],
         ),
     ]
 }
@@ -163,9 +163,7 @@ mod tests {
     #[test]
     fn rbac_yaml_is_three_namespaced_objects() {
         let yaml = operator_rbac_yaml("gefyra-operator", "gefyra", "lease");
-        let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&yaml)
-            .map(|document| serde::Deserialize::deserialize(document).unwrap())
-            .collect();
+        let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
         let kinds: Vec<_> = documents
             .iter()
             .map(|d| d["kind"].as_str().unwrap())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use gefyra_api::GefyraClient;
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::controller::{self, Context, Settings};
 use crate::credentials::ClientRbac;
 use crate::http::{self, Health};
-use crate::leader::LeaderElection;
+use crate::leader::{LeaderElection, LeaseTiming};
 use crate::metrics::Metrics;
 
 #[derive(Parser, Debug)]
@@ -71,11 +71,7 @@ pub enum Command {
     Run(Box<RunArgs>),
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
+pub use gefyra_process::LogFormat;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -138,6 +134,14 @@ pub struct RunArgs {
     /// The Lease's name, in --namespace.
     #[arg(long, default_value = DEFAULT_LEASE_NAME)]
     pub lease_name: String,
+    /// How long the leader's Lease lasts without renewal: a crashed leader is replaced
+    /// after this (a leader that stops cleanly releases it at once).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_duration_seconds: u64,
+    /// The leader renews this long before its Lease expires; also the longest a renewal
+    /// request may take and the clock skew tolerated between replicas.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3599))]
+    pub lease_renew_before_seconds: u64,
     /// This process's identity in the Lease (default: POD_NAME, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -149,16 +153,6 @@ pub struct RunArgs {
     pub concurrency: u16,
     #[arg(long, value_enum, env = "GEFYRA_LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Plain => builder.init(),
-    }
 }
 
 /// The client of the API server (kubeconfig or in-cluster), every request it sends counted
@@ -216,7 +210,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Run(_)) | None => {}
     }
-    init_logging(args.log_format);
+    gefyra_process::init_logging(args.log_format);
     let wireguard_endpoint = args
         .wireguard_endpoint
         .clone()
@@ -278,13 +272,28 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     });
     let ctx = Arc::new(Context::new(client.clone(), metrics, settings));
 
-    let election = args.leader_elect.then(|| {
-        let identity = args
-            .identity
-            .clone()
-            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
-        LeaderElection::new(client.clone(), &args.namespace, &args.lease_name, identity)
-    });
+    let election = match args.leader_elect {
+        false => None,
+        true => {
+            let timing =
+                LeaseTiming::new(args.lease_duration_seconds, args.lease_renew_before_seconds)
+                    .map_err(anyhow::Error::msg)?;
+            let identity = args
+                .identity
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+            Some(LeaderElection::new(
+                lease_client(timing).await?,
+                client.clone(),
+                &args.namespace,
+                &args.lease_name,
+                identity,
+                timing,
+            ))
+        }
+    };
+    // The lease manager while this process leads: released on shutdown.
+    let leading = tokio::sync::OnceCell::new();
     let work = async {
         wait_for_crd(&client, &args.namespace).await;
         if let Err(error) = ctx.server_key().await {
@@ -309,11 +318,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 info!("standing by for the leader lease; ready");
                 ready.store(true, Ordering::Relaxed);
                 ctx.metrics.set_leader(false);
-                election.acquire().await;
+                let manager = leading.get_or_init(|| election.acquire()).await;
                 ctx.metrics.set_leader(true);
                 tokio::select! {
                     _ = controller::run(ctx.clone(), set_ready) => {},
-                    _ = election.keep() => {
+                    _ = election.keep(manager) => {
                         // Exiting is the only safe reaction: a new leader may already reconcile.
                         anyhow::bail!("lost the leader lease; exiting so that only one operator reconciles");
                     }
@@ -335,10 +344,25 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tokio::select! {
         result = work => result?,
         error = webhook_failed => return Err(error),
-        _ = http::shutdown_signal() => info!("shutting down"),
+        _ = gefyra_process::shutdown_signal() => info!("shutting down"),
+    }
+    if let (Some(election), Some(manager)) = (&election, leading.get()) {
+        ctx.metrics.set_leader(false);
+        election.release(manager).await;
     }
     server.abort();
     Ok(())
+}
+
+/// The client the lease manager renews with: every request times out within the renewal
+/// window, so that a hung renewal cannot outlive the lease.
+async fn lease_client(timing: LeaseTiming) -> anyhow::Result<Client> {
+    let mut config = kube::Config::infer().await?;
+    let timeout = (timing.renew_before / 2).max(Duration::from_secs(1));
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    Ok(Client::try_from(config)?)
 }
 
 fn hostname() -> String {

@@ -183,9 +183,9 @@ pub fn install_yaml(namespace: &str, operator_account: &str) -> String {
         }]),
     };
     [
-        serde_yaml::to_string(&configuration),
-        serde_yaml::to_string(&role),
-        serde_yaml::to_string(&binding),
+        serde_saphyr::to_string(&configuration),
+        serde_saphyr::to_string(&role),
+        serde_saphyr::to_string(&binding),
     ]
     .into_iter()
     .map(|document| document.expect("the webhook's objects serialize"))

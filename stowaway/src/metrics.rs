@@ -82,6 +82,7 @@ impl Default for Metrics {
                 .register(collector)
                 .expect("metric registered once");
         }
+        gefyra_process::register_standard_metrics(&registry, "stowaway", env!("CARGO_PKG_VERSION"));
         Self {
             registry,
             peers,
@@ -106,21 +107,27 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format, with one series per peer from `stats`.
-    pub fn render(&self, stats: &BTreeMap<String, PeerStats>, now: SystemTime) -> String {
+    /// Every metric family, with one series per peer from `stats`.
+    pub fn families(
+        &self,
+        stats: &BTreeMap<String, PeerStats>,
+        now: SystemTime,
+    ) -> Vec<prometheus::proto::MetricFamily> {
         let last_handshake = gauge(
             "stowaway_peer_last_handshake_timestamp_seconds",
             "Unix time of the peer's last completed handshake",
             &["client"],
         );
-        let received = gauge(
-            "stowaway_peer_received_bytes",
-            "Bytes received from the peer",
+        // Counters that restart from 0 with the peer's session, as Prometheus expects of a
+        // counter reset.
+        let received = counter(
+            "stowaway_peer_received_bytes_total",
+            "Bytes received from the peer in its current session",
             &["client"],
         );
-        let sent = gauge(
-            "stowaway_peer_sent_bytes",
-            "Bytes sent to the peer",
+        let sent = counter(
+            "stowaway_peer_sent_bytes_total",
+            "Bytes sent to the peer in its current session",
             &["client"],
         );
         for (client, peer) in stats {
@@ -132,21 +139,26 @@ impl Metrics {
                     .with_label_values(&[client])
                     .set(unix.as_secs() as i64);
             }
-            received
-                .with_label_values(&[client])
-                .set(i64::try_from(peer.received).unwrap_or(i64::MAX));
-            sent.with_label_values(&[client])
-                .set(i64::try_from(peer.sent).unwrap_or(i64::MAX));
+            received.with_label_values(&[client]).inc_by(peer.received);
+            sent.with_label_values(&[client]).inc_by(peer.sent);
         }
         let mut families = self.registry.gather();
-        for per_peer in [last_handshake, received, sent] {
+        let per_peer: [&dyn prometheus::core::Collector; 3] = [&last_handshake, &received, &sent];
+        for collector in per_peer {
             // A family without series (no peers yet) cannot be encoded: leave it out.
             families.extend(
-                prometheus::core::Collector::collect(&per_peer)
+                collector
+                    .collect()
                     .into_iter()
                     .filter(|family| !family.get_metric().is_empty()),
             );
         }
+        families
+    }
+
+    /// The text exposition format of [`Metrics::families`].
+    pub fn render(&self, stats: &BTreeMap<String, PeerStats>, now: SystemTime) -> String {
+        let families = self.families(stats, now);
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&families, &mut buffer)
@@ -180,7 +192,13 @@ mod tests {
             text.contains("stowaway_peer_last_handshake_timestamp_seconds{client=\"a\"} 990"),
             "{text}"
         );
-        assert!(text.contains("stowaway_peer_received_bytes{client=\"a\"} 5"));
-        assert!(text.contains("stowaway_peer_sent_bytes{client=\"a\"} 7"));
+        assert!(text.contains("stowaway_peer_received_bytes_total{client=\"a\"} 5"));
+        assert!(text.contains("stowaway_peer_sent_bytes_total{client=\"a\"} 7"));
+        assert!(
+            text.contains("# TYPE stowaway_peer_sent_bytes_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("stowaway_build_info{version="), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

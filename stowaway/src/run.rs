@@ -14,7 +14,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use gefyra_api::GefyraClient;
 use gefyra_api::ipam::{CLAIM_SELECTOR, ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
@@ -60,11 +60,7 @@ pub enum Command {
     Run,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
+pub use gefyra_process::LogFormat;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -228,16 +224,6 @@ fn resolver(args: &RunArgs) -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::new(address, 53))
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Plain => builder.init(),
-    }
-}
-
 #[derive(Clone)]
 struct Health {
     metrics: Arc<Metrics>,
@@ -247,14 +233,12 @@ struct Health {
 }
 
 async fn serve(address: SocketAddr, health: Health) -> std::io::Result<()> {
-    let app = Router::new()
+    let routes = Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "serving /livez, /readyz, /metrics");
-    axum::serve(listener, app).await
+    gefyra_process::serve_http(address, routes).await
 }
 
 fn unix_now() -> u64 {
@@ -288,9 +272,9 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics(State(health): State<Health>) -> String {
+async fn metrics(State(health): State<Health>) -> impl axum::response::IntoResponse {
     let stats = health.shared.stats.lock().expect("stats lock").clone();
-    health.metrics.render(&stats, SystemTime::now())
+    gefyra_process::metrics_response(&health.metrics.families(&stats, SystemTime::now()))
 }
 
 /// The server's private key from the operator's Secret; waits until the operator made it.
@@ -341,7 +325,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Run) | None => {}
     }
-    init_logging(args.log_format);
+    gefyra_process::init_logging(args.log_format);
     let config = dataplane::Config {
         listen: args.listen,
         resolver: resolver(&args)?,
@@ -415,7 +399,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     ));
 
     let outcome = tokio::select! {
-        _ = shutdown_signal() => {
+        _ = gefyra_process::shutdown_signal() => {
             tracing::info!("shutting down");
             handle.stop();
             let _ = (&mut plane).await;
@@ -431,16 +415,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     peers_task.abort();
     status_task.abort();
     outcome
-}
-
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
 }
 
 /// Follows `api` into a store (watch retried with backoff); `changed` is told of every

@@ -475,7 +475,7 @@ impl Lab {
             });
         }
         let path = self.dir.join("stowaway.kubeconfig");
-        write_secret(&path, &serde_yaml::to_string(&raw)?)?;
+        write_secret(&path, &serde_saphyr::to_string(&raw)?)?;
         std::os::unix::fs::chown(&path, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
         Ok(path)
     }

@@ -110,7 +110,7 @@ impl Cluster {
             "gefyra-kubeconfig-{:08x}.yaml",
             rand::random::<u32>()
         ));
-        std::fs::write(&path, serde_yaml::to_string(&raw)?)?;
+        std::fs::write(&path, serde_saphyr::to_string(&raw)?)?;
         Ok(path)
     }
 
@@ -516,9 +516,7 @@ pub async fn metric(port: u16, series: &str) -> Result<f64> {
 pub async fn apply_identity(admin: Client, namespace: &str, yaml: &str) -> Result<()> {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(yaml)
-        .map(serde::Deserialize::deserialize)
-        .collect::<Result<_, _>>()?;
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml)?;
     let pp = PostParams::default();
     for document in documents {
         match document["kind"].as_str() {
@@ -593,6 +591,20 @@ impl Operator {
     pub async fn kill(&mut self) -> Result<()> {
         self.child.kill().await?;
         Ok(())
+    }
+
+    /// Stops the process as Kubernetes stops a Pod (SIGTERM) and waits for it to exit.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("the operator has exited already")?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        ensure!(sent.success(), "kill -TERM {pid} failed");
+        Ok(
+            tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+                .await
+                .context("the operator did not exit within 30 s of SIGTERM")??,
+        )
     }
 
     pub fn log_text(&self) -> String {

@@ -106,7 +106,7 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
         "{json:?}"
     );
     let yaml: Vec<Value> =
-        serde_yaml::from_str(&cli.ok(&["clients", "list", "-o", "yaml"]).await?)?;
+        serde_saphyr::from_str(&cli.ok(&["clients", "list", "-o", "yaml"]).await?)?;
     ensure!(yaml == json, "YAML and JSON list the same");
     ensure!(
         !table.contains(&json_token(&clients, "anna").await?),
@@ -330,9 +330,9 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
     ensure!(forbidden.contains("forbidden"), "{forbidden}");
     let _ = std::fs::remove_file(&as_client);
     let unreachable_config = cli.workdir.join("unreachable.kubeconfig");
-    let mut raw: Value = serde_yaml::from_str(&std::fs::read_to_string(&cluster.kubeconfig)?)?;
+    let mut raw: Value = serde_saphyr::from_str(&std::fs::read_to_string(&cluster.kubeconfig)?)?;
     raw["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:1".into();
-    std::fs::write(&unreachable_config, serde_yaml::to_string(&raw)?)?;
+    std::fs::write(&unreachable_config, serde_saphyr::to_string(&raw)?)?;
     let down = KubectlGefyra::new(&unreachable_config, &ns)?;
     let no_cluster = down.fails(&["clients", "ls"], NO_CLUSTER).await?;
     ensure!(

@@ -171,7 +171,7 @@ async fn kubectl_gets_short_lived_tokens_through_the_plugin_until_the_client_is_
         !text.contains(file["token"].as_str().unwrap_or("-")) && !text.contains(&minter_token),
         "no credential in the kubeconfig"
     );
-    let parsed: Value = serde_yaml::from_str(&text)?;
+    let parsed: Value = serde_saphyr::from_str(&text)?;
     let exec = &parsed["users"][0]["user"]["exec"];
     ensure!(
         exec["apiVersion"] == "client.authentication.k8s.io/v1"

@@ -1,7 +1,7 @@
 //! The operator against the real control plane: the lifecycle, least privilege checked
 //! with the client's own token, cleanup, schema validation, leader election and crashes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
@@ -202,14 +202,121 @@ async fn operator_serves_health_and_metrics() -> Result<()> {
     Ok(())
 }
 
-/// Every request the operator sent to the API server, as it counts them.
-async fn requests_sent(operator: &Operator) -> Result<f64> {
+/// Every request the operator sent to the API server, by verb, as it counts them.
+async fn requests_by_verb(operator: &Operator) -> Result<std::collections::BTreeMap<String, f64>> {
     let (_, metrics) = operator.http_get("/metrics").await?;
     Ok(metrics
         .lines()
-        .filter(|line| line.starts_with("gefyra_operator_api_requests_total{"))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
+        .filter_map(|line| line.strip_prefix("gefyra_operator_api_requests_total{verb=\""))
+        .filter_map(|rest| {
+            let (verb, value) = rest.split_once("\"} ")?;
+            Some((verb.to_string(), value.parse::<f64>().ok()?))
+        })
+        .collect())
+}
+
+/// Every request the operator sent to the API server, as it counts them.
+async fn requests_sent(operator: &Operator) -> Result<f64> {
+    Ok(requests_by_verb(operator).await?.values().sum())
+}
+
+/// The operator's requests by verb and its successful reconciles, once both stop moving
+/// (two equal readings 2 s apart, within a minute).
+async fn settled_counts(
+    operator: &Operator,
+) -> Result<(std::collections::BTreeMap<String, f64>, f64)> {
+    let counts = || async {
+        Ok::<_, anyhow::Error>((
+            requests_by_verb(operator).await?,
+            gefyra_e2e::metric(
+                operator.http_port,
+                "gefyra_operator_reconciles_total{result=\"ok\"}",
+            )
+            .await?,
+        ))
+    };
+    let mut settled = counts().await?;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = counts().await?;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    Ok(settled)
+}
+
+/// A restart with settled clients (one WAITING, one ACTIVE with a routed subnet): the new
+/// operator reconciles each, finds everything in place in its caches and writes nothing.
+#[tokio::test]
+async fn a_restarted_operator_finds_settled_clients_in_place_and_writes_nothing() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("restart").await?;
+    let args = ["--wireguard-endpoint", "203.0.113.7:31820"];
+    let mut first = Operator::start(&cluster, &ns, &args)?;
+    let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, &ns);
+    for name in ["resting", "routed"] {
+        create_client(cluster.admin()?, &ns, name).await?;
+        wait_for_ready(&clients, name).await?;
+    }
+    let (_, public) = gefyra_e2e::lab::key_pair();
+    gefyra_e2e::lab::connect(
+        &clients,
+        "routed",
+        json!({ "publicKey": public, "subnet": "10.77.0.0/24" }),
+    )
+    .await?;
+    let (before, _) = settled_counts(&first).await?;
+    ensure!(
+        before.get("patch").is_some_and(|count| *count > 0.0),
+        "the first operator wrote the clients' objects: {before:?}"
+    );
+    first.kill().await?;
+    let objects_before = serde_json::to_value(clients.list(&ListParams::default()).await?.items)?;
+
+    let second = Operator::start(&cluster, &ns, &args)?;
+    eventually(
+        "the restarted operator reconciled both clients",
+        WAIT,
+        || async {
+            let reconciled = match second.http_get("/readyz").await {
+                Ok((200, _)) => {
+                    gefyra_e2e::metric(
+                        second.http_port,
+                        "gefyra_operator_reconciles_total{result=\"ok\"}",
+                    )
+                    .await?
+                }
+                _ => 0.0,
+            };
+            Ok((reconciled >= 2.0).then_some(()))
+        },
+    )
+    .await?;
+    let (requests, reconciles) = settled_counts(&second).await?;
+    ensure!(
+        reconciles >= 2.0,
+        "the restarted operator reconciled both clients: {reconciles}\n{}",
+        second.log_text()
+    );
+    let writes: Vec<_> = requests
+        .iter()
+        .filter(|(verb, _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
+        .collect();
+    ensure!(
+        writes.is_empty(),
+        "a restart with settled clients wrote {writes:?} (all requests: {requests:?})"
+    );
+    let objects_after = serde_json::to_value(clients.list(&ListParams::default()).await?.items)?;
+    ensure!(
+        objects_before == objects_after,
+        "the clients changed across the restart"
+    );
+    // Still in charge: a change that matters is acted on.
+    gefyra_e2e::lab::connect(&clients, "routed", serde_json::Value::Null).await?;
+    Ok(())
 }
 
 /// The idle cost: an ACTIVE client whose peer keeps handshaking gets `status.wireguard`
@@ -240,15 +347,8 @@ async fn status_writes_of_an_idle_active_client_cost_no_reconcile_and_no_request
             .await?,
         ))
     };
-    let mut settled = counts().await?;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = counts().await?;
-        if now == settled {
-            break;
-        }
-        settled = now;
-    }
+    let settled = settled_counts(&operator).await?;
+    let settled = (settled.0.values().sum::<f64>(), settled.1);
     ensure!(
         settled.0 > 0.0,
         "the operator counts its requests: {settled:?}"
@@ -412,7 +512,29 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over() -> Result<()> {
         "the leader reports gefyra_operator_leader 1"
     );
 
-    first.kill().await?;
+    // A leader stopped as Kubernetes stops a Pod releases its lease: the standby leads well
+    // within the lease's 15 s (it watches the Lease instead of waiting for it to expire).
+    let stopped = Instant::now();
+    ensure!(
+        first.terminate().await?.success(),
+        "the leader exits cleanly on SIGTERM"
+    );
+    ensure!(
+        first.log_text().contains("released the leader lease"),
+        "the leader released its lease: {}",
+        first.log_text()
+    );
+    let took_over = eventually("the standby leads", WAIT, || async {
+        let (_, metrics) = second.http_get("/metrics").await?;
+        Ok(metrics
+            .contains("\ngefyra_operator_leader 1\n")
+            .then(|| stopped.elapsed()))
+    })
+    .await?;
+    ensure!(
+        took_over < Duration::from_secs(7),
+        "the standby took {took_over:?} to lead after a clean stop (the lease lasts 15 s)"
+    );
     create_client(admin.clone(), &ns, "after").await?;
     wait_for_state(&clients, "after", ClientState::Waiting).await?;
     ensure!(
@@ -420,11 +542,37 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over() -> Result<()> {
         "the follower took over: {}",
         second.log_text()
     );
-    let (_, taken_over) = second.http_get("/metrics").await?;
+
+    // A crashed leader (SIGKILL) cannot release: a third replica takes over once the lease
+    // has expired (renewed 5 s before expiry, so at least 5 s remain), and not before.
+    let third = Operator::start(
+        &cluster,
+        &ns,
+        &[
+            "--leader-elect",
+            "--identity",
+            "third",
+            "--lease-duration-seconds",
+            "15",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut second = second;
+    let crashed = Instant::now();
+    second.kill().await?;
+    let took_over = eventually("the third replica leads", WAIT, || async {
+        let (_, metrics) = third.http_get("/metrics").await?;
+        Ok(metrics
+            .contains("\ngefyra_operator_leader 1\n")
+            .then(|| crashed.elapsed()))
+    })
+    .await?;
     ensure!(
-        taken_over.contains("\ngefyra_operator_leader 1\n"),
-        "the new leader reports gefyra_operator_leader 1"
+        took_over >= Duration::from_secs(4),
+        "the third replica led {took_over:?} after the crash, while the lease was still valid"
     );
+    create_client(admin.clone(), &ns, "after-crash").await?;
+    wait_for_state(&clients, "after-crash", ClientState::Waiting).await?;
     Ok(())
 }
 

@@ -184,7 +184,7 @@ fn impersonating(cluster: &Cluster, namespace: &str, account: &str) -> Result<Pa
         "gefyra-as-{account}-{:08x}.kubeconfig",
         rand::random::<u32>()
     ));
-    std::fs::write(&path, serde_yaml::to_string(&raw)?)?;
+    std::fs::write(&path, serde_saphyr::to_string(&raw)?)?;
     Ok(path)
 }
 

@@ -316,7 +316,66 @@ struct OperatorRuns {
     create: Run,
     connect: Run,
     idle: Idle,
+    restart: Restart,
     rss_mib: Option<f64>,
+}
+
+/// A new operator taking over the settled fleet (all ACTIVE): until each client has been
+/// reconciled once, and what it sent by then and once quiet.
+struct Restart {
+    settle: Duration,
+    operator_requests: BTreeMap<String, f64>,
+}
+
+impl Restart {
+    fn writes(&self) -> f64 {
+        self.operator_requests
+            .iter()
+            .filter(|(verb, _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
+/// Stops `operator` and starts another on the same clients: how long until it has
+/// reconciled all `n` of them, and every request it sent until it went quiet.
+async fn restart(
+    cluster: &Cluster,
+    namespace: &str,
+    mut operator: Operator,
+    n: usize,
+) -> Result<Restart> {
+    operator.kill().await?;
+    let start = Instant::now();
+    let operator = Operator::start(cluster, namespace, &["--log-format", "json"])?;
+    let reconciled = || async {
+        gefyra_e2e::metric(
+            operator.http_port,
+            "gefyra_operator_reconciles_total{result=\"ok\"}",
+        )
+        .await
+        .unwrap_or(0.0)
+    };
+    while reconciled().await < n as f64 {
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("the restarted operator did not reconcile {n} clients in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let settle = start.elapsed();
+    let mut quiet = operator_requests(&operator).await?;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = operator_requests(&operator).await?;
+        if now == quiet {
+            break;
+        }
+        quiet = now;
+    }
+    Ok(Restart {
+        settle,
+        operator_requests: quiet,
+    })
 }
 
 /// One idle minute of the connected fleet: Stowaway's status writes (every client's peer
@@ -514,11 +573,14 @@ async fn with_operator(cluster: &Cluster, n: usize) -> Result<OperatorRuns> {
     };
     watch.abort();
     let idle = idle_minute(&operator, &api, &names).await?;
+    let rss_mib = peak_rss_mib(pid);
+    let restart = restart(cluster, &namespace, operator, n).await?;
     Ok(OperatorRuns {
         create,
         connect,
         idle,
-        rss_mib: peak_rss_mib(pid),
+        restart,
+        rss_mib,
     })
 }
 
@@ -561,6 +623,15 @@ async fn main() -> Result<()> {
         operator.idle.status_writes,
         operator.idle.operator_requests,
         requests / operator.idle.status_writes.max(1) as f64
+    );
+    println!("== Restart: a new operator takes over N = {n} settled ACTIVE clients");
+    let requests: f64 = operator.restart.operator_requests.values().sum();
+    println!(
+        "operator   all reconciled in {:.2} s; {requests:.0} requests {:?}\nwrites     {:.0} ({:.3} per client; aim 0, only lists and watches)",
+        operator.restart.settle.as_secs_f64(),
+        operator.restart.operator_requests,
+        operator.restart.writes(),
+        operator.restart.writes() / n.max(1) as f64
     );
     match operator.rss_mib {
         Some(mib) => println!("operator   peak RSS {mib:.1} MiB"),
