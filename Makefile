@@ -20,7 +20,7 @@ DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools ipe
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
 
-.PHONY: static image generate help prereqs controlplane node cluster-up cluster-down up down test lint unit e2e e2e-node bench fuzz
+.PHONY: static dist image generate help prereqs controlplane node cluster-up cluster-down up down test lint unit e2e e2e-node bench fuzz
 
 help:
 	@echo "make up          a local cluster with a node, the chart installed from the local image, a demo Service (kubeconfig: $(CLUSTER_DIR)/kubeconfig)"
@@ -28,6 +28,7 @@ help:
 	@echo "make test        every test: fmt, clippy, unit tests, tests against a real control plane"
 	@echo "make bench       benchmarks"
 	@echo "make image       the image (FROM scratch, offline) from make static, saved to target/gefyra-operator-image.tar"
+	@echo "make dist        the kubectl plugin's archives (linux amd64, arm64) and krew manifest in target/dist"
 	@echo "make cluster-up / cluster-down   the control plane alone"
 
 prereqs:
@@ -59,12 +60,12 @@ up: node
 down:
 	@$(NODE) down $(CLUSTER_DIR)
 
-test: prereqs lint unit static fuzz e2e e2e-node
+test: prereqs lint unit static dist fuzz e2e e2e-node
 
 # Regenerates every generated file that is committed (drift is checked by `make test`):
 # the CRD, the chart's CRD and RBAC templates, deploy/ (see tests/generate.sh).
 generate: controlplane
-	cargo build -p gefyra-operator -p stowaway --locked
+	cargo build -p gefyra-operator -p stowaway --locked && cargo build -p gefyra-e2e --bin values-table --locked
 	tests/generate.sh
 
 # The image's binaries (the Dockerfile runs this): statically linked with musl, checked to be
@@ -78,6 +79,11 @@ static:
 	  file "$$path" | grep -q 'static' || { echo "error: $$path is not statically linked" >&2; exit 1; }; \
 	  env -i "$$path" --version >/dev/null || { echo "error: $$path does not run" >&2; exit 1; }; \
 	done; echo "static binaries: $(addprefix target/$(STATIC_TARGET)/release/,$(STATIC_BINARIES))"
+
+# The kubectl plugin's release archives (linux amd64, arm64) and krew manifest in
+# target/dist (tests/dist.sh); a test installs them with krew.
+dist: static
+	@tests/dist.sh
 
 # The image (Dockerfile, FROM scratch: builds offline from the static binaries), saved to
 # target/gefyra-operator-image.tar by a private dockerd.

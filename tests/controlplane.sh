@@ -25,6 +25,7 @@ cache_dir=${GEFYRA_CACHE_DIR:-$HOME/.cache/gefyra-operator}
 k8s_bin=$cache_dir/kubernetes-$KUBERNETES_VERSION
 etcd_bin=$cache_dir/etcd-$ETCD_VERSION
 helm_bin=$cache_dir/helm-$HELM_VERSION
+krew_bin=$cache_dir/krew-$KREW_VERSION
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -113,11 +114,24 @@ build_helm() {
   log "  helm built in $((SECONDS - started)) s"
 }
 
+build_krew() {
+  [ -x "$krew_bin/krew" ] && return 0
+  local started=$SECONDS
+  log "building krew $KREW_VERSION"
+  mkdir -p "$krew_bin.tmp"
+  GOFLAGS= GOBIN="$krew_bin.tmp" go install -trimpath -ldflags "-s -w" \
+    "sigs.k8s.io/krew/cmd/krew@$KREW_VERSION" || die "building krew failed"
+  rm -rf "$krew_bin" && mv "$krew_bin.tmp" "$krew_bin"
+  log "  krew built in $((SECONDS - started)) s"
+}
+
 cmd_build() {
   "$here/prereqs.sh" go openssl iproute2
   build_etcd
   build_kubernetes
   build_helm
+  build_krew
+  ln -sfn "$krew_bin/krew" "$cache_dir/krew"
   ln -sfn "$k8s_bin/kubectl" "$cache_dir/kubectl"
   ln -sfn "$helm_bin/helm" "$cache_dir/helm"
 }

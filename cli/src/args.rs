@@ -131,12 +131,18 @@ pub enum OutputFormat {
     Table,
     Json,
     Yaml,
+    /// `gefyraclient.gefyra.dev/<ID>`, one a line, as `kubectl get -o name` prints.
+    Name,
 }
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
+    /// `table` shows the age (as kubectl does); `json` and `yaml` the creation time.
     #[arg(short, long, value_enum, default_value = "table")]
     pub output: OutputFormat,
+    /// Leave out the table's header line.
+    #[arg(long)]
+    pub no_headers: bool,
 }
 
 #[derive(Args, Debug)]

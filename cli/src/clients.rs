@@ -17,7 +17,7 @@ use crate::args::{ConfigArgs, CreateArgs, DeleteArgs, InspectArgs, ListArgs};
 use crate::cluster::{Admin, request_token};
 use crate::error::{CliError, Kind, Result};
 use crate::files::write_private;
-use crate::render::{ClientRow, Inspection, client_list};
+use crate::render::{ClientRow, Inspection, TableView, client_list};
 use crate::wait::{self, Goal};
 
 /// Stowaway's Service and its WireGuard port, as Gefyra names them.
@@ -109,7 +109,7 @@ pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
     Ok(())
 }
 
-async fn all_clients(admin: &Admin) -> Result<Vec<GefyraClient>> {
+pub async fn all_clients(admin: &Admin) -> Result<Vec<GefyraClient>> {
     let mut clients = admin
         .clients()
         .list(&ListParams::default())
@@ -144,7 +144,11 @@ pub async fn list(admin: &Admin, args: &ListArgs) -> Result<()> {
         eprintln!("No GefyraClients found in namespace {}", admin.namespace);
         return Ok(());
     }
-    print!("{}", client_list(&rows, args.output));
+    let view = TableView {
+        headers: !args.no_headers,
+        ..TableView::now()
+    };
+    print!("{}", client_list(&rows, args.output, view));
     Ok(())
 }
 

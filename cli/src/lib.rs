@@ -5,6 +5,7 @@
 pub mod args;
 pub mod clients;
 pub mod cluster;
+pub mod complete;
 pub mod connect;
 pub mod credential;
 pub mod error;
@@ -56,8 +57,67 @@ async fn dispatch(cli: &Cli) -> Result<()> {
     }
 }
 
-/// Parses the command line, runs it, and turns the outcome into an exit code.
+/// `kubectl gefyra <TAB>` (see [`complete`]): the candidates for `words`, in Cobra's
+/// protocol. Completion is silent: a cluster that cannot be read offers no client IDs.
+async fn complete_words(words: &[String]) -> ExitCode {
+    use complete::Wanted;
+    let (wanted, options) = complete::wanted(&complete::definition(), words);
+    let (candidates, directive) = match wanted {
+        Wanted::Candidates {
+            candidates,
+            directive,
+        } => (candidates, directive),
+        Wanted::ClientIds { prefix } => {
+            let global = args::Global {
+                kubeconfig: options.kubeconfig.map(std::path::PathBuf::from),
+                context: options.context,
+                namespace: options
+                    .namespace
+                    .or_else(|| std::env::var("GEFYRA_NAMESPACE").ok())
+                    .unwrap_or_else(|| gefyra_api::client::DEFAULT_NAMESPACE.to_string()),
+                verbose: 0,
+            };
+            let listed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                let admin = Admin::connect(&global).await.ok()?;
+                clients::all_clients(&admin).await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+            let ids = listed
+                .iter()
+                .map(|client| {
+                    use kube::ResourceExt;
+                    (client.name_any(), client.state.to_string())
+                })
+                .filter(|(id, _)| id.starts_with(&prefix))
+                .collect();
+            (ids, complete::NO_FILES)
+        }
+    };
+    print!("{}", complete::render(&candidates, directive));
+    ExitCode::SUCCESS
+}
+
+/// Parses the command line, runs it, and turns the outcome into an exit code. Run as
+/// `kubectl_complete-gefyra` (a symlink to this binary), or with `__complete` first, it
+/// completes instead.
 pub async fn main() -> ExitCode {
+    let words: Vec<String> = std::env::args_os()
+        .map(|word| word.to_string_lossy().into_owned())
+        .collect();
+    let invoked_as = words
+        .first()
+        .and_then(|program| std::path::Path::new(program).file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if invoked_as.starts_with("kubectl_complete-") {
+        return complete_words(words.get(1..).unwrap_or_default()).await;
+    }
+    if words.get(1).is_some_and(|word| word == "__complete") {
+        return complete_words(words.get(2..).unwrap_or_default()).await;
+    }
     let cli = Cli::parse();
     match dispatch(&cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -86,7 +86,8 @@ pub fn printable(value: &str) -> String {
         .collect()
 }
 
-/// Columns aligned as kubectl aligns them (three spaces apart).
+/// Columns aligned as kubectl aligns them (three spaces apart); no header line when
+/// `header` is empty.
 fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
     let mut writer = tabwriter::TabWriter::new(Vec::new()).padding(3);
     let mut line = |cells: &[String]| {
@@ -94,12 +95,14 @@ fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String
         let cells: Vec<String> = cells.iter().map(|cell| printable(cell)).collect();
         let _ = writeln!(writer, "{}", cells.join("\t"));
     };
-    line(
-        &header
-            .iter()
-            .map(|cell| cell.to_string())
-            .collect::<Vec<_>>(),
-    );
+    if !header.is_empty() {
+        line(
+            &header
+                .iter()
+                .map(|cell| cell.to_string())
+                .collect::<Vec<_>>(),
+        );
+    }
     for row in rows {
         line(&row);
     }
@@ -109,6 +112,78 @@ fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String
 
 fn or_dash(value: &Option<String>) -> String {
     value.clone().unwrap_or_else(|| "-".into())
+}
+
+/// How `kubectl get -o name` names a GefyraClient.
+fn resource_name(client_id: &str) -> String {
+    format!("gefyraclient.gefyra.dev/{}\n", printable(client_id))
+}
+
+/// The age of something created at `then`, seen at `now`, as kubectl's AGE column shows
+/// it (k8s.io/apimachinery's `HumanDuration`): seconds up to two minutes, then minutes with
+/// seconds below ten minutes, hours with minutes below eight hours, days with hours below
+/// eight days, years with days below eight years. A time up to a second ahead (clock skew)
+/// is `0s`; further ahead is `<invalid>`.
+pub fn human_age(then: jiff::Timestamp, now: jiff::Timestamp) -> String {
+    let seconds = now.as_second().saturating_sub(then.as_second());
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    if seconds < 0 {
+        return "0s".into();
+    }
+    if seconds < 120 {
+        return format!("{seconds}s");
+    }
+    let with = |big: i64, big_unit: &str, small: i64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{big_unit}")
+        } else {
+            format!("{big}{big_unit}{small}{small_unit}")
+        }
+    };
+    let minutes = seconds / 60;
+    if minutes < 10 {
+        return with(minutes, "m", seconds % 60, "s");
+    }
+    if minutes < 180 {
+        return format!("{minutes}m");
+    }
+    let hours = minutes / 60;
+    if hours < 8 {
+        return with(hours, "h", minutes % 60, "m");
+    }
+    if hours < 48 {
+        return format!("{hours}h");
+    }
+    let days = hours / 24;
+    if hours < 24 * 8 {
+        return with(days, "d", hours % 24, "h");
+    }
+    if hours < 24 * 365 * 2 {
+        return format!("{days}d");
+    }
+    if hours < 24 * 365 * 8 {
+        return with(days / 365, "y", days % 365, "d");
+    }
+    format!("{}y", days / 365)
+}
+
+/// How a table is printed: the time ages are measured against, and whether the header
+/// line is shown (`--no-headers`).
+#[derive(Debug, Clone, Copy)]
+pub struct TableView {
+    pub now: jiff::Timestamp,
+    pub headers: bool,
+}
+
+impl TableView {
+    pub fn now() -> Self {
+        Self {
+            now: jiff::Timestamp::now(),
+            headers: true,
+        }
+    }
 }
 
 fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
@@ -123,20 +198,34 @@ fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
 }
 
 /// `clients list` output.
-pub fn client_list(rows: &[ClientRow], format: OutputFormat) -> String {
+pub fn client_list(rows: &[ClientRow], format: OutputFormat, view: TableView) -> String {
+    let header: &[&str] = if view.headers {
+        &["ID", "STATE", "ADDRESS", "AGE", "WIREGUARD HANDSHAKE"]
+    } else {
+        &[]
+    };
     match format {
         OutputFormat::Table => table(
-            &["ID", "STATE", "ADDRESS", "CREATED", "WIREGUARD HANDSHAKE"],
+            header,
             rows.iter().map(|row| {
+                let age = row
+                    .created
+                    .as_deref()
+                    .and_then(|created| created.parse::<jiff::Timestamp>().ok())
+                    .map(|created| human_age(created, view.now));
                 vec![
                     row.client_id.clone(),
                     row.state.clone(),
                     or_dash(&row.address),
-                    or_dash(&row.created),
+                    or_dash(&age),
                     or_dash(&row.wireguard_handshake),
                 ]
             }),
         ),
+        OutputFormat::Name => rows
+            .iter()
+            .map(|row| resource_name(&row.client_id))
+            .collect(),
         _ => structured(&rows, format),
     }
 }
@@ -286,8 +375,10 @@ impl Inspection {
     }
 
     pub fn render(&self, format: OutputFormat) -> String {
-        if format != OutputFormat::Table {
-            return structured(self, format);
+        match format {
+            OutputFormat::Table => {}
+            OutputFormat::Name => return resource_name(&self.client_id),
+            _ => return structured(self, format),
         }
         let mut fields: Vec<(&str, String)> = vec![
             ("Client", self.client_id.clone()),
@@ -395,5 +486,63 @@ mod tests {
         assert_eq!(printable("a\u{1b}[2Jb\nc\td"), "a\\u{1b}[2Jb\\nc\\td");
         let table = table(&["A"], [vec!["x\ny".to_string()]]);
         assert_eq!(table.lines().count(), 2, "{table}");
+    }
+
+    #[test]
+    fn ages_read_like_kubectls() {
+        let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let age = |seconds: i64| human_age(now - jiff::SignedDuration::from_secs(seconds), now);
+        for (seconds, expected) in [
+            (-5, "<invalid>"),
+            (-1, "0s"),
+            (0, "0s"),
+            (59, "59s"),
+            (119, "119s"),
+            (120, "2m"),
+            (125, "2m5s"),
+            (599, "9m59s"),
+            (600, "10m"),
+            (179 * 60 + 59, "179m"),
+            (3 * 3600, "3h"),
+            (3 * 3600 + 5 * 60 + 9, "3h5m"),
+            (8 * 3600, "8h"),
+            (47 * 3600 + 59 * 60, "47h"),
+            (48 * 3600, "2d"),
+            (7 * 86400 + 23 * 3600, "7d23h"),
+            (8 * 86400, "8d"),
+            (729 * 86400, "729d"),
+            (730 * 86400, "2y"),
+            (731 * 86400, "2y1d"),
+            (8 * 365 * 86400, "8y"),
+            (100 * 365 * 86400 + 86400, "100y"),
+        ] {
+            assert_eq!(age(seconds), expected, "{seconds} s");
+        }
+    }
+
+    #[test]
+    fn list_without_headers_and_by_name() {
+        let view = TableView {
+            now: "2026-11-23T10:00:00Z".parse().unwrap(),
+            headers: false,
+        };
+        let row = ClientRow {
+            client_id: "anna".into(),
+            state: "WAITING".into(),
+            address: None,
+            subnet: None,
+            created: Some("2026-11-23T09:59:00Z".into()),
+            wireguard_handshake: None,
+            message: None,
+        };
+        let rows = [row];
+        assert_eq!(
+            client_list(&rows, OutputFormat::Table, view),
+            "anna   WAITING   -    60s   -\n"
+        );
+        assert_eq!(
+            client_list(&rows, OutputFormat::Name, view),
+            "gefyraclient.gefyra.dev/anna\n"
+        );
     }
 }

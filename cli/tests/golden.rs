@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use gefyra_api::GefyraClient;
 use k8s_openapi::api::core::v1::Event;
 use kubectl_gefyra::args::OutputFormat;
-use kubectl_gefyra::render::{ClientRow, Inspection, client_list};
+use kubectl_gefyra::render::{ClientRow, Inspection, TableView, client_list};
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -34,12 +34,23 @@ fn check(name: &str, actual: &str) {
 fn client_list_in_every_format() {
     let clients: Vec<GefyraClient> = fixture("clients.json");
     let rows: Vec<ClientRow> = clients.iter().map(ClientRow::of).collect();
-    for (format, name) in [
-        (OutputFormat::Table, "list.txt"),
-        (OutputFormat::Json, "list.json"),
-        (OutputFormat::Yaml, "list.yaml"),
+    // Ages are measured against a fixed time, so the table does not change with the clock.
+    let view = TableView {
+        now: "2026-11-23T10:00:00Z".parse().unwrap(),
+        headers: true,
+    };
+    let without_headers = TableView {
+        headers: false,
+        ..view
+    };
+    for (format, view, name) in [
+        (OutputFormat::Table, view, "list.txt"),
+        (OutputFormat::Table, without_headers, "list-no-headers.txt"),
+        (OutputFormat::Json, view, "list.json"),
+        (OutputFormat::Yaml, view, "list.yaml"),
+        (OutputFormat::Name, view, "list.name"),
     ] {
-        let output = client_list(&rows, format);
+        let output = client_list(&rows, format, view);
         assert!(!output.contains("c2VjcmV0"), "no credentials in {name}");
         check(name, &output);
     }

@@ -13,5 +13,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod owned;
 pub mod rbac;
+pub mod ready;
 pub mod run;
 pub mod webhook;

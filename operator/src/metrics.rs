@@ -14,6 +14,9 @@ use crate::error::Error;
 
 pub struct Metrics {
     registry: Registry,
+    /// The names of this component's own metric families, whether or not they have a
+    /// series yet (a vector without label values is left out of /metrics).
+    declared: Vec<String>,
     reconciles: IntCounterVec,
     reconcile_errors: IntCounterVec,
     reconcile_duration: HistogramVec,
@@ -77,6 +80,7 @@ impl Default for Metrics {
             &["verb"],
         )
         .expect("valid metric");
+        let mut declared = Vec::new();
         for collector in [
             Box::new(pool.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests.clone()),
@@ -86,6 +90,7 @@ impl Default for Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(clients.clone()),
         ] {
+            declared.extend(collector.desc().iter().map(|desc| desc.fq_name.clone()));
             registry
                 .register(collector)
                 .expect("metric registered once");
@@ -97,6 +102,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            declared,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -128,6 +134,11 @@ pub fn api_verb(method: &str, query: Option<&str>) -> &'static str {
 }
 
 impl Metrics {
+    /// The names of this component's own metric families (see `declared`).
+    pub fn declared_families(&self) -> &[String] {
+        &self.declared
+    }
+
     /// Counts one request to the API server (see [`api_verb`]).
     pub fn count_api_request(&self, method: &str, query: Option<&str>) {
         self.api_requests

@@ -67,6 +67,15 @@ pub enum Command {
         #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
         namespace: String,
     },
+    /// Wait until every URL answers with a success status (the chart's `helm test`: the
+    /// operator's and Stowaway's /readyz); exit 1 naming the first that does not.
+    CheckReady {
+        /// How long to wait for all of them.
+        #[arg(long, default_value_t = 60)]
+        timeout_seconds: u64,
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<hyper::Uri>,
+    },
     /// Run the operator (the default; its options go before or after `run`).
     Run(Box<RunArgs>),
 }
@@ -207,6 +216,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 crate::webhook::install_yaml(&namespace, "gefyra-operator")
             );
             return Ok(());
+        }
+        Some(Command::CheckReady {
+            timeout_seconds,
+            urls,
+        }) => {
+            return crate::ready::check_ready(&urls, Duration::from_secs(timeout_seconds)).await;
         }
         Some(Command::Run(_)) | None => {}
     }

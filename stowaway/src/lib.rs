@@ -2,9 +2,12 @@
 
 pub mod dataplane;
 pub mod endpoint;
+pub mod http;
 pub mod metrics;
 pub mod packet;
+pub mod peer_sync;
 pub mod peers;
 pub mod policy;
+pub mod rbac;
 pub mod run;
 pub mod status;

@@ -12,6 +12,9 @@ use crate::peers::{Refusal, Refused};
 
 pub struct Metrics {
     registry: Registry,
+    /// The names of this component's own metric families, whether or not they have a
+    /// series yet (a vector without label values is left out of /metrics).
+    declared: Vec<String>,
     pub peers: IntGauge,
     /// Handshake initiations by result: completed, cookie_required, unknown_peer, rejected.
     pub handshakes: IntCounterVec,
@@ -25,6 +28,28 @@ pub struct Metrics {
     pub expiries: IntCounterVec,
     /// ACTIVE clients not admitted as peers right now, by reason.
     pub refused_clients: IntGaugeVec,
+}
+
+/// The per-peer families (made afresh for each scrape from the data plane's stats).
+fn per_peer_collectors() -> (IntGaugeVec, IntCounterVec, IntCounterVec) {
+    let last_handshake = gauge(
+        "stowaway_peer_last_handshake_timestamp_seconds",
+        "Unix time of the peer's last completed handshake",
+        &["client"],
+    );
+    // Counters that restart from 0 with the peer's session, as Prometheus expects of a
+    // counter reset.
+    let received = counter(
+        "stowaway_peer_received_bytes_total",
+        "Bytes received from the peer in its current session",
+        &["client"],
+    );
+    let sent = counter(
+        "stowaway_peer_sent_bytes_total",
+        "Bytes sent to the peer in its current session",
+        &["client"],
+    );
+    (last_handshake, received, sent)
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -69,6 +94,7 @@ impl Default for Metrics {
         for reason in Refusal::ALL {
             refused_clients.with_label_values(&[reason.label()]).set(0);
         }
+        let mut declared = Vec::new();
         for collector in [
             Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refused_clients.clone()),
@@ -78,13 +104,20 @@ impl Default for Metrics {
             Box::new(flows_total.clone()),
             Box::new(expiries.clone()),
         ] {
+            declared.extend(collector.desc().iter().map(|desc| desc.fq_name.clone()));
             registry
                 .register(collector)
                 .expect("metric registered once");
         }
+        let (last_handshake, received, sent) = per_peer_collectors();
+        let per_peer: [&dyn prometheus::core::Collector; 3] = [&last_handshake, &received, &sent];
+        for collector in per_peer {
+            declared.extend(collector.desc().iter().map(|desc| desc.fq_name.clone()));
+        }
         gefyra_process::register_standard_metrics(&registry, "stowaway", env!("CARGO_PKG_VERSION"));
         Self {
             registry,
+            declared,
             peers,
             handshakes,
             dropped,
@@ -97,6 +130,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The names of this component's own metric families (see `declared`).
+    pub fn declared_families(&self) -> &[String] {
+        &self.declared
+    }
+
     /// Sets `stowaway_refused_clients` from the latest refusals.
     pub fn observe_refused(&self, refused: &[Refused]) {
         for reason in Refusal::ALL {
@@ -113,23 +151,7 @@ impl Metrics {
         stats: &BTreeMap<String, PeerStats>,
         now: SystemTime,
     ) -> Vec<prometheus::proto::MetricFamily> {
-        let last_handshake = gauge(
-            "stowaway_peer_last_handshake_timestamp_seconds",
-            "Unix time of the peer's last completed handshake",
-            &["client"],
-        );
-        // Counters that restart from 0 with the peer's session, as Prometheus expects of a
-        // counter reset.
-        let received = counter(
-            "stowaway_peer_received_bytes_total",
-            "Bytes received from the peer in its current session",
-            &["client"],
-        );
-        let sent = counter(
-            "stowaway_peer_sent_bytes_total",
-            "Bytes sent to the peer in its current session",
-            &["client"],
-        );
+        let (last_handshake, received, sent) = per_peer_collectors();
         for (client, peer) in stats {
             if let Some(at) = peer.since_handshake.and_then(|ago| now.checked_sub(ago)) {
                 let unix = at

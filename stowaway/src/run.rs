@@ -1,37 +1,25 @@
-//! The process around the data plane: command line, the server key, the watch of
-//! GefyraClients that keeps the peer table, status write-back, HTTP endpoints.
+//! The process around the data plane: the command line and what it starts — the HTTP
+//! endpoints (`http`), the data plane, the peer sync and status write-back (`peer_sync`).
 
 use ipnet::IpNet;
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
 use gefyra_api::GefyraClient;
-use gefyra_api::ipam::{CLAIM_SELECTOR, ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
-use gefyra_api::rbac::{identity_yaml, rule};
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::api::rbac::v1::PolicyRule;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use gefyra_api::rbac::identity_yaml;
 use kube::{Api, Client};
-use serde_json::json;
 
 use crate::dataplane::{self, DataPlane, Forward, Shared};
+use crate::http::{Health, serve};
 use crate::metrics::Metrics;
-use crate::peers::{self, Decisions, Key, Refused};
+use crate::peer_sync::{keep_peers, server_key, write_status};
 use crate::policy::{DEFAULT_DENY, EgressPolicy, GlobalLimits, PeerLimits};
-use crate::status::PeerStatus;
+use crate::rbac::stowaway_rules;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -165,33 +153,6 @@ fn descriptor_budget() -> usize {
         .max(256)
 }
 
-/// Stowaway's rules: read the clients and the operator's decisions (tunnel-address claims,
-/// the routes table by name), patch the clients' status, read its own key by name.
-pub fn stowaway_rules() -> Vec<PolicyRule> {
-    vec![
-        rule(
-            "gefyra.dev",
-            &["gefyraclients"],
-            &[],
-            &["get", "list", "watch"],
-        ),
-        rule("gefyra.dev", &["gefyraclients/status"], &[], &["patch"]),
-        rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
-        rule(
-            "coordination.k8s.io",
-            &["leases"],
-            &[],
-            &["get", "list", "watch"],
-        ),
-        rule(
-            "",
-            &["configmaps"],
-            &[ROUTES_CONFIGMAP],
-            &["get", "list", "watch"],
-        ),
-    ]
-}
-
 /// The first `nameserver` of a resolv.conf.
 pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
     resolv_conf.lines().find_map(|line| {
@@ -222,95 +183,6 @@ fn resolver(args: &RunArgs) -> anyhow::Result<SocketAddr> {
         )
     })?;
     Ok(SocketAddr::new(address, 53))
-}
-
-#[derive(Clone)]
-struct Health {
-    metrics: Arc<Metrics>,
-    shared: Arc<Shared>,
-    /// The key is loaded, the socket bound and the peer table built from the first list.
-    ready: Arc<AtomicBool>,
-}
-
-async fn serve(address: SocketAddr, health: Health) -> std::io::Result<()> {
-    let routes = Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(health);
-    gefyra_process::serve_http(address, routes).await
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
-/// Alive while the data plane ticks (or before it started: waiting for the key is no fault).
-async fn livez(State(health): State<Health>) -> (StatusCode, &'static str) {
-    let beat = health.shared.heartbeat.load(Ordering::Relaxed);
-    if beat == 0 || unix_now().saturating_sub(beat) <= 10 {
-        (StatusCode::OK, "ok")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the data plane has not ticked for over 10 s",
-        )
-    }
-}
-
-async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
-    if health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the server key Secret and the first list of GefyraClients",
-        )
-    }
-}
-
-async fn metrics(State(health): State<Health>) -> impl axum::response::IntoResponse {
-    let stats = health.shared.stats.lock().expect("stats lock").clone();
-    gefyra_process::metrics_response(&health.metrics.families(&stats, SystemTime::now()))
-}
-
-/// The server's private key from the operator's Secret; waits until the operator made it.
-async fn server_key(client: &Client, namespace: &str) -> anyhow::Result<Key> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let mut waited = 0u32;
-    loop {
-        match api.get_opt(SERVER_KEY_SECRET).await {
-            Ok(Some(secret)) => {
-                let text = secret
-                    .data
-                    .unwrap_or_default()
-                    .get("privateKey")
-                    .and_then(|value| String::from_utf8(value.0.clone()).ok())
-                    .unwrap_or_default();
-                return peers::decode_key(&text).with_context(|| {
-                    format!(
-                        "Secret {namespace}/{SERVER_KEY_SECRET} has no valid privateKey \
-                         (base64 of 32 bytes); delete it and let the operator create it anew"
-                    )
-                });
-            }
-            Ok(None) => {
-                if waited.is_multiple_of(15) {
-                    tracing::info!(
-                        secret = SERVER_KEY_SECRET,
-                        namespace,
-                        "waiting for the server key Secret (the operator creates it)"
-                    );
-                }
-            }
-            Err(error) => tracing::warn!(%error, "reading the server key Secret failed; retrying"),
-        }
-        waited += 1;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -415,203 +287,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     peers_task.abort();
     status_task.abort();
     outcome
-}
-
-/// Follows `api` into a store (watch retried with backoff); `changed` is told of every
-/// event.
-fn follow<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    what: &'static str,
-    changed: Arc<tokio::sync::Notify>,
-) -> reflector::Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    tokio::spawn(
-        reflector(writer, watcher(api, config))
-            // Failed watches are retried with backoff, not in a hot loop.
-            .default_backoff()
-            .for_each(move |event| {
-                match event {
-                    Ok(_) => changed.notify_one(),
-                    Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
-                }
-                futures::future::ready(())
-            }),
-    );
-    store
-}
-
-/// The routes table as last decoded, decoded again only when the ConfigMap changes (the peer
-/// table is recomputed on every client event, status writes included).
-#[derive(Default)]
-struct RoutesTable {
-    version: Option<String>,
-    routes: gefyra_api::ipam::Routes,
-}
-
-impl RoutesTable {
-    fn current(&mut self, store: &reflector::Store<ConfigMap>) -> &gefyra_api::ipam::Routes {
-        let map = store
-            .state()
-            .into_iter()
-            .find(|map| map.metadata.name.as_deref() == Some(ROUTES_CONFIGMAP));
-        let version = map
-            .as_ref()
-            .and_then(|map| map.metadata.resource_version.clone());
-        if version != self.version || version.is_none() {
-            self.routes = map
-                .as_ref()
-                .and_then(|map| map.data.as_ref())
-                .map(|data| gefyra_api::ipam::decode_routes(data).0)
-                .unwrap_or_default();
-            self.version = version;
-        }
-        &self.routes
-    }
-}
-
-/// The operator's decisions as the stores show them: who holds which tunnel address, and
-/// the routes table.
-fn decisions(claims: &reflector::Store<Lease>, routes: &gefyra_api::ipam::Routes) -> Decisions {
-    let claims = claims
-        .state()
-        .iter()
-        .filter_map(|lease| {
-            let (address, uid) = gefyra_api::ipam::claimed(lease)?;
-            Some((address, uid.to_string()))
-        })
-        .collect();
-    Decisions {
-        claims,
-        routes: routes.clone(),
-    }
-}
-
-/// Keeps the data plane's peer table equal to the ACTIVE clients that the operator's
-/// decisions back (bursts of events are applied together).
-async fn keep_peers(
-    client: Client,
-    namespace: String,
-    handle: dataplane::Handle,
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-) {
-    let changed = Arc::new(tokio::sync::Notify::new());
-    let clients = follow(
-        Api::<GefyraClient>::namespaced(client.clone(), &namespace),
-        watcher::Config::default(),
-        "GefyraClients",
-        changed.clone(),
-    );
-    let claims = follow(
-        Api::<Lease>::namespaced(client.clone(), &namespace),
-        watcher::Config::default().labels(CLAIM_SELECTOR),
-        "tunnel-address claims (Leases)",
-        changed.clone(),
-    );
-    let routes = follow(
-        Api::<ConfigMap>::namespaced(client, &namespace),
-        watcher::Config::default().fields(&format!("metadata.name={ROUTES_CONFIGMAP}")),
-        "the routes table (ConfigMap)",
-        changed.clone(),
-    );
-    for store in [
-        clients.wait_until_ready().await,
-        claims.wait_until_ready().await,
-        routes.wait_until_ready().await,
-    ] {
-        if store.is_err() {
-            return;
-        }
-    }
-    let mut reported: Vec<Refused> = Vec::new();
-    let mut table = RoutesTable::default();
-    loop {
-        let decisions = decisions(&claims, table.current(&routes));
-        let clients = clients.state();
-        let (desired, refused) =
-            peers::desired(clients.iter().map(|client| client.as_ref()), &decisions);
-        if refused != reported {
-            for refusal in &refused {
-                tracing::warn!(reason = refusal.reason.label(), "{}", refusal.message);
-            }
-            metrics.observe_refused(&refused);
-            reported = refused;
-        }
-        handle.set_peers(desired);
-        ready.store(true, Ordering::Relaxed);
-        changed.notified().await;
-        // Let a burst of events settle into one update.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Writes `status.wireguard` of every peer whose figures changed, every `interval`; clears
-/// it for clients that are no longer peers.
-async fn write_status(api: Api<GefyraClient>, shared: Arc<Shared>, interval: Duration) {
-    let mut written: BTreeMap<String, PeerStatus> = BTreeMap::new();
-    loop {
-        tokio::time::sleep(interval).await;
-        let stats = shared.stats.lock().expect("stats lock").clone();
-        let now = jiff::Timestamp::now();
-        let mut writes = Vec::new();
-        for (client, peer) in &stats {
-            let status = PeerStatus::of(peer, now);
-            if written
-                .get(client)
-                .is_none_or(|previous| status.differs_from(previous))
-            {
-                writes.push((client.clone(), Some(status)));
-            }
-        }
-        for client in written.keys() {
-            if !stats.contains_key(client) {
-                writes.push((client.clone(), None));
-            }
-        }
-        let results: Vec<_> = futures::stream::iter(writes)
-            .map(|(client, status)| {
-                let api = api.clone();
-                async move {
-                    let body = json!({ "status": {
-                        "wireguard": status.as_ref().map(PeerStatus::to_json)
-                    } });
-                    let result = api
-                        .patch_status(&client, &PatchParams::default(), &Patch::Merge(body))
-                        .await;
-                    (client, status, result)
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        for (client, status, result) in results {
-            match (result, status) {
-                (Ok(_), Some(status)) => {
-                    written.insert(client, status);
-                }
-                (Ok(_), None) => {
-                    written.remove(&client);
-                }
-                (Err(kube::Error::Api(response)), _) if response.code == 404 => {
-                    written.remove(&client);
-                }
-                (Err(error), _) => {
-                    tracing::warn!(client, %error, "writing status.wireguard failed; retrying next round");
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::Deployment;
 use gefyra_e2e::{
-    Cluster, KubectlGefyra, Operator, decoded, eventually, install_crd, parse_client_file,
-    wait_for_state,
+    Cluster, KubectlGefyra, Operator, controlplane_tool, decoded, eventually, install_crd,
+    kubectl_gefyra_binary, parse_client_file, wait_for_state,
 };
 use k8s_openapi::api::core::v1::{
     LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service,
@@ -29,6 +29,75 @@ const NOT_FOUND: i32 = 4;
 const FORBIDDEN: i32 = 5;
 const BAD_CLIENT_FILE: i32 = 7;
 const CONFLICT: i32 = 8;
+
+/// `kubectl gefyra <TAB>` through the kubectl we build: it finds kubectl_complete-gefyra
+/// (a symlink to the CLI) on the PATH and offers what it prints.
+async fn kubectl_completes_the_plugin(cli: &KubectlGefyra) -> Result<()> {
+    let plugins = cli.workdir.join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    for name in ["kubectl-gefyra", "kubectl_complete-gefyra"] {
+        std::os::unix::fs::symlink(kubectl_gefyra_binary(), plugins.join(name))?;
+    }
+    let path = format!(
+        "{}:{}",
+        plugins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let kubectl = controlplane_tool("kubectl")?;
+    let complete = |words: &'static [&'static str]| {
+        let (kubectl, path) = (kubectl.clone(), path.clone());
+        async move {
+            let output = tokio::process::Command::new(&kubectl)
+                .arg("__complete")
+                .args(words)
+                .env("PATH", &path)
+                .env("KUBECONFIG", &cli.kubeconfig)
+                .env("GEFYRA_NAMESPACE", &cli.namespace)
+                .output()
+                .await?;
+            ensure!(
+                output.status.success(),
+                "kubectl __complete {words:?}: {output:?}"
+            );
+            let text = String::from_utf8(output.stdout)?;
+            let values: Vec<String> = text
+                .lines()
+                .filter(|line| !line.starts_with(':'))
+                .map(|line| line.split('\t').next().unwrap_or_default().to_string())
+                .collect();
+            Ok::<_, anyhow::Error>((values, text))
+        }
+    };
+    let (plugins_listed, text) = complete(&["gef"]).await?;
+    ensure!(
+        !plugins_listed.is_empty() && plugins_listed.iter().all(|name| name == "gefyra"),
+        "kubectl lists the plugin: {text}"
+    );
+    let (values, text) = complete(&["gefyra", "cl"]).await?;
+    ensure!(values == ["clients"], "subcommands: {text}");
+    ensure!(text.lines().last() == Some(":4"), "no file names: {text}");
+    let (values, text) = complete(&["gefyra", "clients", ""]).await?;
+    for expected in [
+        "create",
+        "list",
+        "inspect",
+        "config",
+        "disconnect",
+        "delete",
+    ] {
+        ensure!(values.iter().any(|v| v == expected), "{expected}: {text}");
+    }
+    let (values, text) = complete(&["gefyra", "clients", "list", "-o", ""]).await?;
+    ensure!(
+        values == ["table", "json", "yaml", "name"],
+        "formats: {text}"
+    );
+    let (values, text) = complete(&["gefyra", "clients", "inspect", "an"]).await?;
+    ensure!(values == ["anna"], "client IDs from the cluster: {text}");
+    let (values, text) = complete(&["gefyra", "clients", "list", "--no"]).await?;
+    ensure!(values == ["--no-headers"], "flags: {text}");
+    Ok(())
+}
 
 #[tokio::test]
 async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()> {
@@ -85,7 +154,7 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
         .filter(|c| !c.is_empty())
         .collect();
     ensure!(
-        header == ["ID", "STATE", "ADDRESS", "CREATED", "WIREGUARD HANDSHAKE"],
+        header == ["ID", "STATE", "ADDRESS", "AGE", "WIREGUARD HANDSHAKE"],
         "header: {header:?}"
     );
     let rows: Vec<&str> = lines.collect();
@@ -109,9 +178,30 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
         serde_saphyr::from_str(&cli.ok(&["clients", "list", "-o", "yaml"]).await?)?;
     ensure!(yaml == json, "YAML and JSON list the same");
     ensure!(
+        json.iter().all(|row| row["created"]
+            .as_str()
+            .is_some_and(|created| created.parse::<jiff::Timestamp>().is_ok())),
+        "JSON keeps the absolute creation time: {json:?}"
+    );
+    let names = cli.ok(&["clients", "list", "-o", "name"]).await?;
+    ensure!(
+        names.lines().count() == 21
+            && names
+                .lines()
+                .any(|line| line == "gefyraclient.gefyra.dev/anna"),
+        "-o name: {names}"
+    );
+    let bare = cli.ok(&["clients", "list", "--no-headers"]).await?;
+    ensure!(
+        bare.lines().count() == 21 && !bare.contains("STATE"),
+        "--no-headers: {bare}"
+    );
+    ensure!(
         !table.contains(&json_token(&clients, "anna").await?),
         "no token in the list"
     );
+
+    kubectl_completes_the_plugin(&cli).await?;
 
     // inspect: state, transitions, Events.
     let inspected = cli.ok(&["clients", "inspect", "anna"]).await?;

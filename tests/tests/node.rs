@@ -61,7 +61,8 @@ fn chart() -> String {
 async fn helm_install(cluster: &Cluster, verb: &str, extra: &str) -> Result<String> {
     let values = format!(
         "namespace.create=true,namespace.name={NAMESPACE},image.repository=gefyra-operator,\
-         image.tag=local,image.pullPolicy=Never{extra}"
+         image.tag=local,image.pullPolicy=Never,operator.reservedRanges={{{}}}{extra}",
+        CLUSTER_RANGES.join(",")
     );
     run(
         "helm",
@@ -247,6 +248,32 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
         checked == 2,
         "the operator's and Stowaway's containers: {checked}"
     );
+    // helm test: the chart's check Pod (from the same image) finds both components ready
+    // through their metrics Services, by name (cluster DNS), past the chart's
+    // NetworkPolicies (which this node's CNI does not enforce; they are applied).
+    let tested = run(
+        "helm",
+        &cluster.kubeconfig,
+        &[
+            "test",
+            "gefyra",
+            "--namespace",
+            "default",
+            "--timeout",
+            "120s",
+        ],
+    )
+    .await?;
+    ensure!(
+        tested.contains("gefyra-readiness-check") && tested.contains("Phase:          Succeeded"),
+        "helm test:\n{tested}"
+    );
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(admin.clone(), NAMESPACE);
+    ensure!(
+        policies.list(&ListParams::default()).await?.items.len() == 2,
+        "the chart's NetworkPolicies are applied"
+    );
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "demo");
     run(
         "kubectl",
@@ -360,10 +387,47 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
     // Two operator replicas: helm upgrade rolls them (readiness does not wait for the
     // lease), the leader's Pod deleted → it releases the Lease and the other leads at once.
     let started = Instant::now();
-    helm_install(&cluster, "upgrade", ",operator.replicas=2").await?;
+    // With chart options the Pods really get: their labels and RUST_LOG from logLevel.
+    helm_install(
+        &cluster,
+        "upgrade",
+        ",operator.replicas=2,operator.podLabels.gefyra\\.dev/team=node-test,operator.logLevel=debug",
+    )
+    .await?;
     println!(
         "helm upgrade to two operator replicas: rolled in {:?}",
         started.elapsed()
+    );
+    Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(admin.clone(), NAMESPACE)
+        .get("gefyra-operator")
+        .await
+        .context("a PodDisruptionBudget for two operators")?;
+    let labelled = pods
+        .list(&ListParams::default().labels("gefyra.dev/team=node-test"))
+        .await?
+        .items;
+    ensure!(
+        labelled.len() == 2,
+        "operator.podLabels on both replicas: {}",
+        labelled.len()
+    );
+    let logged = run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            NAMESPACE,
+            "logs",
+            "-l",
+            "gefyra.dev/team=node-test",
+            "--tail=-1",
+        ],
+    )
+    .await?;
+    ensure!(
+        logged.contains("\"level\":\"DEBUG\""),
+        "operator.logLevel=debug reaches RUST_LOG: no DEBUG line in\n{}",
+        logged.lines().take(20).collect::<Vec<_>>().join("\n")
     );
     let leases: Api<Lease> = Api::namespaced(admin.clone(), NAMESPACE);
     let first = eventually("an operator replica leads", WAIT, || async {

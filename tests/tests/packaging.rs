@@ -188,6 +188,237 @@ fn impersonating(cluster: &Cluster, namespace: &str, account: &str) -> Result<Pa
     Ok(path)
 }
 
+/// The documents `helm template` printed, as JSON values.
+fn documents(rendered: &str) -> Result<Vec<serde_json::Value>> {
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(rendered)?;
+    Ok(documents.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn of_kind<'a>(
+    documents: &'a [serde_json::Value],
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+/// Each chart option lands where it belongs (read from the rendered objects, not the text).
+async fn chart_options_render<F, T>(template: &F) -> Result<()>
+where
+    F: Fn(&'static str) -> T,
+    T: std::future::Future<Output = Result<String>>,
+{
+    let defaults = documents(&template("").await?)?;
+    let operator = of_kind(&defaults, "Deployment", "gefyra-operator").context("operator")?;
+    let container = &operator["spec"]["template"]["spec"]["containers"][0];
+    ensure!(
+        container["args"].as_array().is_some_and(|args| args
+            .iter()
+            .any(|a| a == "--reserved-ranges=10.244.0.0/16,10.96.0.0/12")),
+        "the default reserved ranges: {container}"
+    );
+    ensure!(
+        container["env"].as_array().is_some_and(|env| env
+            .iter()
+            .any(|e| e["name"] == "RUST_LOG" && e["value"] == "info")),
+        "logLevel sets RUST_LOG: {container}"
+    );
+    for name in ["gefyra-operator", "gefyra-stowaway"] {
+        let policy = of_kind(&defaults, "NetworkPolicy", name)
+            .with_context(|| format!("NetworkPolicy {name} by default"))?;
+        ensure!(
+            policy["spec"]["policyTypes"] == json!(["Ingress"]),
+            "{policy}"
+        );
+    }
+    let stowaway_policy =
+        of_kind(&defaults, "NetworkPolicy", "gefyra-stowaway").context("policy")?;
+    ensure!(
+        stowaway_policy["spec"]["ingress"][0]
+            == json!({"ports": [{"protocol": "UDP", "port": 31820}]}),
+        "WireGuard from anywhere, nothing else from anywhere: {stowaway_policy}"
+    );
+    ensure!(
+        stowaway_policy["spec"]["ingress"][1]["from"]
+            == json!([
+                {"podSelector": {"matchLabels": {"gefyra.dev/readiness-check": "true"}}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ]),
+        "metrics only from the test Pod and namespace monitoring: {stowaway_policy}"
+    );
+    ensure!(
+        of_kind(&defaults, "PodDisruptionBudget", "gefyra-operator").is_none(),
+        "no PodDisruptionBudget for one replica"
+    );
+    let check = of_kind(&defaults, "Pod", "gefyra-readiness-check").context("the helm test Pod")?;
+    ensure!(
+        check["metadata"]["annotations"]["helm.sh/hook"] == "test"
+            && check["spec"]["containers"][0]["args"][0] == "check-ready",
+        "{check}"
+    );
+    let replicated = documents(&template("operator.replicas=2").await?)?;
+    let budget = of_kind(&replicated, "PodDisruptionBudget", "gefyra-operator")
+        .context("a PodDisruptionBudget above one replica")?;
+    ensure!(budget["spec"]["minAvailable"] == 1, "{budget}");
+    let closed = documents(&template("networkPolicy.enabled=false,tests.enabled=false").await?)?;
+    ensure!(
+        !closed
+            .iter()
+            .any(|d| d["kind"] == "NetworkPolicy" || d["kind"] == "Pod"),
+        "networkPolicy and tests can be turned off"
+    );
+
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let options = documents(
+        &template(
+            "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef,\
+             operator.podAnnotations.example\\.com/a=b,operator.podLabels.team=dev,\
+             operator.priorityClassName=gefyra-high,stowaway.priorityClassName=gefyra-high,\
+             operator.serviceAccount.annotations.example\\.com/role=r,\
+             stowaway.serviceAccount.annotations.example\\.com/role=s,\
+             operator.extraEnv[0].name=EXTRA,operator.extraEnv[0].value=x1,\
+             stowaway.logLevel=debug,stowaway.extraEnv[0].name=EXTRA,stowaway.extraEnv[0].value=x2,\
+             operator.topologySpreadConstraints[0].maxSkew=1,\
+             operator.topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname,\
+             operator.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway,\
+             operator.reservedRanges={10.0.0.0/24}",
+        )
+        .await?,
+    )?;
+    let pod_spec = |name: &str| -> Result<&serde_json::Value> {
+        Ok(
+            &of_kind(&options, "Deployment", name).with_context(|| name.to_string())?["spec"]["template"],
+        )
+    };
+    let operator = pod_spec("gefyra-operator")?;
+    let stowaway = pod_spec("gefyra-stowaway")?;
+    ensure!(
+        operator["metadata"]["annotations"]["example.com/a"] == "b"
+            && operator["metadata"]["labels"]["team"] == "dev"
+            && operator["metadata"]["labels"]["app.kubernetes.io/name"] == "gefyra-operator",
+        "pod annotations and labels: {}",
+        operator["metadata"]
+    );
+    for (pod, env) in [(operator, "x1"), (stowaway, "x2")] {
+        let spec = &pod["spec"];
+        ensure!(spec["priorityClassName"] == "gefyra-high", "{spec}");
+        ensure!(
+            spec["containers"][0]["image"]
+                == format!("ghcr.io/gefyra-operator/gefyra-operator@{digest}"),
+            "the image by digest: {}",
+            spec["containers"][0]["image"]
+        );
+        ensure!(
+            spec["containers"][0]["env"]
+                .as_array()
+                .is_some_and(|all| all
+                    .iter()
+                    .any(|e| e["name"] == "EXTRA" && e["value"] == env)),
+            "extraEnv: {}",
+            spec["containers"][0]
+        );
+    }
+    ensure!(
+        stowaway["spec"]["containers"][0]["env"][0]
+            == json!({"name": "RUST_LOG", "value": "debug"}),
+        "{}",
+        stowaway["spec"]["containers"][0]
+    );
+    ensure!(
+        operator["spec"]["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname",
+        "{}",
+        operator["spec"]
+    );
+    ensure!(
+        operator["spec"]["containers"][0]["args"]
+            .as_array()
+            .is_some_and(|args| args.iter().any(|a| a == "--reserved-ranges=10.0.0.0/24")),
+        "reservedRanges"
+    );
+    for (name, role) in [("gefyra-operator", "r"), ("gefyra-stowaway", "s")] {
+        let account = of_kind(&options, "ServiceAccount", name).context("a ServiceAccount")?;
+        ensure!(
+            account["metadata"]["annotations"]["example.com/role"] == role,
+            "ServiceAccount annotations: {account}"
+        );
+    }
+    Ok(())
+}
+
+/// The metric names in the PrometheusRule's expressions and the dashboard's queries, each
+/// checked against what the components serve on /metrics (and declare).
+fn monitoring_asks_for_exported_series(rendered: &str, exported: &str) -> Result<()> {
+    let documents = documents(rendered)?;
+    let rule = of_kind(&documents, "PrometheusRule", "gefyra").context("the PrometheusRule")?;
+    let mut queries: Vec<String> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .context("rules")?
+        .iter()
+        .filter_map(|rule| rule["expr"].as_str().map(str::to_string))
+        .collect();
+    ensure!(queries.len() >= 6, "{rule}");
+    let dashboard = of_kind(&documents, "ConfigMap", "gefyra-grafana-dashboard")
+        .context("the dashboard ConfigMap")?;
+    ensure!(
+        dashboard["metadata"]["labels"]["grafana_dashboard"] == "1",
+        "{}",
+        dashboard["metadata"]
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(
+        dashboard["data"]["gefyra.json"]
+            .as_str()
+            .context("gefyra.json")?,
+    )?;
+    for panel in dashboard["panels"].as_array().context("panels")? {
+        for target in panel["targets"].as_array().context("targets")? {
+            queries.push(target["expr"].as_str().context("expr")?.to_string());
+        }
+    }
+    // Served now, or declared and served once a series exists (a counter of drops before
+    // the first drop).
+    let operator_metrics = gefyra_operator::metrics::Metrics::default();
+    let stowaway_metrics = stowaway::metrics::Metrics::default();
+    let families: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .chain(
+            operator_metrics
+                .declared_families()
+                .iter()
+                .map(String::as_str),
+        )
+        .chain(
+            stowaway_metrics
+                .declared_families()
+                .iter()
+                .map(String::as_str),
+        )
+        .collect();
+    let mut asked = 0;
+    for query in &queries {
+        for name in query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|token| {
+                ["gefyra_operator_", "stowaway_", "process_"]
+                    .iter()
+                    .any(|prefix| token.starts_with(prefix))
+            })
+        {
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            ensure!(
+                families.contains(family),
+                "{query:?} asks for {name}, which neither component exports"
+            );
+            asked += 1;
+        }
+    }
+    ensure!(asked >= 20, "{asked} series asked for");
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> Result<()> {
     let plane = OwnControlPlane::start().await?;
@@ -200,7 +431,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         &[][..],
         &[
             "--set",
-            "serviceMonitor.enabled=true,stowaway.service.type=LoadBalancer,operator.replicas=2,namespace.create=true,namespace.name=other",
+            "serviceMonitor.enabled=true,stowaway.service.type=LoadBalancer,operator.replicas=2,namespace.create=true,namespace.name=other,prometheusRule.enabled=true,grafanaDashboard.enabled=true,operator.clientRbac=gefyra-compat,image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ],
     ] {
         let mut args = vec!["lint", chart_path, "--strict", "--kube-version", "1.36.3"];
@@ -298,6 +529,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         monitored.contains("kind: ServiceMonitor"),
         "the optional ServiceMonitor"
     );
+    chart_options_render(&template).await?;
+    let observed = template("prometheusRule.enabled=true,grafanaDashboard.enabled=true").await?;
 
     // Install from the default namespace; the chart creates "gefyra", labelled restricted.
     let installed_text = run(
@@ -402,6 +635,10 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     .with_context(|| {
         std::fs::read_to_string(stowaway_log.with_extension("err")).unwrap_or_default()
     })?;
+    // Every series the PrometheusRule and the dashboard ask for is one the components export.
+    let mut exported = http_get(operator.http_port, "/metrics").await?.1;
+    exported.push_str(&http_get(stowaway_http, "/metrics").await?.1);
+    monitoring_asks_for_exported_series(&observed, &exported)?;
     set_provider_parameter(&clients, "chart-rbac", serde_json::Value::Null).await?;
     wait_for_state(&clients, "chart-rbac", ClientState::Waiting).await?;
     clients.delete("chart-rbac", &Default::default()).await?;
@@ -558,6 +795,10 @@ async fn generated_files_are_current() -> Result<()> {
         .arg(&scratch)
         .env("GEFYRA_OPERATOR_BINARY", operator_binary())
         .env("STOWAWAY_BINARY", stowaway_binary())
+        .env(
+            "GEFYRA_VALUES_TABLE_BINARY",
+            env!("CARGO_BIN_EXE_values-table"),
+        )
         .output()
         .await?;
     ensure!(
@@ -569,6 +810,7 @@ async fn generated_files_are_current() -> Result<()> {
         "crds/gefyraclients.yaml",
         "charts",
         "deploy/gefyra-operator.yaml",
+        "README.md",
     ] {
         let diff = tokio::process::Command::new("diff")
             .arg("-r")
@@ -646,5 +888,125 @@ async fn the_image_builds_offline_from_the_static_binaries_and_runs_as_65532() -
     ))
     .await?;
     ensure!(!whoami, "the image has no shell");
+    Ok(())
+}
+
+/// `make dist`'s archives install with krew — which checks each archive against the
+/// manifest's sha256 and the manifest itself — for both platforms; the installed plugin
+/// runs (arm64 under qemu), through kubectl on amd64. A manifest whose sum is not the
+/// archive's is refused. The committed plugins/gefyra.yaml agrees with the generated one
+/// but for the sums.
+#[tokio::test]
+async fn the_plugin_installs_with_krew_from_the_dist_archives() -> Result<()> {
+    let dist = repo_root().join("target/dist");
+    let manifest = dist.join("gefyra.yaml");
+    let generated = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("{} is missing: run make dist first", manifest.display()))?;
+    let committed = std::fs::read_to_string(repo_root().join("plugins/gefyra.yaml"))?;
+    let without_sums = |text: &str| {
+        text.lines()
+            .filter(|line| !line.trim_start().starts_with("sha256:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    ensure!(
+        without_sums(&committed) == without_sums(&generated),
+        "plugins/gefyra.yaml is stale: after make dist, copy target/dist/gefyra.yaml there"
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let krew = gefyra_e2e::controlplane_tool("krew")?;
+    let scratch = std::env::temp_dir().join(format!("gefyra-krew-{:08x}", rand::random::<u32>()));
+    let install = |arch: &'static str, manifest: PathBuf, root: &str| {
+        let root = scratch.join(root);
+        let archive = dist.join(format!("kubectl-gefyra_v{version}_linux_{arch}.tar.gz"));
+        let krew = krew.clone();
+        async move {
+            std::fs::create_dir_all(&root)?;
+            let output = tokio::process::Command::new(&krew)
+                .arg("install")
+                .arg(format!("--manifest={}", manifest.display()))
+                .arg(format!("--archive={}", archive.display()))
+                .env("KREW_ROOT", &root)
+                .env("HOME", &root)
+                .env("KREW_OS", "linux")
+                .env("KREW_ARCH", arch)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await?;
+            anyhow::Ok((
+                output.status.success(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+                root,
+            ))
+        }
+    };
+    for arch in ["amd64", "arm64"] {
+        let (installed, log, root) = install(arch, manifest.clone(), arch).await?;
+        ensure!(installed, "krew install ({arch}): {log}");
+        let plugin = root.join("bin/kubectl-gefyra");
+        let ran = if arch == "amd64" {
+            tokio::process::Command::new(&plugin)
+                .arg("--version")
+                .output()
+                .await?
+        } else {
+            tokio::process::Command::new("qemu-aarch64-static")
+                .arg(&plugin)
+                .arg("--version")
+                .output()
+                .await?
+        };
+        ensure!(
+            String::from_utf8_lossy(&ran.stdout).trim() == format!("kubectl-gefyra {version}"),
+            "the {arch} plugin runs: {ran:?}"
+        );
+        if arch == "amd64" {
+            let path = format!(
+                "{}:{}",
+                root.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            let through_kubectl =
+                tokio::process::Command::new(gefyra_e2e::controlplane_tool("kubectl")?)
+                    .args(["gefyra", "--version"])
+                    .env("PATH", &path)
+                    .output()
+                    .await?;
+            ensure!(
+                String::from_utf8_lossy(&through_kubectl.stdout).trim()
+                    == format!("kubectl-gefyra {version}"),
+                "kubectl gefyra --version: {through_kubectl:?}"
+            );
+            // The archive's completion helper, as kubectl would run it.
+            let helper = root.join(format!("store/gefyra/v{version}/kubectl_complete-gefyra"));
+            let completed = tokio::process::Command::new(&helper)
+                .arg("cl")
+                .env("PATH", &path)
+                .output()
+                .await?;
+            ensure!(
+                String::from_utf8_lossy(&completed.stdout).starts_with("clients\t"),
+                "{} cl: {completed:?}",
+                helper.display()
+            );
+        }
+    }
+    // A manifest whose sum is not the archive's: krew refuses to install it.
+    let forged = scratch.join("forged.yaml");
+    let mut lines: Vec<String> = generated.lines().map(str::to_string).collect();
+    for line in lines
+        .iter_mut()
+        .filter(|line| line.trim_start().starts_with("sha256:"))
+    {
+        let indent = line.len() - line.trim_start().len();
+        *line = format!("{}sha256: {}", " ".repeat(indent), "a".repeat(64));
+    }
+    std::fs::write(&forged, lines.join("\n") + "\n")?;
+    let (installed, log, _) = install("amd64", forged, "forged").await?;
+    ensure!(
+        !installed && log.contains("checksum"),
+        "krew refuses an archive whose sum is not the manifest's: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }

@@ -18,7 +18,61 @@ app.kubernetes.io/name: {{ .name }}
 app.kubernetes.io/instance: {{ .context.Release.Name }}
 {{- end }}
 
-{{/* The one image holding the operator, Stowaway and the CLI. */}}
+{{/* The one image holding the operator, Stowaway and the CLI: by digest when one is set. */}}
 {{- define "gefyra.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+{{- end }}
+
+{{/* A Pod template's metadata for component values C named NAME:
+     (dict "component" C "name" NAME "context" .); the labels hold the selector's. */}}
+{{- define "gefyra.podMetadata" -}}
+labels:
+  {{- include "gefyra.labels" .context | nindent 2 }}
+  app.kubernetes.io/name: {{ .name }}
+  {{- with .component.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .component.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A container's environment for component values C: RUST_LOG from logLevel, then
+     extraEnv. */}}
+{{- define "gefyra.env" -}}
+{{- with .logLevel }}
+- name: RUST_LOG
+  value: {{ . | quote }}
+{{- end }}
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling of component values C: priority, spread, node selection. */}}
+{{- define "gefyra.scheduling" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}

@@ -1,0 +1,33 @@
+//! What Stowaway may do in the API, as RBAC rules (`stowaway rbac` prints them with its
+//! ServiceAccount, Role and RoleBinding).
+
+use gefyra_api::ipam::{ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
+use gefyra_api::rbac::rule;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+
+/// Stowaway's rules: read the clients and the operator's decisions (tunnel-address claims,
+/// the routes table by name), patch the clients' status, read its own key by name.
+pub fn stowaway_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "gefyra.dev",
+            &["gefyraclients"],
+            &[],
+            &["get", "list", "watch"],
+        ),
+        rule("gefyra.dev", &["gefyraclients/status"], &[], &["patch"]),
+        rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
+        rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &[],
+            &["get", "list", "watch"],
+        ),
+        rule(
+            "",
+            &["configmaps"],
+            &[ROUTES_CONFIGMAP],
+            &["get", "list", "watch"],
+        ),
+    ]
+}
