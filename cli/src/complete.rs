@@ -61,29 +61,16 @@ fn subcommand<'a>(command: &'a Command, word: &str) -> Option<&'a Command> {
         .find(|sub| sub.get_name() == word || sub.get_all_aliases().any(|alias| alias == word))
 }
 
-fn about(command: &Command) -> String {
-    command
-        .get_about()
-        .map(|text| {
-            text.to_string()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
-fn help(arg: &Arg) -> String {
-    arg.get_help()
-        .map(|text| {
-            text.to_string()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .unwrap_or_default()
+/// The first line of a help text, as a completion's description.
+fn first_line(text: Option<&clap::builder::StyledStr>) -> String {
+    text.map(|text| {
+        text.to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    })
+    .unwrap_or_default()
 }
 
 /// The command line's definition, built (defaults filled in, global flags propagated) so
@@ -187,7 +174,7 @@ pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
                     continue;
                 }
                 if let Some(long) = arg.get_long() {
-                    flags.push((format!("--{long}"), help(arg)));
+                    flags.push((format!("--{long}"), first_line(arg.get_help())));
                 }
             }
         }
@@ -203,7 +190,7 @@ pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
         let names = current
             .get_subcommands()
             .filter(|sub| !sub.is_hide_set() && sub.get_name() != "help")
-            .map(|sub| (sub.get_name().to_string(), about(sub)))
+            .map(|sub| (sub.get_name().to_string(), first_line(sub.get_about())))
             .collect();
         let wanted = Wanted::Candidates {
             candidates: filtered(names),
