@@ -182,11 +182,10 @@ pub async fn modify_routes<T>(
 pub async fn modify_routes_unless_in_place<T>(
     client: &Client,
     namespace: &str,
-    cached: Option<&ConfigMap>,
+    cached: Option<Routes>,
     mut change: impl FnMut(&mut Routes) -> Result<T, IpamError>,
 ) -> Result<(Result<T, IpamError>, Routes), TableError> {
-    if let Some(cached) = cached {
-        let (mut routes, _) = decode_table(cached.data.as_ref().unwrap_or(&BTreeMap::new()));
+    if let Some(mut routes) = cached {
         let before = routes.clone();
         if let Ok(result) = change(&mut routes)
             && routes == before

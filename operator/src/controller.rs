@@ -1115,23 +1115,23 @@ async fn change_route<T>(
     name: &str,
     change: impl FnMut(&mut ipam::Routes) -> std::result::Result<T, IpamError>,
 ) -> std::result::Result<(std::result::Result<T, IpamError>, ipam::Routes), allocator::TableError> {
+    // Decoded once: the check below and the change both use it.
     let cached = ctx
         .routes
         .get()
         .and_then(|store| {
             store.get(&reflector::ObjectRef::new(ipam::ROUTES_CONFIGMAP).within(namespace))
         })
-        .filter(|cached| {
+        .map(|cached| {
+            allocator::decode_table(cached.data.as_ref().unwrap_or(&Default::default())).0
+        })
+        .filter(|routes| {
             let seen = ctx.routes_seen.lock().expect("not poisoned");
-            seen.get(name).is_none_or(|entry| {
-                let (routes, _) =
-                    allocator::decode_table(cached.data.as_ref().unwrap_or(&Default::default()));
-                routes.get(name) == entry.as_ref()
-            })
+            seen.get(name)
+                .is_none_or(|entry| routes.get(name) == entry.as_ref())
         });
     let (result, routes) =
-        allocator::modify_routes_unless_in_place(&ctx.client, namespace, cached.as_deref(), change)
-            .await?;
+        allocator::modify_routes_unless_in_place(&ctx.client, namespace, cached, change).await?;
     ctx.routes_seen
         .lock()
         .expect("not poisoned")
