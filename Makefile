@@ -139,10 +139,10 @@ BENCH_CLIENTS ?= 1000
 BENCH_LIVE_RANGES ?= 10000
 BENCH_IPERF_SECONDS ?= 5
 bench: controlplane
-	cargo build --release --locked -p gefyra-operator -p stowaway -p gefyra-e2e --bin gefyra-operator --bin stowaway --bin lab --bin bench-clients --bin bench-ipam --bin bench-stowaway
+	cargo build --release --locked -p gefyra-operator -p stowaway -p gefyra-e2e --bin gefyra-operator --bin stowaway --bin lab --bin bench-clients --bin bench-ipam --bin bench-routes --bin bench-stowaway
 	GEFYRA_BENCH_LIVE_RANGES=$(BENCH_LIVE_RANGES) target/release/bench-ipam
 	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-bench-cluster.XXXXXX"); \
 	export GEFYRA_BENCH_CLIENTS=$(BENCH_CLIENTS) BENCH_IPERF_SECONDS=$(BENCH_IPERF_SECONDS) \
 	  GEFYRA_OPERATOR_BINARY=$(CURDIR)/target/release/gefyra-operator \
 	  GEFYRA_STOWAWAY_BINARY=$(CURDIR)/target/release/stowaway; \
-	$(CONTROLPLANE) run "$$dir" -- sh -c 'target/release/bench-clients && target/release/bench-stowaway'
+	$(CONTROLPLANE) run "$$dir" -- sh -c 'target/release/bench-clients && target/release/bench-routes && target/release/bench-stowaway'

@@ -382,6 +382,12 @@ impl ProviderConfig {
         })
     }
 
+    /// Only `Interface.PublicKey` of a configuration in wire form (the client's key), without
+    /// parsing the rest: read for every ACTIVE client when a connecting one's key is checked.
+    pub fn public_key_in(map: &Map<String, Value>) -> Option<WireGuardKey> {
+        parsed(CONFIG, map, "Interface.PublicKey").ok().flatten()
+    }
+
     /// The wire form, in Gefyra's flat-key layout (all values strings).
     pub fn to_map(&self) -> Map<String, Value> {
         let mut map = Map::new();

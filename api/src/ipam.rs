@@ -12,8 +12,6 @@ use serde::{Deserialize, Serialize};
 /// The server's tunnel address; Gefyra's clients hard-code it (ping probe and DNS).
 pub const SERVER_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 99, 1));
 
-/// The ConfigMap holding every routed range (one key per client, its [`Route`] as JSON).
-pub const ROUTES_CONFIGMAP: &str = "gefyra-routes";
 /// Selects the tunnel-address claims (Leases) among the namespace's Leases.
 pub const CLAIM_SELECTOR: &str = "app.kubernetes.io/component=gefyra-tunnel-address";
 /// The claim's label naming the uid of the client holding it.
@@ -196,6 +194,10 @@ pub enum IpamError {
     Overlap { subnet: IpNet, what: String },
     #[error("subnet {subnet} is not a network address (did you mean {}?)", subnet.trunc())]
     NotNetworkAddress { subnet: IpNet },
+    #[error(
+        "subnet {subnet} is wider than /{widest}, the widest range a client may route; route narrower subnets"
+    )]
+    TooWide { subnet: IpNet, widest: u8 },
 }
 
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
@@ -212,6 +214,10 @@ pub fn check_routed(
 ) -> Result<(), IpamError> {
     if subnet.trunc() != subnet {
         return Err(IpamError::NotNetworkAddress { subnet });
+    }
+    let widest = crate::route_shards::widest_routable(&subnet);
+    if subnet.prefix_len() < widest {
+        return Err(IpamError::TooWide { subnet, widest });
     }
     let conflict = |what: String| Err(IpamError::Overlap { subnet, what });
     let server = IpNet::from(SERVER_ADDRESS);
@@ -539,7 +545,7 @@ mod tests {
                         let name = format!("c{client}");
                         match route(&pool, &mut routes, &name, "uid", routed) {
                             Ok(()) => prop_assert_eq!(routes.get(&name).map(|r| r.subnet), routed),
-                            Err(IpamError::Overlap { .. }) | Err(IpamError::NotNetworkAddress { .. }) => {
+                            Err(IpamError::Overlap { .. } | IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. }) => {
                                 prop_assert_eq!(&routes, &before, "a rejected request changes nothing");
                                 continue;
                             }

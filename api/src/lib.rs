@@ -11,6 +11,7 @@ pub mod connection;
 pub mod crd;
 pub mod ipam;
 pub mod rbac;
+pub mod route_shards;
 pub mod wireguard;
 
 pub use client::{ClientState, ClientStatus, GefyraClient, Provider, ServiceAccountData};

@@ -2,33 +2,29 @@
 //! - a tunnel address is held by a **claim**: a `coordination.k8s.io` Lease named after the
 //!   address, created by unique name (409 = taken), owned by the client (so the garbage
 //!   collector removes it if the client disappears while no operator runs);
-//! - routed ranges live in one ConfigMap, changed only by compare-and-swap (`replace` with
-//!   the `resourceVersion` read), because an overlap is only visible with every range in view.
+//! - routed ranges live in the shards of the routes table (see [`crate::routes`]).
 //!
 //! And the Stowaway server's key pair, in a Secret created once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::time::Duration;
 
 use gefyra_api::GefyraClient;
-use gefyra_api::ipam::{self, IpamError, Pool, Routes};
+use gefyra_api::ipam::{self, IpamError, Pool};
 use ipnet::IpNet;
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use tracing::warn;
 
 use crate::connection::{KeyPair, generate_key_pair};
 use crate::credentials::MANAGED_BY;
 
 pub use gefyra_api::ipam::{
-    ADDRESS_ANNOTATION, CLAIM_SELECTOR, CLIENT_UID_LABEL, ROUTES_CONFIGMAP, SERVER_KEY_SECRET,
-    claimed,
+    ADDRESS_ANNOTATION, CLAIM_SELECTOR, CLIENT_UID_LABEL, SERVER_KEY_SECRET, claimed,
 };
 pub const CLIENT_LABEL: &str = "gefyra.dev/client";
 
@@ -91,120 +87,6 @@ pub fn claim(client: &GefyraClient, address: IpAddr) -> Lease {
             ..LeaseSpec::default()
         }),
     }
-}
-
-/// The routes table as stored; entries that do not parse are kept as they are (nothing is
-/// lost) and named in a warning.
-pub fn decode_table(data: &BTreeMap<String, String>) -> (Routes, BTreeMap<String, String>) {
-    let (routes, unreadable) = ipam::decode_routes(data);
-    for key in unreadable.keys() {
-        warn!(configmap = ROUTES_CONFIGMAP, key = %key, "unreadable route entry left as it is");
-    }
-    (routes, unreadable)
-}
-
-/// The ConfigMap `data` for `routes`, with the entries that did not parse as they were.
-pub fn encode_table(
-    routes: &Routes,
-    unreadable: &BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
-    let mut data = unreadable.clone();
-    for (client, route) in routes {
-        data.insert(
-            client.clone(),
-            serde_json::to_string(route).expect("routes serialize"),
-        );
-    }
-    data
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TableError {
-    #[error("ConfigMap {ROUTES_CONFIGMAP}: {0}")]
-    Api(#[from] kube::Error),
-    #[error(
-        "ConfigMap {ROUTES_CONFIGMAP}: still conflicting after {0} attempts; the API server is very busy"
-    )]
-    Contended(u32),
-}
-
-/// Applies `change` to the routes table atomically; retried on write conflicts. `change`
-/// must be a pure function of the table it is given (it may run more than once). Returns
-/// its result and the table as written.
-pub async fn modify_routes<T>(
-    client: &Client,
-    namespace: &str,
-    mut change: impl FnMut(&mut Routes) -> Result<T, IpamError>,
-) -> Result<(Result<T, IpamError>, Routes), TableError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    const ATTEMPTS: u32 = 100;
-    for attempt in 0..ATTEMPTS {
-        let Some(current) = api.get_opt(ROUTES_CONFIGMAP).await? else {
-            let empty = ConfigMap {
-                metadata: meta(ROUTES_CONFIGMAP, namespace),
-                ..ConfigMap::default()
-            };
-            match api.create(&PostParams::default(), &empty).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 409 => {}
-                Err(error) => return Err(error.into()),
-            }
-            continue;
-        };
-        let (mut routes, unreadable) =
-            decode_table(current.data.as_ref().unwrap_or(&BTreeMap::new()));
-        let before = routes.clone();
-        let result = change(&mut routes);
-        if routes == before {
-            return Ok((result, routes));
-        }
-        let mut next = current;
-        next.data = Some(encode_table(&routes, &unreadable));
-        match api
-            .replace(ROUTES_CONFIGMAP, &PostParams::default(), &next)
-            .await
-        {
-            Ok(_) => return Ok((result, routes)),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                // Someone else wrote first: read again. A little jitter spreads the retries.
-                let jitter = rand::random::<u64>() % (5 + 5 * u64::from(attempt.min(10)));
-                tokio::time::sleep(Duration::from_millis(jitter)).await;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Err(TableError::Contended(ATTEMPTS))
-}
-
-/// [`modify_routes`], unless `change` succeeds on the watched table `cached` and changes
-/// nothing there (the client's route is already recorded): then no request is sent. Any
-/// other outcome, a refusal included, is decided against the API server.
-pub async fn modify_routes_unless_in_place<T>(
-    client: &Client,
-    namespace: &str,
-    cached: Option<Routes>,
-    mut change: impl FnMut(&mut Routes) -> Result<T, IpamError>,
-) -> Result<(Result<T, IpamError>, Routes), TableError> {
-    if let Some(mut routes) = cached {
-        let before = routes.clone();
-        if let Ok(result) = change(&mut routes)
-            && routes == before
-        {
-            return Ok((Ok(result), routes));
-        }
-    }
-    modify_routes(client, namespace, change).await
-}
-
-/// Reads the routes table without changing it.
-pub async fn read_routes(client: &Client, namespace: &str) -> Result<Routes, kube::Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    Ok(api
-        .get_opt(ROUTES_CONFIGMAP)
-        .await?
-        .and_then(|config_map| config_map.data)
-        .map(|data| decode_table(&data).0)
-        .unwrap_or_default())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,25 @@ pub fn config_matches(
     config.address == allocation.tunnel.addr() && key_ok
 }
 
+/// Which of `holders` — other clients that hold the public key a client asks for, each
+/// as (since when it holds its tunnel address, name) — keeps the key rather than the asking
+/// client `own`: the first to have connected (names break ties). A holder whose claim is
+/// not seen yet never wins over an asking client whose claim is; an asking client without
+/// a claim loses to any holder.
+pub fn first_holder(
+    own: (Option<Timestamp>, String),
+    holders: impl IntoIterator<Item = (Option<Timestamp>, String)>,
+) -> Option<String> {
+    holders
+        .into_iter()
+        .find(|(since, name)| match (since, &own.0) {
+            (_, None) => true,
+            (Some(theirs), Some(ours)) => (theirs, name) < (ours, &own.1),
+            (None, Some(_)) => false,
+        })
+        .map(|(_, name)| name)
+}
+
 /// A fresh `providerConfig` for `allocation`: the client's public key (and private key if
 /// the operator generated the pair), the server's key, a new pre-shared key.
 pub fn new_config(
@@ -83,6 +102,31 @@ pub fn connection_due(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_first_to_connect_keeps_a_key() {
+        let at = |second: i64| Some(Timestamp::from_second(second).unwrap());
+        let named = |since, name: &str| (since, name.to_string());
+        // An earlier holder keeps it; a later one does not.
+        assert_eq!(
+            first_holder(named(at(10), "b"), [named(at(20), "c"), named(at(5), "a")]),
+            Some("a".into())
+        );
+        assert_eq!(first_holder(named(at(10), "b"), [named(at(20), "c")]), None);
+        // Claimed at the same second: the name decides, both ways the same.
+        assert_eq!(
+            first_holder(named(at(10), "b"), [named(at(10), "a")]),
+            Some("a".into())
+        );
+        assert_eq!(first_holder(named(at(10), "a"), [named(at(10), "b")]), None);
+        // Without a claim of its own the asking client loses; a holder without one does not win.
+        assert_eq!(
+            first_holder(named(None, "a"), [named(None, "z")]),
+            Some("z".into())
+        );
+        assert_eq!(first_holder(named(at(10), "b"), [named(None, "a")]), None);
+        assert_eq!(first_holder(named(None, "a"), []), None);
+    }
 
     fn allocation() -> Allocation {
         Allocation {

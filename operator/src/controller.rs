@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use gefyra_api::ipam::{self, Allocation, IpamError};
+use gefyra_api::ipam::{Allocation, IpamError};
 use gefyra_api::{ClientState, GefyraClient};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -30,7 +30,10 @@ use crate::error::{Error, Result};
 use crate::lifecycle;
 use crate::metrics::Metrics;
 use crate::owned::{Owned, OwnedObjects};
+use crate::routes::{self, RouteTables};
 use gefyra_api::connection::{Endpoint, ProviderConfig, ProviderParameter, WireGuardKey};
+use gefyra_api::ipam::Routes;
+use gefyra_api::route_shards;
 
 pub const FINALIZER: &str = "gefyra.dev/cleanup";
 pub const FIELD_MANAGER: &str = "gefyra-operator";
@@ -72,15 +75,13 @@ pub struct Context {
     /// The controller's cache of GefyraClients (set by `run`), to find a public key that
     /// another client already uses.
     clients: std::sync::OnceLock<Store<GefyraClient>>,
-    /// The routes table as last seen (watched by `run`): the sweep asks the API server only
-    /// when this or the claims show a range of a client the cache does not know.
-    routes: std::sync::OnceLock<Store<ConfigMap>>,
+    /// The routes table's shards, watched by `run`: a route in place is not written again,
+    /// and the sweep asks the API server only when they or the claims show a range of a
+    /// client the cache does not know.
+    pub routes: RouteTables,
     /// The objects clients own as last seen (watched by `run`): applies already in place
     /// are skipped.
     owned: std::sync::OnceLock<OwnedObjects>,
-    /// Per client, its entry in the routes table as this process last saw it from the API
-    /// server (`None`: no route), so that a stale watched table is never trusted for it.
-    routes_seen: Mutex<HashMap<String, Option<ipam::Route>>>,
 }
 
 impl Context {
@@ -90,6 +91,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let (store, writer) = reflector::store();
+        let routes = RouteTables::new(client.clone(), &settings.namespace);
         let claims = Claims {
             api: Api::namespaced(client.clone(), &settings.namespace),
             store,
@@ -104,9 +106,8 @@ impl Context {
             claims,
             claims_writer: Mutex::new(Some(writer)),
             clients: std::sync::OnceLock::new(),
-            routes: std::sync::OnceLock::new(),
             owned: std::sync::OnceLock::new(),
-            routes_seen: Mutex::default(),
+            routes,
         }
     }
 
@@ -133,29 +134,37 @@ impl Context {
 
     /// Another client that holds `key` as its ACTIVE peer's public key and connected
     /// before the client with `uid` did (by their claims, which the API server stamped);
-    /// that one keeps it.
+    /// that one keeps it. Every cached client's key is read (one field, not its whole
+    /// configuration); claims are looked up only for the few that hold `key`.
     fn key_holder(&self, client: &GefyraClient, key: WireGuardKey) -> Option<String> {
         let store = self.clients.get()?;
         let uid = client.uid().unwrap_or_default();
-        let own_since = self.claims.held_since(&uid);
-        store.state().iter().find_map(|other| {
-            let other_uid = other.uid().unwrap_or_default();
-            let holds = other_uid != uid
-                && other.state == ClientState::Active
-                && other
-                    .provider_config
-                    .as_ref()
-                    .and_then(|config| ProviderConfig::parse(config).ok())
-                    .is_some_and(|config| config.public_key == key);
-            let earlier = match (self.claims.held_since(&other_uid), own_since) {
-                (_, None) => true,
-                (Some(theirs), Some(ours)) => {
-                    (theirs, other.name_any()) < (ours, client.name_any())
-                }
-                (None, Some(_)) => false,
-            };
-            (holds && earlier).then(|| other.name_any())
-        })
+        let holders: Vec<_> = store
+            .state()
+            .into_iter()
+            .filter(|other| {
+                other.uid().unwrap_or_default() != uid
+                    && other.state == ClientState::Active
+                    && other
+                        .provider_config
+                        .as_ref()
+                        .and_then(ProviderConfig::public_key_in)
+                        == Some(key)
+            })
+            .collect();
+        if holders.is_empty() {
+            return None;
+        }
+        let held_since = |uid: &str| self.claims.held_since(uid);
+        connection::first_holder(
+            (held_since(&uid), client.name_any()),
+            holders.iter().map(|other| {
+                (
+                    held_since(&other.uid().unwrap_or_default()),
+                    other.name_any(),
+                )
+            }),
+        )
     }
 
     /// Records how much of the pool is claimed (claims of addresses outside the pool, left
@@ -235,19 +244,24 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         return;
     }
     ctx.observe_pool();
+    // An earlier version's single routes table is moved into shards before any reconcile.
+    while let Err(error) = ctx.routes.migrate_legacy_table().await {
+        warn!(%error, "moving the old routes table into shards failed; trying again in 5 s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     let (routes_store, routes_writer) = reflector::store();
     let routes = tokio::spawn(reflect_forever(
         Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace),
-        watcher::Config::default().fields(&format!("metadata.name={}", ipam::ROUTES_CONFIGMAP)),
+        watcher::Config::default().labels(route_shards::SHARD_SELECTOR),
         routes_writer,
-        "the routes table (ConfigMap)",
+        "the routes table's shards (ConfigMaps)",
     ));
     // Filled before the first reconcile, so that settled routes are found in place.
     if routes_store.wait_until_ready().await.is_err() {
         warn!("the routes table could not be watched; stopping");
         return;
     }
-    let _ = ctx.routes.set(routes_store);
+    ctx.routes.watch_into(routes_store);
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
     // What clients own, watched whole (without managedFields) so that an apply already in
     // place is skipped; a change or deletion of any of them reconciles its client.
@@ -374,7 +388,7 @@ async fn sweep_allocations_forever(ctx: Arc<Context>) {
 /// Whether the caches show a claim or a route of a client they do not know (then the sweep
 /// asks the API server; else it sends nothing). Unsure (a cache not synced yet): true.
 fn may_hold_stale_ranges(ctx: &Context) -> bool {
-    let (Some(clients), Some(routes)) = (ctx.clients.get(), ctx.routes.get()) else {
+    let (Some(clients), Some(routed)) = (ctx.clients.get(), ctx.routes.cached_uids()) else {
         return true;
     };
     let known: std::collections::BTreeSet<String> = clients
@@ -388,13 +402,6 @@ fn may_hold_stale_ranges(ctx: &Context) -> bool {
         .state()
         .iter()
         .filter_map(|lease| allocator::claimed(lease).map(|(_, uid)| uid.to_string()))
-        .collect::<Vec<_>>();
-    let routed = routes
-        .state()
-        .iter()
-        .filter_map(|table| table.data.as_ref())
-        .flat_map(|data| allocator::decode_table(data).0.into_values())
-        .map(|route| route.uid)
         .collect::<Vec<_>>();
     claimed
         .iter()
@@ -419,8 +426,8 @@ async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
             Some((lease.name_any(), uid.to_string()))
         })
         .collect();
-    let routes_before = allocator::read_routes(&ctx.client, namespace).await?;
-    if claims_before.is_empty() && routes_before.is_empty() {
+    let routes_before = routes::read_shards(&ctx.client, namespace).await?;
+    if claims_before.is_empty() && routes_before.values().all(Routes::is_empty) {
         return Ok(());
     }
     let clients: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), namespace);
@@ -436,16 +443,8 @@ async fn sweep_allocations(ctx: &Context) -> anyhow::Result<()> {
         ctx.claims.delete_if_held(name, uid).await?;
         swept.push(name.clone());
     }
-    let (routes, _) = allocator::modify_routes(&ctx.client, namespace, |routes| {
-        Ok(ipam::sweep(routes, &routes_before, &live))
-    })
-    .await?;
-    swept.extend(
-        routes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|name| format!("route of {name}")),
-    );
+    let routes = ctx.routes.sweep(&routes_before, &live).await?;
+    swept.extend(routes.into_iter().map(|name| format!("route of {name}")));
     ctx.observe_pool();
     if !swept.is_empty() {
         info!(freed = ?swept, "freed the ranges of clients that no longer exist");
@@ -971,10 +970,10 @@ async fn connect_or_disconnect(
     // The routed range first (compare-and-swap over every route), then the tunnel address
     // (a claim by unique name): both are recorded in the API server before any
     // configuration is published.
-    let (routed, _) = change_route(ctx, &namespace, &name, |routes| {
-        ipam::route(pool, routes, &name, &uid, request.subnet)
-    })
-    .await?;
+    let routed = match request.subnet {
+        Some(subnet) => ctx.routes.set_route(pool, &name, &uid, subnet).await?,
+        None => ctx.routes.remove_route(&name).await.map(Ok)?,
+    };
     let ipam_error = |source: IpamError| match source {
         IpamError::PoolExhausted { .. } => Error::PoolExhausted {
             client: name.clone(),
@@ -984,10 +983,12 @@ async fn connect_or_disconnect(
             client: name.clone(),
             source,
         },
-        IpamError::NotNetworkAddress { .. } => Error::InvalidParameter {
-            client: name.clone(),
-            message: format!("providerParameter.{source}"),
-        },
+        IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. } => {
+            Error::InvalidParameter {
+                client: name.clone(),
+                message: format!("providerParameter.{source}"),
+            }
+        }
     };
     routed.map_err(ipam_error)?;
     let held = ctx
@@ -1104,49 +1105,10 @@ async fn connect_or_disconnect(
     Ok((due, true, generation))
 }
 
-/// Changes the routes table for the client `name` (see [`allocator::modify_routes`]),
-/// without a request when the watched table shows the change already in place (a settled
-/// client's reconcile). The watched table counts only once it shows the client's entry as
-/// this process last saw it from the API server: a write of its own that the watch has not
-/// delivered yet must not be judged against the older table.
-async fn change_route<T>(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    change: impl FnMut(&mut ipam::Routes) -> std::result::Result<T, IpamError>,
-) -> std::result::Result<(std::result::Result<T, IpamError>, ipam::Routes), allocator::TableError> {
-    // Decoded once: the check below and the change both use it.
-    let cached = ctx
-        .routes
-        .get()
-        .and_then(|store| {
-            store.get(&reflector::ObjectRef::new(ipam::ROUTES_CONFIGMAP).within(namespace))
-        })
-        .map(|cached| {
-            allocator::decode_table(cached.data.as_ref().unwrap_or(&Default::default())).0
-        })
-        .filter(|routes| {
-            let seen = ctx.routes_seen.lock().expect("not poisoned");
-            seen.get(name)
-                .is_none_or(|entry| routes.get(name) == entry.as_ref())
-        });
-    let (result, routes) =
-        allocator::modify_routes_unless_in_place(&ctx.client, namespace, cached, change).await?;
-    ctx.routes_seen
-        .lock()
-        .expect("not poisoned")
-        .insert(name.to_string(), routes.get(name).cloned());
-    Ok((result, routes))
-}
-
 /// Gives back everything `client` holds: its routed range and its tunnel-address claims.
 async fn release(client: &GefyraClient, ctx: &Context) -> Result<()> {
     let name = client.name_any();
-    let namespace = client.namespace().unwrap_or_default();
-    let (_had_route, _) = change_route(ctx, &namespace, &name, |routes| {
-        Ok(routes.remove(&name).is_some())
-    })
-    .await?;
+    ctx.routes.remove_route(&name).await?;
     let recorded = client
         .provider_config
         .as_ref()
@@ -1268,7 +1230,7 @@ async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     }
     // Then the peer: its ranges become free for others.
     release(client, ctx).await?;
-    ctx.routes_seen.lock().expect("not poisoned").remove(&name);
+    ctx.routes.forget(&name);
     info!(client = %name, "client removed with its ServiceAccounts, Roles and RoleBindings (access and token minter)");
     Ok(Action::await_change())
 }

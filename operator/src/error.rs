@@ -76,7 +76,7 @@ pub enum Error {
         source: gefyra_api::ipam::IpamError,
     },
     #[error("recording a routed range failed: {0}")]
-    AllocationTable(#[from] crate::allocator::TableError),
+    AllocationTable(#[from] crate::routes::TableError),
     #[error("client {client}: claiming or releasing a tunnel address failed: {source}")]
     TunnelClaim {
         client: String,

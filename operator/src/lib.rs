@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod owned;
 pub mod rbac;
 pub mod ready;
+pub mod routes;
 pub mod run;
 pub mod webhook;

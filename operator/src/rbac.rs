@@ -7,8 +7,9 @@ use gefyra_api::bridge::{BRIDGE_MOUNT_PLURAL, BRIDGE_PLURAL};
 use gefyra_api::rbac::{identity_yaml, rule};
 use k8s_openapi::api::rbac::v1::PolicyRule;
 
-use crate::allocator::{ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
+use crate::allocator::SERVER_KEY_SECRET;
 use crate::credentials::MANAGED_BY;
+use gefyra_api::route_shards::LEGACY_TABLE;
 
 /// Every rule the operator needs in its namespace, for a Lease named `lease_name`.
 pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
@@ -48,16 +49,16 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             &[],
             &["get", "list", "watch", "create", "patch", "delete"],
         ),
-        // The API server's CA for client files; the routes table (compare-and-swap).
-        rule("", &["configmaps"], &["kube-root-ca.crt"], &["get"]),
-        rule("", &["configmaps"], &[], &["create"]),
-        // ... watched (by name) so that an idle sweep asks nothing.
+        // The API server's CA for client files; the routes table's shards (named after the
+        // address space they cover, so not by name): changed by compare-and-swap, watched
+        // so that an idle sweep asks nothing. The old single table is deleted once moved.
         rule(
             "",
             &["configmaps"],
-            &[ROUTES_CONFIGMAP],
-            &["get", "update", "list", "watch"],
+            &[],
+            &["get", "list", "watch", "create", "update"],
         ),
+        rule("", &["configmaps"], &[LEGACY_TABLE], &["delete"]),
         // The Stowaway server's key pair: created once, then only read, by name.
         rule("", &["secrets"], &[], &["create"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),

@@ -445,7 +445,16 @@ async fn handle(
         }) {
         Err(error) => AdmissionResponse::invalid(error),
         Ok(request) => {
-            match crate::allocator::read_routes(&reviewer.client, &reviewer.namespace).await {
+            // Only the shards the subnet would be recorded in can hold an overlapping route.
+            let subnet = request.object.as_ref().and_then(subnet_of);
+            let near = match subnet {
+                Some(subnet) => {
+                    crate::routes::read_routes_near(&reviewer.client, &reviewer.namespace, &subnet)
+                        .await
+                }
+                None => Ok(Routes::new()),
+            };
+            match near {
                 Ok(routes) => review(&request, &reviewer.pool, &routes),
                 Err(error) => {
                     // Allowed: the operator's own check still refuses a conflict (ERROR).

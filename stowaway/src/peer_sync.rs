@@ -10,12 +10,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use gefyra_api::GefyraClient;
-use gefyra_api::ipam::{CLAIM_SELECTOR, ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
+use gefyra_api::ipam::{CLAIM_SELECTOR, SERVER_KEY_SECRET};
+use gefyra_api::route_shards::{self, SHARD_SELECTOR};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::dataplane::{self, Shared};
@@ -93,32 +94,40 @@ where
     store
 }
 
-/// The routes table as last decoded, decoded again only when the ConfigMap changes (the peer
-/// table is recomputed on every client event, status writes included).
+/// The routes table's shards as last decoded, each decoded again only when it changes (the
+/// peer table is recomputed on every client event, status writes included), merged.
 #[derive(Default)]
 struct RoutesTable {
-    version: Option<String>,
-    routes: gefyra_api::ipam::Routes,
+    /// Per shard, the resourceVersion decoded and its data.
+    shards: BTreeMap<String, (Option<String>, BTreeMap<String, String>)>,
+    merged: gefyra_api::ipam::Routes,
 }
 
 impl RoutesTable {
     fn current(&mut self, store: &reflector::Store<ConfigMap>) -> &gefyra_api::ipam::Routes {
-        let map = store
-            .state()
-            .into_iter()
-            .find(|map| map.metadata.name.as_deref() == Some(ROUTES_CONFIGMAP));
-        let version = map
-            .as_ref()
-            .and_then(|map| map.metadata.resource_version.clone());
-        if version != self.version || version.is_none() {
-            self.routes = map
-                .as_ref()
-                .and_then(|map| map.data.as_ref())
-                .map(|data| gefyra_api::ipam::decode_routes(data).0)
-                .unwrap_or_default();
-            self.version = version;
+        let shards = store.state();
+        let unchanged = shards.len() == self.shards.len()
+            && shards.iter().all(|shard| {
+                self.shards
+                    .get(&shard.name_any())
+                    .is_some_and(|(version, _)| {
+                        version.is_some() && *version == shard.metadata.resource_version
+                    })
+            });
+        if !unchanged {
+            self.shards = shards
+                .iter()
+                .map(|shard| {
+                    let data = shard.data.clone().unwrap_or_default();
+                    (
+                        shard.name_any(),
+                        (shard.metadata.resource_version.clone(), data),
+                    )
+                })
+                .collect();
+            self.merged = route_shards::merge(self.shards.values().map(|(_, data)| data));
         }
-        &self.routes
+        &self.merged
     }
 }
 
@@ -163,8 +172,8 @@ pub async fn keep_peers(
     );
     let routes = follow(
         Api::<ConfigMap>::namespaced(client, &namespace),
-        watcher::Config::default().fields(&format!("metadata.name={ROUTES_CONFIGMAP}")),
-        "the routes table (ConfigMap)",
+        watcher::Config::default().labels(SHARD_SELECTOR),
+        "the routes table's shards (ConfigMaps)",
         changed.clone(),
     );
     for store in [

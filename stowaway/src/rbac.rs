@@ -1,7 +1,7 @@
 //! What Stowaway may do in the API, as RBAC rules (`stowaway rbac` prints them with its
 //! ServiceAccount, Role and RoleBinding).
 
-use gefyra_api::ipam::{ROUTES_CONFIGMAP, SERVER_KEY_SECRET};
+use gefyra_api::ipam::SERVER_KEY_SECRET;
 use gefyra_api::rbac::rule;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 
@@ -23,11 +23,8 @@ pub fn stowaway_rules() -> Vec<PolicyRule> {
             &[],
             &["get", "list", "watch"],
         ),
-        rule(
-            "",
-            &["configmaps"],
-            &[ROUTES_CONFIGMAP],
-            &["get", "list", "watch"],
-        ),
+        // The routes table's shards, named after the address space they cover (so not by
+        // name; watched by label). The namespace's other ConfigMaps hold nothing secret.
+        rule("", &["configmaps"], &[], &["get", "list", "watch"]),
     ]
 }

@@ -15,7 +15,7 @@ use gefyra_e2e::{
 use gefyra_operator::allocator;
 use ipnet::IpNet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -36,7 +36,7 @@ async fn holdings(admin: Client, namespace: &str) -> Result<Vec<(String, IpNet)>
             .context("a client label")?;
         held.push((client.clone(), IpNet::from(address)));
     }
-    for (client, route) in allocator::read_routes(&admin, namespace).await? {
+    for (client, route) in gefyra_operator::routes::read_routes(&admin, namespace).await? {
         held.push((client, route.subnet));
     }
     Ok(held)
@@ -454,5 +454,124 @@ async fn an_ipv6_pool_hands_out_ipv6_addresses_and_routes_do_not_overlap() -> Re
         holdings(admin, &ns).await?.is_empty(),
         "nothing held after delete"
     );
+    Ok(())
+}
+
+/// The clients the routes table's shard `shard` shows, read from the API server.
+async fn shard_clients(admin: &Client, namespace: &str, shard: &str) -> Result<Vec<String>> {
+    let shard = Api::<ConfigMap>::namespaced(admin.clone(), namespace)
+        .get_opt(shard)
+        .await?;
+    Ok(shard
+        .and_then(|shard| shard.data)
+        .unwrap_or_default()
+        .into_keys()
+        .collect())
+}
+
+#[tokio::test]
+async fn a_route_over_several_shards_is_exclusive_in_each_and_a_refusal_leaves_nothing()
+-> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("shards").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    for name in ["wide", "narrow", "wider", "huge"] {
+        create_client(admin.clone(), &ns, name).await?;
+        wait_for_ready(&clients, name).await?;
+    }
+    // 172.18.0.0/15 is recorded in the shards of 172.18/16 and 172.19/16.
+    connect(&clients, "wide", json!({"subnet": "172.18.0.0/15"})).await?;
+    wait_for_state(&clients, "wide", ClientState::Active).await?;
+    for shard in ["gefyra-routes-v4-172-18", "gefyra-routes-v4-172-19"] {
+        let shown = shard_clients(&admin, &ns, shard).await?;
+        ensure!(shown == ["wide"], "{shard}: {shown:?}");
+    }
+    // A narrow route in its second shard is refused, naming the holder.
+    connect(&clients, "narrow", json!({"subnet": "172.19.5.0/24"})).await?;
+    let narrow = wait_for_state(&clients, "narrow", ClientState::Error).await?;
+    ensure!(reason_of(&narrow).as_deref() == Some("SubnetConflict"));
+    let message = narrow
+        .ready_condition()
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message.contains("client wide"), "{message}");
+    // A wider route is written into 172.16/16 and 172.17/16 first, refused in 172.18/16,
+    // and gives the first two back.
+    connect(&clients, "wider", json!({"subnet": "172.16.0.0/12"})).await?;
+    let wider = wait_for_state(&clients, "wider", ClientState::Error).await?;
+    ensure!(reason_of(&wider).as_deref() == Some("SubnetConflict"));
+    eventually(
+        "the refused route is given back in every shard",
+        WAIT,
+        || async {
+            let mut shown = Vec::new();
+            for shard in ["gefyra-routes-v4-172-16", "gefyra-routes-v4-172-17"] {
+                shown.extend(shard_clients(&admin, &ns, shard).await?);
+            }
+            Ok(shown.is_empty().then_some(()))
+        },
+    )
+    .await?;
+    // Wider than 256 shards: refused by its form, saying how wide a route may be.
+    connect(&clients, "huge", json!({"subnet": "8.0.0.0/7"})).await?;
+    let huge = wait_for_state(&clients, "huge", ClientState::Error).await?;
+    ensure!(reason_of(&huge).as_deref() == Some("InvalidParameter"));
+    let message = huge
+        .ready_condition()
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message.contains("wider than /8"), "{message}");
+    // Once the wide route goes, the narrow one connects (asked again: its retries back off).
+    connect(&clients, "wide", Value::Null).await?;
+    wait_for_state(&clients, "wide", ClientState::Waiting).await?;
+    connect(&clients, "narrow", Value::Null).await?;
+    wait_for_state(&clients, "narrow", ClientState::Waiting).await?;
+    connect(&clients, "narrow", json!({"subnet": "172.19.5.0/24"})).await?;
+    wait_for_state(&clients, "narrow", ClientState::Active).await?;
+    ensure!(
+        shard_clients(&admin, &ns, "gefyra-routes-v4-172-18")
+            .await?
+            .is_empty()
+    );
+    ensure!(shard_clients(&admin, &ns, "gefyra-routes-v4-172-19").await? == ["narrow"]);
+    let wider = clients.get("wider").await?;
+    ensure!(wider.state == ClientState::Error, "{:?}", wider.state);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_single_routes_table_of_earlier_versions_is_moved_into_shards() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("legacy-routes").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    // Before this operator ran: an earlier one routed 172.30.0.0/16 to "old" in one table
+    // (a client's providerParameter cannot be set before an operator set it up).
+    create_client(admin.clone(), &ns, "old").await?;
+    let uid = clients.get("old").await?.uid().context("a uid")?;
+    let route = json!({"uid": uid, "subnet": "172.30.0.0/16"}).to_string();
+    let legacy: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": gefyra_api::route_shards::LEGACY_TABLE, "namespace": ns},
+        "data": {"old": route},
+    }))?;
+    let config_maps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
+    config_maps.create(&Default::default(), &legacy).await?;
+
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    wait_gone(&config_maps, gefyra_api::route_shards::LEGACY_TABLE).await?;
+    ensure!(shard_clients(&admin, &ns, "gefyra-routes-v4-172-30").await? == ["old"]);
+    wait_for_ready(&clients, "old").await?;
+    connect(&clients, "old", json!({"subnet": "172.30.0.0/16"})).await?;
+    wait_for_state(&clients, "old", ClientState::Active).await?;
+    // The moved route is still exclusive.
+    create_client(admin.clone(), &ns, "new").await?;
+    wait_for_ready(&clients, "new").await?;
+    connect(&clients, "new", json!({"subnet": "172.30.1.0/24"})).await?;
+    let new = wait_for_state(&clients, "new", ClientState::Error).await?;
+    ensure!(reason_of(&new).as_deref() == Some("SubnetConflict"));
     Ok(())
 }

@@ -11,7 +11,6 @@ use gefyra_e2e::{
     Cluster, Operator, WAIT, api_status, create_client, eventually, install_crd,
     set_provider_parameter as connect, token_of, wait_for_ready, wait_for_state,
 };
-use gefyra_operator::allocator;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -339,7 +338,7 @@ async fn a_duplicated_public_key_is_refused_and_a_failed_connect_leaks_nothing()
     .await?;
     let failed = wait_for_state(&clients, "c", ClientState::Error).await?;
     ensure!(failed.ready_condition().map(|c| c.reason.as_str()) == Some("PoolExhausted"));
-    let routes = allocator::read_routes(&admin, &ns).await?;
+    let routes = gefyra_operator::routes::read_routes(&admin, &ns).await?;
     ensure!(
         routes.contains_key("c"),
         "c's route was recorded before the claim: {routes:?}"
@@ -348,7 +347,10 @@ async fn a_duplicated_public_key_is_refused_and_a_failed_connect_leaks_nothing()
     connect(&clients, "c", Value::Null).await?;
     wait_for_state(&clients, "c", ClientState::Waiting).await?;
     eventually("c's route is released", WAIT, || async {
-        Ok((!allocator::read_routes(&admin, &ns).await?.contains_key("c")).then_some(()))
+        Ok((!gefyra_operator::routes::read_routes(&admin, &ns)
+            .await?
+            .contains_key("c"))
+        .then_some(()))
     })
     .await?;
     Ok(())

@@ -225,11 +225,7 @@ async fn floor_connect_one(
     .await?;
     event(&client, &object, "StateChanged").await?;
     let uid = object.uid().unwrap_or_default();
-    let (routed, _) = allocator::modify_routes(&client, &namespace, |routes| {
-        gefyra_api::ipam::route(&Pool::default(), routes, &name, &uid, None)
-    })
-    .await?;
-    routed?;
+    // No subnet: no route to record (the operator sends nothing for it either).
     Api::<Lease>::namespaced(client.clone(), &namespace)
         .create(&PostParams::default(), &allocator::claim(&object, address))
         .await?;
@@ -333,7 +329,8 @@ impl Restart {
             .iter()
             .filter(|(verb, _)| !matches!(verb.as_str(), "get" | "list" | "watch"))
             .map(|(_, count)| count)
-            .sum()
+            // Not sum(): an empty f64 sum is -0, printed as "-0".
+            .fold(0.0, |total, count| total + count)
     }
 }
 
@@ -617,7 +614,11 @@ async fn main() -> Result<()> {
     println!(
         "== Idle: N = {n} ACTIVE clients, status.wireguard of each written every 30 s (Stowaway's writes), one minute"
     );
-    let requests: f64 = operator.idle.operator_requests.values().sum();
+    let requests: f64 = operator
+        .idle
+        .operator_requests
+        .values()
+        .fold(0.0, |a, b| a + b);
     println!(
         "stowaway   {} status writes/min\noperator   {requests:.0} requests/min {:?}\nratio      {:.3} (operator requests / status writes; aim 0)",
         operator.idle.status_writes,
@@ -625,7 +626,11 @@ async fn main() -> Result<()> {
         requests / operator.idle.status_writes.max(1) as f64
     );
     println!("== Restart: a new operator takes over N = {n} settled ACTIVE clients");
-    let requests: f64 = operator.restart.operator_requests.values().sum();
+    let requests: f64 = operator
+        .restart
+        .operator_requests
+        .values()
+        .fold(0.0, |a, b| a + b);
     println!(
         "operator   all reconciled in {:.2} s; {requests:.0} requests {:?}\nwrites     {:.0} ({:.3} per client; aim 0, only lists and watches)",
         operator.restart.settle.as_secs_f64(),

@@ -4,7 +4,8 @@
 //! Two steps, each what the operator does in process for one connect (the API round trips
 //! are measured by `bench-clients`):
 //! - tunnel claim: the claimed addresses from the watch cache of claims, then a free one;
-//! - route: decode the routes table, check the overlap and record the route, encode it.
+//! - route: decode the routes table's shard the route goes to, check the overlap and record
+//!   the route, encode it.
 //!
 //! Environment: GEFYRA_BENCH_LIVE_RANGES (default 10000).
 
@@ -14,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use gefyra_api::GefyraClient;
 use gefyra_api::ipam::{self, Pool, Routes};
-use gefyra_operator::allocator::{claim, decode_table, encode_table, free_address_in};
+use gefyra_api::route_shards;
+use gefyra_operator::allocator::{claim, free_address_in};
+use gefyra_operator::routes::{decode_shard, encode_shard};
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::reflector::{self, Store};
@@ -44,15 +47,16 @@ fn client_of(i: usize) -> Result<GefyraClient> {
     }))?)
 }
 
-/// The `i`-th /28 of 172.16.0.0/12: distinct for every `i` below 65,536.
-fn routed_of(i: usize) -> IpNet {
+/// The `2i`-th /28 of 172.16.0.0/12 (`odd`: the one after it): distinct for every `i` below
+/// 32,768, dense — 2,048 in each /16 shard, with room for as many more beside them.
+fn routed_of(i: usize, odd: bool) -> IpNet {
     let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0));
-    let network = std::net::Ipv4Addr::from(base + (i as u32) * 16);
+    let network = std::net::Ipv4Addr::from(base + (2 * i as u32 + u32::from(odd)) * 16);
     IpNet::V4(Ipv4Net::new(network, 28).expect("prefix 28 is valid"))
 }
 
-/// `live` clients connected (claims in a watch cache as the operator keeps them), every
-/// other one routing a subnet of its own.
+/// `live` clients connected (claims in a watch cache as the operator keeps them), each
+/// routing a subnet of its own.
 fn connected(live: usize) -> Result<(Store<Lease>, Routes)> {
     let pool = pool();
     let (store, mut writer) = reflector::store();
@@ -66,17 +70,15 @@ fn connected(live: usize) -> Result<(Store<Lease>, Routes)> {
         let address = ipam::free_tunnel_address(&pool, taken.len(), |a| taken.contains(&a), start)?;
         taken.insert(address);
         writer.apply_watcher_event(&watcher::Event::InitApply(claim(&client, address)));
-        if i % 2 == 0 {
-            let uid = format!("00000000-0000-4000-8000-{i:012x}");
-            ipam::route(
-                &pool,
-                &mut routes,
-                &format!("{i:032x}"),
-                &uid,
-                Some(routed_of(i)),
-            )
-            .with_context(|| format!("filling the routes: client {i}"))?;
-        }
+        let uid = format!("00000000-0000-4000-8000-{i:012x}");
+        ipam::route(
+            &pool,
+            &mut routes,
+            &format!("{i:032x}"),
+            &uid,
+            Some(routed_of(i, false)),
+        )
+        .with_context(|| format!("filling the routes: client {i}"))?;
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
     Ok((store, routes))
@@ -97,7 +99,9 @@ struct Figures {
     claim: f64,
     route: f64,
     claims: usize,
-    routes_bytes: usize,
+    /// The largest shard: its routes and bytes.
+    shard_routes: usize,
+    shard_bytes: usize,
 }
 
 fn measure(live: usize) -> Result<Figures> {
@@ -114,30 +118,57 @@ fn measure(live: usize) -> Result<Figures> {
         )?);
         Ok(())
     })?;
-    let stored = encode_table(&routes, &Default::default());
-    let routes_bytes = stored
+    // The shards as stored: each route in the shard of its /16.
+    let mut shards: std::collections::BTreeMap<String, Routes> = Default::default();
+    for (name, route) in routes {
+        for shard in route_shards::shards_of(&route.subnet)? {
+            shards
+                .entry(shard)
+                .or_default()
+                .insert(name.clone(), route.clone());
+        }
+    }
+    let stored: std::collections::BTreeMap<String, _> = shards
         .iter()
-        .map(|(key, value)| key.len() + value.len())
-        .sum();
+        .map(|(shard, routes)| (shard.clone(), encode_shard(routes, &Default::default())))
+        .collect();
+    let bytes = |data: &std::collections::BTreeMap<String, String>| -> usize {
+        data.iter()
+            .map(|(key, value)| key.len() + value.len())
+            .sum()
+    };
+    let (shard_routes, shard_bytes) = stored
+        .values()
+        .map(|data| (data.len(), bytes(data)))
+        .max()
+        .unwrap_or_default();
+    let no_shard = Default::default();
     let route = rate(|step| {
-        let (mut decoded, unreadable) = decode_table(&stored);
-        let i = 60_000 + step % 5_000;
+        // New clients route the gaps beside the live ones, in the shards they fill.
+        let i = step % live.max(1);
+        let subnet = routed_of(i, true);
+        let [shard] = <[String; 1]>::try_from(route_shards::shards_of(&subnet)?)
+            .map_err(|_| anyhow::anyhow!("a /28 is in one shard"))?;
+        let data = stored.get(&shard).unwrap_or(&no_shard);
+        let (mut decoded, unreadable) = decode_shard(&shard, data);
+        let i = 60_000 + i;
         let uid = format!("00000000-0000-4000-8000-{i:012x}");
         ipam::route(
             &pool,
             &mut decoded,
             &format!("{i:032x}"),
             &uid,
-            Some(routed_of(i)),
+            Some(subnet),
         )?;
-        black_box(encode_table(&decoded, &unreadable));
+        black_box(encode_shard(&decoded, &unreadable));
         Ok(())
     })?;
     Ok(Figures {
         claim,
         route,
         claims: claims.len(),
-        routes_bytes,
+        shard_routes,
+        shard_bytes,
     })
 }
 
@@ -161,11 +192,11 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "stored state      {} claims (one Lease each); routes table {:.0} KiB for {} routes \
-         (a ConfigMap holds at most 1 MiB)",
+        "stored state      {} claims (one Lease each); {live} routes in /16 shards, the largest \
+         {} routes in {:.0} KiB (a ConfigMap holds at most 1 MiB)",
         full.claims,
-        full.routes_bytes as f64 / 1024.0,
-        live.div_ceil(2)
+        full.shard_routes,
+        full.shard_bytes as f64 / 1024.0,
     );
     Ok(())
 }
