@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod owned;
 pub mod rbac;
 pub mod ready;
+pub mod reconcile;
 pub mod routes;
 pub mod run;
+pub mod sweep;
 pub mod webhook;

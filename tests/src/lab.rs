@@ -276,7 +276,8 @@ impl Lab {
     }
 
     /// Starts wireguard-go for `interface` in `netns` and waits for the interface.
-    pub fn wireguard_go(&mut self, netns: &str, interface: &str) -> Result<()> {
+    /// Starts wireguard-go for `interface` in `netns`; its process id (for its CPU time).
+    pub fn wireguard_go(&mut self, netns: &str, interface: &str) -> Result<u32> {
         let wireguard_go = which("wireguard-go")?;
         let mut command = Command::new("setpriv");
         command
@@ -286,11 +287,13 @@ impl Lab {
             .env("WG_PROCESS_FOREGROUND", "1")
             .env("LOG_LEVEL", "verbose");
         let process = Process::spawn(&mut command, self.dir.join(format!("{interface}.log")))?;
+        // setpriv and `ip netns exec` exec into wireguard-go: the child is wireguard-go.
+        let pid = process.child.id();
         self.processes.push(process);
         self.wireguard_interfaces.push(interface.to_string());
         for _ in 0..100 {
             if run("ip", &["-n", netns, "link", "show", interface]).is_ok() {
-                return Ok(());
+                return Ok(pid);
             }
             std::thread::sleep(Duration::from_millis(50));
         }

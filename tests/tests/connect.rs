@@ -515,6 +515,9 @@ async fn a_route_over_several_shards_is_exclusive_in_each_and_a_refusal_leaves_n
         },
     )
     .await?;
+    // It stops asking (else its retries would take 172.16.0.0/12 once the wide route goes).
+    connect(&clients, "wider", Value::Null).await?;
+    wait_for_state(&clients, "wider", ClientState::Waiting).await?;
     // Wider than 256 shards: refused by its form, saying how wide a route may be.
     connect(&clients, "huge", json!({"subnet": "8.0.0.0/7"})).await?;
     let huge = wait_for_state(&clients, "huge", ClientState::Error).await?;
@@ -537,8 +540,6 @@ async fn a_route_over_several_shards_is_exclusive_in_each_and_a_refusal_leaves_n
             .is_empty()
     );
     ensure!(shard_clients(&admin, &ns, "gefyra-routes-v4-172-19").await? == ["narrow"]);
-    let wider = clients.get("wider").await?;
-    ensure!(wider.state == ClientState::Error, "{:?}", wider.state);
     Ok(())
 }
 

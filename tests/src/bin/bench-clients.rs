@@ -160,6 +160,29 @@ async fn floor_one(client: Client, namespace: String, name: String) -> Result<Du
             &Patch::Apply(credentials::role_binding(&created)),
         )
         .await?;
+    // The token minter's three, as the operator applies them for every client.
+    let minter = credentials::minter_service_account(&created).name_any();
+    Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+        .patch(
+            &minter,
+            &apply,
+            &Patch::Apply(credentials::minter_service_account(&created)),
+        )
+        .await?;
+    Api::<Role>::namespaced(client.clone(), &namespace)
+        .patch(
+            &minter,
+            &apply,
+            &Patch::Apply(credentials::minter_role(&created)),
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+        .patch(
+            &minter,
+            &apply,
+            &Patch::Apply(credentials::minter_role_binding(&created)),
+        )
+        .await?;
     let token = {
         use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
         let request = TokenRequest {

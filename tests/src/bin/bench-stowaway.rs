@@ -1,9 +1,12 @@
 //! `make bench`: Stowaway against baselines measured in the same run.
 //!
-//! - Throughput: one TCP stream (iperf3, BENCH_IPERF_SECONDS each) from a wireguard-go peer
-//!   to a server in the cluster namespace and back (`-R`): through Stowaway (release build,
-//!   unprivileged, userspace TCP termination), and through a baseline of a wireguard-go
-//!   server with kernel forwarding (namespaces only; the peer side is the same wireguard-go).
+//! - Throughput: one and four TCP streams (iperf3, BENCH_IPERF_SECONDS each) from a
+//!   wireguard-go peer to a server in the cluster namespace and back (`-R`): through
+//!   Stowaway (release build, unprivileged, userspace TCP termination), and through a
+//!   baseline of a wireguard-go server with kernel forwarding (namespaces only; the peer
+//!   side is the same wireguard-go); with the CPU time each endpoint process spent per GiB
+//!   carried (user + system, from /proc; the baseline's kernel forwarding runs in softirq
+//!   and is not counted — it favours the baseline).
 //! - Handshakes per second on one core: through Stowaway's endpoint (the initiator looked up
 //!   among N peers by its static key) against boringtun alone (each initiation straight to
 //!   its peer's tunnel).
@@ -201,9 +204,63 @@ fn memory() -> Result<()> {
     Ok(())
 }
 
-/// One iperf3 run from `netns` to `server`: bits per second received at the far end
-/// (upload) or, with `reverse`, at the peer (download).
-fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, reverse: bool) -> Result<f64> {
+/// The CPU time (user + system) process `pid` has spent, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a /proc stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |field: usize| -> Result<f64> {
+        Ok(fields
+            .get(field - 3)
+            .context("a /proc stat field")?
+            .parse::<f64>()?)
+    };
+    // /proc reports in USER_HZ, 100 on Linux whatever the kernel's tick.
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
+}
+
+/// One stream count and direction of the throughput table.
+#[derive(Clone, Copy)]
+struct Run {
+    streams: u32,
+    reverse: bool,
+}
+
+/// Throughput (bits per second) and the CPU seconds per GiB that process `endpoint`
+/// spent on it.
+struct Measured {
+    bits_per_second: f64,
+    cpu_per_gib: f64,
+}
+
+/// [`iperf`] with `run`'s streams, and the CPU time of `endpoint` meanwhile.
+fn measured(
+    lab: &Lab,
+    netns: &str,
+    server: Ipv4Addr,
+    seconds: u64,
+    run: Run,
+    endpoint: u32,
+) -> Result<Measured> {
+    let before = cpu_seconds(endpoint)?;
+    let (bits_per_second, bytes) = iperf(lab, netns, server, seconds, run)?;
+    let spent = cpu_seconds(endpoint)? - before;
+    Ok(Measured {
+        bits_per_second,
+        cpu_per_gib: spent / (bytes / f64::from(1u32 << 30)).max(f64::MIN_POSITIVE),
+    })
+}
+
+/// One iperf3 run from `netns` to `server`: bits per second and bytes received at the far
+/// end (upload) or, with `reverse`, at the peer (download).
+fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, run: Run) -> Result<(f64, f64)> {
+    let Run { streams, reverse } = run;
+    let streams = streams.to_string();
     let seconds = seconds.to_string();
     let server = server.to_string();
     let limit = (seconds.parse::<u64>()? * 4 + 20).to_string();
@@ -217,6 +274,8 @@ fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, reverse: bool) 
         "-J",
         "--connect-timeout",
         "5000",
+        "-P",
+        streams.as_str(),
     ];
     if reverse {
         args.push("-R");
@@ -225,9 +284,13 @@ fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, reverse: bool) 
         .exec_in(netns, "timeout", &args)
         .with_context(|| format!("iperf3 from {netns} to {server} (reverse: {reverse})"))?;
     let report: serde_json::Value = serde_json::from_str(&output)?;
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("iperf3 reported no throughput: {output}"))
+    let received = &report["end"]["sum_received"];
+    let figure = |key: &str| {
+        received[key]
+            .as_f64()
+            .with_context(|| format!("iperf3 reported no {key}: {output}"))
+    };
+    Ok((figure("bits_per_second")?, figure("bytes")?))
 }
 
 /// The baseline: peer namespace -> wireguard-go server with kernel forwarding -> service.
@@ -273,7 +336,7 @@ fn baseline(lab: &mut Lab) -> Result<Baseline> {
         format!("gwbc{slot}"),
         format!("gwbn{slot}"),
     );
-    lab.wireguard_go(&gateway, &server_if)?;
+    let server_pid = lab.wireguard_go(&gateway, &server_if)?;
     lab.wireguard_go(&peer, &client_if)?;
     lab.wireguard_go(&noisy, &noisy_if)?;
     let path = |file: &std::path::Path| file.to_str().map(str::to_string).context("a UTF-8 path");
@@ -358,6 +421,7 @@ fn baseline(lab: &mut Lab) -> Result<Baseline> {
         quiet: peer,
         noisy,
         service: address(6),
+        server_pid,
     })
 }
 
@@ -367,6 +431,8 @@ struct Baseline {
     quiet: String,
     noisy: String,
     service: Ipv4Addr,
+    /// The wireguard-go server's process.
+    server_pid: u32,
 }
 
 /// The port of the flood's iperf3 server.
@@ -392,7 +458,16 @@ fn quiet_figures(
     let mut parts = latency.split_whitespace().map(str::parse::<f64>);
     let p50 = parts.next().context("p50")??;
     let p99 = parts.next().context("p99")??;
-    let download = iperf(lab, quiet, service, seconds, true)?;
+    let (download, _) = iperf(
+        lab,
+        quiet,
+        service,
+        seconds,
+        Run {
+            streams: 1,
+            reverse: true,
+        },
+    )?;
     Ok((p50, p99, download))
 }
 
@@ -513,36 +588,73 @@ async fn throughput(seconds: u64) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let lab = &deployment.lab;
-    let gbit = |bits: f64| bits / 1e9;
-    let base_up = iperf(lab, &baseline_peer, baseline_service, seconds, false)?;
-    let base_down = iperf(lab, &baseline_peer, baseline_service, seconds, true)?;
-    let through_stowaway = |reverse| {
-        iperf(lab, &peer.netns, service, seconds, reverse).map_err(|error| {
-            let log = deployment.stowaway.process.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            error.context(format!("Stowaway's log ends:\n{}", tail.join("\n")))
-        })
-    };
-    let ours_up = through_stowaway(false)?;
-    let ours_down = through_stowaway(true)?;
-    println!("== Throughput, one TCP stream (iperf3, {seconds} s), wireguard-go peer <-> cluster");
-    println!("                                        upload        download (-R)");
+    let stowaway_pid = deployment.stowaway.process.child.id();
+    let runs = [
+        (
+            "1 stream up",
+            Run {
+                streams: 1,
+                reverse: false,
+            },
+        ),
+        (
+            "1 stream down",
+            Run {
+                streams: 1,
+                reverse: true,
+            },
+        ),
+        (
+            "4 streams up",
+            Run {
+                streams: 4,
+                reverse: false,
+            },
+        ),
+        (
+            "4 streams down",
+            Run {
+                streams: 4,
+                reverse: true,
+            },
+        ),
+    ];
+    let mut table = Vec::new();
+    for (what, run) in runs {
+        let theirs = measured(
+            lab,
+            &baseline_peer,
+            baseline_service,
+            seconds,
+            run,
+            base.server_pid,
+        )?;
+        let ours =
+            measured(lab, &peer.netns, service, seconds, run, stowaway_pid).map_err(|error| {
+                let log = deployment.stowaway.process.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                error.context(format!("Stowaway's log ends:\n{}", tail.join("\n")))
+            })?;
+        table.push((what, theirs, ours));
+    }
     println!(
-        "baseline: wireguard-go + kernel fwd   {:>7.2} Gbit/s  {:>7.2} Gbit/s",
-        gbit(base_up),
-        gbit(base_down)
+        "== Throughput (iperf3, {seconds} s each), wireguard-go peer <-> cluster; CPU of the endpoint process per GiB carried"
     );
     println!(
-        "stowaway: userspace, unprivileged     {:>7.2} Gbit/s  {:>7.2} Gbit/s",
-        gbit(ours_up),
-        gbit(ours_down)
+        "                 baseline: wireguard-go + kernel fwd   stowaway: userspace, unprivileged   ratio (stowaway / baseline)"
     );
-    println!(
-        "ratio                                 {:>7.2}         {:>7.2}",
-        ours_up / base_up,
-        ours_down / base_down
-    );
+    for (what, theirs, ours) in &table {
+        println!(
+            "{what:<16} {:>7.2} Gbit/s {:>7.2} CPU-s/GiB   {:>7.2} Gbit/s {:>7.2} CPU-s/GiB     throughput {:>5.2}  CPU/GiB {:>5.2}",
+            theirs.bits_per_second / 1e9,
+            theirs.cpu_per_gib,
+            ours.bits_per_second / 1e9,
+            ours.cpu_per_gib,
+            ours.bits_per_second / theirs.bits_per_second,
+            ours.cpu_per_gib / theirs.cpu_per_gib.max(f64::MIN_POSITIVE),
+        );
+    }
     fairness(
         "baseline: wireguard-go + kernel forwarding",
         lab,

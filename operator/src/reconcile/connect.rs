@@ -1,0 +1,335 @@
+//! Connecting and disconnecting a client: its routed range and tunnel address (recorded in
+//! the API server before any configuration is published), its `providerConfig`, and the
+//! state transitions on the way.
+
+use gefyra_api::connection::{ProviderConfig, ProviderParameter, WireGuardKey};
+use gefyra_api::ipam::{Allocation, IpamError};
+use gefyra_api::{ClientState, GefyraClient};
+use jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tracing::info;
+
+use crate::allocator::ClaimError;
+use crate::connection;
+use crate::controller::{Context, enter_action};
+use crate::error::{Error, Result};
+use crate::lifecycle::{self, Connection};
+
+/// Records the state `to` (coming from `from`) with any `extra` fields in one patch, then
+/// logs it and posts a `StateChanged` Event (with `note`, if any). Returns the generation
+/// written.
+pub async fn transition(
+    api: &Api<GefyraClient>,
+    client: &GefyraClient,
+    from: ClientState,
+    to: ClientState,
+    extra: serde_json::Value,
+    note: &str,
+    ctx: &Context,
+) -> Result<Option<i64>> {
+    let name = client.name_any();
+    let mut patch = lifecycle::enter(to, Timestamp::now());
+    if let (Some(patch), serde_json::Value::Object(extra)) = (patch.as_object_mut(), extra) {
+        patch.extend(extra);
+    }
+    let patched = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::RecordState {
+            client: name.clone(),
+            state: to,
+            source,
+        })?;
+    info!(client = %name, %from, %to, "state changed");
+    let message = match note {
+        "" => format!("{from} -> {to}"),
+        note => format!("{from} -> {to}: {note}"),
+    };
+    ctx.event(
+        client,
+        EventType::Normal,
+        "StateChanged",
+        &enter_action(to),
+        message,
+    )
+    .await;
+    Ok(patched.metadata.generation)
+}
+
+/// What the connection step left behind.
+pub struct Connected {
+    /// When `maxConnectionAge` ends the connection.
+    pub due: Option<Timestamp>,
+    pub connected: bool,
+    /// The generation of the client as last written (`None`: nothing written).
+    pub generation: Option<i64>,
+}
+
+impl Connected {
+    fn not(generation: Option<i64>) -> Self {
+        Self {
+            due: None,
+            connected: false,
+            generation,
+        }
+    }
+}
+
+/// The connection state machine, doing what [`lifecycle::next`] decided for a client now in
+/// `state`: `providerParameter` set → ENABLING → ACTIVE (route and tunnel-address claim
+/// recorded before any configuration is published); unset → DISABLING → WAITING (ranges
+/// released).
+pub async fn connect_or_disconnect(
+    client: &GefyraClient,
+    state: ClientState,
+    step: Connection,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Connected> {
+    let api: Api<GefyraClient> =
+        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
+    match step {
+        Connection::Idle => Ok(Connected::not(None)),
+        Connection::GiveBackFailedConnect => {
+            // A connect that failed (ERROR) may have recorded a route or a claim first.
+            release(client, ctx).await?;
+            Ok(Connected::not(None))
+        }
+        Connection::Disconnect { enter_disabling } => {
+            if enter_disabling {
+                transition(
+                    &api,
+                    client,
+                    state,
+                    ClientState::Disabling,
+                    json!({}),
+                    "disconnect requested",
+                    ctx,
+                )
+                .await?;
+            }
+            release(client, ctx).await?;
+            let generation = transition(
+                &api,
+                client,
+                ClientState::Disabling,
+                ClientState::Waiting,
+                json!({"providerConfig": null}),
+                "disconnected; its ranges were released",
+                ctx,
+            )
+            .await?;
+            Ok(Connected::not(generation))
+        }
+        Connection::Connect { enter_enabling } => {
+            connect(client, &api, state, enter_enabling, ctx, now).await
+        }
+    }
+}
+
+/// Connects: the routed range, the tunnel address, then the published configuration.
+async fn connect(
+    client: &GefyraClient,
+    api: &Api<GefyraClient>,
+    mut state: ClientState,
+    enter_enabling: bool,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Connected> {
+    let name = client.name_any();
+    let pool = &ctx.settings.pool;
+    // Present whenever a connect is decided; an absent one would ask for nothing special.
+    let parameter = client.provider_parameter.clone().unwrap_or_default();
+    let request =
+        ProviderParameter::parse(&parameter).map_err(|error| Error::InvalidParameter {
+            client: name.clone(),
+            message: error.to_string(),
+        })?;
+    let uid = client.uid().unwrap_or_default();
+    if let Some(key) = request.public_key
+        && let Some(other) = ctx.key_holder(client, key)
+    {
+        return Err(Error::DuplicatePublicKey {
+            client: name.clone(),
+            other,
+        });
+    }
+    // From WAITING the client enters ENABLING; a retry from ERROR goes straight to ACTIVE
+    // once it succeeds, so a client that cannot connect stays in ERROR (no flapping).
+    if enter_enabling {
+        transition(
+            api,
+            client,
+            state,
+            ClientState::Enabling,
+            json!({}),
+            "connect requested",
+            ctx,
+        )
+        .await?;
+        state = ClientState::Enabling;
+    }
+    // The routed range first (compare-and-swap over every route), then the tunnel address
+    // (a claim by unique name): both are recorded in the API server before any
+    // configuration is published.
+    let routed = match request.subnet {
+        Some(subnet) => ctx.routes.set_route(pool, &name, &uid, subnet).await?,
+        None => ctx.routes.remove_route(&name).await.map(Ok)?,
+    };
+    let ipam_error = |source: IpamError| match source {
+        IpamError::PoolExhausted { .. } => Error::PoolExhausted {
+            client: name.clone(),
+            source,
+        },
+        IpamError::Overlap { .. } => Error::SubnetConflict {
+            client: name.clone(),
+            source,
+        },
+        IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. } => {
+            Error::InvalidParameter {
+                client: name.clone(),
+                message: format!("providerParameter.{source}"),
+            }
+        }
+    };
+    routed.map_err(ipam_error)?;
+    let held = ctx
+        .claims
+        .claim_tunnel(pool, client)
+        .await
+        .map_err(|source| match source {
+            ClaimError::Ipam(source) => ipam_error(source),
+            source => Error::TunnelClaim {
+                client: name.clone(),
+                source,
+            },
+        })?;
+    ctx.observe_pool();
+    let allocation = Allocation {
+        uid,
+        tunnel: held.address.into(),
+        routed: request.subnet,
+    };
+
+    let mut generation = None;
+    let stored = client
+        .provider_config
+        .as_ref()
+        .and_then(|config| ProviderConfig::parse(config).ok());
+    let current = state == ClientState::Active
+        && connection::config_matches(stored.as_ref(), &allocation, request.public_key);
+    if !current {
+        let server = ctx.server_key().await?;
+        let server_public: WireGuardKey =
+            server
+                .public
+                .parse()
+                .map_err(|problem| Error::InvalidServerKey {
+                    problem: format!("publicKey {problem}"),
+                })?;
+        let (client_public, client_private) = match request.public_key {
+            Some(public) => (public, None),
+            None => {
+                let pair = connection::generate_key_pair();
+                let key = |text: &str| text.parse::<WireGuardKey>().expect("a generated key");
+                (key(&pair.public), Some(key(&pair.private)))
+            }
+        };
+        let config = connection::new_config(
+            &allocation,
+            client_public,
+            client_private,
+            server_public,
+            &ctx.settings.wireguard_endpoint,
+        );
+        // Replace the whole map: keys of an older config are removed.
+        let mut replacement = serde_json::Map::new();
+        for stale in client.provider_config.iter().flat_map(|old| old.keys()) {
+            replacement.insert(stale.clone(), serde_json::Value::Null);
+        }
+        replacement.extend(config.to_map());
+        let routed = allocation
+            .routed
+            .map(|routed| format!(", routing {routed}"))
+            .unwrap_or_default();
+        generation = transition(
+            api,
+            client,
+            state,
+            ClientState::Active,
+            json!({ "providerConfig": replacement }),
+            &format!(
+                "connected with tunnel address {}{routed}",
+                allocation.tunnel.addr()
+            ),
+            ctx,
+        )
+        .await?;
+    }
+
+    // The connection's age counts from the tunnel-address claim, which the API server
+    // stamped: nothing a client writes (stateTransitions) can extend it.
+    let due = connection::connection_due(
+        client.max_connection_age,
+        ctx.settings.max_connection_age,
+        held.since,
+    )
+    .map_err(|message| Error::InvalidConnectionAge {
+        client: name.clone(),
+        message,
+    })?;
+    if let Some(due) = due
+        && due <= now
+    {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "providerParameter": null })),
+        )
+        .await
+        .map_err(|source| Error::RecordConnection {
+            client: name.clone(),
+            source,
+        })?;
+        ctx.event(
+            client,
+            EventType::Normal,
+            "MaxConnectionAge",
+            "Disconnect",
+            format!(
+                "connected since {}: maxConnectionAge reached; disconnecting",
+                held.since
+            ),
+        )
+        .await;
+        return Ok(Connected::not(None));
+    }
+    Ok(Connected {
+        due,
+        connected: true,
+        generation,
+    })
+}
+
+/// Gives back everything `client` holds: its routed range and its tunnel-address claims.
+pub async fn release(client: &GefyraClient, ctx: &Context) -> Result<()> {
+    let name = client.name_any();
+    ctx.routes.remove_route(&name).await?;
+    let recorded = client
+        .provider_config
+        .as_ref()
+        .and_then(|config| ProviderConfig::parse(config).ok())
+        .map(|config| config.address);
+    ctx.claims
+        .release(&client.uid().unwrap_or_default(), recorded)
+        .await
+        .map_err(|source| Error::TunnelClaim {
+            client: name.clone(),
+            source,
+        })?;
+    ctx.observe_pool();
+    Ok(())
+}
