@@ -200,85 +200,23 @@ mod tests {
     fn connection_steps_by_state() {
         use ClientState::*;
         use Connection::*;
-        for (state, asks, configured, settle, connection) in [
+        #[rustfmt::skip]
+        let cases = [
             (Waiting, false, false, false, Idle),
-            (
-                Waiting,
-                true,
-                false,
-                false,
-                Connect {
-                    enter_enabling: true,
-                },
-            ),
-            (
-                Enabling,
-                true,
-                false,
-                false,
-                Connect {
-                    enter_enabling: false,
-                },
-            ),
-            (
-                Active,
-                true,
-                true,
-                false,
-                Connect {
-                    enter_enabling: false,
-                },
-            ),
+            (Waiting, true, false, false, Connect { enter_enabling: true }),
+            (Enabling, true, false, false, Connect { enter_enabling: false }),
+            (Active, true, true, false, Connect { enter_enabling: false }),
             // A failed connect retries from ERROR straight to ACTIVE.
-            (
-                Error,
-                true,
-                false,
-                false,
-                Connect {
-                    enter_enabling: false,
-                },
-            ),
-            (
-                Active,
-                false,
-                true,
-                false,
-                Disconnect {
-                    enter_disabling: true,
-                },
-            ),
-            (
-                Enabling,
-                false,
-                false,
-                false,
-                Disconnect {
-                    enter_disabling: true,
-                },
-            ),
-            (
-                Disabling,
-                false,
-                true,
-                false,
-                Disconnect {
-                    enter_disabling: false,
-                },
-            ),
+            (Error, true, false, false, Connect { enter_enabling: false }),
+            (Active, false, true, false, Disconnect { enter_disabling: true }),
+            (Enabling, false, false, false, Disconnect { enter_disabling: true }),
+            (Disabling, false, true, false, Disconnect { enter_disabling: false }),
             // ERROR that no longer asks: settles; gives back what a failed connect recorded,
             // or disconnects if it was connected.
             (Error, false, false, true, GiveBackFailedConnect),
-            (
-                Error,
-                false,
-                true,
-                true,
-                Disconnect {
-                    enter_disabling: true,
-                },
-            ),
-        ] {
+            (Error, false, true, true, Disconnect { enter_disabling: true }),
+        ];
+        for (state, asks, configured, settle, connection) in cases {
             let plan = plan(state, asks, configured);
             assert_eq!(
                 (plan.settle, plan.connection),

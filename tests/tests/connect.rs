@@ -58,6 +58,13 @@ fn public_key_of(private: &str) -> Result<String> {
     gefyra_api::wireguard::public_key_of(private).context("a private key is base64 of 32 bytes")
 }
 
+fn message_of(client: &GefyraClient) -> String {
+    client
+        .ready_condition()
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 fn reason_of(client: &GefyraClient) -> Option<String> {
     client.ready_condition().map(|ready| ready.reason.clone())
 }
@@ -201,10 +208,7 @@ async fn a_pool_of_four_serves_four_and_the_next_connects_when_one_leaves() -> R
         .iter()
         .find(|c| c.state == ClientState::Error)
         .context("an exhausted client")?;
-    let message = waiting_one
-        .ready_condition()
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = message_of(waiting_one);
     ensure!(message.contains("pool is exhausted"), "{message}");
 
     let leaving = settled
@@ -430,10 +434,7 @@ async fn an_ipv6_pool_hands_out_ipv6_addresses_and_routes_do_not_overlap() -> Re
         .iter()
         .find(|c| c.metadata.name.as_deref() == Some("b"))
         .context("b")?;
-    let message = refused
-        .ready_condition()
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = message_of(refused);
     ensure!(
         reason_of(refused).as_deref() == Some("SubnetConflict")
             && message.contains("overlaps fd00:aaaa::/64 of client a"),
@@ -493,10 +494,7 @@ async fn a_route_over_several_shards_is_exclusive_in_each_and_a_refusal_leaves_n
     connect(&clients, "narrow", json!({"subnet": "172.19.5.0/24"})).await?;
     let narrow = wait_for_state(&clients, "narrow", ClientState::Error).await?;
     ensure!(reason_of(&narrow).as_deref() == Some("SubnetConflict"));
-    let message = narrow
-        .ready_condition()
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = message_of(&narrow);
     ensure!(message.contains("client wide"), "{message}");
     // A wider route is written into 172.16/16 and 172.17/16 first, refused in 172.18/16,
     // and gives the first two back.
@@ -522,10 +520,7 @@ async fn a_route_over_several_shards_is_exclusive_in_each_and_a_refusal_leaves_n
     connect(&clients, "huge", json!({"subnet": "8.0.0.0/7"})).await?;
     let huge = wait_for_state(&clients, "huge", ClientState::Error).await?;
     ensure!(reason_of(&huge).as_deref() == Some("InvalidParameter"));
-    let message = huge
-        .ready_condition()
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = message_of(&huge);
     ensure!(message.contains("wider than /8"), "{message}");
     // Once the wide route goes, the narrow one connects (asked again: its retries back off).
     connect(&clients, "wide", Value::Null).await?;

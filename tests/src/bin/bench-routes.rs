@@ -4,8 +4,9 @@
 //! 10,000 routes already recorded, against the same steps with none, on the same control
 //! plane in the same run.
 //!
-//! The 10,000 routes are dense: /28s at every other slot of 172.16.0.0/12, 2,048 in each
-//! /16 shard; the measured clients take the slots between them, in the same shards.
+//! Two layouts of the 10,000 routes, each at every other slot so that the measured clients
+//! take the slots between them, in the same shards: /24s of 10.0.0.0/8 (Docker-network
+//! sized, 128 in each /16 shard) and, the worst case, /28s of 172.16.0.0/12 (2,048 in each).
 //!
 //! Environment: GEFYRA_KUBECONFIG (the control plane), GEFYRA_BENCH_ROUTES (default 10000).
 
@@ -29,11 +30,32 @@ const CONCURRENTLY: usize = 10;
 /// Routes recorded and removed per measurement.
 const MEASURED: usize = 300;
 
-/// The `2i`-th /28 of 172.16.0.0/12 (`odd`: the one after it).
-fn routed_of(i: usize, odd: bool) -> IpNet {
-    let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0));
-    let network = std::net::Ipv4Addr::from(base + (2 * i as u32 + u32::from(odd)) * 16);
-    IpNet::V4(Ipv4Net::new(network, 28).expect("prefix 28 is valid"))
+/// Where the routes of a layout lie: /`prefix`s from `base`.
+#[derive(Clone, Copy)]
+struct Layout {
+    base: std::net::Ipv4Addr,
+    prefix: u8,
+}
+
+const LAYOUTS: [Layout; 2] = [
+    Layout {
+        base: std::net::Ipv4Addr::new(10, 0, 0, 0),
+        prefix: 24,
+    },
+    Layout {
+        base: std::net::Ipv4Addr::new(172, 16, 0, 0),
+        prefix: 28,
+    },
+];
+
+impl Layout {
+    /// The `2i`-th subnet of the layout (`odd`: the one after it).
+    fn routed_of(self, i: usize, odd: bool) -> IpNet {
+        let size = 1u32 << (32 - self.prefix);
+        let slot = 2 * i as u32 + u32::from(odd);
+        let network = std::net::Ipv4Addr::from(u32::from(self.base) + slot * size);
+        IpNet::V4(Ipv4Net::new(network, self.prefix).expect("a valid prefix"))
+    }
 }
 
 fn uid_of(i: usize) -> String {
@@ -42,12 +64,17 @@ fn uid_of(i: usize) -> String {
 
 /// Writes `routes` recorded routes into the shards of `namespace`, as the operator would
 /// have written them one by one.
-async fn preload(cluster: &Cluster, namespace: &str, routes: usize) -> Result<usize> {
+async fn preload(
+    cluster: &Cluster,
+    namespace: &str,
+    routes: usize,
+    layout: Layout,
+) -> Result<(usize, usize)> {
     let mut shards: BTreeMap<String, Routes> = BTreeMap::new();
     for i in 0..routes {
         let route = Route {
             uid: uid_of(i),
-            subnet: routed_of(i, false),
+            subnet: layout.routed_of(i, false),
         };
         for shard in route_shards::shards_of(&route.subnet)? {
             shards
@@ -58,6 +85,7 @@ async fn preload(cluster: &Cluster, namespace: &str, routes: usize) -> Result<us
     }
     let api: Api<ConfigMap> = Api::namespaced(cluster.admin()?, namespace);
     let mut largest = 0;
+    let most = shards.values().map(Routes::len).max().unwrap_or_default();
     for (shard, routes) in &shards {
         let data = encode_shard(routes, &BTreeMap::new());
         largest = largest.max(data.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
@@ -77,7 +105,7 @@ async fn preload(cluster: &Cluster, namespace: &str, routes: usize) -> Result<us
             .await
             .with_context(|| format!("writing shard {shard}"))?;
     }
-    Ok(largest)
+    Ok((largest, most))
 }
 
 struct Latencies(Vec<Duration>);
@@ -92,7 +120,11 @@ impl Latencies {
 }
 
 /// Records, then removes, a route for `MEASURED` new clients, `CONCURRENTLY` at a time.
-async fn measure(cluster: &Cluster, namespace: &str) -> Result<(Latencies, Latencies)> {
+async fn measure(
+    cluster: &Cluster,
+    namespace: &str,
+    layout: Layout,
+) -> Result<(Latencies, Latencies)> {
     let tables = Arc::new(RouteTables::new(cluster.admin()?, namespace));
     let pool = Arc::new(Pool::default());
     let timed = |remove: bool| {
@@ -107,7 +139,12 @@ async fn measure(cluster: &Cluster, namespace: &str) -> Result<(Latencies, Laten
                         tables.remove_route(&name).await?;
                     } else {
                         tables
-                            .set_route(&pool, &name, &uid_of(100_000 + i), routed_of(i, true))
+                            .set_route(
+                                &pool,
+                                &name,
+                                &uid_of(100_000 + i),
+                                layout.routed_of(i, true),
+                            )
                             .await??;
                     }
                     anyhow::Ok(start.elapsed())
@@ -130,28 +167,31 @@ async fn main() -> Result<()> {
         .context("GEFYRA_BENCH_ROUTES must be a number")?
         .unwrap_or(10_000);
     let cluster = Cluster::from_env().await?;
-    let empty = cluster.namespace("bench-routes-none").await?;
-    let full = cluster.namespace("bench-routes-full").await?;
-    let largest = preload(&cluster, &full, routes).await?;
-    let (record_none, remove_none) = measure(&cluster, &empty).await?;
-    let (record_full, remove_full) = measure(&cluster, &full).await?;
-    println!(
-        "== Routes table through the API: {MEASURED} clients, {CONCURRENTLY} at a time, with {routes} routes recorded vs none (largest shard {:.0} KiB)",
-        largest as f64 / 1024.0
-    );
-    for (what, none, full) in [
-        ("record (connect)", &record_none, &record_full),
-        ("remove (disconnect)", &remove_none, &remove_full),
-    ] {
-        let ms = |latency: Duration| latency.as_secs_f64() * 1000.0;
+    for layout in LAYOUTS {
+        let empty = cluster.namespace("bench-routes-none").await?;
+        let full = cluster.namespace("bench-routes-full").await?;
+        let (largest, most) = preload(&cluster, &full, routes, layout).await?;
+        let (record_none, remove_none) = measure(&cluster, &empty, layout).await?;
+        let (record_full, remove_full) = measure(&cluster, &full, layout).await?;
         println!(
-            "{what:<20} none p50 {:>6.1} ms p99 {:>6.1} ms   {routes} routes p50 {:>6.1} ms p99 {:>6.1} ms   ratio p50 {:.2}x (aim <= 2)",
-            ms(none.percentile(0.5)),
-            ms(none.percentile(0.99)),
-            ms(full.percentile(0.5)),
-            ms(full.percentile(0.99)),
-            full.percentile(0.5).as_secs_f64() / none.percentile(0.5).as_secs_f64().max(1e-9),
+            "== Routes table through the API: {MEASURED} clients routing /{}s, {CONCURRENTLY} at a time, with {routes} routes recorded vs none (the measured shards hold {most} routes, {:.0} KiB)",
+            layout.prefix,
+            largest as f64 / 1024.0
         );
+        for (what, none, full) in [
+            ("record (connect)", &record_none, &record_full),
+            ("remove (disconnect)", &remove_none, &remove_full),
+        ] {
+            let ms = |latency: Duration| latency.as_secs_f64() * 1000.0;
+            println!(
+                "{what:<20} none p50 {:>6.1} ms p99 {:>6.1} ms   {routes} routes p50 {:>6.1} ms p99 {:>6.1} ms   ratio p50 {:.2}x (aim <= 2)",
+                ms(none.percentile(0.5)),
+                ms(none.percentile(0.99)),
+                ms(full.percentile(0.5)),
+                ms(full.percentile(0.99)),
+                full.percentile(0.5).as_secs_f64() / none.percentile(0.5).as_secs_f64().max(1e-9),
+            );
+        }
     }
     Ok(())
 }
