@@ -283,12 +283,13 @@ impl Endpoint {
     /// Encrypts an IP packet for the peer whose range holds `destination`: where to send it
     /// and the datagram (a handshake initiation if the peer has no session yet; the packet
     /// then waits in the peer's queue). `None` when no peer holds the address or the peer
-    /// was never heard from.
+    /// was never heard from. The datagram is written into the endpoint's own buffer (no
+    /// allocation per packet): send or copy it before the next call.
     pub fn encapsulate(
         &mut self,
         destination: IpAddr,
         packet: &[u8],
-    ) -> Option<(SocketAddr, Vec<u8>)> {
+    ) -> Option<(SocketAddr, &[u8])> {
         let index = match self.routes.get(&destination) {
             Some(index) => *index,
             None => {
@@ -303,9 +304,13 @@ impl Endpoint {
         };
         let peer = self.peers.get_mut(&index)?;
         let endpoint = peer.endpoint?;
-        let mut buffer = vec![0u8; packet.len() + 148];
-        match peer.tunnel.as_mut()?.encapsulate(packet, &mut buffer) {
-            TunnResult::WriteToNetwork(datagram) => Some((endpoint, datagram.to_vec())),
+        // Room for the packet and WireGuard's overhead (boringtun panics on less).
+        let needed = packet.len().saturating_add(148);
+        if self.buffer.len() < needed {
+            self.buffer.resize(needed, 0);
+        }
+        match peer.tunnel.as_mut()?.encapsulate(packet, &mut self.buffer) {
+            TunnResult::WriteToNetwork(datagram) => Some((endpoint, datagram)),
             _ => None,
         }
     }
@@ -473,7 +478,7 @@ mod tests {
         assert_eq!(to, FROM.parse().unwrap());
         let mut buffer = vec![0u8; BUFFER];
         assert!(matches!(
-            client.decapsulate(None, &datagram, &mut buffer),
+            client.decapsulate(None, datagram, &mut buffer),
             TunnResult::WriteToTunnelV4(_, _)
         ));
         assert!(

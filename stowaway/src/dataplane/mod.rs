@@ -11,6 +11,8 @@
 mod device;
 mod forward;
 mod inbox;
+mod outbox;
+mod reader;
 mod tcp;
 mod tunnel;
 mod udp;
@@ -170,10 +172,14 @@ pub struct DataPlane {
     /// The time of this turn of the event loop.
     now: Instant,
     buffer: Vec<u8>,
-    /// Datagrams the WireGuard socket could not take yet (sent when it is writable again,
-    /// so that a burst from the stack is delayed rather than lost), and their bytes.
-    outbox: VecDeque<(SocketAddr, Vec<u8>)>,
-    outbox_bytes: usize,
+    /// Datagrams for the WireGuard socket: this turn's, and those it could not take yet
+    /// (sent when it is writable again, so that a burst from the stack is delayed rather
+    /// than lost).
+    outbox: outbox::Outbox,
+    /// The socket's send buffer was full at the last flush.
+    outbox_full: bool,
+    /// Segmented sends the kernel refused in a row.
+    segmentation_failures: u32,
     /// The WireGuard socket had more to read when this turn's share was used up.
     wireguard_pending: bool,
     /// Data datagrams read and not yet decrypted, by peer.
@@ -278,8 +284,9 @@ impl DataPlane {
             started,
             now: started,
             buffer: vec![0; DATAGRAM],
-            outbox: VecDeque::new(),
-            outbox_bytes: 0,
+            outbox: outbox::Outbox::new(tunnel::OUTBOX_BYTES, true),
+            outbox_full: false,
+            segmentation_failures: 0,
             wireguard_pending: false,
             inbox: inbox::Inbox::new(tunnel::PEER_INBOX, tunnel::INBOX),
             udp_pending: HashSet::new(),
@@ -301,6 +308,8 @@ impl DataPlane {
     /// Runs until `Handle::stop` (or the handle is dropped).
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        // Made here, on the data plane's own thread (its system-call headers stay on it).
+        let mut reader = reader::Reader::new();
         let mut next_tick = Instant::now();
         loop {
             self.now = Instant::now();
@@ -356,7 +365,7 @@ impl DataPlane {
             // Every source gets a bounded share of this turn: the tunnel, then each UDP flow
             // with datagrams waiting, then every TCP flow (in `pump`).
             if self.wireguard_pending || !self.inbox.is_empty() {
-                self.receive_datagrams();
+                self.receive_datagrams(&mut reader);
             }
             if !self.udp_pending.is_empty() {
                 let ready: Vec<Token> = self.udp_pending.drain().collect();
@@ -365,6 +374,8 @@ impl DataPlane {
                 }
             }
             self.pump();
+            // What this turn wrote for the peers, in as few system calls as it allows.
+            self.flush_outbox();
         }
     }
 
@@ -416,7 +427,7 @@ impl DataPlane {
 
     fn tick(&mut self) {
         for (to, datagram) in self.endpoint.tick() {
-            self.send_datagram(to, datagram);
+            self.send_datagram(to, &datagram);
         }
         self.icmp_budget = tunnel::ICMP_ERRORS_PER_SECOND;
         self.expire_flows();

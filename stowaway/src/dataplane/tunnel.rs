@@ -1,9 +1,15 @@
 //! The WireGuard socket: datagrams in (decrypted and routed to flows), datagrams out
 //! (through a byte-bounded outbox), and the few packets Stowaway answers with itself.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
+use mio::net::UdpSocket;
+use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+
+use super::outbox::Transmit;
+use super::reader::Reader;
 use super::{DataPlane, FlowKind, PeerId, Protocol};
 use crate::endpoint::Drop;
 use crate::packet::{self, Inbound};
@@ -19,59 +25,89 @@ pub(super) const PEER_INBOX: usize = 256;
 pub(super) const INBOX: usize = 8_192;
 /// Bytes of datagrams waiting for room in the WireGuard socket's send buffer, all peers
 /// together (beyond: dropped and counted).
-const OUTBOX_BYTES: usize = 16 << 20;
+pub(super) const OUTBOX_BYTES: usize = 16 << 20;
+/// Bytes queued in a turn before the outbox is sent without waiting for the turn's end.
+const FLUSH_AT: usize = 256 << 10;
+/// Segmented sends refused in a row before segmentation stops for good.
+const SEGMENTATION_FAILURES: u32 = 3;
 /// ICMP errors (refused datagrams) sent per second, all peers together.
 pub(super) const ICMP_ERRORS_PER_SECOND: u32 = 100;
 
 impl DataPlane {
-    pub(super) fn send_datagram(&mut self, to: SocketAddr, datagram: Vec<u8>) {
-        if self.outbox.is_empty() {
-            match self.wireguard.send_to(&datagram, to) {
-                Ok(_) => return,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) => {
-                    tracing::debug!(%to, %error, "sending a WireGuard datagram failed");
-                    return;
-                }
-            }
-        }
-        if self.outbox_bytes.saturating_add(datagram.len()) <= OUTBOX_BYTES {
-            if self.outbox.is_empty() {
-                tracing::debug!("the WireGuard socket's send buffer is full; queueing");
-            }
-            self.outbox_bytes = self.outbox_bytes.saturating_add(datagram.len());
-            self.outbox.push_back((to, datagram));
-        } else {
+    /// Queues a datagram for the WireGuard socket (sent at the end of this turn, or at once
+    /// when a transmit's worth waits); over the outbox's bound it is dropped and counted.
+    pub(super) fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) {
+        let queued = self.outbox.push(to, datagram);
+        self.after_queueing(queued);
+    }
+
+    /// Counts a datagram the outbox had no room for; sends once a transmit's worth waits.
+    fn after_queueing(&mut self, queued: bool) {
+        if !queued {
             self.metrics
                 .dropped
                 .with_label_values(&["send_buffer_full"])
                 .inc();
         }
+        if self.outbox.bytes() >= FLUSH_AT {
+            self.flush_outbox();
+        }
     }
 
+    /// Sends what the outbox holds until the socket's send buffer is full (the rest waits
+    /// for it to be writable). A transmit of several datagrams goes out as one system call,
+    /// cut by the kernel (UDP GSO); one the kernel refuses to cut is sent datagram by
+    /// datagram, and after `SEGMENTATION_FAILURES` refusals in a row segmentation stops.
     pub(super) fn flush_outbox(&mut self) {
-        while let Some((to, datagram)) = self.outbox.front() {
-            match self.wireguard.send_to(datagram, *to) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
-                Err(error) => tracing::debug!(%to, %error, "sending a WireGuard datagram failed"),
-                Ok(_) => {}
+        while let Some(transmit) = self.outbox.front() {
+            let segmented = transmit.datagrams() > 1;
+            let sent = if segmented {
+                send_segmented(&self.wireguard, transmit)
+            } else {
+                self.wireguard
+                    .send_to(&transmit.contents, transmit.to)
+                    .map(drop)
+            };
+            match sent {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.outbox_full {
+                        tracing::debug!("the WireGuard socket's send buffer is full; queueing");
+                        self.outbox_full = true;
+                    }
+                    return;
+                }
+                Err(error) if segmented => {
+                    self.segmentation_failures = self.segmentation_failures.saturating_add(1);
+                    if self.segmentation_failures >= SEGMENTATION_FAILURES {
+                        tracing::warn!(%error, "the kernel refuses UDP segmentation offload on the WireGuard socket; sending datagram by datagram from now on");
+                        self.outbox.stop_segmenting();
+                    } else {
+                        tracing::debug!(%error, "a segmented send was refused; sending its datagrams one by one");
+                    }
+                    self.outbox.split_front();
+                    continue;
+                }
+                Err(error) => {
+                    tracing::debug!(to = %transmit.to, %error, "sending a WireGuard datagram failed");
+                }
+                Ok(()) if segmented => self.segmentation_failures = 0,
+                Ok(()) => {}
             }
-            if let Some((_, sent)) = self.outbox.pop_front() {
-                self.outbox_bytes = self.outbox_bytes.saturating_sub(sent.len());
-            }
+            self.outbox.pop_front();
         }
+        self.outbox_full = false;
     }
 
     /// Reads up to this turn's share of datagrams — data into its peer's queue, anything
     /// else (handshakes, cookies, strangers) handled at once — then decrypts up to this
     /// turn's share from the queues, one peer after another. `wireguard_pending` says
     /// whether the socket has more.
-    pub(super) fn receive_datagrams(&mut self) {
-        let mut datagram = std::mem::take(&mut self.buffer);
+    pub(super) fn receive_datagrams(&mut self, reader: &mut Reader) {
         if self.wireguard_pending {
-            for _ in 0..READS_PER_TURN {
-                let (length, from) = match self.wireguard.recv_from(&mut datagram) {
-                    Ok(received) => received,
+            let mut read = 0;
+            while read < READS_PER_TURN {
+                match reader.read(&self.wireguard) {
+                    Ok(count) => read += count.max(1),
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                         self.wireguard_pending = false;
                         break;
@@ -81,22 +117,22 @@ impl DataPlane {
                         self.wireguard_pending = false;
                         break;
                     }
-                };
-                let received = &datagram[..length];
-                match self.endpoint.data_peer(received) {
-                    Some(peer) => {
-                        if !self.inbox.push(peer, from, received.to_vec()) {
-                            self.metrics
-                                .dropped
-                                .with_label_values(&["peer_queue_full"])
-                                .inc();
+                }
+                for (from, received) in reader.datagrams() {
+                    match self.endpoint.data_peer(received) {
+                        Some(peer) => {
+                            if !self.inbox.push(peer, from, received.to_vec()) {
+                                self.metrics
+                                    .dropped
+                                    .with_label_values(&["peer_queue_full"])
+                                    .inc();
+                            }
                         }
+                        None => self.handle_datagram(from, received),
                     }
-                    None => self.handle_datagram(from, received),
                 }
             }
         }
-        self.buffer = datagram;
         for _ in 0..DECRYPTS_PER_TURN {
             let Some((from, data)) = self.inbox.pop() else {
                 break;
@@ -129,7 +165,7 @@ impl DataPlane {
             tracing::debug!(client, %from, "handshake completed");
         }
         for reply in handled.replies {
-            self.send_datagram(from, reply);
+            self.send_datagram(from, &reply);
         }
         for (peer, packet) in handled.packets {
             self.route_inbound(peer, packet);
@@ -190,13 +226,13 @@ impl DataPlane {
         let Some(destination) = packet::destination(packet) else {
             return;
         };
-        match self.endpoint.encapsulate(destination, packet) {
-            Some((to, datagram)) => self.send_datagram(to, datagram),
-            None => {
-                tracing::debug!(%destination, "no peer holds the destination");
-                self.metrics.dropped.with_label_values(&["no_route"]).inc();
-            }
-        }
+        let Some((to, datagram)) = self.endpoint.encapsulate(destination, packet) else {
+            tracing::debug!(%destination, "no peer holds the destination");
+            self.metrics.dropped.with_label_values(&["no_route"]).inc();
+            return;
+        };
+        let queued = self.outbox.push(to, datagram);
+        self.after_queueing(queued);
     }
 
     /// Tells the peer that sent `packet` that it was refused (ICMP "administratively
@@ -210,4 +246,20 @@ impl DataPlane {
             self.send_to_peer(&error);
         }
     }
+}
+
+/// One `sendmsg` of a transmit's datagrams, cut by the kernel every `segment` bytes.
+fn send_segmented(socket: &UdpSocket, transmit: &Transmit) -> io::Result<()> {
+    let segment = u16::try_from(transmit.segment)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment over 64 KiB"))?;
+    let to = SockaddrStorage::from(transmit.to);
+    sendmsg(
+        socket.as_raw_fd(),
+        &[IoSlice::new(&transmit.contents)],
+        &[ControlMessage::UdpGsoSegments(&segment)],
+        MsgFlags::empty(),
+        Some(&to),
+    )
+    .map(drop)
+    .map_err(io::Error::from)
 }
