@@ -111,6 +111,19 @@ impl Context {
         }
     }
 
+    /// The claims cache as a watch's first list of `claims` leaves it (tests that run a
+    /// reconcile without a controller).
+    #[cfg(test)]
+    pub(crate) fn claims_filled_for_tests(&self, claims: Vec<Lease>) {
+        if let Some(mut writer) = self.claims_writer.lock().expect("not poisoned").take() {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for claim in claims {
+                writer.apply_watcher_event(&watcher::Event::InitApply(claim));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+    }
+
     /// Waits (at most [`OWNED_CACHE_WAIT`]) until the caches of owned objects are filled, so
     /// that the first reconciles after a start find settled objects in place instead of
     /// applying them again; past that, applies go to the API server as before.

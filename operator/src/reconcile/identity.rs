@@ -246,7 +246,7 @@ fn renew_at_of(token: &str, renew_before: Option<SignedDuration>) -> Option<Time
     credentials::token_claims(token).map(|claims| credentials::renew_at(&claims, renew_before))
 }
 
-fn stored_token(data: &gefyra_api::ServiceAccountData) -> Option<String> {
+pub(super) fn stored_token(data: &gefyra_api::ServiceAccountData) -> Option<String> {
     use base64::Engine;
     let token = base64::engine::general_purpose::STANDARD
         .decode(&data.token)

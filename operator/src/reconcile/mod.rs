@@ -5,6 +5,8 @@
 
 pub mod connect;
 pub mod identity;
+#[cfg(test)]
+mod mocked_api;
 pub mod status;
 
 use std::time::Duration;
