@@ -30,6 +30,19 @@ pub async fn transition(
     note: &str,
     ctx: &Context,
 ) -> Result<Option<i64>> {
+    let generation = record_transition(api, client, from, to, extra).await?;
+    announce_transition(client, from, to, note, ctx).await;
+    Ok(generation)
+}
+
+/// The patch and log line of [`transition`].
+async fn record_transition(
+    api: &Api<GefyraClient>,
+    client: &GefyraClient,
+    from: ClientState,
+    to: ClientState,
+    extra: serde_json::Value,
+) -> Result<Option<i64>> {
     let name = client.name_any();
     let mut patch = lifecycle::enter(to, Timestamp::now());
     if let (Some(patch), serde_json::Value::Object(extra)) = (patch.as_object_mut(), extra) {
@@ -44,6 +57,17 @@ pub async fn transition(
             source,
         })?;
     info!(client = %name, %from, %to, "state changed");
+    Ok(patched.metadata.generation)
+}
+
+/// The `StateChanged` Event of [`transition`] (best effort: a failure is logged).
+async fn announce_transition(
+    client: &GefyraClient,
+    from: ClientState,
+    to: ClientState,
+    note: &str,
+    ctx: &Context,
+) {
     let message = match note {
         "" => format!("{from} -> {to}"),
         note => format!("{from} -> {to}: {note}"),
@@ -56,7 +80,6 @@ pub async fn transition(
         message,
     )
     .await;
-    Ok(patched.metadata.generation)
 }
 
 /// What the connection step left behind.
@@ -100,18 +123,17 @@ pub async fn connect_or_disconnect(
         }
         Connection::Disconnect { enter_disabling } => {
             if enter_disabling {
-                transition(
-                    &api,
-                    client,
-                    state,
-                    ClientState::Disabling,
-                    json!({}),
-                    "disconnect requested",
-                    ctx,
-                )
-                .await?;
+                record_transition(&api, client, state, ClientState::Disabling, json!({})).await?;
             }
-            release(client, ctx).await?;
+            // DISABLING's Event is posted while the ranges are given back.
+            let announced = async {
+                if enter_disabling {
+                    let note = "disconnect requested";
+                    announce_transition(client, state, ClientState::Disabling, note, ctx).await;
+                }
+            };
+            let ((), released) = futures::join!(announced, release(client, ctx));
+            released?;
             let generation = transition(
                 &api,
                 client,
@@ -140,7 +162,6 @@ async fn connect(
     now: Timestamp,
 ) -> Result<Connected> {
     let name = client.name_any();
-    let pool = &ctx.settings.pool;
     // Present whenever a connect is decided; an absent one would ask for nothing special.
     let parameter = client.provider_parameter.clone().unwrap_or_default();
     let request =
@@ -159,55 +180,21 @@ async fn connect(
     }
     // From WAITING the client enters ENABLING; a retry from ERROR goes straight to ACTIVE
     // once it succeeds, so a client that cannot connect stays in ERROR (no flapping).
+    let before = state;
     if enter_enabling {
-        transition(
-            api,
-            client,
-            state,
-            ClientState::Enabling,
-            json!({}),
-            "connect requested",
-            ctx,
-        )
-        .await?;
+        record_transition(api, client, state, ClientState::Enabling, json!({})).await?;
         state = ClientState::Enabling;
     }
-    // The routed range first (compare-and-swap over every route), then the tunnel address
-    // (a claim by unique name): both are recorded in the API server before any
-    // configuration is published.
-    let routed = match request.subnet {
-        Some(subnet) => ctx.routes.set_route(pool, &name, &uid, subnet).await?,
-        None => ctx.routes.remove_route(&name).await.map(Ok)?,
-    };
-    let ipam_error = |source: IpamError| match source {
-        IpamError::PoolExhausted { .. } => Error::PoolExhausted {
-            client: name.clone(),
-            source,
-        },
-        IpamError::Overlap { .. } => Error::SubnetConflict {
-            client: name.clone(),
-            source,
-        },
-        IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. } => {
-            Error::InvalidParameter {
-                client: name.clone(),
-                message: format!("providerParameter.{source}"),
-            }
+    // ENABLING's Event is posted while the range and address are recorded (one round trip
+    // less per connect); ACTIVE's comes after both.
+    let announced = async {
+        if enter_enabling {
+            let note = "connect requested";
+            announce_transition(client, before, ClientState::Enabling, note, ctx).await;
         }
     };
-    routed.map_err(ipam_error)?;
-    let held = ctx
-        .claims
-        .claim_tunnel(pool, client)
-        .await
-        .map_err(|source| match source {
-            ClaimError::Ipam(source) => ipam_error(source),
-            source => Error::TunnelClaim {
-                client: name.clone(),
-                source,
-            },
-        })?;
-    ctx.observe_pool();
+    let ((), held) = futures::join!(announced, record_range_and_address(client, &request, ctx));
+    let held = held?;
     let allocation = Allocation {
         uid,
         tunnel: held.address.into(),
@@ -312,6 +299,53 @@ async fn connect(
         connected: true,
         generation,
     })
+}
+
+/// The routed range first (compare-and-swap over every route), then the tunnel address (a
+/// claim by unique name): both recorded in the API server before any configuration is
+/// published.
+async fn record_range_and_address(
+    client: &GefyraClient,
+    request: &ProviderParameter,
+    ctx: &Context,
+) -> Result<crate::allocator::Held> {
+    let name = client.name_any();
+    let uid = client.uid().unwrap_or_default();
+    let pool = &ctx.settings.pool;
+    let routed = match request.subnet {
+        Some(subnet) => ctx.routes.set_route(pool, &name, &uid, subnet).await?,
+        None => ctx.routes.remove_route(&name).await.map(Ok)?,
+    };
+    let ipam_error = |source: IpamError| match source {
+        IpamError::PoolExhausted { .. } => Error::PoolExhausted {
+            client: name.clone(),
+            source,
+        },
+        IpamError::Overlap { .. } => Error::SubnetConflict {
+            client: name.clone(),
+            source,
+        },
+        IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. } => {
+            Error::InvalidParameter {
+                client: name.clone(),
+                message: format!("providerParameter.{source}"),
+            }
+        }
+    };
+    routed.map_err(ipam_error)?;
+    let held = ctx
+        .claims
+        .claim_tunnel(pool, client)
+        .await
+        .map_err(|source| match source {
+            ClaimError::Ipam(source) => ipam_error(source),
+            source => Error::TunnelClaim {
+                client: name.clone(),
+                source,
+            },
+        })?;
+    ctx.observe_pool();
+    Ok(held)
 }
 
 /// Gives back everything `client` holds: its routed range and its tunnel-address claims.
