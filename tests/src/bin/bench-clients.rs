@@ -29,6 +29,9 @@ use std::collections::BTreeSet;
 use tokio::sync::Notify;
 
 const CONCURRENCY: usize = 32;
+/// The tunnel-address pool of the operator and the floor: 16,381 addresses (the default
+/// /20 holds 4,093), so that N = 10,000 clients can all be ACTIVE.
+const TUNNEL_POOL: &str = "192.168.64.0/18";
 /// Clients connecting at the same time.
 const CONNECTING: usize = 10;
 
@@ -279,7 +282,10 @@ async fn floor_connect_one(
 async fn floor_connect(cluster: &Cluster, namespace: &str, n: usize) -> Result<Run> {
     let client = cluster.admin()?;
     let server = Arc::new(connection::generate_key_pair());
-    let pool = Pool::default();
+    let pool = Pool {
+        tunnel: vec![TUNNEL_POOL.parse()?],
+        reserved: Vec::new(),
+    };
     let mut taken = BTreeSet::new();
     let mut addresses = Vec::new();
     for _ in 0..n {
@@ -368,7 +374,11 @@ async fn restart(
 ) -> Result<Restart> {
     operator.kill().await?;
     let start = Instant::now();
-    let operator = Operator::start(cluster, namespace, &["--log-format", "json"])?;
+    let operator = Operator::start(
+        cluster,
+        namespace,
+        &["--log-format", "json", "--tunnel-pool", TUNNEL_POOL],
+    )?;
     let reconciled = || async {
         gefyra_e2e::metric(
             operator.http_port,
@@ -477,7 +487,11 @@ async fn idle_minute(
 
 async fn with_operator(cluster: &Cluster, n: usize) -> Result<OperatorRuns> {
     let namespace = cluster.namespace("bench-operator").await?;
-    let operator = Operator::start(cluster, &namespace, &["--log-format", "json"])?;
+    let operator = Operator::start(
+        cluster,
+        &namespace,
+        &["--log-format", "json", "--tunnel-pool", TUNNEL_POOL],
+    )?;
     let pid = operator.child.id().context("operator pid")?;
     let ready = Instant::now();
     while operator
