@@ -41,6 +41,17 @@ pub enum Reply {
     Other,
 }
 
+/// What a TCP segment of the attacker's carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub control: TcpControl,
+    pub seq: u32,
+    pub ack: Option<u32>,
+    /// Offered in a SYN: the other side then acknowledges out-of-order data selectively.
+    pub sack_permitted: bool,
+    pub payload: &'a [u8],
+}
+
 pub struct Attacker {
     tunnel: Tunn,
     socket: UdpSocket,
@@ -153,7 +164,7 @@ impl Attacker {
         Ok(packets)
     }
 
-    /// A TCP segment from the attacker's `port` to `to`.
+    /// A TCP segment from the attacker's `port` to `to`, without data or options.
     pub fn tcp(
         &self,
         port: u16,
@@ -162,6 +173,28 @@ impl Attacker {
         seq: u32,
         ack: Option<u32>,
     ) -> Vec<u8> {
+        self.tcp_segment(
+            port,
+            to,
+            &Segment {
+                control,
+                seq,
+                ack,
+                sack_permitted: false,
+                payload: &[],
+            },
+        )
+    }
+
+    /// A TCP segment from the attacker's `port` to `to`.
+    pub fn tcp_segment(&self, port: u16, to: SocketAddrV4, segment: &Segment) -> Vec<u8> {
+        let Segment {
+            control,
+            seq,
+            ack,
+            sack_permitted,
+            payload,
+        } = *segment;
         let tcp = TcpRepr {
             src_port: port,
             dst_port: to.port(),
@@ -175,10 +208,10 @@ impl Attacker {
             } else {
                 None
             },
-            sack_permitted: false,
+            sack_permitted,
             sack_ranges: [None, None, None],
             timestamp: None,
-            payload: &[],
+            payload,
         };
         let (from, destination): (Ipv4Address, Ipv4Address) = (self.address, *to.ip());
         let ip = Ipv4Repr {

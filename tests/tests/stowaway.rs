@@ -524,7 +524,7 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_share() -> Result<()>
 {
-    use gefyra_e2e::attacker::{Attacker, Reply, port, syn_answered};
+    use gefyra_e2e::attacker::{Attacker, Reply, Segment, port, syn_answered};
     use smoltcp::wire::TcpControl;
     use std::net::SocketAddrV4;
 
@@ -703,7 +703,23 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
         Ok((handshakes >= 3.0 && udp >= 2.0 && open == 0.0).then_some(()))
     })
     .await?;
-    let syn = mallory.tcp(port(40), http, TcpControl::Syn, 5_000, None);
+    // This connection also offers selective acknowledgements, with sequence numbers about
+    // to wrap past 2^32, and sends data out of order: the acknowledgement that answers it
+    // carries a SACK block (smoltcp before 0.14 overflowed computing it there — a panic that
+    // stopped the data plane, found by the bulk-transfer test when a real peer's segment
+    // was lost).
+    let isn: u32 = 0xFFFF_FF00;
+    let syn = mallory.tcp_segment(
+        port(40),
+        http,
+        &Segment {
+            control: TcpControl::Syn,
+            seq: isn,
+            ack: None,
+            sack_permitted: true,
+            payload: &[],
+        },
+    );
     mallory.send(&syn)?;
     let replies = tokio::task::block_in_place(|| mallory.receive(Duration::from_secs(2)))?;
     let server_seq = replies
@@ -718,14 +734,37 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
             _ => None,
         })
         .context("a SYN-ACK for the connection the attacker completes")?;
+    let acknowledged = Some(server_seq.wrapping_add(1));
     let ack = mallory.tcp(
         port(40),
         http,
         TcpControl::None,
-        5_001,
-        Some(server_seq.wrapping_add(1)),
+        isn.wrapping_add(1),
+        acknowledged,
     );
     mallory.send(&ack)?;
+    // Ten bytes, a thousand bytes past what Stowaway expects next: a hole before them.
+    let out_of_order = mallory.tcp_segment(
+        port(40),
+        http,
+        &Segment {
+            control: TcpControl::Psh,
+            seq: isn.wrapping_add(1_001),
+            ack: acknowledged,
+            sack_permitted: false,
+            payload: b"0123456789",
+        },
+    );
+    mallory.send(&out_of_order)?;
+    let replies = tokio::task::block_in_place(|| mallory.receive(Duration::from_secs(2)))?;
+    ensure!(
+        replies.iter().any(|reply| matches!(
+            reply,
+            Reply::Tcp { to_port, ack: true, ack_number, .. }
+                if *to_port == port(40) && *ack_number == isn.wrapping_add(1)
+        )),
+        "the out-of-order segment is answered with a duplicate acknowledgement: {replies:?}"
+    );
     eventually("the abandoned connection expires", WAIT, || async {
         let idle = stowaway
             .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"idle\"}")
