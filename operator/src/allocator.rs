@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use gefyra_api::GefyraClient;
 use gefyra_api::ipam::{self, IpamError, Pool};
@@ -22,6 +23,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::connection::{KeyPair, generate_key_pair};
 use crate::credentials::MANAGED_BY;
+use crate::index::Index;
 
 pub use gefyra_api::ipam::{
     ADDRESS_ANNOTATION, CLAIM_SELECTOR, CLIENT_UID_LABEL, SERVER_KEY_SECRET, claimed,
@@ -120,11 +122,18 @@ pub fn free_address_in(
     ipam::free_tunnel_address(pool, store.len() + refused.len(), is_taken, start)
 }
 
-/// The tunnel-address claims: the API for writes, a watch-fed store for choosing.
+/// The tunnel-address claims: the API for writes, a watch-fed store for choosing, and the
+/// claims of each client (by its uid) from the same watch.
 #[derive(Clone)]
 pub struct Claims {
     pub api: Api<Lease>,
     pub store: Store<Lease>,
+    pub by_client: Arc<Index<Lease, String>>,
+}
+
+/// The uid of the client a claim names (the value `Claims::by_client` is indexed by).
+pub fn claim_holder_uid(lease: &Lease) -> Option<String> {
+    lease.labels().get(CLIENT_UID_LABEL).cloned()
 }
 
 /// A tunnel address a client holds, and since when (the claim's creation, recorded by the
@@ -143,13 +152,15 @@ fn held_by_lease(lease: &Lease) -> Option<Held> {
 }
 
 impl Claims {
-    /// The claims (name, address, since) the store shows for the client with `uid`.
+    /// The claims (name, address, since) the store shows for the client with `uid`: the
+    /// few its index names, read from the store (never a scan of every claim).
     fn held_by(&self, uid: &str) -> Vec<(String, Held)> {
-        self.store
-            .state()
+        self.by_client
+            .holders(uid)
             .iter()
+            .filter_map(|claim| self.store.get(claim))
             .filter(|lease| lease.labels().get(CLIENT_UID_LABEL).map(String::as_str) == Some(uid))
-            .filter_map(|lease| Some((lease.name_any(), held_by_lease(lease)?)))
+            .filter_map(|lease| Some((lease.name_any(), held_by_lease(&lease)?)))
             .collect()
     }
 

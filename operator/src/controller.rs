@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gefyra_api::{ClientState, GefyraClient};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -27,6 +27,7 @@ use crate::allocator::{self, Claims};
 use crate::connection::{self, KeyPair};
 use crate::credentials::{self, ClientRbac};
 use crate::error::{Error, Result};
+use crate::index::Index;
 use crate::lifecycle;
 use crate::metrics::Metrics;
 use crate::owned::OwnedObjects;
@@ -75,6 +76,8 @@ pub struct Context {
     /// The controller's cache of GefyraClients (set by `run`), to find a public key that
     /// another client already uses.
     pub(crate) clients: std::sync::OnceLock<Store<GefyraClient>>,
+    /// The ACTIVE clients in that cache by the public key of their peer.
+    clients_by_key: Arc<Index<GefyraClient, WireGuardKey>>,
     /// The routes table's shards, watched by `run`: a route in place is not written again,
     /// and the sweep asks the API server only when they or the claims show a range of a
     /// client the cache does not know.
@@ -95,6 +98,7 @@ impl Context {
         let claims = Claims {
             api: Api::namespaced(client.clone(), &settings.namespace),
             store,
+            by_client: Arc::new(Index::new(allocator::claim_holder_uid)),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -106,6 +110,7 @@ impl Context {
             claims,
             claims_writer: Mutex::new(Some(writer)),
             clients: std::sync::OnceLock::new(),
+            clients_by_key: Arc::new(Index::new(active_public_key)),
             owned: std::sync::OnceLock::new(),
             routes,
         }
@@ -116,11 +121,13 @@ impl Context {
     #[cfg(test)]
     pub(crate) fn claims_filled_for_tests(&self, claims: Vec<Lease>) {
         if let Some(mut writer) = self.claims_writer.lock().expect("not poisoned").take() {
-            writer.apply_watcher_event(&watcher::Event::Init);
-            for claim in claims {
-                writer.apply_watcher_event(&watcher::Event::InitApply(claim));
+            let events = std::iter::once(watcher::Event::Init)
+                .chain(claims.into_iter().map(watcher::Event::InitApply))
+                .chain([watcher::Event::InitDone]);
+            for event in events {
+                writer.apply_watcher_event(&event);
+                self.claims.by_client.apply(&event);
             }
-            writer.apply_watcher_event(&watcher::Event::InitDone);
         }
     }
 
@@ -147,14 +154,16 @@ impl Context {
 
     /// Another client that holds `key` as its ACTIVE peer's public key and connected
     /// before the client with `uid` did (by their claims, which the API server stamped);
-    /// that one keeps it. Every cached client's key is read (one field, not its whole
-    /// configuration); claims are looked up only for the few that hold `key`.
+    /// that one keeps it. Only the clients the index names for `key` are read (checked
+    /// against the cache); claims are looked up only for them.
     pub(crate) fn key_holder(&self, client: &GefyraClient, key: WireGuardKey) -> Option<String> {
         let store = self.clients.get()?;
         let uid = client.uid().unwrap_or_default();
-        let holders: Vec<_> = store
-            .state()
-            .into_iter()
+        let holders: Vec<_> = self
+            .clients_by_key
+            .holders(&key)
+            .iter()
+            .filter_map(|other| store.get(other))
             .filter(|other| {
                 other.uid().unwrap_or_default() != uid
                     && other.state == ClientState::Active
@@ -212,6 +221,17 @@ impl Context {
     }
 }
 
+/// The public key of an ACTIVE client's peer (what [`Context::key_holder`] looks up).
+fn active_public_key(client: &GefyraClient) -> Option<WireGuardKey> {
+    if client.state != ClientState::Active {
+        return None;
+    }
+    client
+        .provider_config
+        .as_ref()
+        .and_then(ProviderConfig::public_key_in)
+}
+
 /// The Event action for entering `state`: `EnterActive`, `EnterWaiting`, ...
 pub(crate) fn enter_action(state: ClientState) -> String {
     let name = state.as_str();
@@ -220,18 +240,25 @@ pub(crate) fn enter_action(state: ClientState) -> String {
 
 /// Keeps `writer`'s store in step with what `api` and `config` select, retrying (with
 /// backoff) after a failed watch; `what` names it in the log.
-async fn reflect_forever<K>(api: Api<K>, config: watcher::Config, writer: Writer<K>, what: &str)
-where
+async fn reflect_forever<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    index: impl Fn(&watcher::Event<K>),
+    what: &str,
+) where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
     K: Send + Sync + 'static,
 {
     watcher(api, config)
         .default_backoff()
         .reflect(writer)
-        .for_each(|event| async move {
-            if let Err(error) = event {
-                warn!(%error, "watching {what} failed; retrying");
+        .for_each(|event| {
+            match &event {
+                Ok(event) => index(event),
+                Err(error) => warn!(%error, "watching {what} failed; retrying"),
             }
+            std::future::ready(())
         })
         .await;
 }
@@ -246,10 +273,12 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         .expect("not poisoned")
         .take()
         .expect("controller::run is called once per Context");
+    let by_client = ctx.claims.by_client.clone();
     let claims = tokio::spawn(reflect_forever(
         ctx.claims.api.clone(),
         watcher::Config::default().labels(allocator::CLAIM_SELECTOR),
         writer,
+        move |event| by_client.apply(event),
         "the tunnel-address claims (Leases)",
     ));
     if ctx.claims.store.wait_until_ready().await.is_err() {
@@ -267,6 +296,7 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace),
         watcher::Config::default().labels(route_shards::SHARD_SELECTOR),
         routes_writer,
+        |_| {},
         "the routes table's shards (ConfigMaps)",
     ));
     // Filled before the first reconcile, so that settled routes are found in place.
@@ -293,9 +323,11 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     // Stowaway's `status.wireguard` writes (every 30 s per active peer) start no reconcile:
     // an idle fleet costs the API server nothing. Every other change does, as before.
     let (reader, writer) = reflector::store();
+    let by_key = ctx.clients_by_key.clone();
     let changes = watcher(clients, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect_ok(move |event| by_key.apply(event))
         .applied_objects()
         .predicate_filter(reconcile_relevant, PredicateConfig::default());
     let controller = Controller::for_stream(changes, reader)

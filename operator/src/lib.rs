@@ -8,6 +8,7 @@ pub mod controller;
 pub mod credentials;
 pub mod error;
 pub mod http;
+pub mod index;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
