@@ -6,9 +6,11 @@
 //!
 //! And the Stowaway server's key pair, in a Secret created once.
 
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use gefyra_api::GefyraClient;
 use gefyra_api::ipam::{self, IpamError, Pool};
@@ -129,6 +131,23 @@ pub struct Claims {
     pub api: Api<Lease>,
     pub store: Store<Lease>,
     pub by_client: Arc<Index<Lease, String>>,
+    /// Claims this process made that its store may not show yet, by client uid: a second
+    /// reconcile of a client right after its connect (its own write seen, the claim not yet)
+    /// must find the claim it holds, not make another.
+    pub recent: Arc<Mutex<HashMap<String, RecentClaim>>>,
+}
+
+/// How long a claim this process made is trusted while the store does not show it (a
+/// watch delivers within a second; a claim deleted before the store ever showed it must
+/// not be held forever).
+const RECENT_CLAIM_TRUST: Duration = Duration::from_secs(60);
+
+/// A claim this process made, until its store shows it.
+#[derive(Debug, Clone)]
+pub struct RecentClaim {
+    claim: ObjectRef<Lease>,
+    held: Held,
+    made: Instant,
 }
 
 /// The uid of the client a claim names (the value `Claims::by_client` is indexed by).
@@ -154,14 +173,25 @@ fn held_by_lease(lease: &Lease) -> Option<Held> {
 impl Claims {
     /// The claims (name, address, since) the store shows for the client with `uid`: the
     /// few its index names, read from the store (never a scan of every claim).
+    /// A claim this process just made counts too until the store shows it.
     fn held_by(&self, uid: &str) -> Vec<(String, Held)> {
-        self.by_client
+        let mut held: Vec<(String, Held)> = self
+            .by_client
             .holders(uid)
             .iter()
             .filter_map(|claim| self.store.get(claim))
             .filter(|lease| lease.labels().get(CLIENT_UID_LABEL).map(String::as_str) == Some(uid))
             .filter_map(|lease| Some((lease.name_any(), held_by_lease(&lease)?)))
-            .collect()
+            .collect();
+        let mut recent = self.recent.lock().expect("not poisoned");
+        if let Some(made) = recent.get(uid) {
+            if self.store.get(&made.claim).is_some() || made.made.elapsed() > RECENT_CLAIM_TRUST {
+                recent.remove(uid);
+            } else if !held.iter().any(|(name, _)| *name == made.claim.name) {
+                held.push((made.claim.name.clone(), made.held));
+            }
+        }
+        held
     }
 
     /// Since when the client with `uid` holds a tunnel address, as the store shows.
@@ -198,15 +228,25 @@ impl Claims {
                 .await
             {
                 Ok(created) => {
+                    let since = created
+                        .metadata
+                        .creation_timestamp
+                        .clone()
+                        .map_or_else(Timestamp::now, |time| time.0);
+                    let made = Held { address, since };
+                    self.recent.lock().expect("not poisoned").insert(
+                        uid.clone(),
+                        RecentClaim {
+                            claim: ObjectRef::from_obj(&created),
+                            held: made,
+                            made: Instant::now(),
+                        },
+                    );
                     // Addresses of an older pool the client held are given back.
                     for (name, _) in held {
                         self.delete_if_held(&name, &uid).await?;
                     }
-                    let since = created
-                        .metadata
-                        .creation_timestamp
-                        .map_or_else(Timestamp::now, |time| time.0);
-                    return Ok(Held { address, since });
+                    return Ok(made);
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     refused.insert(address);
@@ -254,6 +294,7 @@ impl Claims {
         for name in names {
             self.delete_if_held(&name, uid).await?;
         }
+        self.recent.lock().expect("not poisoned").remove(uid);
         Ok(())
     }
 }

@@ -99,6 +99,7 @@ impl Context {
             api: Api::namespaced(client.clone(), &settings.namespace),
             store,
             by_client: Arc::new(Index::new(allocator::claim_holder_uid)),
+            recent: Arc::default(),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -244,21 +245,21 @@ async fn reflect_forever<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: Writer<K>,
-    index: impl Fn(&watcher::Event<K>),
+    index: impl Fn(&watcher::Event<K>) + Send,
     what: &str,
 ) where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
     K: Send + Sync + 'static,
 {
+    // The index first: when the store says it is ready, the index is too.
     watcher(api, config)
         .default_backoff()
+        .inspect_ok(index)
         .reflect(writer)
-        .for_each(|event| {
-            match &event {
-                Ok(event) => index(event),
-                Err(error) => warn!(%error, "watching {what} failed; retrying"),
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                warn!(%error, "watching {what} failed; retrying");
             }
-            std::future::ready(())
         })
         .await;
 }
@@ -326,8 +327,8 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     let by_key = ctx.clients_by_key.clone();
     let changes = watcher(clients, watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
         .inspect_ok(move |event| by_key.apply(event))
+        .reflect(writer)
         .applied_objects()
         .predicate_filter(reconcile_relevant, PredicateConfig::default());
     let controller = Controller::for_stream(changes, reader)

@@ -4,9 +4,9 @@
 //! cached object in each reconcile costs a fleet of N clients N² on a restart (89 s for
 //! 10,000 settled clients).
 //!
-//! An index is a hint: callers read what it names from the store and check it there, so an
-//! index a moment behind or ahead of its store is the same as reading the store a moment
-//! earlier or later.
+//! An index is a hint: callers read what it names from the store and check it there. It is
+//! fed each event just before its store, so that it is filled when the store says it is
+//! ready; a moment ahead of the store is the same as reading the store a moment later.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};

@@ -201,6 +201,31 @@ async fn a_connect_sends_the_state_the_claim_the_config_two_events_and_the_condi
     );
 }
 
+/// A second reconcile right after a connect, from a cache that shows the client's own
+/// ENABLING write but neither ACTIVE nor the new claim (watches lag behind writes): it
+/// finds the claim this process just made instead of claiming a second address (which
+/// leaked one and changed the address on the next start: seen at 10,000 clients).
+#[tokio::test]
+async fn a_reconcile_from_a_lagging_cache_right_after_a_connect_claims_no_second_address() {
+    let (client, seen) = mocked_client(connect_answers);
+    let waiting = waiting_client_asking_to_connect();
+    let ctx = context(client, &waiting, Vec::new());
+    ctx.server_key().await.unwrap();
+    super::apply(&waiting, &ctx).await.unwrap();
+    let mut enabling = waiting.clone();
+    enabling.state = ClientState::Enabling;
+
+    super::apply(&enabling, &ctx).await.unwrap();
+
+    let claims_made = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|request| request.starts_with("POST") && request.ends_with("/leases"))
+        .count();
+    assert_eq!(claims_made, 1, "one tunnel address per client");
+}
+
 /// The same client once connected and settled, as a restarted operator finds it: ACTIVE
 /// with its configuration, its claim in the cache, Ready for this generation.
 fn settled_active_client() -> (GefyraClient, Lease) {
