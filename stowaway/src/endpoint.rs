@@ -15,6 +15,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::peers::{self, Key, PeerSpec, Plan};
+use crate::shard::{Shard, worker_of_index, worker_of_key};
 
 /// Handshakes per second (all peers together) before cookie replies are required.
 const HANDSHAKES_PER_SECOND: u64 = 100;
@@ -58,6 +59,8 @@ pub struct Handled {
     pub dropped: Option<Drop>,
     /// A handshake with this client completed (a response was sent).
     pub handshake_with: Option<String>,
+    /// The datagram is for a peer of this other worker: hand it over untouched.
+    pub elsewhere: Option<usize>,
 }
 
 /// One peer's counters, as its tunnel keeps them.
@@ -84,7 +87,10 @@ struct Peer {
 pub struct Endpoint {
     private: StaticSecret,
     public: PublicKey,
+    /// Shared by every worker's endpoint: one rate, one cookie secret.
     limiter: Arc<RateLimiter>,
+    /// The peers this endpoint holds (the others are other workers').
+    shard: Shard,
     /// By our index (the upper 24 bits of every receiver index boringtun hands out).
     peers: HashMap<u32, Peer>,
     by_key: HashMap<Key, u32>,
@@ -101,10 +107,25 @@ impl Endpoint {
 
     /// An endpoint that requires cookies above `handshakes_per_second` (all peers together).
     pub fn with_handshake_rate(private: Key, handshakes_per_second: u64) -> Self {
+        let limiter = Self::limiter(private, handshakes_per_second);
+        Self::worker(private, limiter, Shard::ALONE)
+    }
+
+    /// The handshake rate limiter the endpoints of all workers share (cookies above
+    /// `handshakes_per_second`, all peers together).
+    pub fn limiter(private: Key, handshakes_per_second: u64) -> Arc<RateLimiter> {
+        let public = PublicKey::from(&StaticSecret::from(private));
+        Arc::new(RateLimiter::new(&public, handshakes_per_second))
+    }
+
+    /// One worker's endpoint: it holds the peers its shard owns, hands out only its own
+    /// indices, and names the worker of any other peer's datagram (`Handled::elsewhere`).
+    pub fn worker(private: Key, limiter: Arc<RateLimiter>, shard: Shard) -> Self {
         let private = StaticSecret::from(private);
         let public = PublicKey::from(&private);
         Self {
-            limiter: Arc::new(RateLimiter::new(&public, handshakes_per_second)),
+            limiter,
+            shard,
             private,
             public,
             peers: HashMap::new(),
@@ -162,12 +183,15 @@ impl Endpoint {
             }
         }
         for spec in plan.add.into_iter().chain(plan.replace) {
-            // 24-bit indices; skip ones still in use after wrapping.
-            let mut index = self.next_index;
-            while self.peers.contains_key(&index) || index == 0 {
-                index = (index + 1) & 0x00ff_ffff;
+            if !self.shard.owns_key(&spec.public_key) {
+                continue;
             }
-            self.next_index = (index + 1) & 0x00ff_ffff;
+            // 24-bit indices of this worker; skip ones still in use after wrapping.
+            let mut index = self.shard.index_at_or_after(self.next_index);
+            while self.peers.contains_key(&index) {
+                index = self.shard.index_at_or_after(index.wrapping_add(1));
+            }
+            self.next_index = index.wrapping_add(1);
             self.by_key.insert(spec.public_key, index);
             self.peers.insert(
                 index,
@@ -211,6 +235,11 @@ impl Endpoint {
             }
             Ok(Packet::HandshakeInit(init)) => {
                 match parse_handshake_anon(&self.private, &self.public, &init) {
+                    Ok(half) if !self.shard.owns_key(&half.peer_static_public) => {
+                        handled.elsewhere =
+                            Some(worker_of_key(&half.peer_static_public, self.shard.count()));
+                        return handled;
+                    }
                     Ok(half) => self.by_key.get(&half.peer_static_public).copied(),
                     Err(_) => {
                         handled.dropped = Some(Drop::Malformed);
@@ -222,6 +251,13 @@ impl Endpoint {
             Ok(Packet::PacketCookieReply(reply)) => Some(reply.receiver_idx >> 8),
             Ok(Packet::PacketData(data)) => Some(data.receiver_idx >> 8),
         };
+        if let Some(worker) = index
+            .map(|index| worker_of_index(index, self.shard.count()))
+            .filter(|worker| *worker != self.shard.id())
+        {
+            handled.elsewhere = Some(worker);
+            return handled;
+        }
         let Some((index, peer)) =
             index.and_then(|index| Some((index, self.peers.get_mut(&index)?)))
         else {
@@ -342,7 +378,10 @@ impl Endpoint {
     /// Timers (keepalives, rekeying, session expiry) of every peer, and the rate limiter's
     /// one-second window; call once a second. Datagrams to send.
     pub fn tick(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
-        self.limiter.reset_count();
+        // The shared limiter's one-second window is kept by the first worker.
+        if self.shard.id() == 0 {
+            self.limiter.reset_count();
+        }
         let mut out = Vec::new();
         for peer in self.peers.values_mut() {
             let Some(tunnel) = peer.tunnel.as_mut() else {
@@ -446,6 +485,79 @@ mod tests {
             ..Plan::default()
         });
         endpoint
+    }
+
+    #[test]
+    fn each_worker_holds_only_its_peers_and_names_the_owner_of_the_others_datagrams() {
+        // Client private keys whose public keys land on worker 0 and on worker 1 of two.
+        let key_of = |worker: usize| {
+            (2u8..=255)
+                .map(|byte| [byte; 32])
+                .find(|private| {
+                    let public = PublicKey::from(&StaticSecret::from(*private)).to_bytes();
+                    worker_of_key(&public, 2) == worker
+                })
+                .expect("a key for each worker")
+        };
+        let (first, second) = (key_of(0), key_of(1));
+        let server = [1; 32];
+        let limiter = Endpoint::limiter(server, 100);
+        let mut workers: Vec<Endpoint> = (0..2)
+            .map(|id| {
+                let mut endpoint =
+                    Endpoint::worker(server, limiter.clone(), Shard::new(id, 2).expect("a shard"));
+                endpoint.apply(Plan {
+                    add: vec![
+                        spec("first", first, &["192.168.96.2/32"]),
+                        spec("second", second, &["192.168.96.3/32"]),
+                    ],
+                    ..Plan::default()
+                });
+                endpoint
+            })
+            .collect();
+        assert_eq!(workers[0].specs().len(), 1);
+        assert_eq!(
+            workers[1].owner("192.168.96.3".parse().unwrap()).as_deref(),
+            Some("second")
+        );
+        assert_eq!(workers[0].owner("192.168.96.3".parse().unwrap()), None);
+
+        // The second client's initiation read by the first worker is named, not answered.
+        let public = workers[0].public_key();
+        let mut client = client_tunnel(second, public);
+        let from: SocketAddr = FROM.parse().unwrap();
+        let mut buffer = vec![0u8; BUFFER];
+        let packet = ipv4([192, 168, 96, 3], [192, 168, 99, 1], b"hello");
+        let TunnResult::WriteToNetwork(init) = client.encapsulate(&packet, &mut buffer) else {
+            panic!("expected a handshake initiation");
+        };
+        let init = init.to_vec();
+        let misrouted = workers[0].handle_datagram(from, &init);
+        assert_eq!(misrouted.elsewhere, Some(1));
+        assert!(misrouted.replies.is_empty() && misrouted.dropped.is_none());
+
+        // Its owner answers; the data that follows names the owner too, and only the
+        // owner's indices are on the wire.
+        let handled = workers[1].handle_datagram(from, &init);
+        assert_eq!(handled.handshake_with.as_deref(), Some("second"));
+        let response = handled.replies[0].clone();
+        let mut data = Vec::new();
+        let mut input = response;
+        while let TunnResult::WriteToNetwork(datagram) =
+            client.decapsulate(None, &input, &mut buffer)
+        {
+            data.push(datagram.to_vec());
+            input = Vec::new();
+        }
+        let datagram = data.last().expect("the queued packet");
+        assert_eq!(crate::shard::worker_of_datagram(datagram, 2), Some(1));
+        assert_eq!(
+            workers[0].handle_datagram(from, datagram).elsewhere,
+            Some(1)
+        );
+        let delivered = workers[1].handle_datagram(from, datagram);
+        assert_eq!(delivered.packets.len(), 1, "{delivered:?}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn unix_now() -> u64 {
 
 /// Alive while the data plane ticks (or before it started: waiting for the key is no fault).
 async fn livez(State(health): State<Health>) -> (StatusCode, &'static str) {
-    let beat = health.shared.heartbeat.load(Ordering::Relaxed);
+    let beat = health.shared.heartbeat();
     if beat == 0 || unix_now().saturating_sub(beat) <= 10 {
         (StatusCode::OK, "ok")
     } else {
@@ -64,6 +64,6 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(State(health): State<Health>) -> impl axum::response::IntoResponse {
-    let stats = health.shared.stats.lock().expect("stats lock").clone();
+    let stats = health.shared.peer_stats();
     gefyra_process::metrics_response(&health.metrics.families(&stats, SystemTime::now()))
 }

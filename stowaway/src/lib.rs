@@ -10,4 +10,5 @@ pub mod peers;
 pub mod policy;
 pub mod rbac;
 pub mod run;
+pub mod shard;
 pub mod status;

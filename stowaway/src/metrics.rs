@@ -28,6 +28,11 @@ pub struct Metrics {
     pub expiries: IntCounterVec,
     /// ACTIVE clients not admitted as peers right now, by reason.
     pub refused_clients: IntGaugeVec,
+    /// Data-plane workers.
+    pub workers: IntGauge,
+    /// What one worker handed another, by kind: datagram (an initiation, or one the
+    /// kernel did not steer), forward (a forward's connection).
+    pub handoffs: IntCounterVec,
 }
 
 /// The per-peer families (made afresh for each scrape from the data plane's stats).
@@ -94,6 +99,16 @@ impl Default for Metrics {
         for reason in Refusal::ALL {
             refused_clients.with_label_values(&[reason.label()]).set(0);
         }
+        let workers = IntGauge::new("stowaway_workers", "Data-plane workers (threads)")
+            .expect("valid metric");
+        let handoffs = counter(
+            "stowaway_handoffs_total",
+            "Datagrams and connections one data-plane worker handed the worker of their peer, by kind (datagram, forward)",
+            &["kind"],
+        );
+        for kind in ["datagram", "forward"] {
+            handoffs.with_label_values(&[kind]).inc_by(0);
+        }
         let mut declared = Vec::new();
         for collector in [
             Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
@@ -103,6 +118,8 @@ impl Default for Metrics {
             Box::new(flows.clone()),
             Box::new(flows_total.clone()),
             Box::new(expiries.clone()),
+            Box::new(workers.clone()),
+            Box::new(handoffs.clone()),
         ] {
             declared.extend(collector.desc().iter().map(|desc| desc.fq_name.clone()));
             registry
@@ -125,6 +142,8 @@ impl Default for Metrics {
             flows_total,
             expiries,
             refused_clients,
+            workers,
+            handoffs,
         }
     }
 }

@@ -213,7 +213,7 @@ pub async fn write_status(api: Api<GefyraClient>, shared: Arc<Shared>, interval:
     let mut written: BTreeMap<String, PeerStatus> = BTreeMap::new();
     loop {
         tokio::time::sleep(interval).await;
-        let stats = shared.stats.lock().expect("stats lock").clone();
+        let stats = shared.peer_stats();
         let now = jiff::Timestamp::now();
         let mut writes = Vec::new();
         for (client, peer) in &stats {

@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Seconds between writes of `status.wireguard`.
     #[arg(long, default_value_t = 30)]
     pub status_interval: u64,
+    /// Data-plane workers (threads), peers shared out among them; 0: one per CPU this
+    /// process may use, at most 8.
+    #[arg(long, env = "STOWAWAY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     /// Handshakes per second (all peers together) before cookies are required.
     #[arg(long, default_value_t = 100)]
     pub handshakes_per_second: u64,
@@ -237,7 +241,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         )
     })?;
     let metrics = Arc::new(Metrics::default());
-    let shared = Arc::new(Shared::default());
+    let workers = match args.workers {
+        0 => std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+            .min(8),
+        workers => workers,
+    };
+    let shared = Arc::new(Shared::new(workers));
     let ready = Arc::new(AtomicBool::new(false));
     let health = Health {
         metrics: metrics.clone(),
@@ -247,14 +258,24 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let server = tokio::spawn(serve(args.http_address, health));
 
     let key = server_key(&client, &args.namespace).await?;
-    let (plane, handle) = DataPlane::bind(config.clone(), key, shared.clone(), metrics.clone())?;
+    let (planes, handle) = DataPlane::bind(
+        config.clone(),
+        key,
+        workers,
+        shared.clone(),
+        metrics.clone(),
+    )?;
     tracing::info!(
-        listen = %plane.local_addr()?,
+        listen = %planes[0].local_addr()?,
+        workers,
         resolver = %config.resolver,
         forwards = ?config.forwards,
         "WireGuard endpoint listening"
     );
-    let mut plane = tokio::task::spawn_blocking(move || plane.run());
+    let mut plane = tokio::task::JoinSet::new();
+    for worker in planes {
+        plane.spawn_blocking(move || worker.run());
+    }
 
     let clients: Api<GefyraClient> = Api::namespaced(client.clone(), &args.namespace);
     let peers_task = tokio::spawn(keep_peers(
@@ -274,13 +295,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         _ = gefyra_process::shutdown_signal() => {
             tracing::info!("shutting down");
             handle.stop();
-            let _ = (&mut plane).await;
+            while plane.join_next().await.is_some() {}
             Ok(())
         }
-        ended = &mut plane => match ended {
+        // One worker ending ends the data plane.
+        Some(ended) = plane.join_next() => match ended {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(anyhow::anyhow!("the data plane failed: {error}")),
-            Err(error) => Err(anyhow::anyhow!("the data plane panicked: {error}")),
+            Ok(Err(error)) => Err(anyhow::anyhow!("a data-plane worker failed: {error}")),
+            Err(error) => Err(anyhow::anyhow!("a data-plane worker panicked: {error}")),
         },
         served = server => Err(anyhow::anyhow!("the HTTP server ended: {served:?}")),
     };

@@ -680,6 +680,22 @@ pub async fn connect(
     }
 }
 
+/// A key pair (private, public) whose peer Stowaway's data plane gives worker `worker` of
+/// `count`.
+pub fn key_pair_of_worker(worker: usize, count: usize) -> Result<(String, String)> {
+    for _ in 0..1_000 {
+        let (private, public) = key_pair();
+        let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(&public)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("a 32-byte key"))?;
+        if stowaway::shard::worker_of_key(&bytes, count) == worker {
+            return Ok((private, public));
+        }
+    }
+    anyhow::bail!("no key for worker {worker} of {count} in 1,000 tries")
+}
+
 /// A fresh key pair, base64: (private, public).
 pub fn key_pair() -> (String, String) {
     let pair = gefyra_api::wireguard::generate_key_pair();
@@ -743,6 +759,23 @@ impl Deployment {
         self.stowaway.wait_ready().await
     }
 
+    /// Restarts Stowaway (as `restart_stowaway`) with `flag` set to `value` instead of what
+    /// it was given.
+    pub async fn restart_stowaway_with(&mut self, flag: &str, value: &str) -> Result<()> {
+        let mut arguments = Vec::new();
+        let mut given = self.stowaway_arguments.iter();
+        while let Some(argument) = given.next() {
+            if argument == flag {
+                given.next();
+            } else {
+                arguments.push(argument.clone());
+            }
+        }
+        arguments.extend([flag.to_string(), value.to_string()]);
+        self.stowaway_arguments = arguments;
+        self.restart_stowaway().await
+    }
+
     /// A client, connected with `parameter` (plus `publicKey` when it keeps its own key),
     /// and its real peer.
     pub async fn connected_peer(
@@ -751,17 +784,28 @@ impl Deployment {
         parameter: Value,
         own_key: bool,
     ) -> Result<Peer> {
+        self.connected_peer_with_key(name, parameter, own_key.then(key_pair))
+            .await
+    }
+
+    /// `connected_peer`, keeping this key pair (private, public) when one is given.
+    pub async fn connected_peer_with_key(
+        &mut self,
+        name: &str,
+        parameter: Value,
+        key_pair: Option<(String, String)>,
+    ) -> Result<Peer> {
         let admin = self.clients.clone().into_client();
         let ns = self.clients.namespace().context("namespaced")?.to_string();
         create_client(admin, &ns, name).await?;
         wait_for_ready(&self.clients, name).await?;
         let mut parameter = parameter;
-        let private = if own_key {
-            let (private, public) = key_pair();
-            parameter["publicKey"] = json!(public);
-            Some(private)
-        } else {
-            None
+        let private = match key_pair {
+            Some((private, public)) => {
+                parameter["publicKey"] = json!(public);
+                Some(private)
+            }
+            None => None,
         };
         let active = connect(&self.clients, name, parameter).await?;
         let config = PeerConfig::of(&active, private.as_deref())?;

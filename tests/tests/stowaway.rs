@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
-use gefyra_e2e::lab::{Deployment, PeerConfig, connect, key_pair};
+use gefyra_e2e::lab::{Deployment, PeerConfig, connect, key_pair, key_pair_of_worker};
 use gefyra_e2e::{Cluster, WAIT, eventually};
 use kube::api::DeleteParams;
 use serde_json::{Value, json};
@@ -206,6 +206,122 @@ async fn real_peers_reach_the_cluster_through_an_unprivileged_stowaway() -> Resu
 }
 
 /// `ip -n NETNS ARGS...`
+/// Peers shared out among three data-plane workers, one on each: all reach the cluster; a
+/// forward accepted by the first worker reaches a peer of the last; and when every peer
+/// roams to a new source port, each keeps its session and its data still reaches its own
+/// worker without a handoff (the kernel steers datagrams by the receiver index they name).
+#[tokio::test]
+async fn peers_on_every_worker_reach_the_cluster_and_keep_their_session_when_they_roam()
+-> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let workers = 3;
+    let forward_port = gefyra_e2e::free_port();
+    let target = "172.31.212.1";
+    let mut setup = Deployment::start(
+        &cluster,
+        "stowaway-workers",
+        &[
+            "--status-interval".to_string(),
+            "1".to_string(),
+            "--workers".to_string(),
+            workers.to_string(),
+            "--forward".to_string(),
+            format!("{forward_port}={target}:8080"),
+        ],
+    )
+    .await?;
+    setup.stowaway.wait_ready().await?;
+    ensure!(setup.stowaway.metric("stowaway_workers").await? == 3.0);
+    let mut peers = Vec::new();
+    for worker in 0..workers {
+        let name = format!("w{worker}");
+        let subnet = format!("172.31.{}.0/24", 210 + worker);
+        let peer = setup
+            .connected_peer_with_key(
+                &name,
+                json!({ "subnet": subnet }),
+                Some(key_pair_of_worker(worker, workers)?),
+            )
+            .await?;
+        setup.reaches_the_cluster(&peer.netns).await?;
+        peers.push(peer);
+    }
+
+    // The forward's listener is the first worker's; its target is the last worker's peer.
+    let last = &peers[2];
+    ip_in(
+        &last.netns,
+        &["addr", "add", &format!("{target}/32"), "dev", "lo"],
+    )?;
+    setup.lab.serve(&last.netns, target.parse()?, "peer-w2")?;
+    let forwarded = format!("http://{}:{forward_port}/", setup.lab.cluster_gateway());
+    let body = setup
+        .lab
+        .probe(&setup.lab.cluster_netns(), &["http", &forwarded])?;
+    ensure!(body == "peer-w2", "the forward reached {body:?}");
+    let forwards = setup
+        .stowaway
+        .metric(r#"stowaway_handoffs_total{kind="forward"}"#)
+        .await?;
+    ensure!(forwards == 1.0, "forwards handed over: {forwards}");
+
+    // Every peer roams: a new source port, the same session, its worker found by the kernel.
+    let completed = r#"stowaway_handshakes_total{result="completed"}"#;
+    let datagrams = r#"stowaway_handoffs_total{kind="datagram"}"#;
+    let handshakes_before = setup.stowaway.metric(completed).await?;
+    let handoffs_before = setup.stowaway.metric(datagrams).await?;
+    for (index, peer) in peers.iter().enumerate() {
+        let port = (41_000 + index).to_string();
+        setup.lab.exec_in(
+            &peer.netns,
+            "wg",
+            &["set", &peer.interface, "listen-port", &port],
+        )?;
+    }
+    for peer in &peers {
+        setup.reaches_the_cluster(&peer.netns).await?;
+    }
+    let clients = setup.clients.clone();
+    for (index, peer) in peers.iter().enumerate() {
+        let name = format!("w{index}");
+        let port = 41_000 + index as u64;
+        eventually(
+            &format!("{name}'s new endpoint in its status"),
+            WAIT,
+            || async {
+                let client = clients.get(&name).await?;
+                let endpoint = client
+                    .status
+                    .and_then(|status| status.wireguard)
+                    .and_then(|wireguard| wireguard.get("endpoint").cloned());
+                Ok(endpoint.filter(|endpoint| {
+                    endpoint["host"] == json!(peer.address.to_string())
+                        && endpoint["port"].as_u64() == Some(port)
+                }))
+            },
+        )
+        .await?;
+    }
+    let handshakes = setup.stowaway.metric(completed).await? - handshakes_before;
+    let handoffs = setup.stowaway.metric(datagrams).await? - handoffs_before;
+    ensure!(
+        handshakes == 0.0,
+        "roaming took {handshakes} new handshakes"
+    );
+    ensure!(
+        handoffs == 0.0,
+        "{handoffs} datagrams reached the wrong worker after roaming"
+    );
+    for reason in ["misrouted", "handoff_queue_full"] {
+        let dropped = setup
+            .stowaway
+            .metric(&format!(r#"stowaway_dropped_total{{reason="{reason}"}}"#))
+            .await?;
+        ensure!(dropped == 0.0, "{dropped} dropped as {reason}");
+    }
+    Ok(())
+}
+
 fn ip_in(netns: &str, args: &[&str]) -> Result<String> {
     let mut all = vec!["-n", netns];
     all.extend_from_slice(args);

@@ -58,21 +58,47 @@ impl DataPlane {
                     return;
                 }
             };
-            let local = SocketAddr::new(SERVER_ADDRESS, self.ephemeral_port());
-            let opened = match self.endpoint.owner(target.ip()) {
-                Some(peer) => self.open_forwarded(peer, stream, target, local),
-                None => {
-                    tracing::info!(%from, %target, "forward refused: no connected client holds the target");
-                    let _ = stream.shutdown(Shutdown::Both);
-                    false
+            // The worker whose peer holds the target takes the connection.
+            let owner = crate::peers::route(self.all_peers.values(), target.ip())
+                .map(|spec| crate::shard::worker_of_key(&spec.public_key, self.shard.count()));
+            match owner {
+                Some(worker) if worker != self.shard.id() => {
+                    self.hand_over(
+                        worker,
+                        super::Handoff::Forward {
+                            stream,
+                            target,
+                            from,
+                        },
+                    );
                 }
-            };
-            if !opened {
-                self.metrics
-                    .flows_total
-                    .with_label_values(&["tcp", "refused"])
-                    .inc();
+                _ => self.forward_here(stream, target, from),
             }
+        }
+    }
+
+    /// A forward's connection through this worker's tunnel to `target`, if one of its peers
+    /// holds it and its limits allow one more flow.
+    pub(super) fn forward_here(
+        &mut self,
+        stream: mio::net::TcpStream,
+        target: SocketAddr,
+        from: SocketAddr,
+    ) {
+        let local = SocketAddr::new(SERVER_ADDRESS, self.ephemeral_port());
+        let opened = match self.endpoint.owner(target.ip()) {
+            Some(peer) => self.open_forwarded(peer, stream, target, local),
+            None => {
+                tracing::info!(%from, %target, "forward refused: no connected client holds the target");
+                let _ = stream.shutdown(Shutdown::Both);
+                false
+            }
+        };
+        if !opened {
+            self.metrics
+                .flows_total
+                .with_label_values(&["tcp", "refused"])
+                .inc();
         }
     }
 

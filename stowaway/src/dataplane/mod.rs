@@ -1,7 +1,12 @@
-//! The data plane: one thread, one event loop (mio) over the WireGuard socket and every
-//! forwarded flow. Peers' TCP is terminated by a userspace stack (smoltcp) and
-//! re-originated as an ordinary socket; UDP is relayed datagram by datagram; nothing needs
-//! a TUN device or a capability.
+//! The data plane: one or more workers, each a thread with one event loop (mio) over its
+//! WireGuard socket and its peers' forwarded flows. Peers' TCP is terminated by a
+//! userspace stack (smoltcp) and re-originated as an ordinary socket; UDP is relayed
+//! datagram by datagram; nothing needs a TUN device or a capability.
+//!
+//! Peers are sharded across workers (`crate::shard`): a peer's session, flows and forwards
+//! live on one worker, whose socket the kernel steers the peer's datagrams to; what lands
+//! on another worker (an initiation, a forward's connection) is handed over through a
+//! bounded queue. The flow limits (`policy::Ledger`) and the handshake rate are shared.
 //!
 //! By concept: `device` (the stack's in-memory device), `tunnel` (the WireGuard socket, its
 //! outbox, packets to and from peers), `tcp` (dials and flows), `udp` (the relay),
@@ -36,6 +41,7 @@ use crate::endpoint::{Endpoint, PeerStats};
 use crate::metrics::Metrics;
 use crate::peers::{Key, PeerSpec};
 use crate::policy::{EgressPolicy, GlobalLimits, Holding, Ledger, PeerLimits};
+use crate::shard::{self, Shard};
 use device::Queues;
 
 /// The server's IPv6 address inside the userspace stack (never on a wire: it only lets the
@@ -74,40 +80,105 @@ pub struct Config {
     pub global_limits: GlobalLimits,
 }
 
-/// What the control plane tells the data plane.
+/// What the control plane tells each worker: the whole peer table (each keeps its own).
 pub enum Command {
-    Peers(BTreeMap<Key, PeerSpec>),
+    Peers(Arc<BTreeMap<Key, PeerSpec>>),
     Stop,
 }
 
-/// What the data plane publishes for the control plane (status write-back, metrics, probes).
-#[derive(Default)]
+/// What the workers publish for the control plane (status write-back, metrics, probes),
+/// each in its own slot.
 pub struct Shared {
-    pub stats: Mutex<BTreeMap<String, PeerStats>>,
-    /// Unix seconds of the loop's last tick (liveness).
-    pub heartbeat: AtomicU64,
+    stats: Vec<Mutex<BTreeMap<String, PeerStats>>>,
+    /// Unix seconds of each worker's last tick (liveness).
+    heartbeats: Vec<AtomicU64>,
 }
 
-/// The control plane's side: send commands, wake the loop.
+impl Shared {
+    /// Room for `workers` workers.
+    pub fn new(workers: usize) -> Self {
+        let workers = workers.max(1);
+        Self {
+            stats: (0..workers).map(|_| Mutex::default()).collect(),
+            heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Every peer's counters, by client (each peer is on one worker).
+    pub fn peer_stats(&self) -> BTreeMap<String, PeerStats> {
+        let mut all = BTreeMap::new();
+        for slot in &self.stats {
+            all.extend(
+                slot.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .map(|(client, stats)| (client.clone(), *stats)),
+            );
+        }
+        all
+    }
+
+    /// Unix seconds of the least recent worker's last tick (0: one has not ticked yet).
+    pub fn heartbeat(&self) -> u64 {
+        self.heartbeats
+            .iter()
+            .map(|beat| beat.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new(1)
+    }
+}
+
+/// What one worker hands another: what arrived on its side for a peer of the other's.
+enum Handoff {
+    /// A WireGuard datagram (an initiation, or one the kernel did not steer).
+    Datagram(SocketAddr, Vec<u8>),
+    /// A connection accepted on a forward listener, for the peer that holds `target`.
+    Forward {
+        stream: mio::net::TcpStream,
+        target: SocketAddr,
+        from: SocketAddr,
+    },
+}
+
+/// How to reach a worker's loop: its queue of handoffs and its waker.
+struct Link {
+    handoffs: mpsc::SyncSender<Handoff>,
+    waker: Arc<Waker>,
+}
+
+/// Handoffs one worker may have waiting (beyond: dropped, counted as `handoff_queue_full`).
+const HANDOFFS: usize = 4_096;
+
+/// The control plane's side: send commands to every worker, wake their loops.
 #[derive(Clone)]
 pub struct Handle {
-    commands: mpsc::Sender<Command>,
-    waker: Arc<Waker>,
+    workers: Vec<(mpsc::Sender<Command>, Arc<Waker>)>,
 }
 
 impl Handle {
     pub fn set_peers(&self, peers: BTreeMap<Key, PeerSpec>) {
-        self.send(Command::Peers(peers));
+        let peers = Arc::new(peers);
+        for (commands, waker) in &self.workers {
+            Self::send(commands, waker, Command::Peers(peers.clone()));
+        }
     }
 
     pub fn stop(&self) {
-        self.send(Command::Stop);
+        for (commands, waker) in &self.workers {
+            Self::send(commands, waker, Command::Stop);
+        }
     }
 
-    fn send(&self, command: Command) {
-        // A stopped data plane has nothing left to tell.
-        if self.commands.send(command).is_ok() {
-            let _ = self.waker.wake();
+    fn send(commands: &mpsc::Sender<Command>, waker: &Waker, command: Command) {
+        // A stopped worker has nothing left to tell.
+        if commands.send(command).is_ok() {
+            let _ = waker.wake();
         }
     }
 }
@@ -151,11 +222,18 @@ enum FlowKind {
     Udp(udp::UdpFlow),
 }
 
+/// One worker of the data plane.
 pub struct DataPlane {
     config: Config,
+    shard: Shard,
     poll: Poll,
     wireguard: UdpSocket,
     commands: mpsc::Receiver<Command>,
+    handoffs: mpsc::Receiver<Handoff>,
+    /// Every worker's queue and waker, by worker.
+    workers: Arc<[Link]>,
+    /// The whole peer table as last told (to find the worker of a forward's target).
+    all_peers: Arc<BTreeMap<Key, PeerSpec>>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     endpoint: Endpoint,
@@ -165,7 +243,8 @@ pub struct DataPlane {
     listeners: Vec<(TcpListener, Forward)>,
     flows: HashMap<Token, Flow>,
     tuples: HashMap<Tuple, Token>,
-    ledger: Ledger<PeerId>,
+    /// Shared by all workers: the global limits hold across them.
+    ledger: Arc<Mutex<Ledger<PeerId>>>,
     next_token: usize,
     next_port: u16,
     started: Instant,
@@ -193,111 +272,118 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Binds every socket (so a taken port fails here, before anything runs).
+    /// Binds every socket of `workers` workers (so a taken port fails here, before anything
+    /// runs): one WireGuard socket each on `config.listen`, the forward listeners on the
+    /// first. Each worker is run on its own thread (`run`).
     pub fn bind(
         config: Config,
         private_key: Key,
+        workers: usize,
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
-    ) -> io::Result<(Self, Handle)> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let mut wireguard = UdpSocket::bind(config.listen).map_err(|error| {
+    ) -> io::Result<(Vec<Self>, Handle)> {
+        let shards: Vec<Shard> = (0..workers)
+            .map(|id| Shard::new(id, workers))
+            .collect::<Option<_>>()
+            .filter(|_| workers > 0 && shared.stats.len() >= workers)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{workers} data-plane workers: give 1 to {}",
+                        shard::MAX_WORKERS
+                    ),
+                )
+            })?;
+        let (sockets, refused) = shard::bind_group(config.listen, workers).map_err(|error| {
             io::Error::new(
                 error.kind(),
                 format!("binding the WireGuard socket {}: {error}", config.listen),
             )
         })?;
-        poll.registry().register(
-            &mut wireguard,
-            WIREGUARD,
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        let mut listeners = Vec::new();
-        for (index, forward) in config.forwards.iter().enumerate() {
-            let mut listener = TcpListener::bind(forward.listen).map_err(|error| {
-                io::Error::new(
-                    error.kind(),
-                    format!("binding the forward listener {}: {error}", forward.listen),
-                )
-            })?;
+        if let Some(error) = refused {
+            tracing::warn!(%error, "the kernel refused to steer datagrams to their peer's worker (SO_ATTACH_REUSEPORT_CBPF); workers hand over what reaches the wrong one");
+        }
+        let mut polls = Vec::new();
+        let mut links = Vec::new();
+        let mut queues = Vec::new();
+        for socket in sockets {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            socket.set_nonblocking(true)?;
+            let mut wireguard = UdpSocket::from_std(socket);
             poll.registry().register(
-                &mut listener,
-                Token(FIRST_LISTENER + index),
-                Interest::READABLE,
+                &mut wireguard,
+                WIREGUARD,
+                Interest::READABLE | Interest::WRITABLE,
             )?;
-            listeners.push((listener, *forward));
+            let (handoffs, handoffs_in) = mpsc::sync_channel(HANDOFFS);
+            let (commands, commands_in) = mpsc::channel();
+            links.push(Link {
+                handoffs,
+                waker: waker.clone(),
+            });
+            queues.push((commands, waker));
+            polls.push((poll, wireguard, commands_in, handoffs_in));
         }
-        let mut queues = Queues {
-            inbound: VecDeque::new(),
-            outbound: Vec::new(),
-            mtu: config.mtu,
-        };
-        let started = Instant::now();
-        let mut stack = Interface::new(
-            StackConfig::new(HardwareAddress::Ip),
-            &mut queues,
-            smoltcp::time::Instant::ZERO,
-        );
-        // Accept every destination: the stack stands in for the whole cluster.
-        stack.set_any_ip(true);
-        stack.update_ip_addrs(|addresses| {
-            let server = match SERVER_ADDRESS {
-                IpAddr::V4(v4) => IpCidr::new(IpAddress::Ipv4(v4), 32),
-                IpAddr::V6(v6) => IpCidr::new(IpAddress::Ipv6(v6), 128),
+        let links: Arc<[Link]> = links.into();
+        metrics
+            .workers
+            .set(i64::try_from(workers).unwrap_or(i64::MAX));
+        let limiter = Endpoint::limiter(private_key, config.handshakes_per_second);
+        let ledger = Arc::new(Mutex::new(Ledger::new(
+            config.peer_limits,
+            config.global_limits,
+        )));
+        let mut planes = Vec::new();
+        for (shard, (poll, wireguard, commands, handoffs)) in shards.into_iter().zip(polls) {
+            let listeners = if shard.id() == 0 {
+                bind_listeners(&config.forwards, &poll)?
+            } else {
+                Vec::new()
             };
-            addresses.push(server).expect("room for two addresses");
-            addresses
-                .push(IpCidr::new(IpAddress::Ipv6(SERVER_ADDRESS_V6), 128))
-                .expect("room for two addresses");
-        });
-        if let IpAddr::V4(v4) = SERVER_ADDRESS {
-            stack
-                .routes_mut()
-                .add_default_ipv4_route(v4)
-                .expect("room for a route");
+            let mut queues = Queues {
+                inbound: VecDeque::new(),
+                outbound: Vec::new(),
+                mtu: config.mtu,
+            };
+            let stack = new_stack(&mut queues);
+            let started = Instant::now();
+            planes.push(Self {
+                endpoint: Endpoint::worker(private_key, limiter.clone(), shard),
+                icmp_budget: icmp_budget(shard),
+                shard,
+                poll,
+                wireguard,
+                commands,
+                handoffs,
+                workers: links.clone(),
+                all_peers: Arc::default(),
+                shared: shared.clone(),
+                metrics: metrics.clone(),
+                stack,
+                queues,
+                sockets: SocketSet::new(Vec::new()),
+                listeners,
+                flows: HashMap::new(),
+                tuples: HashMap::new(),
+                ledger: ledger.clone(),
+                next_token: FIRST_FLOW,
+                next_port: 49_152,
+                started,
+                now: started,
+                buffer: vec![0; DATAGRAM],
+                outbox: outbox::Outbox::new(tunnel::OUTBOX_BYTES, true),
+                outbox_full: false,
+                segmentation_failures: 0,
+                wireguard_pending: false,
+                inbox: inbox::Inbox::new(tunnel::PEER_INBOX, tunnel::INBOX),
+                udp_pending: HashSet::new(),
+                unfinished: false,
+                config: config.clone(),
+            });
         }
-        stack
-            .routes_mut()
-            .add_default_ipv6_route(SERVER_ADDRESS_V6)
-            .expect("room for a route");
-        let (sender, commands) = mpsc::channel();
-        let endpoint = Endpoint::with_handshake_rate(private_key, config.handshakes_per_second);
-        let ledger = Ledger::new(config.peer_limits, config.global_limits);
-        let plane = Self {
-            config,
-            poll,
-            wireguard,
-            commands,
-            shared,
-            metrics,
-            endpoint,
-            stack,
-            queues,
-            sockets: SocketSet::new(Vec::new()),
-            listeners,
-            flows: HashMap::new(),
-            tuples: HashMap::new(),
-            ledger,
-            next_token: FIRST_FLOW,
-            next_port: 49_152,
-            started,
-            now: started,
-            buffer: vec![0; DATAGRAM],
-            outbox: outbox::Outbox::new(tunnel::OUTBOX_BYTES, true),
-            outbox_full: false,
-            segmentation_failures: 0,
-            wireguard_pending: false,
-            inbox: inbox::Inbox::new(tunnel::PEER_INBOX, tunnel::INBOX),
-            udp_pending: HashSet::new(),
-            icmp_budget: tunnel::ICMP_ERRORS_PER_SECOND,
-            unfinished: false,
-        };
-        let handle = Handle {
-            commands: sender,
-            waker,
-        };
-        Ok((plane, handle))
+        Ok((planes, Handle { workers: queues }))
     }
 
     /// The WireGuard socket's address (the port, when bound to port 0).
@@ -357,6 +443,7 @@ impl DataPlane {
                         if !self.take_commands() {
                             return Ok(());
                         }
+                        self.take_handoffs();
                     }
                     Token(index) if index < FIRST_FLOW => self.accept(index - FIRST_LISTENER),
                     token => self.flow_event(token, event.is_readable(), event.is_writable()),
@@ -389,30 +476,38 @@ impl DataPlane {
     fn take_commands(&mut self) -> bool {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::Peers(desired)) => self.set_peers(&desired),
+                Ok(Command::Peers(desired)) => self.set_peers(desired),
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
         }
     }
 
-    fn set_peers(&mut self, desired: &BTreeMap<Key, PeerSpec>) {
-        let plan = crate::peers::plan(&self.endpoint.specs(), desired);
+    /// Takes the whole peer table; keeps the peers this worker owns.
+    fn set_peers(&mut self, desired: Arc<BTreeMap<Key, PeerSpec>>) {
+        self.metrics
+            .peers
+            .set(i64::try_from(desired.len()).unwrap_or(i64::MAX));
+        let own: BTreeMap<Key, PeerSpec> = desired
+            .iter()
+            .filter(|(key, _)| self.shard.owns_key(key))
+            .map(|(key, spec)| (*key, spec.clone()))
+            .collect();
+        self.all_peers = desired;
+        let plan = crate::peers::plan(&self.endpoint.specs(), &own);
         if plan == crate::peers::Plan::default() {
             return;
         }
         tracing::info!(
+            worker = self.shard.id(),
             added = plan.add.len(),
             updated = plan.update.len(),
             replaced = plan.replace.len(),
             removed = plan.remove.len(),
-            peers = desired.len(),
+            peers = own.len(),
             "peer table changed"
         );
         self.endpoint.apply(plan);
-        self.metrics
-            .peers
-            .set(i64::try_from(desired.len()).unwrap_or(i64::MAX));
         // Flows of peers that are gone end now.
         let gone: Vec<Token> = self
             .flows
@@ -429,14 +524,21 @@ impl DataPlane {
         for (to, datagram) in self.endpoint.tick() {
             self.send_datagram(to, &datagram);
         }
-        self.icmp_budget = tunnel::ICMP_ERRORS_PER_SECOND;
+        self.icmp_budget = icmp_budget(self.shard);
         self.expire_flows();
-        *self.shared.stats.lock().expect("stats lock") = self.endpoint.peer_stats();
+        let worker = self.shard.id();
+        if let Some(slot) = self.shared.stats.get(worker) {
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = self.endpoint.peer_stats();
+        }
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        self.shared.heartbeat.store(unix, Ordering::Relaxed);
+        if let Some(beat) = self.shared.heartbeats.get(worker) {
+            beat.store(unix, Ordering::Relaxed);
+        }
         self.pump();
     }
 
@@ -471,6 +573,14 @@ impl DataPlane {
                 .inc();
             self.end_flow(token, "timed out");
         }
+    }
+
+    /// The flow limits all workers share.
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger<PeerId>> {
+        // A worker that panicked holding it left counts that are still counts.
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn token(&mut self) -> Token {
@@ -508,7 +618,7 @@ impl DataPlane {
         if self.tuples.get(&flow.tuple) == Some(&token) {
             self.tuples.remove(&flow.tuple);
         }
-        self.ledger.release(&flow.peer, flow.holding);
+        self.ledger().release(&flow.peer, flow.holding);
         self.udp_pending.remove(&token);
         Some(flow)
     }
@@ -568,7 +678,7 @@ impl DataPlane {
 
     /// Admits a flow for `peer` in the ledger; a refusal is counted and logged.
     fn admit(&mut self, peer: &PeerId, holding: Holding, tuple: Tuple) -> bool {
-        match self.ledger.admit(peer, holding) {
+        match self.ledger().admit(peer, holding) {
             Ok(()) => true,
             Err(hit) => {
                 tracing::debug!(client = %peer, protocol = tuple.0.label(), destination = %tuple.2, limit = %hit, "flow refused: over a limit");
@@ -603,4 +713,63 @@ impl DataPlane {
         }
         self.remove_finished();
     }
+}
+
+/// The forward listeners, registered with `poll`.
+fn bind_listeners(forwards: &[Forward], poll: &Poll) -> io::Result<Vec<(TcpListener, Forward)>> {
+    let mut listeners = Vec::new();
+    for (index, forward) in forwards.iter().enumerate() {
+        let mut listener = TcpListener::bind(forward.listen).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("binding the forward listener {}: {error}", forward.listen),
+            )
+        })?;
+        poll.registry().register(
+            &mut listener,
+            Token(FIRST_LISTENER + index),
+            Interest::READABLE,
+        )?;
+        listeners.push((listener, *forward));
+    }
+    Ok(listeners)
+}
+
+/// A worker's userspace stack: it answers for every destination.
+fn new_stack(queues: &mut Queues) -> Interface {
+    let mut stack = Interface::new(
+        StackConfig::new(HardwareAddress::Ip),
+        queues,
+        smoltcp::time::Instant::ZERO,
+    );
+    // Accept every destination: the stack stands in for the whole cluster.
+    stack.set_any_ip(true);
+    stack.update_ip_addrs(|addresses| {
+        let server = match SERVER_ADDRESS {
+            IpAddr::V4(v4) => IpCidr::new(IpAddress::Ipv4(v4), 32),
+            IpAddr::V6(v6) => IpCidr::new(IpAddress::Ipv6(v6), 128),
+        };
+        addresses.push(server).expect("room for two addresses");
+        addresses
+            .push(IpCidr::new(IpAddress::Ipv6(SERVER_ADDRESS_V6), 128))
+            .expect("room for two addresses");
+    });
+    if let IpAddr::V4(v4) = SERVER_ADDRESS {
+        stack
+            .routes_mut()
+            .add_default_ipv4_route(v4)
+            .expect("room for a route");
+    }
+    stack
+        .routes_mut()
+        .add_default_ipv6_route(SERVER_ADDRESS_V6)
+        .expect("room for a route");
+    stack
+}
+
+/// A worker's share of the ICMP errors sent per second (all workers together keep to
+/// `ICMP_ERRORS_PER_SECOND`, each at least one).
+fn icmp_budget(shard: Shard) -> u32 {
+    let count = u32::try_from(shard.count()).unwrap_or(1).max(1);
+    (tunnel::ICMP_ERRORS_PER_SECOND / count).max(1)
 }

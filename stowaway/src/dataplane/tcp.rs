@@ -110,7 +110,7 @@ impl DataPlane {
             ),
             Err(error) => {
                 tracing::debug!(peer = %tuple.1, destination = %tuple.2, %error, "dial failed");
-                self.ledger.release(&peer, holding);
+                self.ledger().release(&peer, holding);
                 self.refuse(syn);
             }
         }
@@ -187,7 +187,7 @@ impl DataPlane {
             buffer_bytes: TCP_FLOW_BUFFERS,
         };
         tracing::debug!(tuple = ?flow.tuple, "TCP flow opened");
-        self.ledger.dialed(&flow.peer);
+        self.ledger().dialed(&flow.peer);
         self.flows.insert(token, flow);
         self.queues.inbound.push_back(syn);
         self.count_opened();
@@ -281,7 +281,7 @@ impl DataPlane {
             smoltcp::wire::IpEndpoint::from(local),
         ) {
             tracing::warn!(%target, ?error, "forward connect failed");
-            self.ledger.release(&peer, holding);
+            self.ledger().release(&peer, holding);
             return false;
         }
         let token = self.token();
@@ -291,7 +291,7 @@ impl DataPlane {
             .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             .is_err()
         {
-            self.ledger.release(&peer, holding);
+            self.ledger().release(&peer, holding);
             return false;
         }
         let handle = self.sockets.add(socket);

@@ -10,7 +10,7 @@ use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
 
 use super::outbox::Transmit;
 use super::reader::Reader;
-use super::{DataPlane, FlowKind, PeerId, Protocol};
+use super::{DataPlane, FlowKind, Handoff, PeerId, Protocol};
 use crate::endpoint::Drop;
 use crate::packet::{self, Inbound};
 
@@ -119,6 +119,11 @@ impl DataPlane {
                     }
                 }
                 for (from, received) in reader.datagrams() {
+                    // Named for another worker (the kernel did not steer it): theirs.
+                    if let Some(worker) = self.other_worker_of(received) {
+                        self.hand_over(worker, Handoff::Datagram(from, received.to_vec()));
+                        continue;
+                    }
                     match self.endpoint.data_peer(received) {
                         Some(peer) => {
                             if !self.inbox.push(peer, from, received.to_vec()) {
@@ -128,7 +133,7 @@ impl DataPlane {
                                     .inc();
                             }
                         }
-                        None => self.handle_datagram(from, received),
+                        None => self.handle_datagram(from, received, false),
                     }
                 }
             }
@@ -137,14 +142,81 @@ impl DataPlane {
             let Some((from, data)) = self.inbox.pop() else {
                 break;
             };
-            self.handle_datagram(from, &data);
+            self.handle_datagram(from, &data, false);
         }
     }
 
-    /// One datagram through the WireGuard endpoint: replies sent, packets routed, counted.
-    fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8]) {
+    /// The other worker a datagram names by its receiver index, if it names one.
+    fn other_worker_of(&self, datagram: &[u8]) -> Option<usize> {
+        crate::shard::worker_of_datagram(datagram, self.shard.count())
+            .filter(|worker| *worker != self.shard.id())
+    }
+
+    /// Queues a handoff for another worker and wakes it; over its bound it is dropped and
+    /// counted (a flood reaching the wrong worker cannot grow memory).
+    pub(super) fn hand_over(&mut self, worker: usize, handoff: Handoff) {
+        let Some(link) = self.workers.get(worker) else {
+            return;
+        };
+        let kind = match handoff {
+            Handoff::Datagram(..) => "datagram",
+            Handoff::Forward { .. } => "forward",
+        };
+        match link.handoffs.try_send(handoff) {
+            Ok(()) => {
+                self.metrics.handoffs.with_label_values(&[kind]).inc();
+                let _ = link.waker.wake();
+            }
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                self.metrics
+                    .dropped
+                    .with_label_values(&["handoff_queue_full"])
+                    .inc();
+            }
+            // That worker has stopped: so is the data plane.
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// What other workers handed this one: datagrams of its peers (data queued for
+    /// decryption in its turn, the rest handled now) and forwarded connections.
+    pub(super) fn take_handoffs(&mut self) {
+        while let Ok(handoff) = self.handoffs.try_recv() {
+            match handoff {
+                Handoff::Datagram(from, datagram) => match self.endpoint.data_peer(&datagram) {
+                    Some(peer) => {
+                        if !self.inbox.push(peer, from, datagram) {
+                            self.metrics
+                                .dropped
+                                .with_label_values(&["peer_queue_full"])
+                                .inc();
+                        }
+                    }
+                    None => self.handle_datagram(from, &datagram, true),
+                },
+                Handoff::Forward {
+                    stream,
+                    target,
+                    from,
+                } => self.forward_here(stream, target, from),
+            }
+        }
+    }
+
+    /// One datagram through the WireGuard endpoint: replies sent, packets routed, counted;
+    /// one for another worker's peer handed over (unless it was `handed_over` already).
+    fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], handed_over: bool) {
         let is_initiation = datagram.first() == Some(&1) && datagram.len() == 148;
         let handled = self.endpoint.handle_datagram(from, datagram);
+        if let Some(worker) = handled.elsewhere {
+            if handed_over || worker == self.shard.id() {
+                // Workers agree on owners; this cannot bounce, and is not let to.
+                self.metrics.dropped.with_label_values(&["misrouted"]).inc();
+            } else {
+                self.hand_over(worker, Handoff::Datagram(from, datagram.to_vec()));
+            }
+            return;
+        }
         if is_initiation {
             let result = match (&handled.handshake_with, handled.dropped) {
                 (Some(_), _) => "completed",

@@ -65,7 +65,7 @@ impl DataPlane {
             Ok(socket) => socket,
             Err(error) => {
                 tracing::debug!(%target, %error, "opening a UDP flow failed");
-                self.ledger.release(&peer, Holding::Udp);
+                self.ledger().release(&peer, Holding::Udp);
                 return None;
             }
         };

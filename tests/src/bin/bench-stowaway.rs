@@ -13,6 +13,8 @@
 //! - Memory: the endpoint with 10,000 peers configured, then after a handshake each.
 //! - Fairness: a quiet peer's request latency and download alone and while another peer
 //!   floods Stowaway (UDP without a rate limit; four TCP streams), as ratios to alone.
+//! - Workers: two peers at once (one stream each, both ways), through Stowaway with two
+//!   data-plane workers (one peer on each), with one, and through the baseline.
 //!
 //! Needs root (network namespaces) and the control plane (`make bench` starts it).
 
@@ -25,7 +27,7 @@ use base64::Engine;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use gefyra_e2e::Cluster;
-use gefyra_e2e::lab::{Deployment, Lab, run, write_secret};
+use gefyra_e2e::lab::{Deployment, Lab, key_pair_of_worker, run, write_secret};
 use serde_json::json;
 use stowaway::endpoint::Endpoint;
 use stowaway::peers::{self, PeerSpec};
@@ -231,11 +233,24 @@ struct Run {
     reverse: bool,
 }
 
+/// The iperf3 server's port a run goes to (the flood's server is the second one).
+const IPERF_PORT: &str = "5201";
+
 /// Throughput (bits per second) and the CPU seconds per GiB that process `endpoint`
 /// spent on it.
 struct Measured {
     bits_per_second: f64,
     cpu_per_gib: f64,
+}
+
+impl Measured {
+    /// From throughput, bytes carried and the CPU seconds spent carrying them.
+    fn of(bits_per_second: f64, bytes: f64, cpu_seconds: f64) -> Self {
+        Self {
+            bits_per_second,
+            cpu_per_gib: cpu_seconds / (bytes / f64::from(1u32 << 30)).max(f64::MIN_POSITIVE),
+        }
+    }
 }
 
 /// [`iperf`] with `run`'s streams, and the CPU time of `endpoint` meanwhile.
@@ -250,15 +265,24 @@ fn measured(
     let before = cpu_seconds(endpoint)?;
     let (bits_per_second, bytes) = iperf(lab, netns, server, seconds, run)?;
     let spent = cpu_seconds(endpoint)? - before;
-    Ok(Measured {
-        bits_per_second,
-        cpu_per_gib: spent / (bytes / f64::from(1u32 << 30)).max(f64::MIN_POSITIVE),
-    })
+    Ok(Measured::of(bits_per_second, bytes, spent))
 }
 
 /// One iperf3 run from `netns` to `server`: bits per second and bytes received at the far
 /// end (upload) or, with `reverse`, at the peer (download).
 fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, run: Run) -> Result<(f64, f64)> {
+    iperf_to(lab, netns, server, IPERF_PORT, seconds, run)
+}
+
+/// [`iperf`] to the server on `port`.
+fn iperf_to(
+    lab: &Lab,
+    netns: &str,
+    server: Ipv4Addr,
+    port: &str,
+    seconds: u64,
+    run: Run,
+) -> Result<(f64, f64)> {
     let Run { streams, reverse } = run;
     let streams = streams.to_string();
     let seconds = seconds.to_string();
@@ -274,6 +298,8 @@ fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64, run: Run) -> Re
         "-J",
         "--connect-timeout",
         "5000",
+        "-p",
+        port,
         "-P",
         streams.as_str(),
     ];
@@ -555,13 +581,27 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 
 async fn throughput(seconds: u64) -> Result<()> {
     let cluster = Cluster::from_env().await?;
-    let mut deployment = Deployment::start(&cluster, "bench-stowaway", &[]).await?;
+    let mut deployment = Deployment::start(
+        &cluster,
+        "bench-stowaway",
+        &["--workers".to_string(), "2".to_string()],
+    )
+    .await?;
     deployment.stowaway.wait_ready().await?;
+    // One peer on each of the two workers.
     let peer = deployment
-        .connected_peer("bench", json!({ "subnet": "172.31.200.0/24" }), true)
+        .connected_peer_with_key(
+            "bench",
+            json!({ "subnet": "172.31.200.0/24" }),
+            Some(key_pair_of_worker(0, 2)?),
+        )
         .await?;
     let quiet = deployment
-        .connected_peer("quiet", json!({ "subnet": "172.30.200.0/24" }), true)
+        .connected_peer_with_key(
+            "quiet",
+            json!({ "subnet": "172.30.200.0/24" }),
+            Some(key_pair_of_worker(1, 2)?),
+        )
         .await?;
     let service = deployment.lab.cluster_address();
     let cluster_netns = deployment.lab.cluster_netns();
@@ -668,5 +708,97 @@ async fn throughput(seconds: u64) -> Result<()> {
         Some(mib) => println!("stowaway peak RSS {mib:.1} MiB"),
         None => println!("stowaway peak RSS unavailable"),
     }
+
+    // Two peers at once: two workers (one peer each), then one worker, then the baseline.
+    let pair = [peer.netns.as_str(), quiet.netns.as_str()];
+    let two_workers = both_ways(lab, pair, service, seconds, stowaway_pid)?;
+    deployment.restart_stowaway_with("--workers", "1").await?;
+    let lab = &deployment.lab;
+    for netns in pair {
+        reachable(lab, netns, Ipv4Addr::new(192, 168, 99, 1))?;
+    }
+    let one_worker = both_ways(
+        lab,
+        pair,
+        service,
+        seconds,
+        deployment.stowaway.process.child.id(),
+    )?;
+    let baseline_pair = [base.quiet.as_str(), base.noisy.as_str()];
+    let theirs = both_ways(
+        lab,
+        baseline_pair,
+        baseline_service,
+        seconds,
+        base.server_pid,
+    )?;
+    println!(
+        "== Two peers at once (iperf3, one stream each, {seconds} s), summed; CPU of the endpoint process per GiB carried"
+    );
+    println!(
+        "                       baseline            Stowaway, 1 worker     Stowaway, 2 workers    2 workers / 1 worker    2 workers / baseline"
+    );
+    for (index, direction) in ["up", "down"].into_iter().enumerate() {
+        let (theirs, one, two) = (&theirs[index], &one_worker[index], &two_workers[index]);
+        let figures = |measured: &Measured| {
+            format!(
+                "{:>5.2} Gbit/s {:>5.2} CPU-s/GiB",
+                measured.bits_per_second / 1e9,
+                measured.cpu_per_gib
+            )
+        };
+        let ratio = |ours: &Measured, theirs: &Measured| {
+            format!(
+                "{:>4.2} thr {:>4.2} CPU",
+                ours.bits_per_second / theirs.bits_per_second,
+                ours.cpu_per_gib / theirs.cpu_per_gib.max(f64::MIN_POSITIVE)
+            )
+        };
+        println!(
+            "{direction:<6} {}   {}   {}   {}   {}",
+            figures(theirs),
+            figures(one),
+            figures(two),
+            ratio(two, one),
+            ratio(two, theirs)
+        );
+    }
     Ok(())
+}
+
+/// Two peers at once, one stream each (the first to the usual iperf3 server, the second to
+/// the flood's), up then down: summed throughput and the CPU of `endpoint` per GiB of both.
+fn both_ways(
+    lab: &Lab,
+    peers: [&str; 2],
+    service: Ipv4Addr,
+    seconds: u64,
+    endpoint: u32,
+) -> Result<[Measured; 2]> {
+    let mut both = Vec::new();
+    for reverse in [false, true] {
+        let run = Run {
+            streams: 1,
+            reverse,
+        };
+        let before = cpu_seconds(endpoint)?;
+        let results = std::thread::scope(|scope| {
+            let first = scope.spawn(|| iperf_to(lab, peers[0], service, IPERF_PORT, seconds, run));
+            let second = scope.spawn(|| iperf_to(lab, peers[1], service, FLOOD_PORT, seconds, run));
+            [first.join(), second.join()]
+        });
+        let spent = cpu_seconds(endpoint)? - before;
+        let (mut bits_per_second, mut bytes) = (0.0, 0.0);
+        for result in results {
+            let (bits, carried) =
+                result.map_err(|_| anyhow::anyhow!("an iperf3 thread panicked"))??;
+            bits_per_second += bits;
+            bytes += carried;
+        }
+        both.push(Measured::of(bits_per_second, bytes, spent));
+    }
+    let [up, down]: [Measured; 2] = both
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two directions"))?;
+    Ok([up, down])
 }
