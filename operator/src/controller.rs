@@ -85,6 +85,9 @@ pub struct Context {
     /// The objects clients own as last seen (watched by `run`): applies already in place
     /// are skipped.
     pub(crate) owned: std::sync::OnceLock<OwnedObjects>,
+    /// Client versions this process's own writes replaced (a reconcile from a cache that
+    /// shows one waits for the cache).
+    pub(crate) own_writes: crate::own_writes::OwnWrites,
 }
 
 impl Context {
@@ -113,7 +116,19 @@ impl Context {
             clients: std::sync::OnceLock::new(),
             clients_by_key: Arc::new(Index::new(active_public_key)),
             owned: std::sync::OnceLock::new(),
+            own_writes: crate::own_writes::OwnWrites::default(),
             routes,
+        }
+    }
+
+    /// Records a write to `client` (as the reconcile saw it) that returned `written`.
+    pub(crate) fn wrote(&self, client: &GefyraClient, written: &GefyraClient) {
+        if let Some(uid) = client.uid() {
+            self.own_writes.wrote(
+                &uid,
+                client.metadata.resource_version.as_deref(),
+                written.metadata.resource_version.as_deref(),
+            );
         }
     }
 

@@ -12,6 +12,7 @@ pub mod index;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod own_writes;
 pub mod owned;
 pub mod rbac;
 pub mod ready;

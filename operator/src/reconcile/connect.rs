@@ -30,7 +30,7 @@ pub async fn transition(
     note: &str,
     ctx: &Context,
 ) -> Result<Option<i64>> {
-    let generation = record_transition(api, client, from, to, extra).await?;
+    let generation = record_transition(api, client, from, to, extra, ctx).await?;
     announce_transition(client, from, to, note, ctx).await;
     Ok(generation)
 }
@@ -42,6 +42,7 @@ async fn record_transition(
     from: ClientState,
     to: ClientState,
     extra: serde_json::Value,
+    ctx: &Context,
 ) -> Result<Option<i64>> {
     let name = client.name_any();
     let mut patch = lifecycle::enter(to, Timestamp::now());
@@ -56,6 +57,7 @@ async fn record_transition(
             state: to,
             source,
         })?;
+    ctx.wrote(client, &patched);
     info!(client = %name, %from, %to, "state changed");
     Ok(patched.metadata.generation)
 }
@@ -123,7 +125,8 @@ pub async fn connect_or_disconnect(
         }
         Connection::Disconnect { enter_disabling } => {
             if enter_disabling {
-                record_transition(&api, client, state, ClientState::Disabling, json!({})).await?;
+                record_transition(&api, client, state, ClientState::Disabling, json!({}), ctx)
+                    .await?;
             }
             // DISABLING's Event is posted while the ranges are given back.
             let announced = async {
@@ -182,7 +185,7 @@ async fn connect(
     // once it succeeds, so a client that cannot connect stays in ERROR (no flapping).
     let before = state;
     if enter_enabling {
-        record_transition(api, client, state, ClientState::Enabling, json!({})).await?;
+        record_transition(api, client, state, ClientState::Enabling, json!({}), ctx).await?;
         state = ClientState::Enabling;
     }
     // ENABLING's Event is posted while the range and address are recorded (one round trip
@@ -271,16 +274,18 @@ async fn connect(
     if let Some(due) = due
         && due <= now
     {
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "providerParameter": null })),
-        )
-        .await
-        .map_err(|source| Error::RecordConnection {
-            client: name.clone(),
-            source,
-        })?;
+        let patched = api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "providerParameter": null })),
+            )
+            .await
+            .map_err(|source| Error::RecordConnection {
+                client: name.clone(),
+                source,
+            })?;
+        ctx.wrote(client, &patched);
         ctx.event(
             client,
             EventType::Normal,

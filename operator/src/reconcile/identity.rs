@@ -186,6 +186,7 @@ pub async fn issue_credentials(
                 client: name.clone(),
                 source,
             })?;
+        ctx.wrote(client, &patched);
         // The patch bumps the generation; the condition describes the object as written.
         generation = patched.metadata.generation;
         if plan.settle && client.state != ClientState::Waiting {

@@ -29,6 +29,15 @@ use crate::lifecycle::{self, Step};
 /// Sets the client up (or keeps it set up), connects or disconnects it, and says when to
 /// look again.
 pub async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
+    // A view older than this process's last write to the client: what it would decide is
+    // done (or being done); the cache will show the write and bring the next reconcile.
+    if let Some(uid) = client.uid()
+        && ctx
+            .own_writes
+            .is_stale(&uid, client.metadata.resource_version.as_deref())
+    {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let now = Timestamp::now();
     // Validate and decide (pure).
     let plan = match lifecycle::next(client, now)? {
@@ -163,6 +172,9 @@ pub async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     // Then the peer: its ranges become free for others.
     connect::release(client, ctx).await?;
     ctx.routes.forget(&name);
+    if let Some(uid) = client.uid() {
+        ctx.own_writes.forget(&uid);
+    }
     info!(client = %name, "client removed with its ServiceAccounts, Roles and RoleBindings (access and token minter)");
     Ok(Action::await_change())
 }

@@ -49,17 +49,19 @@ pub async fn record_ready(
     let name = client.name_any();
     let api: Api<GefyraClient> =
         Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
-    api.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(
-            json!({ "status": { "conditions": [condition], "credentialsExpireAt": expires_at } }),
-        ),
-    )
-    .await
-    .map_err(|source| Error::RecordCredentials {
-        client: name.clone(),
-        source,
-    })?;
+    let patched = api
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "status": { "conditions": [condition], "credentialsExpireAt": expires_at } }),
+            ),
+        )
+        .await
+        .map_err(|source| Error::RecordCredentials {
+            client: name.clone(),
+            source,
+        })?;
+    ctx.wrote(client, &patched);
     Ok(())
 }
