@@ -370,6 +370,27 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
     let second = laptop(&mut lab, &developer, &clients, "gdev").await?;
     wait_reaches_web(&lab, &second.netns, &web_ip, Duration::from_secs(60)).await?;
 
+    // Stowaway's data plane in its Pod: a worker per CPU the Pod may use, and the kernel
+    // took the program that steers each peer's datagrams to its worker (unprivileged).
+    let stowaway_log = run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            NAMESPACE,
+            "logs",
+            "deployment/gefyra-stowaway",
+            "--tail=-1",
+        ],
+    )
+    .await?;
+    let workers = std::thread::available_parallelism()?.get().min(8);
+    ensure!(
+        stowaway_log.contains(&format!("\"workers\":{workers}"))
+            && !stowaway_log.contains("refused to steer"),
+        "Stowaway runs {workers} steered workers:\n{stowaway_log}"
+    );
+
     // Stowaway's Pod deleted: a new one comes up with the same key, and the peer's traffic
     // resumes with the config it has.
     let started = Instant::now();
