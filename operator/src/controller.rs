@@ -121,15 +121,34 @@ impl Context {
         }
     }
 
-    /// Records a write to `client` (as the reconcile saw it) that returned `written`.
-    pub(crate) fn wrote(&self, client: &GefyraClient, written: &GefyraClient) {
+    /// Merge-patches `client` (as the reconcile saw it; its `status` subresource with
+    /// `status`) and records the write in `own_writes`; a refusal becomes `failed(error)`.
+    pub(crate) async fn patch_client(
+        &self,
+        client: &GefyraClient,
+        status: bool,
+        patch: serde_json::Value,
+        failed: impl FnOnce(kube::Error) -> Error,
+    ) -> Result<GefyraClient> {
+        let api: Api<GefyraClient> =
+            Api::namespaced(self.client.clone(), &client.namespace().unwrap_or_default());
+        let name = client.name_any();
+        let params = PatchParams::default();
+        let patch = Patch::Merge(patch);
+        let patched = if status {
+            api.patch_status(&name, &params, &patch).await
+        } else {
+            api.patch(&name, &params, &patch).await
+        }
+        .map_err(failed)?;
         if let Some(uid) = client.uid() {
             self.own_writes.wrote(
                 &uid,
                 client.metadata.resource_version.as_deref(),
-                written.metadata.resource_version.as_deref(),
+                patched.metadata.resource_version.as_deref(),
             );
         }
+        Ok(patched)
     }
 
     /// The claims cache as a watch's first list of `claims` leaves it (tests that run a

@@ -6,9 +6,8 @@ use gefyra_api::connection::{ProviderConfig, ProviderParameter, WireGuardKey};
 use gefyra_api::ipam::{Allocation, IpamError};
 use gefyra_api::{ClientState, GefyraClient};
 use jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::events::EventType;
-use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
@@ -22,7 +21,6 @@ use crate::lifecycle::{self, Connection};
 /// logs it and posts a `StateChanged` Event (with `note`, if any). Returns the generation
 /// written.
 pub async fn transition(
-    api: &Api<GefyraClient>,
     client: &GefyraClient,
     from: ClientState,
     to: ClientState,
@@ -30,14 +28,13 @@ pub async fn transition(
     note: &str,
     ctx: &Context,
 ) -> Result<Option<i64>> {
-    let generation = record_transition(api, client, from, to, extra, ctx).await?;
+    let generation = record_transition(client, from, to, extra, ctx).await?;
     announce_transition(client, from, to, note, ctx).await;
     Ok(generation)
 }
 
 /// The patch and log line of [`transition`].
 async fn record_transition(
-    api: &Api<GefyraClient>,
     client: &GefyraClient,
     from: ClientState,
     to: ClientState,
@@ -49,15 +46,13 @@ async fn record_transition(
     if let (Some(patch), serde_json::Value::Object(extra)) = (patch.as_object_mut(), extra) {
         patch.extend(extra);
     }
-    let patched = api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map_err(|source| Error::RecordState {
+    let patched = ctx
+        .patch_client(client, false, patch, |source| Error::RecordState {
             client: name.clone(),
             state: to,
             source,
-        })?;
-    ctx.wrote(client, &patched);
+        })
+        .await?;
     info!(client = %name, %from, %to, "state changed");
     Ok(patched.metadata.generation)
 }
@@ -114,8 +109,6 @@ pub async fn connect_or_disconnect(
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Connected> {
-    let api: Api<GefyraClient> =
-        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     match step {
         Connection::Idle => Ok(Connected::not(None)),
         Connection::GiveBackFailedConnect => {
@@ -125,8 +118,7 @@ pub async fn connect_or_disconnect(
         }
         Connection::Disconnect { enter_disabling } => {
             if enter_disabling {
-                record_transition(&api, client, state, ClientState::Disabling, json!({}), ctx)
-                    .await?;
+                record_transition(client, state, ClientState::Disabling, json!({}), ctx).await?;
             }
             // DISABLING's Event is posted while the ranges are given back.
             let announced = async {
@@ -138,7 +130,6 @@ pub async fn connect_or_disconnect(
             let ((), released) = futures::join!(announced, release(client, ctx));
             released?;
             let generation = transition(
-                &api,
                 client,
                 ClientState::Disabling,
                 ClientState::Waiting,
@@ -150,7 +141,7 @@ pub async fn connect_or_disconnect(
             Ok(Connected::not(generation))
         }
         Connection::Connect { enter_enabling } => {
-            connect(client, &api, state, enter_enabling, ctx, now).await
+            connect(client, state, enter_enabling, ctx, now).await
         }
     }
 }
@@ -158,7 +149,6 @@ pub async fn connect_or_disconnect(
 /// Connects: the routed range, the tunnel address, then the published configuration.
 async fn connect(
     client: &GefyraClient,
-    api: &Api<GefyraClient>,
     mut state: ClientState,
     enter_enabling: bool,
     ctx: &Context,
@@ -185,7 +175,7 @@ async fn connect(
     // once it succeeds, so a client that cannot connect stays in ERROR (no flapping).
     let before = state;
     if enter_enabling {
-        record_transition(api, client, state, ClientState::Enabling, json!({}), ctx).await?;
+        record_transition(client, state, ClientState::Enabling, json!({}), ctx).await?;
         state = ClientState::Enabling;
     }
     // ENABLING's Event is posted while the range and address are recorded (one round trip
@@ -246,7 +236,6 @@ async fn connect(
             .map(|routed| format!(", routing {routed}"))
             .unwrap_or_default();
         generation = transition(
-            api,
             client,
             state,
             ClientState::Active,
@@ -274,18 +263,12 @@ async fn connect(
     if let Some(due) = due
         && due <= now
     {
-        let patched = api
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "providerParameter": null })),
-            )
-            .await
-            .map_err(|source| Error::RecordConnection {
-                client: name.clone(),
-                source,
-            })?;
-        ctx.wrote(client, &patched);
+        let patch = json!({ "providerParameter": null });
+        ctx.patch_client(client, false, patch, |source| Error::RecordConnection {
+            client: name.clone(),
+            source,
+        })
+        .await?;
         ctx.event(
             client,
             EventType::Normal,

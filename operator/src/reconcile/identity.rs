@@ -174,19 +174,13 @@ pub async fn issue_credentials(
     };
     let mut generation = client.metadata.generation;
     if !patch.is_empty() {
-        let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patched = api
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::Value::Object(patch)),
-            )
-            .await
-            .map_err(|source| Error::RecordCredentials {
+        let patch = serde_json::Value::Object(patch);
+        let patched = ctx
+            .patch_client(client, false, patch, |source| Error::RecordCredentials {
                 client: name.clone(),
                 source,
-            })?;
-        ctx.wrote(client, &patched);
+            })
+            .await?;
         // The patch bumps the generation; the condition describes the object as written.
         generation = patched.metadata.generation;
         if plan.settle && client.state != ClientState::Waiting {

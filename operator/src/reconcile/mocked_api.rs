@@ -218,22 +218,31 @@ async fn a_connect_sends_the_state_the_claim_the_config_two_events_and_the_condi
     );
 }
 
+/// A connect of a waiting client through `apply`, and that client as a cache may show it
+/// next: ENABLING at resource version `version`. (context, requests, waiting, enabling)
+async fn connected_then_seen_enabling_at(
+    version: &str,
+) -> (Context, Seen, GefyraClient, GefyraClient) {
+    let (client, seen) = mocked_client(connect_answers);
+    let waiting = waiting_client_asking_to_connect();
+    let ctx = context(client, &waiting, Vec::new());
+    ctx.server_key().await.unwrap();
+    super::apply(&waiting, &ctx).await.unwrap();
+    let mut enabling = waiting.clone();
+    enabling.state = ClientState::Enabling;
+    enabling.metadata.resource_version = Some(version.into());
+    (ctx, seen, waiting, enabling)
+}
+
 /// A second reconcile right after a connect, from a cache that shows the client's own
 /// ENABLING write but neither ACTIVE nor the new claim (watches lag behind writes): it
 /// finds the claim this process just made instead of claiming a second address (which
 /// leaked one and changed the address on the next start: seen at 10,000 clients).
 #[tokio::test]
 async fn a_reconcile_from_a_lagging_cache_right_after_a_connect_claims_no_second_address() {
-    let (client, seen) = mocked_client(connect_answers);
-    let waiting = waiting_client_asking_to_connect();
-    let ctx = context(client, &waiting, Vec::new());
-    ctx.server_key().await.unwrap();
-    super::apply(&waiting, &ctx).await.unwrap();
     // ENABLING, as the cache shows it after someone else's write (not one this process
     // replaced: the reconcile goes ahead).
-    let mut enabling = waiting.clone();
-    enabling.state = ClientState::Enabling;
-    enabling.metadata.resource_version = Some("14".into());
+    let (ctx, seen, _, enabling) = connected_then_seen_enabling_at("14").await;
 
     super::apply(&enabling, &ctx).await.unwrap();
 
@@ -251,15 +260,8 @@ async fn a_reconcile_from_a_lagging_cache_right_after_a_connect_claims_no_second
 /// sends nothing — not a second ACTIVE patch and Event (63 of 10,000 connects did).
 #[tokio::test]
 async fn a_reconcile_from_a_view_older_than_its_own_last_write_sends_nothing() {
-    let (client, seen) = mocked_client(connect_answers);
-    let waiting = waiting_client_asking_to_connect();
-    let ctx = context(client, &waiting, Vec::new());
-    ctx.server_key().await.unwrap();
-    super::apply(&waiting, &ctx).await.unwrap();
+    let (ctx, seen, waiting, enabling) = connected_then_seen_enabling_at(ENABLING_VERSION).await;
     seen.lock().unwrap().clear();
-    let mut enabling = waiting.clone();
-    enabling.state = ClientState::Enabling;
-    enabling.metadata.resource_version = Some(ENABLING_VERSION.into());
 
     for stale in [&enabling, &waiting] {
         let action = super::apply(stale, &ctx).await.unwrap();

@@ -44,11 +44,8 @@ pub async fn apply(client: &GefyraClient, ctx: &Context) -> Result<Action> {
         Step::Delete { sunset } => return delete_at_sunset(client, ctx, sunset).await,
         Step::Reconcile(plan) => plan,
     };
-    let api: Api<GefyraClient> =
-        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     if plan.enter_creating {
         connect::transition(
-            &api,
             client,
             client.state,
             ClientState::Creating,
@@ -130,7 +127,6 @@ fn requeue_after(now: Timestamp, dues: impl IntoIterator<Item = Option<Timestamp
 pub async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     let name = client.name_any();
     let namespace = client.namespace().unwrap_or_default();
-    let api: Api<GefyraClient> = Api::namespaced(ctx.client.clone(), &namespace);
     // Revocation first, before anything that could fail and block it: the client's
     // identity and its token minter (deleting a ServiceAccount invalidates every token
     // minted for it), bindings before roles before accounts.
@@ -159,7 +155,6 @@ pub async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     }
     if client.state != ClientState::Terminating {
         connect::transition(
-            &api,
             client,
             client.state,
             ClientState::Terminating,

@@ -3,8 +3,7 @@
 
 use gefyra_api::GefyraClient;
 use jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 
 use crate::controller::Context;
@@ -47,21 +46,12 @@ pub async fn record_ready(
         return Ok(());
     }
     let name = client.name_any();
-    let api: Api<GefyraClient> =
-        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
-    let patched = api
-        .patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({ "status": { "conditions": [condition], "credentialsExpireAt": expires_at } }),
-            ),
-        )
-        .await
-        .map_err(|source| Error::RecordCredentials {
-            client: name.clone(),
-            source,
-        })?;
-    ctx.wrote(client, &patched);
+    let patch =
+        json!({ "status": { "conditions": [condition], "credentialsExpireAt": expires_at } });
+    ctx.patch_client(client, true, patch, |source| Error::RecordCredentials {
+        client: name.clone(),
+        source,
+    })
+    .await?;
     Ok(())
 }
