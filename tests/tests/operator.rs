@@ -76,16 +76,26 @@ async fn client_gets_least_privilege_credentials_that_die_with_it() -> Result<()
     .await
     .context("the client patches its own GefyraClient's providerParameter")?;
     // Anything else of its object is the admin's (the admission policy, once the API
-    // server has loaded it; see trust.rs).
+    // server has loaded it; see trust.rs). Each attempt a new value: a patch that changes
+    // nothing passes any policy, so one let through before the policy was loaded must not
+    // make every later attempt a no-op.
+    let attempt = std::sync::atomic::AtomicU32::new(0);
     eventually("a client's label patch is refused", WAIT, || async {
+        let value = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let labels = own
             .patch(
                 "0123456789abcdef0123456789abcdef",
                 &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": {"patched-by": "client"}}})),
+                &Patch::Merge(
+                    json!({"metadata": {"labels": {"patched-by": format!("client-{value}")}}}),
+                ),
             )
             .await;
-        Ok((labels.err().as_ref().and_then(api_status) == Some(403)).then_some(()))
+        match labels {
+            Err(error) if api_status(&error) == Some(403) => Ok(Some(())),
+            Err(error) => Err(anyhow::anyhow!("refused, but not as forbidden: {error}")),
+            Ok(_) => Ok(None),
+        }
     })
     .await?;
     let forbidden = |result: Result<(), kube::Error>, what: &str| -> Result<()> {
