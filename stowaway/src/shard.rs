@@ -151,6 +151,7 @@ pub fn bind_group(
 ) -> std::io::Result<(Vec<std::net::UdpSocket>, Option<std::io::Error>)> {
     let probe = std::net::UdpSocket::bind(address)?;
     if count <= 1 {
+        size_buffers(&probe);
         return Ok((vec![probe], None));
     }
     // The probe holds the port exclusively: a reuse-port group of another process cannot
@@ -159,10 +160,25 @@ pub fn bind_group(
     drop(probe);
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count {
-        sockets.push(bind_reusable(address)?);
+        let socket = bind_reusable(address)?;
+        size_buffers(&socket);
+        sockets.push(socket);
     }
     let steering = steer(&sockets[0], count).err();
     Ok((sockets, steering))
+}
+
+/// Socket buffers asked of the kernel for each WireGuard socket, both ways (as
+/// wireguard-go asks 7 MiB): at the default of about 208 KiB a burst of 1.4 KB datagrams
+/// overflows the receive buffer within 2 ms of a busy turn. The kernel gives at most
+/// `net.core.rmem_max` / `wmem_max` to an unprivileged process.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Asks for `SOCKET_BUFFER` both ways; what the kernel grants is what there is.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+    let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
 }
 
 fn bind_reusable(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -231,6 +247,30 @@ mod tests {
                 .filter(|&id| Shard::new(id, count).is_some_and(|shard| shard.owns_key(&key)))
                 .count();
             prop_assert_eq!(owners, 1);
+        }
+    }
+
+    /// Each socket gets the receive and send buffers asked for, as far as the kernel's
+    /// limits for an unprivileged process go (Linux reports twice what it grants).
+    #[test]
+    fn every_socket_of_a_group_gets_large_buffers_within_the_kernels_limits() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let limit = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let (receive_max, send_max) = (limit("rmem_max"), limit("wmem_max"));
+        for count in [1, 2] {
+            let (sockets, _) =
+                bind_group("127.0.0.1:0".parse().unwrap(), count).expect("a socket group");
+            for socket in &sockets {
+                let receive = getsockopt(socket, sockopt::RcvBuf).unwrap();
+                let send = getsockopt(socket, sockopt::SndBuf).unwrap();
+                assert!(receive >= 2 * SOCKET_BUFFER.min(receive_max), "{receive}");
+                assert!(send >= 2 * SOCKET_BUFFER.min(send_max), "{send}");
+            }
         }
     }
 

@@ -236,17 +236,38 @@ struct Run {
 /// The iperf3 server's port a run goes to (the flood's server is the second one).
 const IPERF_PORT: &str = "5201";
 
-/// Throughput (bits per second) and the CPU seconds per GiB that process `endpoint`
-/// spent on it.
+/// Throughput (bits per second), the CPU seconds per GiB that process `endpoint` spent on
+/// it, and the datagrams its network namespace's UDP receive buffers dropped meanwhile.
 struct Measured {
     bits_per_second: f64,
     cpu_per_gib: f64,
+    receive_buffer_drops: u64,
+}
+
+/// `RcvbufErrors` of the UDP counters of the network namespace process `pid` is in.
+fn receive_buffer_drops(pid: u32) -> Result<u64> {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp"))?;
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (names, values) = (
+        udp.next().context("a Udp: header")?,
+        udp.next().context("a Udp: line")?,
+    );
+    let index = names
+        .split_whitespace()
+        .position(|name| name == "RcvbufErrors")
+        .context("RcvbufErrors among the UDP counters")?;
+    Ok(values
+        .split_whitespace()
+        .nth(index)
+        .context("a RcvbufErrors value")?
+        .parse()?)
 }
 
 impl Measured {
     /// From throughput, bytes carried and the CPU seconds spent carrying them.
-    fn of(bits_per_second: f64, bytes: f64, cpu_seconds: f64) -> Self {
+    fn of(bits_per_second: f64, bytes: f64, cpu_seconds: f64, receive_buffer_drops: u64) -> Self {
         Self {
+            receive_buffer_drops,
             bits_per_second,
             cpu_per_gib: cpu_seconds / (bytes / f64::from(1u32 << 30)).max(f64::MIN_POSITIVE),
         }
@@ -262,10 +283,11 @@ fn measured(
     run: Run,
     endpoint: u32,
 ) -> Result<Measured> {
-    let before = cpu_seconds(endpoint)?;
+    let (before, dropped_before) = (cpu_seconds(endpoint)?, receive_buffer_drops(endpoint)?);
     let (bits_per_second, bytes) = iperf(lab, netns, server, seconds, run)?;
     let spent = cpu_seconds(endpoint)? - before;
-    Ok(Measured::of(bits_per_second, bytes, spent))
+    let dropped = receive_buffer_drops(endpoint)?.saturating_sub(dropped_before);
+    Ok(Measured::of(bits_per_second, bytes, spent, dropped))
 }
 
 /// One iperf3 run from `netns` to `server`: bits per second and bytes received at the far
@@ -682,17 +704,19 @@ async fn throughput(seconds: u64) -> Result<()> {
         "== Throughput (iperf3, {seconds} s each), wireguard-go peer <-> cluster; CPU of the endpoint process per GiB carried"
     );
     println!(
-        "                 baseline: wireguard-go + kernel fwd   stowaway: userspace, unprivileged   ratio (stowaway / baseline)"
+        "                 baseline: wireguard-go + kernel fwd   stowaway: userspace, unprivileged   ratio (stowaway / baseline)   UDP receive-buffer drops (baseline, stowaway)"
     );
     for (what, theirs, ours) in &table {
         println!(
-            "{what:<16} {:>7.2} Gbit/s {:>7.2} CPU-s/GiB   {:>7.2} Gbit/s {:>7.2} CPU-s/GiB     throughput {:>5.2}  CPU/GiB {:>5.2}",
+            "{what:<16} {:>7.2} Gbit/s {:>7.2} CPU-s/GiB   {:>7.2} Gbit/s {:>7.2} CPU-s/GiB     throughput {:>5.2}  CPU/GiB {:>5.2}   {:>8} {:>8}",
             theirs.bits_per_second / 1e9,
             theirs.cpu_per_gib,
             ours.bits_per_second / 1e9,
             ours.cpu_per_gib,
             ours.bits_per_second / theirs.bits_per_second,
             ours.cpu_per_gib / theirs.cpu_per_gib.max(f64::MIN_POSITIVE),
+            theirs.receive_buffer_drops,
+            ours.receive_buffer_drops,
         );
     }
     fairness(
@@ -742,9 +766,10 @@ async fn throughput(seconds: u64) -> Result<()> {
         let (theirs, one, two) = (&theirs[index], &one_worker[index], &two_workers[index]);
         let figures = |measured: &Measured| {
             format!(
-                "{:>5.2} Gbit/s {:>5.2} CPU-s/GiB",
+                "{:>5.2} Gbit/s {:>5.2} CPU-s/GiB {:>6} drops",
                 measured.bits_per_second / 1e9,
-                measured.cpu_per_gib
+                measured.cpu_per_gib,
+                measured.receive_buffer_drops
             )
         };
         let ratio = |ours: &Measured, theirs: &Measured| {
@@ -781,13 +806,14 @@ fn both_ways(
             streams: 1,
             reverse,
         };
-        let before = cpu_seconds(endpoint)?;
+        let (before, dropped_before) = (cpu_seconds(endpoint)?, receive_buffer_drops(endpoint)?);
         let results = std::thread::scope(|scope| {
             let first = scope.spawn(|| iperf_to(lab, peers[0], service, IPERF_PORT, seconds, run));
             let second = scope.spawn(|| iperf_to(lab, peers[1], service, FLOOD_PORT, seconds, run));
             [first.join(), second.join()]
         });
         let spent = cpu_seconds(endpoint)? - before;
+        let dropped = receive_buffer_drops(endpoint)?.saturating_sub(dropped_before);
         let (mut bits_per_second, mut bytes) = (0.0, 0.0);
         for result in results {
             let (bits, carried) =
@@ -795,7 +821,7 @@ fn both_ways(
             bits_per_second += bits;
             bytes += carried;
         }
-        both.push(Measured::of(bits_per_second, bytes, spent));
+        both.push(Measured::of(bits_per_second, bytes, spent, dropped));
     }
     let [up, down]: [Measured; 2] = both
         .try_into()
