@@ -25,7 +25,7 @@ mod udp;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -150,10 +150,15 @@ enum Handoff {
 struct Link {
     handoffs: mpsc::SyncSender<Handoff>,
     waker: Arc<Waker>,
+    /// Bytes of the datagrams in its queue.
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 /// Handoffs one worker may have waiting (beyond: dropped, counted as `handoff_queue_full`).
 const HANDOFFS: usize = 4_096;
+/// Bytes of datagrams one worker may have waiting from the others (a datagram may be 64 KiB:
+/// the count alone would let 256 MiB wait).
+const HANDOFF_BYTES: usize = 8 << 20;
 
 /// The control plane's side: send commands to every worker, wake their loops.
 #[derive(Clone)]
@@ -322,6 +327,7 @@ impl DataPlane {
             links.push(Link {
                 handoffs,
                 waker: waker.clone(),
+                queued_bytes: Arc::default(),
             });
             queues.push((commands, waker));
             polls.push((poll, wireguard, commands_in, handoffs_in));

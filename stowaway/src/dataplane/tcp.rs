@@ -409,11 +409,11 @@ fn cluster_to_peer(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::policy::{EgressPolicy, GlobalLimits, PeerLimits};
 
-    fn config(idle: u64, handshake: u64) -> Config {
+    pub(in crate::dataplane) fn config(idle: u64, handshake: u64) -> Config {
         Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             resolver: "127.0.0.1:53".parse().unwrap(),

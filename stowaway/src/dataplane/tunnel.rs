@@ -4,6 +4,7 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 
 use mio::net::UdpSocket;
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
@@ -158,23 +159,32 @@ impl DataPlane {
         let Some(link) = self.workers.get(worker) else {
             return;
         };
-        let kind = match handoff {
-            Handoff::Datagram(..) => "datagram",
-            Handoff::Forward { .. } => "forward",
+        let (kind, bytes) = match &handoff {
+            Handoff::Datagram(_, datagram) => ("datagram", datagram.len()),
+            Handoff::Forward { .. } => ("forward", 0),
         };
-        match link.handoffs.try_send(handoff) {
+        let queued = link.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let sent = if queued.saturating_add(bytes) > super::HANDOFF_BYTES {
+            Err(std::sync::mpsc::TrySendError::Full(handoff))
+        } else {
+            link.handoffs.try_send(handoff)
+        };
+        match sent {
             Ok(()) => {
                 self.metrics.handoffs.with_label_values(&[kind]).inc();
                 let _ = link.waker.wake();
             }
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                link.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 self.metrics
                     .dropped
                     .with_label_values(&["handoff_queue_full"])
                     .inc();
             }
             // That worker has stopped: so is the data plane.
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                link.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
         }
     }
 
@@ -182,6 +192,12 @@ impl DataPlane {
     /// decryption in its turn, the rest handled now) and forwarded connections.
     pub(super) fn take_handoffs(&mut self) {
         while let Ok(handoff) = self.handoffs.try_recv() {
+            if let (Handoff::Datagram(_, datagram), Some(own)) =
+                (&handoff, self.workers.get(self.shard.id()))
+            {
+                own.queued_bytes
+                    .fetch_sub(datagram.len(), Ordering::Relaxed);
+            }
             match handoff {
                 Handoff::Datagram(from, datagram) => match self.endpoint.data_peer(&datagram) {
                     Some(peer) => {
@@ -334,4 +350,48 @@ fn send_segmented(socket: &UdpSocket, transmit: &Transmit) -> io::Result<()> {
     )
     .map(drop)
     .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::{DataPlane, HANDOFF_BYTES, Handoff, Shared};
+    use crate::metrics::Metrics;
+
+    /// Datagrams of up to 64 KiB handed to another worker wait within a byte bound, not
+    /// only a count (4,096 of them would be 256 MiB); the excess is dropped and counted.
+    #[test]
+    fn what_one_worker_hands_another_waits_within_a_byte_bound() {
+        let metrics = Arc::new(Metrics::default());
+        let (mut planes, _handle) = DataPlane::bind(
+            super::super::tcp::tests::config(300, 10),
+            [1; 32],
+            2,
+            Arc::new(Shared::new(2)),
+            metrics.clone(),
+        )
+        .expect("two workers");
+        let from = "198.51.100.7:51820".parse().unwrap();
+        let mut datagram = vec![0u8; 65_507];
+        datagram[0] = 4;
+        datagram[5] = 1;
+        for _ in 0..200 {
+            planes[0].hand_over(1, Handoff::Datagram(from, datagram.clone()));
+        }
+        let fits = HANDOFF_BYTES / datagram.len();
+        let dropped = metrics
+            .dropped
+            .with_label_values(&["handoff_queue_full"])
+            .get();
+        assert_eq!(dropped, 200 - fits as u64);
+        // Taken by their worker, they make room again.
+        planes[1].take_handoffs();
+        planes[0].hand_over(1, Handoff::Datagram(from, datagram));
+        let dropped_after = metrics
+            .dropped
+            .with_label_values(&["handoff_queue_full"])
+            .get();
+        assert_eq!(dropped_after, dropped);
+    }
 }
