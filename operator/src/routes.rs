@@ -2,9 +2,16 @@
 //! only by compare-and-swap (`replace` with the `resourceVersion` read), so the API server
 //! decides every overlap. A route is written to its shards in ascending order; a refusal in
 //! one of them gives the shards already written back what they held.
+//!
+//! Changes to one shard that this process has waiting at the same time go out together
+//! (group commit): whoever finds no write of that shard in flight writes every change queued
+//! by then in one compare-and-swap, each change applied in turn to what the ones before it
+//! left (a refused one leaves the routes as they were). Ten connects into one shard are then
+//! one write, not ten writers retrying each other's; the API server still decides between
+//! processes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gefyra_api::ipam::{self, IpamError, Pool, Route, Routes};
@@ -30,6 +37,13 @@ pub enum TableError {
         "routes table ConfigMap {shard}: still conflicting after {attempts} attempts; the API server is very busy"
     )]
     Contended { shard: String, attempts: u32 },
+    /// The failed write that carried this change with others.
+    #[error("{0}")]
+    Batch(Arc<TableError>),
+    #[error(
+        "routes table ConfigMap {shard}: the write that was to carry this change stopped (is the operator shutting down?)"
+    )]
+    WriterGone { shard: String },
 }
 
 fn api_error(shard: &str) -> impl FnOnce(kube::Error) -> TableError + '_ {
@@ -141,20 +155,6 @@ pub async fn modify_shard<T>(
     })
 }
 
-/// [`modify_shard`] with a change that refuses nothing (a removal, a restore).
-async fn edit_shard(
-    api: &Api<ConfigMap>,
-    shard: &str,
-    mut edit: impl FnMut(&mut Routes),
-) -> Result<(), TableError> {
-    let (_never_refused, _) = modify_shard(api, shard, |routes| {
-        edit(routes);
-        Ok(())
-    })
-    .await?;
-    Ok(())
-}
-
 /// Every shard's routes (data by shard name), read from the API server.
 pub async fn read_shards(
     client: &Client,
@@ -226,9 +226,55 @@ enum Seen {
     Unsure,
 }
 
+/// A change of a shard's routes, queued for the shard's next write; it keeps its own result.
+type Change = Box<dyn FnMut(&mut Routes) + Send>;
+
+/// Tells a queued change how the write that carried it went.
+type Written = tokio::sync::oneshot::Sender<Result<(), Arc<TableError>>>;
+
+/// What waits to be written to one shard.
+#[derive(Default)]
+struct ShardQueue {
+    changes: Vec<(Change, Written)>,
+    /// A write of this shard is under way (its writer takes what is queued next).
+    writing: bool,
+}
+
+type Queues = Arc<Mutex<HashMap<String, ShardQueue>>>;
+
+/// Writes what is queued for `shard`, batch after batch, until nothing is.
+async fn write_queued(api: Api<ConfigMap>, shard: String, queues: Queues) {
+    loop {
+        let mut batch = {
+            let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(queue) = queues.get_mut(&shard) else {
+                return;
+            };
+            if queue.changes.is_empty() {
+                queues.remove(&shard);
+                return;
+            }
+            std::mem::take(&mut queue.changes)
+        };
+        let written = modify_shard(&api, &shard, |routes| {
+            for (change, _) in batch.iter_mut() {
+                change(routes);
+            }
+            Ok(())
+        })
+        .await;
+        let outcome = written.map(drop).map_err(Arc::new);
+        for (_, done) in batch {
+            // A caller that went away leaves its change written all the same.
+            let _ = done.send(outcome.clone());
+        }
+    }
+}
+
 /// The routes table as the operator changes it: the API for writes, a watched cache of the
 /// shards to skip a change already in place.
 pub struct RouteTables {
+    queues: Queues,
     api: Api<ConfigMap>,
     namespace: String,
     store: OnceLock<Store<ConfigMap>>,
@@ -240,11 +286,67 @@ pub struct RouteTables {
 impl RouteTables {
     pub fn new(client: Client, namespace: &str) -> Self {
         Self {
+            queues: Queues::default(),
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             store: OnceLock::new(),
             seen: Mutex::default(),
         }
+    }
+
+    /// Applies `change` to shard `shard` in the shard's next write (see the module: group
+    /// commit); its result once that write is in. `change` must be a pure function of the
+    /// routes it is given, leaving them as they were when it refuses (it may run more than
+    /// once, after the changes queued before it).
+    async fn change_shard<T: Send + 'static>(
+        &self,
+        shard: &str,
+        mut change: impl FnMut(&mut Routes) -> Result<T, IpamError> + Send + 'static,
+    ) -> Result<Result<T, IpamError>, TableError> {
+        let result: Arc<Mutex<Option<Result<T, IpamError>>>> = Arc::default();
+        let kept = result.clone();
+        let change: Change = Box::new(move |routes| {
+            let outcome = change(routes);
+            *kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        });
+        let (done, written) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = queues.entry(shard.to_string()).or_default();
+            queue.changes.push((change, done));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if lead {
+            tokio::spawn(write_queued(
+                self.api.clone(),
+                shard.to_string(),
+                self.queues.clone(),
+            ));
+        }
+        let gone = || TableError::WriterGone {
+            shard: shard.to_string(),
+        };
+        written
+            .await
+            .map_err(|_| gone())?
+            .map_err(TableError::Batch)?;
+        let outcome = result.lock().unwrap_or_else(|e| e.into_inner()).take();
+        outcome.ok_or_else(gone)
+    }
+
+    /// [`change_shard`] with a change that refuses nothing (a removal, a restore).
+    async fn edit_shard(
+        &self,
+        shard: &str,
+        mut edit: impl FnMut(&mut Routes) + Send + 'static,
+    ) -> Result<(), TableError> {
+        let _never_refused = self
+            .change_shard(shard, move |routes| {
+                edit(routes);
+                Ok(())
+            })
+            .await?;
+        Ok(())
     }
 
     /// The watched shards (filled before the first reconcile).
@@ -310,20 +412,26 @@ impl RouteTables {
         };
         let mut written: Vec<(&String, Option<Route>)> = Vec::new();
         for shard in &targets {
-            let mut previous = None;
-            let (result, _) = modify_shard(&self.api, shard, |routes| {
-                previous = routes.get(name).cloned();
-                ipam::route(pool, routes, name, uid, Some(subnet))
-            })
-            .await?;
+            let previous: Arc<Mutex<Option<Route>>> = Arc::default();
+            let result = {
+                let (previous, pool) = (previous.clone(), pool.clone());
+                let (name, uid) = (name.to_string(), uid.to_string());
+                self.change_shard(shard, move |routes| {
+                    *previous.lock().unwrap_or_else(|e| e.into_inner()) =
+                        routes.get(&name).cloned();
+                    ipam::route(&pool, routes, &name, &uid, Some(subnet))
+                })
+                .await?
+            };
             if let Err(refused) = result {
                 self.remember(name, Seen::Unsure);
                 for (shard, previous) in written.into_iter().rev() {
-                    edit_shard(&self.api, shard, |routes| {
-                        if routes.get(name) == Some(&desired) {
+                    let (name, desired) = (name.to_string(), desired.clone());
+                    self.edit_shard(shard, move |routes| {
+                        if routes.get(&name) == Some(&desired) {
                             match &previous {
-                                Some(previous) => routes.insert(name.to_string(), previous.clone()),
-                                None => routes.remove(name),
+                                Some(previous) => routes.insert(name.clone(), previous.clone()),
+                                None => routes.remove(&name),
                             };
                         }
                     })
@@ -331,6 +439,7 @@ impl RouteTables {
                 }
                 return Ok(Err(refused));
             }
+            let previous = previous.lock().unwrap_or_else(|e| e.into_inner()).take();
             written.push((shard, previous));
         }
         self.remove_elsewhere(name, &targets, cached, seen).await?;
@@ -388,8 +497,9 @@ impl RouteTables {
             elsewhere.extend(route_shards::shards_of(&route.subnet).unwrap_or_default());
         }
         for shard in elsewhere.iter().filter(|shard| !targets.contains(shard)) {
-            edit_shard(&self.api, shard, |routes| {
-                routes.remove(name);
+            let name = name.to_string();
+            self.edit_shard(shard, move |routes| {
+                routes.remove(&name);
             })
             .await?;
         }
@@ -409,10 +519,10 @@ impl RouteTables {
             if seen.values().all(|route| live.contains(&route.uid)) {
                 continue;
             }
-            let (swept, _) = modify_shard(&self.api, shard, |routes| {
-                Ok(ipam::sweep(routes, seen, live))
-            })
-            .await?;
+            let (seen, live) = (seen.clone(), live.clone());
+            let swept = self
+                .change_shard(shard, move |routes| Ok(ipam::sweep(routes, &seen, &live)))
+                .await?;
             freed.extend(swept.unwrap_or_default());
         }
         Ok(freed)
@@ -442,7 +552,8 @@ impl RouteTables {
                 }
             };
             for shard in &shards {
-                edit_shard(&self.api, shard, |routes| {
+                let (name, route) = (name.clone(), route.clone());
+                self.edit_shard(shard, move |routes| {
                     routes.entry(name.clone()).or_insert_with(|| route.clone());
                 })
                 .await?;

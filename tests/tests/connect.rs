@@ -470,6 +470,61 @@ async fn shard_clients(admin: &Client, namespace: &str, shard: &str) -> Result<V
         .collect())
 }
 
+/// Route changes one process makes into one shard at the same moment go out together (one
+/// compare-and-swap carries what is queued): of overlapping pairs asked for at once exactly
+/// one of each is recorded, the others are refused naming the overlap, and the shard holds
+/// exactly what was admitted — then all of it is removed at once.
+#[tokio::test]
+async fn concurrent_routes_into_one_shard_are_written_together_and_stay_exclusive() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let ns = cluster.namespace("batched").await?;
+    let admin = cluster.admin()?;
+    let tables = gefyra_operator::routes::RouteTables::new(admin.clone(), &ns);
+    let pool = ipam::Pool::default();
+    let asked: Vec<(String, IpNet)> = (0..10)
+        .flat_map(|x| {
+            [
+                (format!("wide-{x}"), format!("10.1.{x}.0/24")),
+                (format!("narrow-{x}"), format!("10.1.{x}.0/25")),
+            ]
+        })
+        .map(|(name, subnet)| Ok((name, subnet.parse()?)))
+        .collect::<Result<_>>()?;
+    let results = futures::future::join_all(
+        asked
+            .iter()
+            .map(|(name, subnet)| tables.set_route(&pool, name, name, *subnet)),
+    )
+    .await;
+    let mut admitted = Vec::new();
+    for ((name, _), result) in asked.iter().zip(results) {
+        match result? {
+            Ok(()) => admitted.push(name.clone()),
+            Err(refused) => ensure!(
+                refused.to_string().contains("overlaps"),
+                "{name}: refused for another reason: {refused}"
+            ),
+        }
+    }
+    for x in 0..10 {
+        let pair = [format!("wide-{x}"), format!("narrow-{x}")];
+        let held = pair.iter().filter(|name| admitted.contains(name)).count();
+        ensure!(held == 1, "pair {x}: {held} of wide and narrow recorded");
+    }
+    let mut recorded = shard_clients(&admin, &ns, "gefyra-routes-v4-10-1").await?;
+    recorded.sort();
+    admitted.sort();
+    ensure!(
+        recorded == admitted,
+        "recorded {recorded:?}, admitted {admitted:?}"
+    );
+
+    futures::future::try_join_all(admitted.iter().map(|name| tables.remove_route(name))).await?;
+    let left = shard_clients(&admin, &ns, "gefyra-routes-v4-10-1").await?;
+    ensure!(left.is_empty(), "left after removing every route: {left:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_route_over_several_shards_is_exclusive_in_each_and_a_refusal_leaves_nothing()
 -> Result<()> {
