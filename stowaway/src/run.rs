@@ -242,10 +242,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     })?;
     let metrics = Arc::new(Metrics::default());
     let workers = match args.workers {
-        0 => std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(1)
-            .min(8),
+        0 => crate::shard::default_workers(),
         workers => workers,
     };
     let shared = Arc::new(Shared::new(workers));

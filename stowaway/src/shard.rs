@@ -25,6 +25,18 @@ use crate::peers::Key;
 
 /// Workers a data plane may have (a peer index's low byte chooses one).
 pub const MAX_WORKERS: usize = 64;
+/// Workers `--workers 0` asks for at most (one per CPU up to this).
+const DEFAULT_WORKERS_AT_MOST: usize = 8;
+
+/// The workers of `--workers 0`: one per CPU this process may use (a container's CPU limit
+/// counts), at most `DEFAULT_WORKERS_AT_MOST`.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .min(DEFAULT_WORKERS_AT_MOST)
+}
+
 /// Peer indices are 24 bits (boringtun keeps the low 8 of the receiver index for itself).
 const INDICES: u32 = 1 << 24;
 

@@ -384,7 +384,7 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
         ],
     )
     .await?;
-    let workers = std::thread::available_parallelism()?.get().min(8);
+    let workers = stowaway::shard::default_workers();
     ensure!(
         stowaway_log.contains(&format!("\"workers\":{workers}"))
             && !stowaway_log.contains("refused to steer"),
