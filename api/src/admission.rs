@@ -62,6 +62,12 @@ fn unchanged(path: &str) -> String {
     )
 }
 
+/// CEL: a request adds at most one `metadata.managedFields` entry (its own manager's) with a
+/// manager name of at most 128 characters. A client may send `managedFields` itself; CEL
+/// cannot look inside an entry's `fieldsV1`, so its one entry is bounded by the API server's
+/// object size, and the operator and Stowaway keep no client's managedFields in memory.
+const MANAGED_FIELDS_BOUNDED: &str = "!has(object.metadata.managedFields) || (size(object.metadata.managedFields) <= (has(oldObject.metadata.managedFields) ? size(oldObject.metadata.managedFields) : 0) + 1 && object.metadata.managedFields.all(entry, !has(entry.manager) || size(entry.manager) <= 128))";
+
 fn refusal(field: &str) -> String {
     format!(
         "{field} may be changed only by an admin or the operator: a client may change providerParameter and nothing else"
@@ -85,6 +91,12 @@ pub fn policy(namespace: &str) -> ValidatingAdmissionPolicy {
             reason: Some("Forbidden".into()),
             ..Validation::default()
         })
+        .chain([Validation {
+            expression: MANAGED_FIELDS_BOUNDED.into(),
+            message: Some("metadata.managedFields: a client's request may add one entry (its own) with a manager name of at most 128 characters".into()),
+            reason: Some("Forbidden".into()),
+            ..Validation::default()
+        }])
         .collect();
     ValidatingAdmissionPolicy {
         metadata: ObjectMeta {
@@ -158,14 +170,14 @@ mod tests {
         let validations = policy.spec.unwrap().validations.unwrap();
         assert_eq!(
             validations.len(),
-            PROTECTED_FIELDS.len() + PROTECTED_METADATA.len()
+            PROTECTED_FIELDS.len() + PROTECTED_METADATA.len() + 1
         );
         assert_eq!(
             validations[0].expression,
             "has(object.provider) == has(oldObject.provider) && (!has(object.provider) || object.provider == oldObject.provider)"
         );
         assert_eq!(
-            validations.last().unwrap().expression,
+            validations[validations.len() - 2].expression,
             "has(object.metadata.ownerReferences) == has(oldObject.metadata.ownerReferences) && (!has(object.metadata.ownerReferences) || object.metadata.ownerReferences == oldObject.metadata.ownerReferences)"
         );
         assert!(

@@ -59,10 +59,19 @@ fn schema() -> JSONSchemaProps {
     properties["maxConnectionAge"]["minimum"] = json!(1);
     properties["maxConnectionAge"]["maximum"] = json!(MAX_CONNECTION_AGE_SECONDS);
     // CEL has no overloads for nullable scalars; these are omitted, never null.
-    // What a client may ask for when it connects (other keys are kept, unused).
+    // What a client may ask for when it connects, and nothing else: the object is closed, so
+    // the API server prunes any other key (a client cannot make the operator, Stowaway and
+    // the webhook carry megabytes of its own keys). `subnet` defaults to '' (none): Gefyra's
+    // CLI reads the subnet of every ACTIVE client when it picks its own and fails on one
+    // without, so no client can leave it out, whatever it sends.
+    let parameter = properties["providerParameter"]
+        .as_object_mut()
+        .expect("a property schema");
+    parameter.remove("x-kubernetes-preserve-unknown-fields");
     properties["providerParameter"]["properties"] = json!({
         "subnet": {
             "type": "string",
+            "default": "",
             "maxLength": 64,
             "description": "The range the client routes through the tunnel (CIDR), exclusive to it; empty: none (recorded so that Gefyra's CLI, which reads every ACTIVE client's subnet, can read it).",
             "x-kubernetes-validations": [{

@@ -190,8 +190,18 @@ pub type Routes = BTreeMap<String, Route>;
 pub enum IpamError {
     #[error("the tunnel-address pool is exhausted ({capacity} addresses, all in use)")]
     PoolExhausted { capacity: u128 },
-    #[error("subnet {subnet} overlaps {what}")]
-    Overlap { subnet: IpNet, what: String },
+    /// The message names what kind of range is in the way, never another client: a client
+    /// reads it in its own status (see [`Occupant`]).
+    #[error("subnet {subnet} overlaps {occupant}")]
+    Overlap { subnet: IpNet, occupant: Occupant },
+    #[error(
+        "subnet {subnet} is an {family} range, but this cluster's tunnel pool has no {family} addresses; route an {pool_family} range"
+    )]
+    WrongFamily {
+        subnet: IpNet,
+        family: &'static str,
+        pool_family: &'static str,
+    },
     #[error("subnet {subnet} is not a network address (did you mean {}?)", subnet.trunc())]
     NotNetworkAddress { subnet: IpNet },
     #[error(
@@ -219,23 +229,77 @@ pub fn check_routed(
     if subnet.prefix_len() < widest {
         return Err(IpamError::TooWide { subnet, widest });
     }
-    let conflict = |what: String| Err(IpamError::Overlap { subnet, what });
+    if !pool.tunnel.iter().any(|net| family(net) == family(&subnet)) {
+        let pool_family = pool.tunnel.first().map_or("IPv4", family);
+        return Err(IpamError::WrongFamily {
+            subnet,
+            family: family(&subnet),
+            pool_family,
+        });
+    }
+    let conflict = |occupant: Occupant| Err(IpamError::Overlap { subnet, occupant });
     let server = IpNet::from(SERVER_ADDRESS);
     if overlaps(&subnet, &server) {
-        return conflict(format!("the server's tunnel address {SERVER_ADDRESS}"));
+        return conflict(Occupant::Server);
     }
     if let Some(tunnel) = pool.tunnel.iter().find(|net| overlaps(&subnet, net)) {
-        return conflict(format!("the tunnel pool {tunnel}"));
+        return conflict(Occupant::TunnelPool(*tunnel));
     }
     if let Some(reserved) = pool.reserved.iter().find(|net| overlaps(&subnet, net)) {
-        return conflict(format!("the reserved range {reserved}"));
+        return conflict(Occupant::Reserved(*reserved));
     }
     match routes
         .iter()
         .find(|(other, route)| *other != client && overlaps(&subnet, &route.subnet))
     {
-        Some((other, route)) => conflict(format!("{} of client {other}", route.subnet)),
+        Some((other, route)) => conflict(Occupant::Client {
+            name: other.clone(),
+            subnet: route.subnet,
+        }),
         None => Ok(()),
+    }
+}
+
+fn family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    }
+}
+
+/// What holds a range a client asked for. Its message says what *kind* of range that is:
+/// the client reads it in its own status, and must not learn another client's name or
+/// route from it ([`Occupant::other_client`] gives those to the admin: log, Event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupant {
+    /// The server's tunnel address.
+    Server,
+    /// The tunnel-address pool.
+    TunnelPool(IpNet),
+    /// A range the admin reserved (the cluster's own addresses).
+    Reserved(IpNet),
+    /// Another client's exclusive range.
+    Client { name: String, subnet: IpNet },
+}
+
+impl Occupant {
+    /// The other client and its range, for the admin; `None` for anything else.
+    pub fn other_client(&self) -> Option<(&str, IpNet)> {
+        match self {
+            Self::Client { name, subnet } => Some((name, *subnet)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Occupant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Server => write!(f, "the server's tunnel address {SERVER_ADDRESS}"),
+            Self::TunnelPool(pool) => write!(f, "the tunnel pool {pool}"),
+            Self::Reserved(range) => write!(f, "the reserved range {range} (the cluster's own)"),
+            Self::Client { .. } => write!(f, "another client's range"),
+        }
     }
 }
 
@@ -449,7 +513,7 @@ mod tests {
     }
 
     #[test]
-    fn conflicts_name_what_they_overlap() {
+    fn conflicts_name_the_kind_of_range_they_overlap_and_never_another_client() {
         let pool = Pool {
             tunnel: vec![net("192.168.96.0/20")],
             reserved: vec![net("10.96.0.0/12")],
@@ -459,12 +523,23 @@ mod tests {
         let error = route(&pool, &mut routes, "b", "ub", Some(net("172.20.4.0/24"))).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "subnet 172.20.4.0/24 overlaps 172.20.0.0/16 of client a"
+            "subnet 172.20.4.0/24 overlaps another client's range"
         );
+        // The admin still learns whose (the operator logs it and tells the other client).
+        let IpamError::Overlap { occupant, .. } = &error else {
+            panic!("{error:?}")
+        };
+        assert_eq!(occupant.other_client(), Some(("a", net("172.20.0.0/16"))));
         let error = check_routed(&pool, &routes, "b", net("10.100.0.0/16")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "subnet 10.100.0.0/16 overlaps the reserved range 10.96.0.0/12"
+            "subnet 10.100.0.0/16 overlaps the reserved range 10.96.0.0/12 (the cluster's own)"
+        );
+        assert_eq!(
+            check_routed(&pool, &routes, "b", net("fd00:20::/64"))
+                .unwrap_err()
+                .to_string(),
+            "subnet fd00:20::/64 is an IPv6 range, but this cluster's tunnel pool has no IPv6 addresses; route an IPv4 range"
         );
         let error = check_routed(&pool, &routes, "b", net("192.168.100.0/24")).unwrap_err();
         assert!(error.to_string().contains("tunnel pool"), "{error}");
@@ -545,7 +620,7 @@ mod tests {
                         let name = format!("c{client}");
                         match route(&pool, &mut routes, &name, "uid", routed) {
                             Ok(()) => prop_assert_eq!(routes.get(&name).map(|r| r.subnet), routed),
-                            Err(IpamError::Overlap { .. } | IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. }) => {
+                            Err(IpamError::Overlap { .. } | IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. } | IpamError::WrongFamily { .. }) => {
                                 prop_assert_eq!(&routes, &before, "a rejected request changes nothing");
                                 continue;
                             }

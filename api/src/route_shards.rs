@@ -29,9 +29,14 @@ fn shard_prefix(net: &IpNet) -> u8 {
     }
 }
 
-/// A route may cover at most 2^8 = 256 shards: IPv4 routes of /8 and narrower, IPv6 routes
-/// of /24 and narrower.
-const MAX_FAN_OUT_BITS: u8 = 8;
+/// A route may cover at most 2^2 = 4 shards: IPv4 routes of /14 and narrower, IPv6 routes
+/// of /30 and narrower. A client's routed range is its local network (Docker's are /16 to
+/// /24), and every shard a route covers is a ConfigMap that each change of it reads and
+/// writes, and that the operator and Stowaway cache: a /8 was 256 of them.
+const MAX_FAN_OUT_BITS: u8 = 2;
+
+/// The most shards one route is recorded in.
+pub const MAX_SHARDS_PER_ROUTE: usize = 1 << MAX_FAN_OUT_BITS;
 
 /// The widest prefix a client may route in `net`'s address family.
 pub fn widest_routable(net: &IpNet) -> u8 {
@@ -114,7 +119,7 @@ mod tests {
             shards_of(&net("172.18.0.0/15")).unwrap(),
             ["gefyra-routes-v4-172-18", "gefyra-routes-v4-172-19"]
         );
-        assert_eq!(shards_of(&net("10.0.0.0/8")).unwrap().len(), 256);
+        assert_eq!(shards_of(&net("10.0.0.0/14")).unwrap().len(), 4);
         assert_eq!(
             shards_of(&net("fd00:99::/64")).unwrap(),
             ["gefyra-routes-v6-fd00-0099"]
@@ -123,8 +128,14 @@ mod tests {
     }
 
     #[test]
-    fn a_route_wider_than_256_shards_is_refused_by_name() {
-        for (too_wide, widest) in [("0.0.0.0/0", 8), ("8.0.0.0/7", 8), ("fd00::/16", 24)] {
+    fn a_route_wider_than_four_shards_is_refused_by_name() {
+        for (too_wide, widest) in [
+            ("0.0.0.0/0", 14),
+            ("10.0.0.0/8", 14),
+            ("172.16.0.0/13", 14),
+            ("fd00::/16", 30),
+            ("fd00::/29", 30),
+        ] {
             let error = shards_of(&net(too_wide)).unwrap_err();
             assert_eq!(
                 error,
@@ -164,7 +175,7 @@ mod tests {
         /// The property exclusivity rests on: overlapping routes share a shard.
         #[test]
         fn overlapping_routes_share_a_shard(
-            a in any::<u32>(), a_len in 8u8..=32, b in any::<u32>(), b_len in 8u8..=32,
+            a in any::<u32>(), a_len in 14u8..=32, b in any::<u32>(), b_len in 14u8..=32,
         ) {
             let a = IpNet::new(std::net::Ipv4Addr::from(a).into(), a_len).unwrap().trunc();
             let b = IpNet::new(std::net::Ipv4Addr::from(b).into(), b_len).unwrap().trunc();
@@ -178,7 +189,7 @@ mod tests {
         fn any_subnet_has_shards_or_a_clear_refusal(address in any::<u128>(), len in 0u8..=128) {
             let subnet = IpNet::new(std::net::Ipv6Addr::from(address).into(), len).unwrap();
             match shards_of(&subnet) {
-                Ok(shards) => prop_assert!(!shards.is_empty() && shards.len() <= 256),
+                Ok(shards) => prop_assert!(!shards.is_empty() && shards.len() <= MAX_SHARDS_PER_ROUTE),
                 Err(error) => prop_assert!(matches!(error, IpamError::TooWide { .. }), "{}", error),
             }
         }

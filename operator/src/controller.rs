@@ -361,6 +361,9 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
     let by_key = ctx.clients_by_key.clone();
     let changes = watcher(clients, watcher::Config::default())
         .default_backoff()
+        // Nothing here reads managedFields, and a client's token may write its own entry
+        // there (the one part of its object no schema bounds): never kept in memory.
+        .modify(|client| client.managed_fields_mut().clear())
         .inspect_ok(move |event| by_key.apply(event))
         .reflect(writer)
         .applied_objects()
@@ -495,6 +498,8 @@ fn error_policy(client: Arc<GefyraClient>, error: &Error, ctx: Arc<Context>) -> 
     let delay = match error {
         // Addresses free up when other clients disconnect: look again soon.
         Error::PoolExhausted { .. } => Duration::from_secs(2),
+        // The client's route-change budget says when.
+        Error::RouteChangesTooOften { retry_in, .. } => *retry_in,
         _ => Duration::from_secs(1u64 << (*count - 1).min(8)).min(Duration::from_secs(300)),
     };
     warn!(client = %client.name_any(), category = error.category(), %error, retry_in = ?delay, "reconcile failed");

@@ -75,6 +75,12 @@ pub enum Error {
         #[source]
         source: gefyra_api::ipam::IpamError,
     },
+    #[error("client {client}: {message}")]
+    RouteChangesTooOften {
+        client: String,
+        message: String,
+        retry_in: std::time::Duration,
+    },
     #[error("recording a routed range failed: {0}")]
     AllocationTable(#[from] crate::routes::TableError),
     #[error("client {client}: claiming or releasing a tunnel address failed: {source}")]
@@ -98,9 +104,9 @@ pub enum Error {
         source: kube::Error,
     },
     #[error(
-        "client {client}: its public key is already the key of client {other}, which connected first; generate a new key pair (kubectl gefyra connect does) and connect again"
+        "client {client}: its public key is already the key of another client, which connected first; generate a new key pair (kubectl gefyra connect does) and connect again"
     )]
-    DuplicatePublicKey { client: String, other: String },
+    DuplicatePublicKey { client: String },
     #[error("client {client}: {message}; an admin must correct maxConnectionAge")]
     InvalidConnectionAge { client: String, message: String },
     #[error(
@@ -128,6 +134,7 @@ impl Error {
             Self::InvalidParameter { .. } => "InvalidParameter",
             Self::PoolExhausted { .. } => "PoolExhausted",
             Self::SubnetConflict { .. } => "SubnetConflict",
+            Self::RouteChangesTooOften { .. } => "RouteChangesTooOften",
             Self::AllocationTable(_) => "AllocationTableFailed",
             Self::TunnelClaim { .. } => "TunnelClaimFailed",
             Self::ServerKey { .. } => "ServerKeyFailed",

@@ -17,6 +17,7 @@ pub mod owned;
 pub mod rbac;
 pub mod ready;
 pub mod reconcile;
+pub mod route_budget;
 pub mod routes;
 pub mod run;
 pub mod sweep;

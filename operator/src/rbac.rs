@@ -9,7 +9,6 @@ use k8s_openapi::api::rbac::v1::PolicyRule;
 
 use crate::allocator::SERVER_KEY_SECRET;
 use crate::credentials::MANAGED_BY;
-use gefyra_api::route_shards::LEGACY_TABLE;
 
 /// Every rule the operator needs in its namespace, for a Lease named `lease_name`.
 pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
@@ -51,14 +50,14 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
         ),
         // The API server's CA for client files; the routes table's shards (named after the
         // address space they cover, so not by name): changed by compare-and-swap, watched
-        // so that an idle sweep asks nothing. The old single table is deleted once moved.
+        // so that an idle sweep asks nothing, deleted when they hold no route (and the old
+        // single table once moved).
         rule(
             "",
             &["configmaps"],
             &[],
-            &["get", "list", "watch", "create", "update"],
+            &["get", "list", "watch", "create", "update", "delete"],
         ),
-        rule("", &["configmaps"], &[LEGACY_TABLE], &["delete"]),
         // The Stowaway server's key pair: created once, then only read, by name.
         rule("", &["secrets"], &[], &["create"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),

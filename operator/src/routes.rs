@@ -24,6 +24,7 @@ use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::credentials::MANAGED_BY;
+use crate::route_budget::{self, RouteBudget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -137,10 +138,29 @@ pub async fn modify_shard<T>(
         if routes == before {
             return Ok((result, routes));
         }
-        let mut next = current;
-        next.data = Some(encode_shard(&routes, &unreadable));
-        match api.replace(shard, &PostParams::default(), &next).await {
-            Ok(_) => return Ok((result, routes)),
+        // A shard left empty is deleted (if nobody wrote it since it was read), so that the
+        // shards are as many as the ranges in use need, not every range ever asked for.
+        let written = if routes.is_empty() && unreadable.is_empty() {
+            let unchanged = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: current.resource_version(),
+                    uid: current.uid(),
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(shard, &unchanged).await {
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                deleted => deleted.map(drop),
+            }
+        } else {
+            let mut next = current;
+            next.data = Some(encode_shard(&routes, &unreadable));
+            api.replace(shard, &PostParams::default(), &next)
+                .await
+                .map(drop)
+        };
+        match written {
+            Ok(()) => return Ok((result, routes)),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Someone else wrote first: read again. A little jitter spreads the retries.
                 let jitter = rand::random::<u64>() % (5 + 5 * u64::from(attempt.min(10)));
@@ -281,6 +301,22 @@ pub struct RouteTables {
     /// Per client, its route as this process last wrote it, so that a cache that has not yet
     /// delivered one of its own writes is never trusted for that client.
     seen: Mutex<HashMap<String, Seen>>,
+    /// How often each client may change its route.
+    budget: RouteBudget,
+}
+
+/// Why a client's route was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The range itself may not be routed (overlap, form, width, family).
+    #[error(transparent)]
+    Range(#[from] IpamError),
+    /// The client changed its route too often; the change is made once `retry_in` passed.
+    #[error(
+        "it changed its routed range more than {burst} times within a minute, the most a client may; this change is made in {}s",
+        retry_in.as_secs().max(1)
+    )]
+    TooOften { burst: u32, retry_in: Duration },
 }
 
 impl RouteTables {
@@ -291,6 +327,7 @@ impl RouteTables {
             namespace: namespace.to_string(),
             store: OnceLock::new(),
             seen: Mutex::default(),
+            budget: RouteBudget::default(),
         }
     }
 
@@ -386,21 +423,23 @@ impl RouteTables {
     }
 
     /// Records `subnet` as `name`'s routed range, refused (the inner error) when it
-    /// overlaps another client's range, the pool or a reserved range, or is too wide. Sends
-    /// nothing when the watched shards show it in place.
+    /// overlaps another client's range, the pool or a reserved range, is too wide or of
+    /// another family than the pool, or the client changed its route too often. Sends
+    /// nothing when the watched shards show it in place, and nothing when they show a
+    /// conflict in any shard it covers (the API server decides the rest).
     pub async fn set_route(
         &self,
         pool: &Pool,
         name: &str,
         uid: &str,
         subnet: IpNet,
-    ) -> Result<Result<(), IpamError>, TableError> {
+    ) -> Result<Result<(), Refused>, TableError> {
         // What no table can change: the pool, reserved ranges, the form of the subnet.
         let targets = match ipam::check_routed(pool, &Routes::new(), name, subnet)
             .and_then(|()| route_shards::shards_of(&subnet))
         {
             Ok(targets) => targets,
-            Err(refused) => return Ok(Err(refused)),
+            Err(refused) => return Ok(Err(refused.into())),
         };
         let desired = Route {
             uid: uid.to_string(),
@@ -410,6 +449,17 @@ impl RouteTables {
             InPlace::Yes => return Ok(Ok(())),
             InPlace::No { cached, seen } => (cached, seen),
         };
+        if let Some(near) = self.cached_routes_in(&targets)
+            && let Err(refused) = ipam::check_routed(pool, &near, name, subnet)
+        {
+            return Ok(Err(refused.into()));
+        }
+        if let Err(retry_in) = self.budget.spend(uid, std::time::Instant::now()) {
+            return Ok(Err(Refused::TooOften {
+                burst: route_budget::BURST,
+                retry_in,
+            }));
+        }
         let mut written: Vec<(&String, Option<Route>)> = Vec::new();
         for shard in &targets {
             let previous: Arc<Mutex<Option<Route>>> = Arc::default();
@@ -437,7 +487,7 @@ impl RouteTables {
                     })
                     .await?;
                 }
-                return Ok(Err(refused));
+                return Ok(Err(refused.into()));
             }
             let previous = previous.lock().unwrap_or_else(|e| e.into_inner()).take();
             written.push((shard, previous));
@@ -457,9 +507,23 @@ impl RouteTables {
         Ok(())
     }
 
-    /// Forgets what this process knew of a deleted client's route.
-    pub fn forget(&self, name: &str) {
+    /// Forgets what this process knew of a deleted client's route, and its budget.
+    pub fn forget(&self, name: &str, uid: &str) {
         self.seen.lock().expect("not poisoned").remove(name);
+        self.budget.forget(uid);
+    }
+
+    /// Every route the watched shards `shards` show (`None`: not watched yet).
+    fn cached_routes_in(&self, shards: &[String]) -> Option<Routes> {
+        let store = self.store.get()?;
+        let data: Vec<BTreeMap<String, String>> = shards
+            .iter()
+            .filter_map(|shard| {
+                store.get(&kube::runtime::reflector::ObjectRef::new(shard).within(&self.namespace))
+            })
+            .filter_map(|shard| shard.data.clone())
+            .collect();
+        Some(route_shards::merge(&data))
     }
 
     fn remember(&self, name: &str, seen: Seen) {

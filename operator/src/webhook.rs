@@ -623,7 +623,11 @@ mod tests {
         assert!(!taken.allowed);
         assert_eq!(taken.result.code, 500);
         assert!(
-            taken.result.message.contains("172.20.0.0/16 of client a"),
+            taken
+                .result
+                .message
+                .contains("overlaps another client's range")
+                && !taken.result.message.contains("client a"),
             "{}",
             taken.result.message
         );

@@ -80,16 +80,21 @@ where
 {
     let (store, writer) = reflector::store();
     tokio::spawn(
-        reflector(writer, watcher(api, config))
-            // Failed watches are retried with backoff, not in a hot loop.
-            .default_backoff()
-            .for_each(move |event| {
-                match event {
-                    Ok(_) => changed.notify_one(),
-                    Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
-                }
-                futures::future::ready(())
-            }),
+        reflector(
+            writer,
+            // Nothing here reads managedFields, and a client's token may write its own entry
+            // in its GefyraClient's: never kept in memory.
+            watcher(api, config).modify(|object| object.managed_fields_mut().clear()),
+        )
+        // Failed watches are retried with backoff, not in a hot loop.
+        .default_backoff()
+        .for_each(move |event| {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
+            }
+            futures::future::ready(())
+        }),
     );
     store
 }

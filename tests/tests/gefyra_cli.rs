@@ -272,13 +272,31 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
     let ns = cluster.namespace("mixed-fleet").await?;
     let _operator = Operator::start(&cluster, &ns, &["--client-rbac", "gefyra-compat"])?;
     let admin = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
-    for id in ["ours", "theirs"] {
+    for id in ["ours", "theirs", "raw"] {
         admin.ok(&["clients", "create", "--client-id", id]).await?;
     }
     connect_without_subnet(&admin, "ours", &["--host", "127.0.0.1"]).await?;
 
     let clients: Api<GefyraClient> = Api::namespaced(cluster.admin()?, &ns);
     let theirs = wait_for_state(&clients, "theirs", ClientState::Waiting).await?;
+    // A client that connects with a raw patch of its own token and no `subnet` key (an
+    // older CLI, a hand-written request): the API server records `subnet: ""` all the same,
+    // so Gefyra's CLI of every other client can still read it.
+    let raw = wait_for_state(&clients, "raw", ClientState::Waiting).await?;
+    let as_raw: Api<GefyraClient> =
+        Api::namespaced(cluster.with_token(&gefyra_e2e::token_of(&raw)?)?, &ns);
+    let raw_key = gefyra_api::wireguard::generate_key_pair().public;
+    gefyra_e2e::set_provider_parameter(&as_raw, "raw", serde_json::json!({"publicKey": raw_key}))
+        .await?;
+    let raw = wait_for_state(&clients, "raw", ClientState::Active).await?;
+    ensure!(
+        raw.provider_parameter
+            == serde_json::json!({"publicKey": raw_key, "subnet": ""})
+                .as_object()
+                .cloned(),
+        "stored: {:?}",
+        raw.provider_parameter
+    );
 
     // A GefyraBridge of theirs in Gefyra's wire layout (as Gefyra's CLI creates one): served,
     // and refused by the operator with a reason, since bridging is not supported yet.
@@ -336,7 +354,7 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
     );
     let seen: serde_json::Value = serde_json::from_slice(&output.stdout)?;
     ensure!(
-        seen == serde_json::json!({"subnets": [""], "bridges": ["theirs-web"]}),
+        seen == serde_json::json!({"subnets": ["", ""], "bridges": ["theirs-web"]}),
         "what Gefyra's CLI sees: {seen}"
     );
     Ok(())

@@ -11,6 +11,7 @@ use gefyra_e2e::{
     Cluster, Operator, WAIT, api_status, create_client, eventually, install_crd,
     set_provider_parameter as connect, token_of, wait_for_ready, wait_for_state,
 };
+use gefyra_operator::route_budget;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -135,16 +136,53 @@ async fn a_clients_own_token_may_change_its_provider_parameter_and_nothing_else(
         unchanged.sunset.as_deref() == Some("2099-01-01T00:00:00Z")
             && unchanged.state == ClientState::Waiting
     );
+    // managedFields: a request may add its own entry, not fill the object with more.
+    let entry = |manager: String| {
+        json!({"manager": manager, "operation": "Update", "apiVersion": "gefyra.dev/v1",
+               "fieldsType": "FieldsV1", "fieldsV1": {"f:providerParameter": {}}})
+    };
+    let mut entries: Vec<Value> = unchanged
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    entries.extend((0..3).map(|n| entry(format!("filler-{n}"))));
+    let (status, message) = refusal(
+        &as_dev,
+        "dev",
+        json!({"metadata": {"managedFields": entries}}),
+    )
+    .await?;
+    ensure!(
+        status == 403
+            && message.contains("metadata.managedFields: a client's request may add one entry"),
+        "managedFields: {status} {message}"
+    );
 
-    // The honest connect and disconnect still work, with the client's own token.
+    // The honest connect and disconnect still work, with the client's own token. What else
+    // it sends in providerParameter is not kept (the object is closed): a client cannot make
+    // the operator, Stowaway and the webhook carry half a megabyte of its own keys.
     let (_, public) = key_pair();
     connect(
         &as_dev,
         "dev",
-        json!({"publicKey": public, "subnet": "172.21.0.0/16"}),
+        json!({"publicKey": public, "subnet": "172.21.0.0/16",
+               "junk": "x".repeat(512 * 1024), "more": {"a": 1}}),
     )
     .await?;
-    wait_for_state(&clients, "dev", ClientState::Active).await?;
+    let connected = wait_for_state(&clients, "dev", ClientState::Active).await?;
+    ensure!(
+        connected.provider_parameter
+            == json!({"publicKey": public, "subnet": "172.21.0.0/16"})
+                .as_object()
+                .cloned(),
+        "stored: {:?}",
+        connected
+            .provider_parameter
+            .map(|p| p.keys().cloned().collect::<Vec<_>>())
+    );
     connect(&as_dev, "dev", Value::Null).await?;
     wait_for_state(&clients, "dev", ClientState::Waiting).await?;
     // Admins are not restricted.
@@ -317,7 +355,7 @@ async fn a_duplicated_public_key_is_refused_and_a_failed_connect_leaks_nothing()
         .ready_condition()
         .map(|ready| (ready.reason.clone(), ready.message.clone()));
     ensure!(
-        matches!(&reason, Some((reason, message)) if reason == "DuplicatePublicKey" && message.contains("client a")),
+        matches!(&reason, Some((reason, message)) if reason == "DuplicatePublicKey" && message.contains("another client") && !message.contains("client a")),
         "{reason:?}"
     );
     ensure!(
@@ -350,6 +388,227 @@ async fn a_duplicated_public_key_is_refused_and_a_failed_connect_leaks_nothing()
         Ok((!gefyra_operator::routes::read_routes(&admin, &ns)
             .await?
             .contains_key("c"))
+        .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Every request the operator has sent to the API server (all verbs), from its /metrics.
+async fn api_requests(operator: &Operator) -> Result<f64> {
+    let (_, body) = operator.http_get("/metrics").await?;
+    Ok(body
+        .lines()
+        .filter(|line| line.starts_with("gefyra_operator_api_requests_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
+/// The route shards in `namespace`, by name.
+async fn shard_names(admin: &kube::Client, namespace: &str) -> Result<Vec<String>> {
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(admin.clone(), namespace);
+    Ok(maps
+        .list(&kube::api::ListParams::default().labels(gefyra_api::route_shards::SHARD_SELECTOR))
+        .await?
+        .items
+        .iter()
+        .map(|shard| shard.name_any())
+        .collect())
+}
+
+/// The message of client `name`'s Ready condition once it is in ERROR with a message
+/// containing `expected` (the last message seen, if it never does).
+async fn refusal_message(
+    clients: &Api<GefyraClient>,
+    name: &str,
+    expected: &str,
+) -> Result<String> {
+    let found = eventually(&format!("{name} is refused: {expected}"), WAIT, || async {
+        let client = clients.get(name).await?;
+        let message = client
+            .ready_condition()
+            .map(|ready| ready.message.clone())
+            .unwrap_or_default();
+        Ok((client.state == ClientState::Error && message.contains(expected)).then_some(message))
+    })
+    .await;
+    if found.is_err() {
+        let client = clients.get(name).await?;
+        let last = client.ready_condition().map(|ready| &ready.message);
+        anyhow::bail!("{name} was not refused with {expected:?}; last: {last:?}");
+    }
+    found
+}
+
+/// One client's token changes its routed range in a loop — too wide, of the wrong family,
+/// over another client's, and twenty times across four shards each: what the operator
+/// writes stays bounded (a route covers at most four shards, a shard left empty is deleted,
+/// five changes at once then one per 12 s), the refusal names no other client, and another
+/// client connects meanwhile.
+#[tokio::test]
+async fn one_clients_route_changes_cost_a_bounded_number_of_shards_and_requests() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("route-cost").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let operator = Operator::start(&cluster, &ns, &[])?;
+    for name in ["attacker", "bystander"] {
+        create_client(admin.clone(), &ns, name).await?;
+    }
+    let attacker = wait_for_ready(&clients, "attacker").await?;
+    wait_for_ready(&clients, "bystander").await?;
+    let as_attacker: Api<GefyraClient> =
+        Api::namespaced(cluster.with_token(&token_of(&attacker)?)?, &ns);
+    let key = key_pair().1;
+    let route = |subnet: &str| json!({"publicKey": key, "subnet": subnet});
+    connect(&as_attacker, "attacker", route("172.16.0.0/16")).await?;
+    wait_for_state(&clients, "attacker", ClientState::Active).await?;
+    connect(
+        &clients,
+        "bystander",
+        json!({"publicKey": key_pair().1, "subnet": "172.20.0.0/16"}),
+    )
+    .await?;
+    wait_for_state(&clients, "bystander", ClientState::Active).await?;
+
+    // Refused before anything is written, each with a reason naming no one.
+    for (subnet, expected) in [
+        ("10.0.0.0/8", "wider than /14"),
+        ("fd00:1::/64", "is an IPv6 range"),
+        ("172.20.5.0/24", "overlaps another client's range"),
+    ] {
+        let before = api_requests(&operator).await?;
+        connect(&as_attacker, "attacker", route(subnet)).await?;
+        let message = refusal_message(&clients, "attacker", expected).await?;
+        ensure!(!message.contains("bystander"), "{subnet}: {message}");
+        let spent = api_requests(&operator).await? - before;
+        eprintln!("{subnet} refused for {spent} requests");
+        // The ERROR patch, its status and Events (no shard is read or written for a refused
+        // range: a /8 was 256 shards).
+        ensure!(spent <= 20.0, "{subnet} refused for {spent} requests");
+    }
+    // The admin learns whose range it was: an Event on the other client.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), &ns);
+    let told = eventually(
+        "the bystander is told of the refused overlap",
+        WAIT,
+        || async {
+            Ok(events
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|event| {
+                    event.reason.as_deref() == Some("SubnetRefusedToAnother")
+                        && event.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("bystander")
+                }))
+        },
+    )
+    .await?;
+    ensure!(
+        told.note
+            .as_deref()
+            .is_some_and(|note| note.contains("client attacker")),
+        "{:?}",
+        told.note
+    );
+
+    // Twenty changes as fast as the API server takes them, each route over four shards.
+    let before = api_requests(&operator).await?;
+    let changes = 20u8;
+    let last = format!("10.{}.0.0/14", (changes - 1) * 4);
+    for change in 0..changes {
+        connect(
+            &as_attacker,
+            "attacker",
+            route(&format!("10.{}.0.0/14", change * 4)),
+        )
+        .await?;
+    }
+    // Meanwhile another client connects and disconnects.
+    connect(&clients, "bystander", Value::Null).await?;
+    wait_for_state(&clients, "bystander", ClientState::Waiting).await?;
+    connect(
+        &clients,
+        "bystander",
+        json!({"publicKey": key_pair().1, "subnet": "172.21.0.0/16"}),
+    )
+    .await?;
+    wait_for_state(&clients, "bystander", ClientState::Active).await?;
+    // The last change is made, within the budget's time.
+    eventually("the attacker's last route is in place", WAIT, || async {
+        let routes = gefyra_operator::routes::read_routes(&admin, &ns).await?;
+        let client = clients.get("attacker").await?;
+        Ok((client.state == ClientState::Active
+            && routes
+                .get("attacker")
+                .is_some_and(|route| route.subnet.to_string() == last))
+        .then_some(()))
+    })
+    .await?;
+    let spent = api_requests(&operator).await? - before;
+    eprintln!("20 route changes by one client: {spent} requests");
+    // Each change made costs at most ~40 requests (four shards read and written, four
+    // emptied and deleted, the state, Events); at most five are made at once and one
+    // more each 12 s — whatever the number of patches.
+    ensure!(
+        spent <= 400.0,
+        "20 route changes cost the operator {spent} requests"
+    );
+    let mut shards = shard_names(&admin, &ns).await?;
+    shards.sort();
+    ensure!(
+        shards.len() == 5,
+        "left: {shards:?} (the attacker's four, the bystander's one)"
+    );
+
+    // An attacker that waits for each change to be made before the next: within a burst's
+    // worth of changes it is told to wait, and the change is made later by itself.
+    let mut throttled = None;
+    for change in 0..=route_budget::BURST {
+        let subnet = format!("10.{}.0.0/16", 100 + change);
+        connect(&as_attacker, "attacker", route(&subnet)).await?;
+        let outcome = eventually("the change is made or refused", WAIT, || async {
+            let client = clients.get("attacker").await?;
+            let ready = client.ready_condition().cloned();
+            let routes = gefyra_operator::routes::read_routes(&admin, &ns).await?;
+            Ok(
+                if ready
+                    .as_ref()
+                    .is_some_and(|r| r.reason == "RouteChangesTooOften")
+                {
+                    Some(Err(ready.map(|r| r.message).unwrap_or_default()))
+                } else if client.state == ClientState::Active
+                    && routes
+                        .get("attacker")
+                        .is_some_and(|r| r.subnet.to_string() == subnet)
+                {
+                    Some(Ok(()))
+                } else {
+                    None
+                },
+            )
+        })
+        .await?;
+        if let Err(message) = outcome {
+            throttled = Some((subnet, message));
+            break;
+        }
+    }
+    let (subnet, message) = throttled.context("no change was ever refused as too often")?;
+    ensure!(
+        message.contains("more than 5 times within a minute") && message.contains("is made in"),
+        "{message}"
+    );
+    eventually("the throttled change is made by itself", WAIT, || async {
+        let routes = gefyra_operator::routes::read_routes(&admin, &ns).await?;
+        Ok((clients.get("attacker").await?.state == ClientState::Active
+            && routes
+                .get("attacker")
+                .is_some_and(|r| r.subnet.to_string() == subnet))
         .then_some(()))
     })
     .await?;

@@ -9,13 +9,14 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::allocator::ClaimError;
 use crate::connection;
 use crate::controller::{Context, enter_action};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Connection};
+use crate::routes::Refused;
 
 /// Records the state `to` (coming from `from`) with any `extra` fields in one patch, then
 /// logs it and posts a `StateChanged` Event (with `note`, if any). Returns the generation
@@ -166,9 +167,18 @@ async fn connect(
     if let Some(key) = request.public_key
         && let Some(other) = ctx.key_holder(client, key)
     {
+        // The client learns only that its key is taken; the admin learns by whom.
+        warn!(client = %name, holder = %other, "a connect was refused: its public key is the key of another ACTIVE client");
+        tell_the_other_client(
+            ctx,
+            client,
+            &other,
+            "PublicKeyRefusedToAnother",
+            format!("client {name} asked to connect with this client's public key and was refused"),
+        )
+        .await;
         return Err(Error::DuplicatePublicKey {
             client: name.clone(),
-            other,
         });
     }
     // From WAITING the client enters ENABLING; a retry from ERROR goes straight to ACTIVE
@@ -301,7 +311,17 @@ async fn record_range_and_address(
     let uid = client.uid().unwrap_or_default();
     let pool = &ctx.settings.pool;
     let routed = match request.subnet {
-        Some(subnet) => ctx.routes.set_route(pool, &name, &uid, subnet).await?,
+        Some(subnet) => match ctx.routes.set_route(pool, &name, &uid, subnet).await? {
+            Ok(()) => Ok(()),
+            Err(Refused::Range(refused)) => Err(refused),
+            Err(refused @ Refused::TooOften { retry_in, .. }) => {
+                return Err(Error::RouteChangesTooOften {
+                    client: name.clone(),
+                    message: refused.to_string(),
+                    retry_in,
+                });
+            }
+        },
         None => ctx.routes.remove_route(&name).await.map(Ok)?,
     };
     let ipam_error = |source: IpamError| match source {
@@ -313,13 +333,27 @@ async fn record_range_and_address(
             client: name.clone(),
             source,
         },
-        IpamError::NotNetworkAddress { .. } | IpamError::TooWide { .. } => {
-            Error::InvalidParameter {
-                client: name.clone(),
-                message: format!("providerParameter.{source}"),
-            }
-        }
+        IpamError::NotNetworkAddress { .. }
+        | IpamError::TooWide { .. }
+        | IpamError::WrongFamily { .. } => Error::InvalidParameter {
+            client: name.clone(),
+            message: format!("providerParameter.{source}"),
+        },
     };
+    if let Err(IpamError::Overlap { subnet, occupant }) = &routed
+        && let Some((other, other_subnet)) = occupant.other_client()
+    {
+        // The refusal the client reads names no one; the admin learns whose range it was.
+        warn!(client = %name, %subnet, holder = %other, holder_subnet = %other_subnet, "a connect was refused: its subnet overlaps another client's range");
+        tell_the_other_client(
+            ctx,
+            client,
+            other,
+            "SubnetRefusedToAnother",
+            format!("client {name} asked for subnet {subnet}, which overlaps this client's range {other_subnet}, and was refused"),
+        )
+        .await;
+    }
     routed.map_err(ipam_error)?;
     let held = ctx
         .claims
@@ -334,6 +368,26 @@ async fn record_range_and_address(
         })?;
     ctx.observe_pool();
     Ok(held)
+}
+
+/// A Warning Event on client `other` (if the cache has it) about what `client` was refused
+/// because of it: the admin reads who collided with whom there, never the refused client.
+async fn tell_the_other_client(
+    ctx: &Context,
+    client: &GefyraClient,
+    other: &str,
+    reason: &str,
+    note: String,
+) {
+    let Some(store) = ctx.clients.get() else {
+        return;
+    };
+    let reference = kube::runtime::reflector::ObjectRef::new(other)
+        .within(&client.namespace().unwrap_or_default());
+    if let Some(other) = store.get(&reference) {
+        ctx.event(&other, EventType::Warning, reason, "Reconcile", note)
+            .await;
+    }
 }
 
 /// Gives back everything `client` holds: its routed range and its tunnel-address claims.

@@ -166,8 +166,8 @@ pub async fn cleanup(client: &GefyraClient, ctx: &Context) -> Result<Action> {
     }
     // Then the peer: its ranges become free for others.
     connect::release(client, ctx).await?;
-    ctx.routes.forget(&name);
     if let Some(uid) = client.uid() {
+        ctx.routes.forget(&name, &uid);
         ctx.own_writes.forget(&uid);
     }
     info!(client = %name, "client removed with its ServiceAccounts, Roles and RoleBindings (access and token minter)");
