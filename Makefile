@@ -15,7 +15,7 @@ NODE := tests/node.sh
 # debootstrap: the stand-in for Gefyra's Cargo image (tests/cargo-image.sh).
 # containerd, runc, containernetworking-plugins, iptables, busybox-static: the local node
 # (tests/node.sh) and its test workload.
-DEBIAN_PACKAGES := openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap containerd runc containernetworking-plugins iptables busybox-static
+DEBIAN_PACKAGES := shellcheck openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap containerd runc containernetworking-plugins iptables busybox-static
 
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
@@ -90,7 +90,11 @@ dist: static
 image: static
 	@tests/image.sh
 
+# shellcheck (Debian's) on every shell script; .shellcheckrc lets it follow `source`.
+SHELL_SCRIPTS := $(wildcard tests/*.sh) .ci/run
 lint:
+	@tests/prereqs.sh shellcheck
+	shellcheck $(SHELL_SCRIPTS)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -75,7 +75,7 @@ build_kubernetes_into() {
   done
   mkdir -p "$dest.tmp"
   log "  resolving and downloading modules"
-  (cd "$work" && go mod download -x 2>&1 | grep -c '^# get' | sed 's/^/  modules fetched: /' >&2 || true)
+  (cd "$work" || exit; go mod download -x 2>&1 | grep -c '^# get' | sed 's/^/  modules fetched: /' >&2 || true)
   for pkg in "$@"; do
     log "  compiling $pkg ($((SECONDS - started)) s so far)"
     (cd "$work" && go build -v -trimpath -ldflags "$ldflags" -o "$dest.tmp/$pkg" "k8s.io/kubernetes/cmd/$pkg" 2>&1 |
@@ -107,7 +107,7 @@ build_helm() {
   local started=$SECONDS v=helm.sh/helm/v3/internal/version
   log "building helm $HELM_VERSION"
   mkdir -p "$helm_bin.tmp"
-  GOFLAGS= GOBIN="$helm_bin.tmp" go install -trimpath \
+  GOFLAGS='' GOBIN="$helm_bin.tmp" go install -trimpath \
     -ldflags "-s -w -X $v.version=$HELM_VERSION -X $v.gitCommit=0000000000000000000000000000000000000000 -X $v.gitTreeState=clean" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "building helm failed"
   rm -rf "$helm_bin" && mv "$helm_bin.tmp" "$helm_bin"
@@ -119,7 +119,7 @@ build_krew() {
   local started=$SECONDS
   log "building krew $KREW_VERSION"
   mkdir -p "$krew_bin.tmp"
-  GOFLAGS= GOBIN="$krew_bin.tmp" go install -trimpath -ldflags "-s -w" \
+  GOFLAGS='' GOBIN="$krew_bin.tmp" go install -trimpath -ldflags "-s -w" \
     "sigs.k8s.io/krew/cmd/krew@$KREW_VERSION" || die "building krew failed"
   rm -rf "$krew_bin" && mv "$krew_bin.tmp" "$krew_bin"
   log "  krew built in $((SECONDS - started)) s"
@@ -268,6 +268,7 @@ cmd_up() {
   local pki=$dir/pki server="https://$address:$api_port"
   make_pki "$pki" "$api_port" "$address"
 
+  # shellcheck disable=SC2086 # the extra flags are word-split on purpose
   start_component etcd "$etcd_bin/etcd" --name local --data-dir "$dir/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
@@ -275,6 +276,7 @@ cmd_up() {
     ${GEFYRA_ETCD_ARGS:-}
   wait_for etcd 30 port_open "$etcd_port"
 
+  # shellcheck disable=SC2086 # the extra flags are word-split on purpose
   start_component kube-apiserver "$k8s_bin/kube-apiserver" \
     --bind-address="$address" --secure-port="$api_port" --advertise-address="$address" \
     --endpoint-reconciler-type="$reconciler" --etcd-servers="http://127.0.0.1:$etcd_port" \
@@ -291,6 +293,7 @@ cmd_up() {
   local kubectl=("$k8s_bin/kubectl" --kubeconfig "$dir/kubeconfig")
   wait_for kube-apiserver 120 "${kubectl[@]}" get --raw /readyz
 
+  # shellcheck disable=SC2086 # the extra flags are word-split on purpose
   start_component kube-controller-manager "$k8s_bin/kube-controller-manager" \
     --kubeconfig="$dir/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$dir/controller-manager.kubeconfig" \

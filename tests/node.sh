@@ -386,7 +386,7 @@ node_down() {
   stop_component containerd
   # Shims outlive containerd.
   pkill -KILL -f -- "containerd-shim.*$nd/" 2>/dev/null || true
-  [ -x "$node_bin/kube-proxy" ] && "$node_bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
+  if [ -x "$node_bin/kube-proxy" ]; then "$node_bin/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
   remove_node_chains
   local netns
   for netns in $(ip netns list 2>/dev/null | awk '/^cni-/ { print $1 }'); do ip netns del "$netns" 2>/dev/null || true; done
