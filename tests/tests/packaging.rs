@@ -344,6 +344,49 @@ where
             "ServiceAccount annotations: {account}"
         );
     }
+
+    // A mirrored, air-gapped cluster: the image from the mirror, the pull secrets of both
+    // levels, labels on every object, the ServiceMonitor where the monitoring stack is.
+    let mirrored = documents(
+        &template(
+            "global.imageRegistry=mirror.example.com,image.repository=team/gefyra,\
+             global.imagePullSecrets[0].name=mirror,imagePullSecrets[0].name=own,\
+             commonLabels.cost-center=dev-tools,serviceMonitor.enabled=true,\
+             serviceMonitor.namespace=monitoring,serviceMonitor.scrapeTimeout=10s,\
+             serviceMonitor.relabelings[0].action=labeldrop,serviceMonitor.relabelings[0].regex=pod",
+        )
+        .await?,
+    )?;
+    for (name, component) in [
+        ("gefyra-operator", "operator"),
+        ("gefyra-stowaway", "stowaway"),
+    ] {
+        let deployment = of_kind(&mirrored, "Deployment", name).context("a Deployment")?;
+        let pod = &deployment["spec"]["template"];
+        ensure!(
+            pod["spec"]["containers"][0]["image"] == "mirror.example.com/team/gefyra:0.1.0"
+                && pod["spec"]["imagePullSecrets"] == json!([{"name": "mirror"}, {"name": "own"}])
+                && pod["metadata"]["labels"]["app.kubernetes.io/component"] == component
+                && deployment["metadata"]["labels"]["app.kubernetes.io/component"] == component,
+            "{name}: {pod}"
+        );
+    }
+    ensure!(
+        mirrored
+            .iter()
+            .all(|d| d["metadata"]["labels"]["cost-center"] == "dev-tools"),
+        "commonLabels on every object"
+    );
+    let monitor = of_kind(&mirrored, "ServiceMonitor", "gefyra").context("ServiceMonitor")?;
+    let installed_in = &of_kind(&mirrored, "Deployment", "gefyra-operator").context("operator")?["metadata"]
+        ["namespace"];
+    ensure!(
+        monitor["metadata"]["namespace"] == "monitoring"
+            && &monitor["spec"]["namespaceSelector"]["matchNames"][0] == installed_in
+            && monitor["spec"]["endpoints"][0]["scrapeTimeout"] == "10s"
+            && monitor["spec"]["endpoints"][0]["relabelings"][0]["action"] == "labeldrop",
+        "{monitor}"
+    );
     Ok(())
 }
 

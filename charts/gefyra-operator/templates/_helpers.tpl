@@ -10,6 +10,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Selector labels of component NAME: (dict "name" NAME "context" .) */}}
@@ -18,12 +21,25 @@ app.kubernetes.io/name: {{ .name }}
 app.kubernetes.io/instance: {{ .context.Release.Name }}
 {{- end }}
 
-{{/* The one image holding the operator, Stowaway and the CLI: by digest when one is set. */}}
+{{/* The one image holding the operator, Stowaway and the CLI: from global.imageRegistry
+     (a mirror) or image.registry when set, by digest when one is set. */}}
 {{- define "gefyra.image" -}}
+{{- $registry := (.Values.global).imageRegistry | default .Values.image.registry -}}
+{{- $repository := .Values.image.repository -}}
+{{- if $registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" $registry) $repository }}{{ end -}}
 {{- if .Values.image.digest -}}
-{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{ $repository }}@{{ .Values.image.digest }}
 {{- else -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ $repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+{{- end }}
+
+{{/* A Pod spec's imagePullSecrets: global.imagePullSecrets, then imagePullSecrets. */}}
+{{- define "gefyra.imagePullSecrets" -}}
+{{- $secrets := concat ((.Values.global).imagePullSecrets | default list) (.Values.imagePullSecrets | default list) -}}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
@@ -33,6 +49,7 @@ app.kubernetes.io/instance: {{ .context.Release.Name }}
 labels:
   {{- include "gefyra.labels" .context | nindent 2 }}
   app.kubernetes.io/name: {{ .name }}
+  app.kubernetes.io/component: {{ trimPrefix "gefyra-" .name }}
   {{- with .component.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
