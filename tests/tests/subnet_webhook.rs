@@ -4,6 +4,7 @@
 //! server fails open and the operator's own check still refuses the subnet.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -14,9 +15,13 @@ use gefyra_e2e::{
 };
 use gefyra_operator::webhook;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Gefyra's CLI's own patch, made with the client's token.
 async fn ask_for_subnet(
@@ -99,9 +104,13 @@ async fn a_taken_subnet_is_refused_with_500_and_the_client_picks_another() -> Re
     let refused = ask_for_subnet(&as_b, "b", "172.24.1.0/24", false)
         .await
         .unwrap_err();
+    // The other client stays unnamed (its name and range are in the operator's log only).
+    let message = refused.to_string();
     ensure!(
         api_status(&refused) == Some(500)
-            && refused.to_string().contains("172.24.0.0/16 of client a"),
+            && message.contains("overlaps another client's range")
+            && !message.contains("client a")
+            && !message.contains("172.24.0.0/16"),
         "{refused}"
     );
     let waiting = clients.get("b").await?;
@@ -135,6 +144,190 @@ async fn a_taken_subnet_is_refused_with_500_and_the_client_picks_another() -> Re
             .map(|ready| ready.reason.as_str())
             == Some("SubnetConflict")
     );
+    configurations
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+/// A TLS client that trusts the webhook's CA (from its Secret), as any sender that reaches
+/// the port could make: the webhook answers whoever connects.
+async fn tls_connector(admin: kube::Client, namespace: &str) -> Result<TlsConnector> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let secret = Api::<Secret>::namespaced(admin, namespace)
+        .get(webhook::TLS_SECRET)
+        .await?;
+    let ca = secret
+        .data
+        .and_then(|data| data.get("ca.crt").cloned())
+        .context("the webhook Secret holds ca.crt")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(&ca.0) {
+        roots.add(certificate?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+async fn tls_to(
+    connector: &TlsConnector,
+    address: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let stream = TcpStream::connect(address).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+    Ok(connector.connect(name, stream).await?)
+}
+
+/// Whether the peer closes `stream` (EOF or reset) within `limit`, reading what it sends.
+async fn closed_within(stream: &mut (impl AsyncRead + Unpin), limit: Duration) -> bool {
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// The status line of the HTTP answer read from `stream` within `limit`.
+async fn status_within(stream: &mut (impl AsyncRead + Unpin), limit: Duration) -> Result<String> {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        while !answer.windows(2).any(|two| two == b"\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => answer.extend_from_slice(&buffer[..read]),
+            }
+        }
+    })
+    .await
+    .context("no answer in time")?;
+    let text = String::from_utf8_lossy(&answer);
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+/// No sender can cost the operator more than a bounded share: connections that never
+/// finish their TLS handshake or their headers are closed, a body larger than a review is
+/// refused from its headers without being read, and meanwhile a client connects as usual
+/// and the webhook, once they are gone, answers again.
+#[tokio::test]
+async fn slow_and_oversized_requests_are_cut_off_while_clients_still_connect() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("webhook-bounds").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    let configuration = webhook::url_configuration(&ns, address);
+    let name = configuration.metadata.name.clone().context("a name")?;
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await?;
+    let operator = Operator::start(
+        &cluster,
+        &ns,
+        &[
+            "--client-rbac",
+            "gefyra-compat",
+            "--webhook-address",
+            &address.to_string(),
+        ],
+    )?;
+    create_client(admin.clone(), &ns, "a").await?;
+    wait_for_ready(&clients, "a").await?;
+    connect(&clients, "a", json!({"subnet": "172.26.0.0/16"})).await?;
+    wait_for_state(&clients, "a", ClientState::Active).await?;
+    let connector = eventually("the webhook serves TLS", WAIT, || async {
+        let connector = tls_connector(admin.clone(), &ns).await?;
+        Ok(tls_to(&connector, address)
+            .await
+            .ok()
+            .map(|_| connector.clone()))
+    })
+    .await
+    .with_context(|| operator.log_text())?;
+
+    // Oversized: refused from its headers, the body never read (nothing of it is sent).
+    let mut oversized = tls_to(&connector, address).await?;
+    oversized
+        .write_all(
+            format!(
+                "POST {} HTTP/1.1\r\nhost: webhook\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                webhook::PATH,
+                1_900_000
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let status = status_within(&mut oversized, Duration::from_secs(5)).await?;
+    ensure!(status.contains(" 413 "), "a 1.9 MB review: {status}");
+    ensure!(
+        closed_within(&mut oversized, Duration::from_secs(5)).await,
+        "the connection of an oversized review is closed"
+    );
+
+    // Slow: TLS connections that never finish their headers, and many more that never
+    // even say hello.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tls_to(&connector, address).await?;
+        stream
+            .write_all(format!("POST {} HTTP/1.1\r\nhost: webhook\r\n", webhook::PATH).as_bytes())
+            .await?;
+        slow.push(stream);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(TcpStream::connect(address).await?);
+    }
+    // Meanwhile a client connects (the API server fails open while the webhook is busy).
+    create_client(admin.clone(), &ns, "b").await?;
+    wait_for_ready(&clients, "b").await?;
+    connect(&clients, "b", json!({"subnet": "172.27.0.0/16"})).await?;
+    wait_for_state(&clients, "b", ClientState::Active).await?;
+    let limit = Duration::from_secs(40);
+    for (index, stream) in slow.iter_mut().enumerate() {
+        ensure!(
+            closed_within(stream, limit).await,
+            "slow TLS connection {index} still open after {limit:?}\n{}",
+            operator.log_text()
+        );
+    }
+    let closed =
+        futures::future::join_all(silent.iter_mut().map(|stream| closed_within(stream, limit)))
+            .await;
+    let open = closed.iter().filter(|closed| !**closed).count();
+    ensure!(
+        open == 0,
+        "{open} of 200 silent connections still open after {limit:?}"
+    );
+
+    // The webhook answers again: a taken subnet is refused with 500.
+    let b = clients.get("b").await?;
+    let as_b: Api<GefyraClient> = Api::namespaced(cluster.with_token(&token_of(&b)?)?, &ns);
+    connect(&as_b, "b", Value::Null).await?;
+    wait_for_state(&clients, "b", ClientState::Waiting).await?;
+    eventually("the webhook refuses a taken subnet again", WAIT, || async {
+        Ok(ask_for_subnet(&as_b, "b", "172.26.1.0/24", true)
+            .await
+            .err()
+            .filter(|error| api_status(error) == Some(500))
+            .map(drop))
+    })
+    .await
+    .with_context(|| operator.log_text())?;
     configurations
         .delete(&name, &DeleteParams::default())
         .await?;
