@@ -333,3 +333,211 @@ async fn slow_and_oversized_requests_are_cut_off_while_clients_still_connect() -
         .await?;
     Ok(())
 }
+
+/// The operator's one cluster-wide grant — `patch` on the webhook's configuration, to
+/// publish its CA — reaches the CA and nothing else: with the operator's own token, a change
+/// of the rules, of where reviews go, of the failure policy or of the labels is refused by
+/// the API server, with a message naming the field; a new caBundle passes (dry runs all).
+#[tokio::test]
+async fn the_operators_identity_may_change_only_the_webhooks_ca() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+
+    let cluster = Cluster::from_env().await?;
+    let ns = cluster.namespace("webhook-ca-only").await?;
+    let admin = cluster.admin()?;
+    // What the chart installs in gefyra-compat mode, and the operator's ServiceAccount.
+    let install = webhook::Install::new(&ns, "gefyra-operator");
+    let apply = PatchParams::apply("gefyra-e2e").force();
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("gefyra-operator".into()),
+                    ..Default::default()
+                },
+                ..ServiceAccount::default()
+            },
+        )
+        .await?;
+    let name = install
+        .configuration
+        .metadata
+        .name
+        .clone()
+        .context("a name")?;
+    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    configurations
+        .patch(&name, &apply, &Patch::Apply(&install.configuration))
+        .await?;
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(&name, &apply, &Patch::Apply(&install.role))
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(&name, &apply, &Patch::Apply(&install.role_binding))
+        .await?;
+    let policy = install.policy.metadata.name.clone().context("a name")?;
+    Api::<ValidatingAdmissionPolicy>::all(admin.clone())
+        .patch(&policy, &apply, &Patch::Apply(&install.policy))
+        .await
+        .context("the API server takes the policy (its CEL compiles within the cost budget)")?;
+    Api::<ValidatingAdmissionPolicyBinding>::all(admin.clone())
+        .patch(&policy, &apply, &Patch::Apply(&install.policy_binding))
+        .await?;
+
+    let token = cluster.mint_token(&ns, "gefyra-operator", 600).await?;
+    let as_operator: Api<ValidatingWebhookConfiguration> = Api::all(cluster.with_token(&token)?);
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let json_patch = |operations: Value| -> Result<Patch<Value>> {
+        Ok(Patch::Json(serde_json::from_value(operations)?))
+    };
+    let changes = [
+        (
+            "webhooks[*].rules",
+            json!([{"op": "replace", "path": "/webhooks/0/rules/0/resources", "value": ["secrets"]}]),
+        ),
+        (
+            "webhooks[*].rules",
+            json!([{"op": "replace", "path": "/webhooks/0/rules/0/apiGroups", "value": ["*"]}]),
+        ),
+        (
+            "webhooks[*].clientConfig.url",
+            json!([
+                {"op": "remove", "path": "/webhooks/0/clientConfig/service"},
+                {"op": "add", "path": "/webhooks/0/clientConfig/url", "value": "https://203.0.113.9/steal"},
+            ]),
+        ),
+        (
+            "webhooks[*].clientConfig.service",
+            json!([{"op": "replace", "path": "/webhooks/0/clientConfig/service/name", "value": "elsewhere"}]),
+        ),
+        (
+            "webhooks[*].failurePolicy",
+            json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Fail"}]),
+        ),
+        (
+            "webhooks[*].timeoutSeconds",
+            json!([{"op": "replace", "path": "/webhooks/0/timeoutSeconds", "value": 30}]),
+        ),
+        (
+            "webhooks[*].namespaceSelector",
+            json!([{"op": "replace", "path": "/webhooks/0/namespaceSelector", "value": {}}]),
+        ),
+        (
+            "webhooks[*].matchConditions",
+            json!([{"op": "remove", "path": "/webhooks/0/matchConditions"}]),
+        ),
+        (
+            "the webhooks (their names, number and order)",
+            json!([{"op": "replace", "path": "/webhooks/0/name", "value": "other.gefyra.dev"}]),
+        ),
+        (
+            "metadata.labels",
+            json!([{"op": "add", "path": "/metadata/labels", "value": {"taken": "over"}}]),
+        ),
+    ];
+    // The binding takes effect within a moment of its creation.
+    let (first_field, first_change) = &changes[0];
+    eventually(
+        "the policy refuses the operator's first change",
+        WAIT,
+        || async {
+            Ok(as_operator
+                .patch(&name, &dry_run, &json_patch(first_change.clone())?)
+                .await
+                .err()
+                .filter(|error| error.to_string().contains(first_field))
+                .map(drop))
+        },
+    )
+    .await?;
+    for (field, change) in &changes {
+        let refused = as_operator
+            .patch(&name, &dry_run, &json_patch(change.clone())?)
+            .await;
+        let error = match refused {
+            Ok(_) => anyhow::bail!("the operator's identity changed {field}: {change}"),
+            Err(error) => error,
+        };
+        ensure!(
+            error
+                .to_string()
+                .contains(&format!("{field} of ValidatingWebhookConfiguration {name}"))
+                && error.to_string().contains("caBundle and nothing else"),
+            "the refusal of {field} names it: {error}"
+        );
+    }
+    // The CA is the operator's to publish, as it does (server-side apply of that field).
+    let ca = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{"name": webhook::WEBHOOK_NAME, "clientConfig": {"caBundle": "Zm9v"}}],
+    });
+    as_operator
+        .patch(
+            &name,
+            &PatchParams {
+                dry_run: true,
+                ..PatchParams::apply("gefyra-operator-webhook").force()
+            },
+            &Patch::Apply(ca),
+        )
+        .await
+        .context("the operator publishes a new caBundle")?;
+    as_operator
+        .patch(
+            &name,
+            &dry_run,
+            &json_patch(json!([{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": "YmFy"}]))?,
+        )
+        .await
+        .context("a JSON patch of the caBundle alone")?;
+    // An admin may still change the rest (the policy binds the operator only).
+    configurations
+        .patch(&name, &dry_run, &json_patch(changes[4].1.clone())?)
+        .await
+        .context("an admin changes the failure policy")?;
+    // And the operator may not create the configuration anew once it is gone.
+    configurations
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    let created = as_operator
+        .patch(
+            &name,
+            &PatchParams {
+                dry_run: true,
+                ..PatchParams::apply("gefyra-operator-webhook").force()
+            },
+            &Patch::Apply(&install.configuration),
+        )
+        .await;
+    // RBAC refuses it first (server-side apply needs `create` to create); the policy,
+    // which matches CREATE as well, would be the second line.
+    ensure!(
+        created.as_ref().is_err_and(|error| {
+            error.to_string().contains("is created by an admin") || api_status(error) == Some(403)
+        }),
+        "server-side apply as the operator creates the configuration: {created:?}"
+    );
+    Api::<ValidatingAdmissionPolicyBinding>::all(admin.clone())
+        .delete(&policy, &DeleteParams::default())
+        .await?;
+    Api::<ValidatingAdmissionPolicy>::all(admin.clone())
+        .delete(&policy, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRole>::all(admin)
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MatchCondition, RuleWithOperations, ServiceReference, ValidatingWebhook,
-    ValidatingWebhookConfiguration, WebhookClientConfig,
+    MatchCondition, RuleWithOperations, ServiceReference, ValidatingAdmissionPolicy,
+    ValidatingAdmissionPolicyBinding, ValidatingWebhook, ValidatingWebhookConfiguration,
+    WebhookClientConfig,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -91,44 +92,71 @@ pub fn url_configuration(namespace: &str, address: SocketAddr) -> ValidatingWebh
     )
 }
 
-/// What the chart installs for the webhook of `namespace` (YAML documents): the
-/// configuration, and the one cluster-scoped permission the operator (ServiceAccount
-/// `operator_account`) needs, to publish the CA in exactly that configuration.
+/// What the chart installs for the webhook of `namespace`: the configuration, the one
+/// cluster-scoped permission the operator (ServiceAccount `operator_account`) needs — to
+/// publish the CA in exactly that configuration — and the policy that keeps that
+/// permission to the CA (see [`super::ca_policy`]).
+#[derive(Debug, Clone)]
+pub struct Install {
+    pub configuration: ValidatingWebhookConfiguration,
+    pub role: ClusterRole,
+    pub role_binding: ClusterRoleBinding,
+    pub policy: ValidatingAdmissionPolicy,
+    pub policy_binding: ValidatingAdmissionPolicyBinding,
+}
+
+impl Install {
+    pub fn new(namespace: &str, operator_account: &str) -> Self {
+        let name = configuration_name(namespace);
+        let meta = ObjectMeta {
+            name: Some(name.clone()),
+            ..ObjectMeta::default()
+        };
+        Self {
+            configuration: service_configuration(namespace),
+            role: ClusterRole {
+                metadata: meta.clone(),
+                rules: Some(crate::rbac::webhook_rules(&name)),
+                ..ClusterRole::default()
+            },
+            role_binding: ClusterRoleBinding {
+                metadata: meta,
+                role_ref: RoleRef {
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    kind: "ClusterRole".into(),
+                    name,
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: operator_account.into(),
+                    namespace: Some(namespace.into()),
+                    ..Subject::default()
+                }]),
+            },
+            policy: super::ca_policy::policy(namespace, operator_account),
+            policy_binding: super::ca_policy::binding(namespace),
+        }
+    }
+
+    /// As YAML documents, as `gefyra-operator webhook-configuration` prints them.
+    pub fn yaml(&self) -> String {
+        [
+            serde_saphyr::to_string(&self.configuration),
+            serde_saphyr::to_string(&self.role),
+            serde_saphyr::to_string(&self.role_binding),
+            serde_saphyr::to_string(&self.policy),
+            serde_saphyr::to_string(&self.policy_binding),
+        ]
+        .into_iter()
+        .map(|document| document.expect("the webhook's objects serialize"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+    }
+}
+
+/// [`Install`] as YAML documents (the chart's template is generated from it).
 pub fn install_yaml(namespace: &str, operator_account: &str) -> String {
-    let configuration = service_configuration(namespace);
-    let name = configuration_name(namespace);
-    let meta = ObjectMeta {
-        name: Some(name.clone()),
-        ..ObjectMeta::default()
-    };
-    let role = ClusterRole {
-        metadata: meta.clone(),
-        rules: Some(crate::rbac::webhook_rules(&name)),
-        ..ClusterRole::default()
-    };
-    let binding = ClusterRoleBinding {
-        metadata: meta,
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "ClusterRole".into(),
-            name,
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: operator_account.into(),
-            namespace: Some(namespace.into()),
-            ..Subject::default()
-        }]),
-    };
-    [
-        serde_saphyr::to_string(&configuration),
-        serde_saphyr::to_string(&role),
-        serde_saphyr::to_string(&binding),
-    ]
-    .into_iter()
-    .map(|document| document.expect("the webhook's objects serialize"))
-    .collect::<Vec<_>>()
-    .join("---\n")
+    Install::new(namespace, operator_account).yaml()
 }
 
 #[cfg(test)]

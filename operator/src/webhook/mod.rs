@@ -13,8 +13,11 @@
 //! - [`certificate`]: the webhook's CA and serving certificate, renewed, and the CA
 //!   published as the configuration's `caBundle`;
 //! - [`configuration`]: the ValidatingWebhookConfiguration and what the chart installs
-//!   with it.
+//!   with it;
+//! - [`ca_policy`]: what the operator's identity may change in that configuration (its
+//!   `caBundle`, nothing else), enforced by the API server.
 
+pub mod ca_policy;
 pub mod certificate;
 pub mod configuration;
 pub mod review;
@@ -32,7 +35,7 @@ use kube::{Api, Client};
 use tracing::{info, warn};
 
 pub use certificate::{TLS_SECRET, default_names};
-pub use configuration::{configuration_name, install_yaml, url_configuration};
+pub use configuration::{Install, configuration_name, install_yaml, url_configuration};
 pub use review::review_body;
 
 /// Where the API server sends admission reviews.
