@@ -150,6 +150,48 @@ async fn a_taken_subnet_is_refused_with_500_and_the_client_picks_another() -> Re
     Ok(())
 }
 
+/// A namespace whose clients' updates go to the webhook of an operator run here.
+struct Served {
+    ns: String,
+    admin: kube::Client,
+    address: SocketAddr,
+    configurations: Api<ValidatingWebhookConfiguration>,
+    /// The configuration's name.
+    name: String,
+    operator: Operator,
+}
+
+async fn serve_webhook(cluster: &Cluster, test: &str) -> Result<Served> {
+    install_crd(cluster).await?;
+    let ns = cluster.namespace(test).await?;
+    let admin = cluster.admin()?;
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    let configuration = webhook::url_configuration(&ns, address);
+    let name = configuration.metadata.name.clone().context("a name")?;
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await?;
+    let operator = Operator::start(
+        cluster,
+        &ns,
+        &[
+            "--client-rbac",
+            "gefyra-compat",
+            "--webhook-address",
+            &address.to_string(),
+        ],
+    )?;
+    Ok(Served {
+        ns,
+        admin,
+        address,
+        configurations,
+        name,
+        operator,
+    })
+}
+
 /// A TLS client that trusts the webhook's CA (from its Secret), as any sender that reaches
 /// the port could make: the webhook answers whoever connects.
 async fn tls_connector(admin: kube::Client, namespace: &str) -> Result<TlsConnector> {
@@ -173,6 +215,22 @@ async fn tls_connector(admin: kube::Client, namespace: &str) -> Result<TlsConnec
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A connector once the webhook serves TLS with the CA in its Secret.
+async fn serving_tls(
+    admin: &kube::Client,
+    namespace: &str,
+    address: SocketAddr,
+) -> Result<TlsConnector> {
+    eventually("the webhook serves TLS", WAIT, || async {
+        let connector = tls_connector(admin.clone(), namespace).await?;
+        Ok(tls_to(&connector, address)
+            .await
+            .ok()
+            .map(|_| connector.clone()))
+    })
+    .await
 }
 
 async fn tls_to(
@@ -224,40 +282,22 @@ async fn status_within(stream: &mut (impl AsyncRead + Unpin), limit: Duration) -
 #[tokio::test]
 async fn slow_and_oversized_requests_are_cut_off_while_clients_still_connect() -> Result<()> {
     let cluster = Cluster::from_env().await?;
-    install_crd(&cluster).await?;
-    let ns = cluster.namespace("webhook-bounds").await?;
-    let admin = cluster.admin()?;
+    let Served {
+        ns,
+        admin,
+        address,
+        configurations,
+        name,
+        operator,
+    } = serve_webhook(&cluster, "webhook-bounds").await?;
     let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
-    let configuration = webhook::url_configuration(&ns, address);
-    let name = configuration.metadata.name.clone().context("a name")?;
-    configurations
-        .create(&PostParams::default(), &configuration)
-        .await?;
-    let operator = Operator::start(
-        &cluster,
-        &ns,
-        &[
-            "--client-rbac",
-            "gefyra-compat",
-            "--webhook-address",
-            &address.to_string(),
-        ],
-    )?;
     create_client(admin.clone(), &ns, "a").await?;
     wait_for_ready(&clients, "a").await?;
     connect(&clients, "a", json!({"subnet": "172.26.0.0/16"})).await?;
     wait_for_state(&clients, "a", ClientState::Active).await?;
-    let connector = eventually("the webhook serves TLS", WAIT, || async {
-        let connector = tls_connector(admin.clone(), &ns).await?;
-        Ok(tls_to(&connector, address)
-            .await
-            .ok()
-            .map(|_| connector.clone()))
-    })
-    .await
-    .with_context(|| operator.log_text())?;
+    let connector = serving_tls(&admin, &ns, address)
+        .await
+        .with_context(|| operator.log_text())?;
 
     // Oversized: refused from its headers, the body never read (nothing of it is sent).
     let mut oversized = tls_to(&connector, address).await?;
@@ -330,6 +370,103 @@ async fn slow_and_oversized_requests_are_cut_off_while_clients_still_connect() -
     .with_context(|| operator.log_text())?;
     configurations
         .delete(&name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+/// The operator's resident memory (VmRSS), in bytes.
+fn resident_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .context("VmRSS in /proc/<pid>/status")?;
+    Ok(kib * 1024)
+}
+
+/// `senders` at once, each announcing a body of `declared` bytes and sending `sent` of
+/// them as fast as the webhook takes them (for at most 10 s), then holding the
+/// connection; those still connected are returned. A sender still waiting to be accepted
+/// after 3 s (past the connection cap) gives up.
+async fn send_unfinished(
+    connector: &TlsConnector,
+    address: SocketAddr,
+    senders: usize,
+    declared: usize,
+    sent: usize,
+) -> Vec<tokio_rustls::client::TlsStream<TcpStream>> {
+    let chunk = vec![b' '; 16 * 1024];
+    let one = || async {
+        let connecting = tls_to(connector, address);
+        let Ok(Ok(mut stream)) = tokio::time::timeout(Duration::from_secs(3), connecting).await
+        else {
+            return None;
+        };
+        let head = format!(
+            "POST {} HTTP/1.1\r\nhost: webhook\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n",
+            webhook::PATH
+        );
+        stream.write_all(head.as_bytes()).await.ok()?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..sent / chunk.len() {
+                if stream.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        Some(stream)
+    };
+    futures::future::join_all((0..senders).map(|_| one()))
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// 130 senders of a 1.9 MB review at once, and then 130 of a review just under the body
+/// limit, each left unfinished and held open, cost the operator a few MiB — not the 250 MB
+/// they would if each body were read whole.
+#[tokio::test]
+async fn many_large_reviews_at_once_cost_the_operator_little_memory() -> Result<()> {
+    const SENDERS: usize = 130;
+    let cluster = Cluster::from_env().await?;
+    let served = serve_webhook(&cluster, "webhook-memory").await?;
+    let connector = serving_tls(&served.admin, &served.ns, served.address)
+        .await
+        .with_context(|| served.operator.log_text())?;
+    let pid = served.operator.child.id().context("the operator runs")?;
+    let before = resident_bytes(pid)?;
+    let mut grown = Vec::new();
+    for (declared, sent) in [(1_900_000, 1_880_000), (65_000, 64_000)] {
+        let held = send_unfinished(&connector, served.address, SENDERS, declared, sent).await;
+        let now = resident_bytes(pid)?;
+        eprintln!(
+            "operator RSS {} MiB before, {} MiB with {} of {SENDERS} senders of {declared} bytes connected",
+            before >> 20,
+            now >> 20,
+            held.len()
+        );
+        grown.push((declared, now.saturating_sub(before)));
+    }
+    for (declared, grown) in grown {
+        ensure!(
+            grown < 48 << 20,
+            "{SENDERS} reviews of {declared} bytes grew the operator by {} MiB",
+            grown >> 20
+        );
+    }
+    served
+        .configurations
+        .delete(&served.name, &DeleteParams::default())
         .await?;
     Ok(())
 }
