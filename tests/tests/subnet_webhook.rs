@@ -42,31 +42,31 @@ async fn ask_for_subnet(
     .await
 }
 
+/// Waits until the webhook refuses client b's (dry-run) ask for `subnet` with 500.
+async fn refused_with_500(as_b: &Api<GefyraClient>, subnet: &str) -> Result<()> {
+    eventually("the webhook refuses a taken subnet", WAIT, || async {
+        Ok(ask_for_subnet(as_b, "b", subnet, true)
+            .await
+            .err()
+            .filter(|error| api_status(error) == Some(500))
+            .map(drop))
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_taken_subnet_is_refused_with_500_and_the_client_picks_another() -> Result<()> {
     let cluster = Cluster::from_env().await?;
-    install_crd(&cluster).await?;
-    let ns = cluster.namespace("subnet-webhook").await?;
-    let admin = cluster.admin()?;
-    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     // An operator outside the cluster is reached by URL; the chart uses its Service.
-    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
-    let configuration = webhook::url_configuration(&ns, address);
-    let name = configuration.metadata.name.clone().context("a name")?;
-    configurations
-        .create(&PostParams::default(), &configuration)
-        .await?;
-    let mut operator = Operator::start(
-        &cluster,
-        &ns,
-        &[
-            "--client-rbac",
-            "gefyra-compat",
-            "--webhook-address",
-            &address.to_string(),
-        ],
-    )?;
+    let Served {
+        ns,
+        admin,
+        configurations,
+        name,
+        mut operator,
+        ..
+    } = serve_webhook(&cluster, "subnet-webhook").await?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
     for client in ["a", "b"] {
         create_client(admin.clone(), &ns, client).await?;
     }
@@ -80,7 +80,6 @@ async fn a_taken_subnet_is_refused_with_500_and_the_client_picks_another() -> Re
 
     // The operator publishes its CA; the API server then calls the webhook (dry runs pass
     // through admission and change nothing).
-    let configurations = &configurations;
     eventually("the operator publishes the webhook's CA", WAIT, || async {
         let published = configurations.get(&name).await?;
         let bundle = published.webhooks.unwrap_or_default()[0]
@@ -91,15 +90,9 @@ async fn a_taken_subnet_is_refused_with_500_and_the_client_picks_another() -> Re
     })
     .await
     .with_context(|| operator.log_text())?;
-    eventually("the webhook refuses a taken subnet", WAIT, || async {
-        Ok(ask_for_subnet(&as_b, "b", "172.24.1.0/24", true)
-            .await
-            .err()
-            .filter(|error| api_status(error) == Some(500))
-            .map(drop))
-    })
-    .await
-    .with_context(|| operator.log_text())?;
+    refused_with_500(&as_b, "172.24.1.0/24")
+        .await
+        .with_context(|| operator.log_text())?;
 
     let refused = ask_for_subnet(&as_b, "b", "172.24.1.0/24", false)
         .await
@@ -359,15 +352,9 @@ async fn slow_and_oversized_requests_are_cut_off_while_clients_still_connect() -
     let as_b: Api<GefyraClient> = Api::namespaced(cluster.with_token(&token_of(&b)?)?, &ns);
     connect(&as_b, "b", Value::Null).await?;
     wait_for_state(&clients, "b", ClientState::Waiting).await?;
-    eventually("the webhook refuses a taken subnet again", WAIT, || async {
-        Ok(ask_for_subnet(&as_b, "b", "172.26.1.0/24", true)
-            .await
-            .err()
-            .filter(|error| api_status(error) == Some(500))
-            .map(drop))
-    })
-    .await
-    .with_context(|| operator.log_text())?;
+    refused_with_500(&as_b, "172.26.1.0/24")
+        .await
+        .with_context(|| operator.log_text())?;
     configurations
         .delete(&name, &DeleteParams::default())
         .await?;

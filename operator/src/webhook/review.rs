@@ -173,11 +173,14 @@ mod tests {
     fn a_taken_subnet_is_refused_with_the_code_gefyras_cli_retries_on() {
         let routes = route_of_a();
         let pool = Pool::default();
-        let (taken, refusal) = review(
-            &request(client("b", Some("172.20.5.0/24")), client("b", None)),
-            &pool,
-            &routes,
-        );
+        let decide = |name: &str, subnet: Option<&str>, old: Option<&str>| {
+            review(
+                &request(client(name, subnet), client(name, old)),
+                &pool,
+                &routes,
+            )
+        };
+        let (taken, refusal) = decide("b", Some("172.20.5.0/24"), None);
         assert!(!taken.allowed);
         assert_eq!(taken.result.code, 500);
         assert_eq!(taken.result.reason, "SubnetConflict");
@@ -190,39 +193,16 @@ mod tests {
             refusal.unwrap().detail.as_deref(),
             Some("172.20.0.0/16 of client a")
         );
-        let (free, _) = review(
-            &request(client("b", Some("172.21.0.0/16")), client("b", None)),
-            &pool,
-            &routes,
-        );
-        assert!(free.allowed);
+        assert!(decide("b", Some("172.21.0.0/16"), None).0.allowed);
         // Its own route, unchanged subnets and disconnects are never refused.
-        let (own, _) = review(
-            &request(client("a", Some("172.20.0.0/16")), client("a", None)),
-            &pool,
-            &routes,
+        assert!(decide("a", Some("172.20.0.0/16"), None).0.allowed);
+        assert!(
+            decide("b", Some("172.20.5.0/24"), Some("172.20.5.0/24"))
+                .0
+                .allowed
         );
-        assert!(own.allowed);
-        let (unchanged, _) = review(
-            &request(
-                client("b", Some("172.20.5.0/24")),
-                client("b", Some("172.20.5.0/24")),
-            ),
-            &pool,
-            &routes,
-        );
-        assert!(unchanged.allowed);
-        let (disconnect, _) = review(
-            &request(client("b", None), client("b", Some("172.21.0.0/16"))),
-            &pool,
-            &routes,
-        );
-        assert!(disconnect.allowed);
-        let (pool_overlap, refusal) = review(
-            &request(client("b", Some("192.168.96.0/24")), client("b", None)),
-            &pool,
-            &routes,
-        );
+        assert!(decide("b", None, Some("172.21.0.0/16")).0.allowed);
+        let (pool_overlap, refusal) = decide("b", Some("192.168.96.0/24"), None);
         assert_eq!(pool_overlap.result.code, 500);
         assert!(
             pool_overlap.result.message.contains("tunnel pool"),

@@ -273,6 +273,22 @@ mod tests {
             let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
             self.connector.connect(name, stream).await.unwrap()
         }
+
+        /// A new connection that has sent `request`.
+        async fn sent(&self, request: &[u8]) -> tokio_rustls::client::TlsStream<TcpStream> {
+            let mut stream = self.tls().await;
+            stream.write_all(request).await.unwrap();
+            stream
+        }
+
+        /// All the webhook answers `request` with, once it closes the connection (within
+        /// 2 s).
+        async fn answer_then_close(&self, request: &[u8]) -> String {
+            let mut stream = self.sent(request).await;
+            until_closed(&mut stream, Duration::from_secs(2))
+                .await
+                .expect("closed")
+        }
     }
 
     /// Everything the server sends until it closes, or `None` if it is still open after
@@ -316,32 +332,15 @@ mod tests {
     #[tokio::test]
     async fn a_body_larger_than_a_review_is_refused_from_its_headers_unread() {
         let webhook = start(SHORT).await;
-        let mut stream = webhook.tls().await;
-        stream.write_all(head(2_000_000).as_bytes()).await.unwrap();
-        let answer = until_closed(&mut stream, Duration::from_secs(2))
-            .await
-            .expect("closed");
+        let answer = webhook.answer_then_close(head(2_000_000).as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         // Sent without a length (chunked): cut off at the limit.
-        let mut stream = webhook.tls().await;
-        stream
-            .write_all(
-                format!(
-                    "POST {PATH} HTTP/1.1\r\nhost: webhook\r\ntransfer-encoding: chunked\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        for _ in 0..3 {
-            stream
-                .write_all(format!("400\r\n{}\r\n", "x".repeat(0x400)).as_bytes())
-                .await
-                .unwrap();
-        }
-        let answer = until_closed(&mut stream, Duration::from_secs(2))
-            .await
-            .expect("closed");
+        let chunk = format!("400\r\n{}\r\n", "x".repeat(0x400));
+        let chunked = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: webhook\r\ntransfer-encoding: chunked\r\n\r\n{}",
+            chunk.repeat(3)
+        );
+        let answer = webhook.answer_then_close(chunked.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     }
 
@@ -353,21 +352,17 @@ mod tests {
         let mut silent = TcpStream::connect(webhook.address).await.unwrap();
         assert!(until_closed(&mut silent, limit).await.is_some());
         // Never finishes its headers.
-        let mut slow = webhook.tls().await;
-        slow.write_all(format!("POST {PATH} HTTP/1.1\r\nhost: webhook\r\n").as_bytes())
-            .await
-            .unwrap();
+        let mut slow = webhook
+            .sent(format!("POST {PATH} HTTP/1.1\r\nhost: webhook\r\n").as_bytes())
+            .await;
         assert!(until_closed(&mut slow, limit).await.is_some());
         // Never finishes its body.
-        let mut slow = webhook.tls().await;
-        slow.write_all(head(100).as_bytes()).await.unwrap();
-        slow.write_all(b"{").await.unwrap();
-        let answer = until_closed(&mut slow, limit).await.expect("closed");
+        let answer = webhook
+            .answer_then_close(format!("{}{{", head(100)).as_bytes())
+            .await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         // Idle after an answer (kept alive): closed as well.
-        let mut idle = webhook.tls().await;
-        idle.write_all(head(0).as_bytes()).await.unwrap();
-        let answer = until_closed(&mut idle, limit).await.expect("closed");
+        let answer = webhook.answer_then_close(head(0).as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 
@@ -397,23 +392,13 @@ mod tests {
     #[tokio::test]
     async fn other_paths_and_methods_are_refused() {
         let webhook = start(SHORT).await;
-        let mut stream = webhook.tls().await;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: webhook\r\n\r\n")
-            .await
-            .unwrap();
-        let answer = until_closed(&mut stream, Duration::from_secs(2))
-            .await
-            .expect("closed");
+        let answer = webhook
+            .answer_then_close(b"GET /metrics HTTP/1.1\r\nhost: webhook\r\n\r\n")
+            .await;
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-        let mut stream = webhook.tls().await;
-        stream
-            .write_all(format!("GET {PATH} HTTP/1.1\r\nhost: webhook\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let answer = until_closed(&mut stream, Duration::from_secs(2))
-            .await
-            .expect("closed");
+        let answer = webhook
+            .answer_then_close(format!("GET {PATH} HTTP/1.1\r\nhost: webhook\r\n\r\n").as_bytes())
+            .await;
         assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     }
 }
