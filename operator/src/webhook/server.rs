@@ -1,10 +1,11 @@
 //! The webhook's TLS listener, bounded: whoever reaches the port (the API server, but also
 //! any peer routed to it) costs at most one connection slot of [`Limits::connections`],
-//! each for a bounded time and a bounded body. A connection that does not finish its TLS
-//! handshake, its headers or its request in time is closed; a body larger than a review is
-//! refused from its headers (413) without being read; past the cap, connections wait in
-//! the kernel's accept queue, unread. The API server fails open (`failurePolicy: Ignore`)
-//! when it cannot get an answer in time, and the operator's own check still decides.
+//! each for a bounded time and a bounded body. A connection carries one review: one that
+//! does not finish its TLS handshake, its headers or its request in time is closed; a body
+//! larger than a review is refused from its headers (413) without being read; past the
+//! cap, connections wait in the kernel's accept queue, unread. The API server fails open
+//! (`failurePolicy: Ignore`) when it cannot get an answer in time, and the operator's own
+//! check still decides.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,13 +28,11 @@ use super::certificate::CertificateResolver;
 pub struct Limits {
     /// To finish the TLS handshake after the connection is accepted.
     pub handshake: Duration,
-    /// To send a request's headers, counted from when the server waits for them (so it
-    /// also ends an idle kept-alive connection).
+    /// To send the request's headers, once the handshake is done.
     pub headers: Duration,
-    /// To send the body, once the headers are in, and be answered.
+    /// To send the body, once the headers are in, and be answered; the connection as a
+    /// whole (after the handshake) ends within `headers + request`.
     pub request: Duration,
-    /// A connection's whole life; then it is closed once its request in flight is answered.
-    pub connection: Duration,
     /// The largest body read (an AdmissionReview of a GefyraClient is a few KiB).
     pub body: usize,
     /// Connections served at once; more wait to be accepted.
@@ -47,7 +46,6 @@ impl Limits {
         handshake: Duration::from_secs(5),
         headers: Duration::from_secs(5),
         request: Duration::from_secs(10),
-        connection: Duration::from_secs(60),
         body: 64 * 1024,
         connections: 64,
     };
@@ -109,7 +107,9 @@ pub async fn serve(
     }
 }
 
-/// One connection's requests, within `limits`.
+/// One connection's review, within `limits`. One review a connection: the API server
+/// sends a review only when a client asks for a subnet, and a connection kept idle could
+/// be closed by the webhook just as the API server reuses it.
 async fn serve_connection<IO>(io: TokioIo<IO>, limits: Limits, answer: Answer)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -120,23 +120,18 @@ where
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .keep_alive(false)
         .header_read_timeout(limits.headers)
         // Headers of a review are a few hundred bytes (hyper's default buffer is 408 KiB).
         .max_buf_size(16 * 1024)
         .max_headers(32)
         .serve_connection(io, service);
-    tokio::pin!(connection);
-    tokio::select! {
-        served = connection.as_mut() => {
-            if let Err(error) = served {
-                debug!(%error, "a webhook connection ended");
-            }
-            return;
-        }
-        () = tokio::time::sleep(limits.connection) => connection.as_mut().graceful_shutdown(),
+    // The whole connection's deadline, too: an answer the sender does not read holds it.
+    match tokio::time::timeout(limits.headers + limits.request, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => debug!(%error, "a webhook connection ended"),
+        Err(_) => debug!("a webhook connection outlived its deadline; closed"),
     }
-    // The request in flight, if any, gets its own deadline to finish.
-    let _ = tokio::time::timeout(limits.request, connection).await;
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
@@ -225,7 +220,6 @@ mod tests {
         handshake: Duration::from_millis(300),
         headers: Duration::from_millis(300),
         request: Duration::from_millis(600),
-        connection: Duration::from_secs(5),
         body: 1024,
         connections: 4,
     };
@@ -345,6 +339,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_carries_one_review() {
+        // Timeouts far longer than the test waits: the close comes from the answer.
+        let webhook = start(Limits {
+            headers: Duration::from_secs(30),
+            request: Duration::from_secs(30),
+            ..SHORT
+        })
+        .await;
+        let two = format!("{}{}", head(0), head(0));
+        let answer = webhook.answer_then_close(two.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    }
+
+    #[tokio::test]
     async fn slow_handshakes_headers_and_bodies_are_closed_in_time() {
         let webhook = start(SHORT).await;
         let limit = Duration::from_secs(2);
@@ -361,9 +371,6 @@ mod tests {
             .answer_then_close(format!("{}{{", head(100)).as_bytes())
             .await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-        // Idle after an answer (kept alive): closed as well.
-        let answer = webhook.answer_then_close(head(0).as_bytes()).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 
     #[tokio::test]
