@@ -207,28 +207,6 @@ pub async fn read_routes(client: &Client, namespace: &str) -> Result<Routes, Tab
     Ok(merged)
 }
 
-/// The routes that may overlap `subnet` (those of the shards it would be recorded in), read
-/// from the API server; none for a subnet too wide to be routed at all.
-pub async fn read_routes_near(
-    client: &Client,
-    namespace: &str,
-    subnet: &IpNet,
-) -> Result<Routes, TableError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let mut near = Vec::new();
-    for shard in route_shards::shards_of(subnet).unwrap_or_default() {
-        if let Some(data) = api
-            .get_opt(&shard)
-            .await
-            .map_err(api_error(&shard))?
-            .and_then(|map| map.data)
-        {
-            near.push(data);
-        }
-    }
-    Ok(route_shards::merge(&near))
-}
-
 enum InPlace {
     Yes,
     No {

@@ -61,8 +61,9 @@ pub enum Command {
     },
     /// Print the ValidatingWebhookConfiguration of the subnet webhook (gefyra-compat mode)
     /// for the clients of --namespace, reaching the operator through Service
-    /// gefyra-operator-webhook (the operator fills in its caBundle), and the ClusterRole and
-    /// binding that let the operator do exactly that.
+    /// gefyra-operator-webhook (the operator fills in its caBundle), the ClusterRole and
+    /// binding that let the operator patch it, and the ValidatingAdmissionPolicy and binding
+    /// that keep that patch to the caBundle.
     WebhookConfiguration {
         #[arg(long, default_value = gefyra_api::client::DEFAULT_NAMESPACE)]
         namespace: String,
