@@ -25,6 +25,7 @@ cache_dir=${GEFYRA_CACHE_DIR:-$HOME/.cache/gefyra-operator}
 k8s_bin=$cache_dir/kubernetes-$KUBERNETES_VERSION
 etcd_bin=$cache_dir/etcd-$ETCD_VERSION
 helm_bin=$cache_dir/helm-$HELM_VERSION
+helm4_bin=$cache_dir/helm-$HELM4_VERSION
 krew_bin=$cache_dir/krew-$KREW_VERSION
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
@@ -102,16 +103,19 @@ build_etcd() {
   log "  etcd built in $((SECONDS - started)) s"
 }
 
+# build_helm DIR VERSION: Helm VERSION (its major's module) into DIR, once.
 build_helm() {
-  [ -x "$helm_bin/helm" ] && return 0
-  local started=$SECONDS v=helm.sh/helm/v3/internal/version
-  log "building helm $HELM_VERSION"
-  mkdir -p "$helm_bin.tmp"
-  GOFLAGS='' GOBIN="$helm_bin.tmp" go install -trimpath \
-    -ldflags "-s -w -X $v.version=$HELM_VERSION -X $v.gitCommit=0000000000000000000000000000000000000000 -X $v.gitTreeState=clean" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "building helm failed"
-  rm -rf "$helm_bin" && mv "$helm_bin.tmp" "$helm_bin"
-  log "  helm built in $((SECONDS - started)) s"
+  local dir=$1 version=$2
+  [ -x "$dir/helm" ] && return 0
+  local started=$SECONDS module="helm.sh/helm/${2%%.*}"
+  local v=$module/internal/version
+  log "building helm $version"
+  mkdir -p "$dir.tmp"
+  GOFLAGS='' GOBIN="$dir.tmp" go install -trimpath \
+    -ldflags "-s -w -X $v.version=$version -X $v.gitCommit=0000000000000000000000000000000000000000 -X $v.gitTreeState=clean" \
+    "$module/cmd/helm@$version" || die "building helm $version failed"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  log "  helm $version built in $((SECONDS - started)) s"
 }
 
 build_krew() {
@@ -129,11 +133,13 @@ cmd_build() {
   "$here/prereqs.sh" go openssl iproute2
   build_etcd
   build_kubernetes
-  build_helm
+  build_helm "$helm_bin" "$HELM_VERSION"
+  build_helm "$helm4_bin" "$HELM4_VERSION"
   build_krew
   ln -sfn "$krew_bin/krew" "$cache_dir/krew"
   ln -sfn "$k8s_bin/kubectl" "$cache_dir/kubectl"
   ln -sfn "$helm_bin/helm" "$cache_dir/helm"
+  ln -sfn "$helm4_bin/helm" "$cache_dir/helm4"
 }
 
 cmd_bin_dir() { printf '%s\n' "$cache_dir"; }
