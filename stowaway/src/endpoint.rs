@@ -2,8 +2,11 @@
 //!
 //! One boringtun `Tunn` per peer. Handshake initiations are matched to peers by the
 //! initiator's static public key, everything else by our receiver index; one rate limiter
-//! is shared by all peers and answers floods with cookie replies. Anything that does not
-//! parse, authenticate or come from a known peer is dropped and counted — never a panic.
+//! is shared by all peers, counts each handshake message once and answers floods with
+//! cookie replies. Only a message the peer's tunnel authenticated moves the peer's endpoint
+//! (roaming); what a stranger can send (a replayed initiation, anything drawing a cookie
+//! reply) never does. Anything that does not parse, authenticate or come from a known peer
+//! is dropped and counted — never a panic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -87,8 +90,12 @@ struct Peer {
 pub struct Endpoint {
     private: StaticSecret,
     public: PublicKey,
-    /// Shared by every worker's endpoint: one rate, one cookie secret.
+    /// Shared by every worker's endpoint: one rate, one cookie secret. Every handshake
+    /// message is counted here, once, before any tunnel sees it.
     limiter: Arc<RateLimiter>,
+    /// What each tunnel checks again (the MACs) without counting: a second count would let
+    /// a datagram that passed `limiter` draw a cookie reply from the tunnel.
+    tunnel_limiter: Arc<RateLimiter>,
     /// The peers this endpoint holds (the others are other workers').
     shard: Shard,
     /// By our index (the upper 24 bits of every receiver index boringtun hands out).
@@ -125,6 +132,7 @@ impl Endpoint {
         let public = PublicKey::from(&private);
         Self {
             limiter,
+            tunnel_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             shard,
             private,
             public,
@@ -278,26 +286,40 @@ impl Endpoint {
                 Some(peer.spec.preshared_key),
                 None,
                 index,
-                Some(self.limiter.clone()),
+                Some(self.tunnel_limiter.clone()),
             ))
         });
+        // Only a message the tunnel authenticated moves the peer's endpoint (roaming): an
+        // initiation it answered, a response it accepted, data it decrypted. Anything
+        // anyone can send (a replayed initiation, a cookie reply) leaves it where it is.
+        let kind = datagram.first().copied();
         let mut input: &[u8] = datagram;
         loop {
+            let first = !input.is_empty();
             match tunnel.decapsulate(Some(from.ip()), input, &mut self.buffer) {
-                TunnResult::Done => break,
+                TunnResult::Done => {
+                    // A decrypted keep-alive.
+                    if first && kind == Some(4) {
+                        peer.endpoint = Some(from);
+                    }
+                    break;
+                }
                 TunnResult::Err(_) => {
                     handled.dropped = Some(Drop::Rejected);
                     break;
                 }
                 TunnResult::WriteToNetwork(reply) => {
-                    // A handshake response (type 2) completes the handshake; a cookie reply
-                    // (type 3, the tunnel's own rate check) does not.
-                    let is_response = reply.first() == Some(&2);
-                    handled.replies.push(reply.to_vec());
-                    peer.endpoint = Some(from);
-                    if is_init && is_response {
+                    // The tunnel's limiter never asks for cookies: a reply to an initiation
+                    // is its response (type 2), to a response the first data; then the
+                    // queued packets.
+                    let answered_initiation = is_init && reply.first() == Some(&2);
+                    if first && (answered_initiation || kind == Some(2)) {
+                        peer.endpoint = Some(from);
+                    }
+                    if first && answered_initiation {
                         handled.handshake_with = Some(peer.spec.client.clone());
                     }
+                    handled.replies.push(reply.to_vec());
                     // Queued packets follow a handshake: drain them.
                     input = &[];
                 }
@@ -741,6 +763,80 @@ mod tests {
             .map(|peer| peer.spec.client.as_str())
             .collect();
         assert_eq!(with_tunnel, ["a"]);
+    }
+
+    /// The victim's initiation and the endpoint's answer, the victim's session then up.
+    fn handshake(endpoint: &mut Endpoint, client: &mut Tunn, from: SocketAddr) -> Vec<u8> {
+        let mut buffer = vec![0u8; BUFFER];
+        let TunnResult::WriteToNetwork(init) =
+            client.format_handshake_initiation(&mut buffer, false)
+        else {
+            panic!("an initiation");
+        };
+        let init = init.to_vec();
+        let handled = endpoint.handle_datagram(from, &init);
+        assert_eq!(
+            handled.handshake_with.as_deref(),
+            Some("victim"),
+            "{handled:?}"
+        );
+        let response = handled.replies[0].clone();
+        let _ = client.decapsulate(None, &response, &mut buffer);
+        init
+    }
+
+    #[test]
+    fn each_handshake_counts_once_against_the_rate() {
+        // Two handshakes a second: both complete (counted twice, the second would have
+        // needed a cookie).
+        let mut endpoint = Endpoint::with_handshake_rate([1; 32], 2);
+        endpoint.apply(Plan {
+            add: vec![spec("victim", [2; 32], &["192.168.96.2/32"])],
+            ..Plan::default()
+        });
+        let from: SocketAddr = FROM.parse().unwrap();
+        for _ in 0..2 {
+            let mut client = client_tunnel([2; 32], endpoint.public_key());
+            handshake(&mut endpoint, &mut client, from);
+        }
+    }
+
+    #[test]
+    fn a_replayed_initiation_at_the_rate_limit_does_not_move_the_peers_endpoint() {
+        let mut endpoint = Endpoint::with_handshake_rate([1; 32], 3);
+        endpoint.apply(Plan {
+            add: vec![spec("victim", [2; 32], &["192.168.96.2/32"])],
+            ..Plan::default()
+        });
+        let victim: SocketAddr = FROM.parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+        let mut client = client_tunnel([2; 32], endpoint.public_key());
+        let init = handshake(&mut endpoint, &mut client, victim);
+        // The stranger replays it from its own address until the limiter is at its edge
+        // and beyond: cookie replies and refusals, never the victim's endpoint.
+        for _ in 0..8 {
+            let handled = endpoint.handle_datagram(stranger, &init);
+            assert!(handled.handshake_with.is_none(), "{handled:?}");
+            assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(victim));
+        }
+        // Nor does a cookie reply or garbage data for the victim's index.
+        let index = *endpoint.by_key.values().next().unwrap();
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&(index << 8).to_le_bytes());
+        data.extend_from_slice(&[0u8; 40]);
+        endpoint.handle_datagram(stranger, &data);
+        assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(victim));
+        // Authenticated data from a new address is the victim roaming: it moves.
+        let roamed: SocketAddr = "198.51.100.8:51820".parse().unwrap();
+        let mut buffer = vec![0u8; BUFFER];
+        let TunnResult::WriteToNetwork(data) = client.encapsulate(
+            &ipv4([192, 168, 96, 2], [192, 168, 99, 1], b"moved"),
+            &mut buffer,
+        ) else {
+            panic!("the victim has a session");
+        };
+        assert_eq!(endpoint.handle_datagram(roamed, data).packets.len(), 1);
+        assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(roamed));
     }
 
     #[test]
