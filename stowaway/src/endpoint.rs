@@ -98,12 +98,12 @@ pub struct Endpoint {
     tunnel_limiter: Arc<RateLimiter>,
     /// The peers this endpoint holds (the others are other workers').
     shard: Shard,
-    /// By our index (the upper 24 bits of every receiver index boringtun hands out).
+    /// By our index (the upper 24 bits of every receiver index boringtun hands out; random,
+    /// its low byte naming this worker).
     peers: HashMap<u32, Peer>,
     by_key: HashMap<Key, u32>,
     /// Destination address → peer index, filled by `encapsulate`, emptied by `apply`.
     routes: HashMap<IpAddr, u32>,
-    next_index: u32,
     buffer: Vec<u8>,
 }
 
@@ -139,7 +139,6 @@ impl Endpoint {
             peers: HashMap::new(),
             by_key: HashMap::new(),
             routes: HashMap::new(),
-            next_index: 1,
             buffer: vec![0; BUFFER],
         }
     }
@@ -194,12 +193,12 @@ impl Endpoint {
             if !self.shard.owns_key(&spec.public_key) {
                 continue;
             }
-            // 24-bit indices of this worker; skip ones still in use after wrapping.
-            let mut index = self.shard.index_at_or_after(self.next_index);
+            // A random 24-bit index of this worker not in use (a worker has at least 2^18
+            // of them, so a free one is found at once unless the table is that large).
+            let mut index = self.shard.index_from(rand::random());
             while self.peers.contains_key(&index) {
-                index = self.shard.index_at_or_after(index.wrapping_add(1));
+                index = self.shard.index_from(rand::random());
             }
-            self.next_index = index.wrapping_add(1);
             self.by_key.insert(spec.public_key, index);
             self.peers.insert(
                 index,
@@ -837,6 +836,46 @@ mod tests {
         };
         assert_eq!(endpoint.handle_datagram(roamed, data).packets.len(), 1);
         assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(roamed));
+    }
+
+    /// Indices are random (an index on the wire says nothing of the peers before or after
+    /// it), unique, and each names its worker.
+    #[test]
+    fn peer_indices_are_random_unique_and_name_their_worker() {
+        let shard = Shard::new(1, 3).expect("a shard");
+        let mut endpoint = Endpoint::worker([1; 32], Endpoint::limiter([1; 32], 100), shard);
+        let specs: Vec<PeerSpec> = (0..2_000u32)
+            .map(|n| {
+                let mut key = [0u8; 32];
+                key[..4].copy_from_slice(&(n * 3 + 1).to_le_bytes());
+                PeerSpec {
+                    client: format!("c{n}"),
+                    public_key: key,
+                    preshared_key: PSK,
+                    ranges: Vec::new(),
+                }
+            })
+            .filter(|spec| shard.owns_key(&spec.public_key))
+            .collect();
+        let keys: Vec<Key> = specs.iter().map(|spec| spec.public_key).collect();
+        endpoint.apply(Plan {
+            add: specs,
+            ..Plan::default()
+        });
+        let indices: Vec<u32> = keys.iter().map(|key| endpoint.by_key[key]).collect();
+        assert_eq!(endpoint.peers.len(), keys.len());
+        assert!(indices.iter().all(|index| worker_of_index(*index, 3) == 1));
+        // Handed out in order, each index would follow the one before closely (by 3, this
+        // worker's step); of random ones, about one pair in 16,000 does.
+        let sequential = indices
+            .windows(2)
+            .filter(|pair| pair[1].wrapping_sub(pair[0]) % (1 << 24) <= 1_024)
+            .count();
+        assert!(
+            sequential < 10,
+            "{sequential} of {} in sequence",
+            indices.len()
+        );
     }
 
     #[test]

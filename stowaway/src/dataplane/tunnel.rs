@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use mio::net::UdpSocket;
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
 
+use super::inbox::Bound;
 use super::outbox::Transmit;
 use super::reader::Reader;
 use super::{DataPlane, FlowKind, Handoff, PeerId, Protocol};
@@ -21,9 +22,16 @@ const READS_PER_TURN: usize = 512;
 /// get theirs: a peer flooding the socket cannot keep the loop from the others.
 const DECRYPTS_PER_TURN: usize = 256;
 /// Data datagrams one peer may have waiting for decryption (beyond: dropped, counted as
-/// `peer_queue_full`), and all peers together.
-pub(super) const PEER_INBOX: usize = 256;
-pub(super) const INBOX: usize = 8_192;
+/// `peer_queue_full`), and all peers together: a count and bytes (256 full-size tunnel
+/// datagrams are about 370 KiB; a sender's 64 KiB datagrams are held to the bytes).
+pub(super) const PEER_INBOX: Bound = Bound {
+    datagrams: 256,
+    bytes: 1 << 20,
+};
+pub(super) const INBOX: Bound = Bound {
+    datagrams: 8_192,
+    bytes: 16 << 20,
+};
 /// Bytes of datagrams waiting for room in the WireGuard socket's send buffer, all peers
 /// together (beyond: dropped and counted).
 pub(super) const OUTBOX_BYTES: usize = 16 << 20;
