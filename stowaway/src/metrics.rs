@@ -24,7 +24,8 @@ pub struct Metrics {
     pub flows: IntGaugeVec,
     /// Flows by protocol and result: opened, refused.
     pub flows_total: IntCounterVec,
-    /// Flows ended by a timeout, by protocol and timeout.
+    /// Flows ended by a timeout (or to fit their peer's shrunk share), by protocol and
+    /// timeout.
     pub expiries: IntCounterVec,
     /// ACTIVE clients not admitted as peers right now, by reason.
     pub refused_clients: IntGaugeVec,
@@ -88,7 +89,7 @@ impl Default for Metrics {
         );
         let expiries = counter(
             "stowaway_flow_expiries_total",
-            "Flows ended by a timeout, by protocol and timeout (idle, handshake, dial)",
+            "Flows ended by a timeout or to fit their peer's share, by protocol and timeout (idle, inactive, handshake, dial, over_share)",
             &["protocol", "timeout"],
         );
         let refused_clients = gauge(

@@ -10,10 +10,12 @@
 //!
 //! By concept: `device` (the stack's in-memory device), `tunnel` (the WireGuard socket, its
 //! outbox, packets to and from peers), `tcp` (dials and flows), `udp` (the relay),
-//! `forward` (cluster-side listeners into the tunnel). Every flow lives in one map as one
-//! `Flow`; what a peer may reach and hold is decided by `crate::policy`.
+//! `forward` (cluster-side listeners into the tunnel), `flows` (the flow table: whose each
+//! flow is, what it holds, which end when the peer table changes). What a peer may reach
+//! and hold is decided by `crate::policy`.
 
 mod device;
+mod flows;
 mod forward;
 mod inbox;
 mod outbox;
@@ -22,7 +24,7 @@ mod tcp;
 mod tunnel;
 mod udp;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +38,7 @@ use smoltcp::iface::{Config as StackConfig, Interface, SocketSet};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 pub use forward::Forward;
+pub use tcp::TCP_FLOW_BUFFERS;
 
 use crate::endpoint::{Endpoint, PeerStats};
 use crate::metrics::Metrics;
@@ -43,6 +46,7 @@ use crate::peers::{Key, PeerSpec};
 use crate::policy::{EgressPolicy, GlobalLimits, Holding, Ledger, PeerLimits};
 use crate::shard::{self, Shard};
 use device::Queues;
+use flows::{FlowTable, Lookup, PeerId, Tuple};
 
 /// The server's IPv6 address inside the userspace stack (never on a wire: it only lets the
 /// stack accept IPv6 flows).
@@ -70,6 +74,9 @@ pub struct Config {
     /// A TCP flow whose peer sent nothing this long (not even the answer to a keep-alive)
     /// is aborted.
     pub tcp_idle: Duration,
+    /// A TCP flow that carried no payload either way this long (its peer answering
+    /// keep-alives all the while) is aborted.
+    pub tcp_inactive: Duration,
     /// A TCP flow not established this long after it opened is aborted.
     pub tcp_handshake: Duration,
     /// Handshakes per second (all peers) before cookies are required.
@@ -188,38 +195,7 @@ impl Handle {
     }
 }
 
-/// A peer, as flows are accounted to it: its client's name.
-type PeerId = String;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        }
-    }
-}
-
-/// A flow as the peer's packets name it: (protocol, peer side, cluster side).
-type Tuple = (Protocol, SocketAddr, SocketAddr);
-
-/// One forwarded flow: whose it is, what it holds, and what it is now.
-struct Flow {
-    peer: PeerId,
-    holding: Holding,
-    tuple: Tuple,
-    opened: Instant,
-    /// The last packet of this flow from the peer (UDP: in either direction).
-    last_heard: Instant,
-    kind: FlowKind,
-}
-
+/// What a flow of the table is.
 enum FlowKind {
     /// A peer's TCP connection whose cluster-side dial is under way.
     Dial(tcp::Dial),
@@ -246,11 +222,7 @@ pub struct DataPlane {
     queues: Queues,
     sockets: SocketSet<'static>,
     listeners: Vec<(TcpListener, Forward)>,
-    flows: HashMap<Token, Flow>,
-    tuples: HashMap<Tuple, Token>,
-    /// Shared by all workers: the global limits hold across them.
-    ledger: Arc<Mutex<Ledger<PeerId>>>,
-    next_token: usize,
+    flows: FlowTable<FlowKind>,
     next_port: u16,
     started: Instant,
     /// The time of this turn of the event loop.
@@ -371,10 +343,7 @@ impl DataPlane {
                 queues,
                 sockets: SocketSet::new(Vec::new()),
                 listeners,
-                flows: HashMap::new(),
-                tuples: HashMap::new(),
-                ledger: ledger.clone(),
-                next_token: FIRST_FLOW,
+                flows: FlowTable::new(ledger.clone(), FIRST_FLOW),
                 next_port: 49_152,
                 started,
                 now: started,
@@ -494,6 +463,8 @@ impl DataPlane {
         self.metrics
             .peers
             .set(i64::try_from(desired.len()).unwrap_or(i64::MAX));
+        // Every worker sets the same number: the global bounds are shared among all peers.
+        self.flows.ledger().set_peers(desired.len());
         let own: BTreeMap<Key, PeerSpec> = desired
             .iter()
             .filter(|(key, _)| self.shard.owns_key(key))
@@ -514,15 +485,25 @@ impl DataPlane {
             "peer table changed"
         );
         self.endpoint.apply(plan);
-        // Flows of peers that are gone end now.
-        let gone: Vec<Token> = self
+        // Flows whose address is no longer their peer's (it left, or the address changed
+        // hands) end now: a peer never inherits another's flows.
+        let endpoint = &self.endpoint;
+        let orphaned = self
             .flows
-            .iter()
-            .filter(|(_, flow)| !self.endpoint.holds(flow.tuple.1.ip()))
-            .map(|(token, _)| *token)
-            .collect();
-        for token in gone {
-            self.end_flow(token, "its peer is gone");
+            .with_another_owner(|address| endpoint.owner(address));
+        for token in orphaned {
+            self.end_flow(token, "its address is no longer its peer's");
+        }
+        // More peers, a smaller share: a peer over it gives back its least active flows.
+        let over_share = self.flows.over_share();
+        for token in over_share {
+            if let Some(flow) = self.flows.get(token) {
+                self.metrics
+                    .expiries
+                    .with_label_values(&[flow.tuple.0.label(), "over_share"])
+                    .inc();
+            }
+            self.end_flow(token, "its peer holds more than its share");
         }
     }
 
@@ -553,9 +534,10 @@ impl DataPlane {
         let now = self.now;
         let config = &self.config;
         let mut expired = Vec::new();
-        for (token, flow) in &self.flows {
+        for (token, flow) in self.flows.iter() {
             let since_opened = now.saturating_duration_since(flow.opened);
             let since_heard = now.saturating_duration_since(flow.last_heard);
+            let since_active = now.saturating_duration_since(flow.last_active);
             let timeout = match &flow.kind {
                 FlowKind::Dial(_) => (since_opened >= config.dial_timeout).then_some("dial"),
                 FlowKind::Udp(_) => (since_heard >= config.udp_idle).then_some("idle"),
@@ -564,11 +546,11 @@ impl DataPlane {
                         .sockets
                         .get::<smoltcp::socket::tcp::Socket>(flow.socket)
                         .state();
-                    tcp::timed_out(state, since_opened, since_heard, config)
+                    tcp::timed_out(state, since_opened, since_heard, since_active, config)
                 }
             };
             if let Some(timeout) = timeout {
-                expired.push((*token, flow.tuple.0, timeout));
+                expired.push((token, flow.tuple.0, timeout));
             }
         }
         for (token, protocol, timeout) in expired {
@@ -581,58 +563,30 @@ impl DataPlane {
         }
     }
 
-    /// The flow limits all workers share.
-    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger<PeerId>> {
-        // A worker that panicked holding it left counts that are still counts.
-        self.ledger
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn token(&mut self) -> Token {
-        let token = Token(self.next_token);
-        self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_FLOW);
-        token
-    }
-
-    /// Records a new flow under `token`.
-    fn insert_flow(
-        &mut self,
-        token: Token,
-        peer: PeerId,
-        holding: Holding,
-        tuple: Tuple,
-        kind: FlowKind,
-    ) {
-        self.tuples.insert(tuple, token);
-        self.flows.insert(
-            token,
-            Flow {
-                peer,
-                holding,
-                tuple,
-                opened: self.now,
-                last_heard: self.now,
-                kind,
-            },
-        );
-    }
-
-    /// Takes a flow out of the map and gives back what it held; the caller closes it.
-    fn remove_flow(&mut self, token: Token) -> Option<Flow> {
-        let flow = self.flows.remove(&token)?;
-        if self.tuples.get(&flow.tuple) == Some(&token) {
-            self.tuples.remove(&flow.tuple);
-        }
-        self.ledger().release(&flow.peer, flow.holding);
+    /// Takes a flow out of the table and gives back what it held; the caller closes it.
+    fn remove_flow(&mut self, token: Token) -> Option<flows::Flow<FlowKind>> {
         self.udp_pending.remove(&token);
-        Some(flow)
+        self.flows.remove(token)
+    }
+
+    /// The flow a packet of `peer` with this tuple belongs to. A packet under the tuple of
+    /// another peer's flow (ranges that overlap, or a race with a peer-table change) is
+    /// counted here and dropped by the caller: it neither reaches that flow nor ends it.
+    fn flow_of(&self, peer: &str, tuple: &Tuple) -> Lookup {
+        let found = self.flows.lookup(tuple, peer);
+        if let Lookup::Foreign(_) = found {
+            self.metrics
+                .dropped
+                .with_label_values(&["another_peers_flow"])
+                .inc();
+        }
+        found
     }
 
     /// Ends a flow now (`why`, for a dial's log): a TCP flow is reset (and removed once the
     /// stack has sent the RST), a dial refused, a UDP flow closed.
     fn end_flow(&mut self, token: Token, why: &str) {
-        match self.flows.get(&token).map(|flow| &flow.kind) {
+        match self.flows.get(token).map(|flow| &flow.kind) {
             Some(FlowKind::Tcp(flow)) => {
                 self.sockets
                     .get_mut::<smoltcp::socket::tcp::Socket>(flow.socket)
@@ -645,7 +599,7 @@ impl DataPlane {
     }
 
     fn flow_event(&mut self, token: Token, readable: bool, writable: bool) {
-        match self.flows.get_mut(&token).map(|flow| &mut flow.kind) {
+        match self.flows.get_mut(token).map(|flow| &mut flow.kind) {
             Some(FlowKind::Dial(_)) => self.dial_event(token),
             Some(FlowKind::Tcp(flow)) => {
                 flow.readable |= readable;
@@ -684,7 +638,7 @@ impl DataPlane {
 
     /// Admits a flow for `peer` in the ledger; a refusal is counted and logged.
     fn admit(&mut self, peer: &PeerId, holding: Holding, tuple: Tuple) -> bool {
-        match self.ledger().admit(peer, holding) {
+        match self.flows.admit(peer, holding) {
             Ok(()) => true,
             Err(hit) => {
                 tracing::debug!(client = %peer, protocol = tuple.0.label(), destination = %tuple.2, limit = %hit, "flow refused: over a limit");

@@ -9,10 +9,11 @@ use std::sync::atomic::Ordering;
 use mio::net::UdpSocket;
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
 
+use super::flows::{Lookup, PeerId, Protocol};
 use super::inbox::Bound;
 use super::outbox::Transmit;
 use super::reader::Reader;
-use super::{DataPlane, FlowKind, Handoff, PeerId, Protocol};
+use super::{DataPlane, FlowKind, Handoff};
 use crate::endpoint::Drop;
 use crate::packet::{self, Inbound};
 
@@ -291,9 +292,9 @@ impl DataPlane {
                 opens,
             } => {
                 let tuple = (Protocol::Tcp, source, destination);
-                match self.tuples.get(&tuple).copied() {
-                    Some(token) => {
-                        let Some(flow) = self.flows.get_mut(&token) else {
+                match self.flow_of(&peer, &tuple) {
+                    Lookup::Own(token) => {
+                        let Some(flow) = self.flows.get_mut(token) else {
                             return;
                         };
                         flow.last_heard = self.now;
@@ -303,9 +304,10 @@ impl DataPlane {
                             self.queues.inbound.push_back(packet);
                         }
                     }
-                    None if opens => self.dial(peer, tuple, packet),
+                    Lookup::Foreign(_) => {}
+                    Lookup::Missing if opens => self.dial(peer, tuple, packet),
                     // No flow: the stack answers with a reset.
-                    None => self.queues.inbound.push_back(packet),
+                    Lookup::Missing => self.queues.inbound.push_back(packet),
                 }
             }
             Inbound::Unsupported => {
