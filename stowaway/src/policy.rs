@@ -39,6 +39,8 @@ pub enum Refusal {
     Reserved(IpNet),
     /// One of Stowaway's own addresses (its pod: its metrics, any sidecar).
     OwnAddress,
+    /// An address of one of Stowaway's own Services (they lead back to its pod).
+    OwnService,
     /// Inside a `--deny` range.
     Denied(IpNet),
     /// Outside every `--allow` range (only when some are given).
@@ -50,6 +52,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Self::Reserved(range) => write!(f, "{range} is never reachable through Stowaway"),
             Self::OwnAddress => write!(f, "Stowaway's own address"),
+            Self::OwnService => write!(f, "an address of Stowaway's own Services"),
             Self::Denied(range) => write!(f, "denied by --deny {range}"),
             Self::NotAllowed => write!(f, "outside every --allow range"),
         }
@@ -62,6 +65,8 @@ pub struct EgressPolicy {
     deny: Vec<IpNet>,
     allow: Vec<IpNet>,
     own: Vec<IpAddr>,
+    /// Addresses of Stowaway's own Services (learnt from the API, so they change).
+    own_services: Vec<IpAddr>,
 }
 
 impl EgressPolicy {
@@ -80,6 +85,7 @@ impl EgressPolicy {
             deny,
             allow,
             own,
+            own_services: Vec::new(),
         }
     }
 
@@ -95,6 +101,15 @@ impl EgressPolicy {
         &self.own
     }
 
+    /// The addresses of Stowaway's own Services, refused from now on (they replace the
+    /// ones known before).
+    pub fn set_own_services(&mut self, addresses: Vec<IpAddr>) {
+        self.own_services = addresses
+            .into_iter()
+            .map(|address| address.to_canonical())
+            .collect();
+    }
+
     /// Whether a peer may reach `destination` (IPv4-mapped IPv6 counts as IPv4).
     pub fn check(&self, destination: IpAddr) -> Result<(), Refusal> {
         let destination = destination.to_canonical();
@@ -103,6 +118,9 @@ impl EgressPolicy {
         }
         if self.own.contains(&destination) {
             return Err(Refusal::OwnAddress);
+        }
+        if self.own_services.contains(&destination) {
+            return Err(Refusal::OwnService);
         }
         if let Some(range) = self.deny.iter().find(|range| range.contains(&destination)) {
             return Err(Refusal::Denied(*range));
@@ -400,6 +418,22 @@ mod tests {
             Err(Refusal::OwnAddress)
         );
         assert_eq!(check(&policy, "10.244.1.8"), Ok(()));
+    }
+
+    #[test]
+    fn the_addresses_of_stowaways_own_services_are_never_reachable_and_may_change() {
+        let mut policy = policy(&[], &["0.0.0.0/0"], &[]);
+        assert_eq!(check(&policy, "10.96.0.20"), Ok(()));
+        policy.set_own_services(vec!["10.96.0.20".parse().unwrap()]);
+        assert_eq!(check(&policy, "10.96.0.20"), Err(Refusal::OwnService));
+        assert_eq!(
+            check(&policy, "::ffff:10.96.0.20"),
+            Err(Refusal::OwnService)
+        );
+        // The Service was recreated with another address.
+        policy.set_own_services(vec!["10.96.0.30".parse().unwrap()]);
+        assert_eq!(check(&policy, "10.96.0.20"), Ok(()));
+        assert_eq!(check(&policy, "10.96.0.30"), Err(Refusal::OwnService));
     }
 
     #[test]

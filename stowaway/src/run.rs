@@ -17,6 +17,7 @@ use kube::{Api, Client};
 use crate::dataplane::{self, DataPlane, Forward, Shared};
 use crate::http::{Health, serve};
 use crate::metrics::Metrics;
+use crate::own_services;
 use crate::peer_sync::{keep_peers, server_key, write_status};
 use crate::policy::{DEFAULT_DENY, EgressPolicy, GlobalLimits, PeerLimits, Share};
 use crate::rbac::stowaway_rules;
@@ -272,6 +273,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let server = tokio::spawn(serve(args.http_address, health));
 
     let key = server_key(&client, &args.namespace).await?;
+    // Refused from the first packet on if the API answers now; else as soon as it does.
+    let own_services = own_services::fetch(&client, &args.namespace)
+        .await
+        .unwrap_or_default();
+    tracing::info!(addresses = ?own_services, "Stowaway's own Services; their addresses are refused");
+    let mut config = config;
+    config.egress.set_own_services(own_services.clone());
     let (planes, handle) = DataPlane::bind(
         config.clone(),
         key,
@@ -299,6 +307,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         metrics.clone(),
         ready,
     ));
+    let services_task = tokio::spawn(own_services::keep_own_services(
+        client.clone(),
+        args.namespace.clone(),
+        handle.clone(),
+        own_services,
+    ));
     let status_task = tokio::spawn(write_status(
         clients,
         shared,
@@ -321,6 +335,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         served = server => Err(anyhow::anyhow!("the HTTP server ended: {served:?}")),
     };
     peers_task.abort();
+    services_task.abort();
     status_task.abort();
     outcome
 }

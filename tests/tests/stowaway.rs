@@ -903,3 +903,100 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }
+
+/// Stowaway's own Services lead back to it (kube-proxy hairpins their addresses to its
+/// pod, and /metrics names every client): a real peer never reaches them. The lab has no
+/// kube-proxy, so the metrics Service made here also names the lab's cluster service as an
+/// external IP: that address answers the peer until Stowaway reads the Service, and is
+/// refused after, as is its ClusterIP.
+#[tokio::test]
+async fn a_peer_never_reaches_stowaways_own_services() -> Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::Api;
+    use kube::api::PostParams;
+
+    let cluster = Cluster::from_env().await?;
+    let mut setup = setup(&cluster, "own-services", &[]).await?;
+    setup.stowaway.wait_ready().await?;
+    let peer = setup
+        .connected_peer("a", json!({ "subnet": "172.27.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&peer.netns).await?;
+    let cluster_address = setup.lab.cluster_address();
+    let service_url = format!("http://{cluster_address}:8080/");
+    ensure!(
+        setup.lab.probe(&peer.netns, &["http", &service_url])? == "cluster",
+        "the control: the cluster service answers the peer"
+    );
+
+    let ns = setup.clients.namespace().context("namespaced")?.to_string();
+    let services: Api<Service> = Api::namespaced(setup.clients.clone().into_client(), &ns);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": { "name": "gefyra-stowaway-metrics" },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": { "app.kubernetes.io/name": "gefyra-stowaway" },
+            "ports": [{ "name": "http-metrics", "port": 8081, "targetPort": 8081 }],
+            "externalIPs": [cluster_address.to_string()],
+        },
+    }))?;
+    let created = services.create(&PostParams::default(), &service).await?;
+    let cluster_ip = created
+        .spec
+        .and_then(|spec| spec.cluster_ip)
+        .context("the metrics Service's ClusterIP")?;
+    // The peer routes the ClusterIP into the tunnel, as a client routing the service
+    // range does.
+    gefyra_e2e::lab::run(
+        "ip",
+        &[
+            "-n",
+            &peer.netns,
+            "route",
+            "add",
+            &format!("{cluster_ip}/32"),
+            "dev",
+            &peer.interface,
+        ],
+    )?;
+    let stowaway = &setup.stowaway;
+    let lab = &setup.lab;
+    let denied_before = stowaway
+        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .await?;
+    eventually(
+        "the metrics Service's addresses are refused",
+        WAIT,
+        || async {
+            Ok(lab
+                .probe(&peer.netns, &["http", &service_url])
+                .is_err()
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| stowaway.process.log_text())?;
+    let metrics_url = format!("http://{cluster_ip}:8081/metrics");
+    ensure!(
+        lab.probe(&peer.netns, &["http", &metrics_url]).is_err(),
+        "the peer reached {metrics_url}"
+    );
+    let denied = stowaway
+        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .await?;
+    ensure!(
+        denied >= denied_before + 2.0,
+        "refusals by the egress policy counted: {denied_before} -> {denied}"
+    );
+    // The rest of the tunnel still works (the resolver, through the server address).
+    let resolved = lab.probe(
+        &peer.netns,
+        &["dns", "192.168.99.1:53", gefyra_e2e::lab::DNS_NAME],
+    )?;
+    ensure!(
+        resolved == cluster_address.to_string(),
+        "the peer resolves through the tunnel: {resolved}"
+    );
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}

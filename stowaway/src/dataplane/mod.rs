@@ -87,9 +87,11 @@ pub struct Config {
     pub global_limits: GlobalLimits,
 }
 
-/// What the control plane tells each worker: the whole peer table (each keeps its own).
+/// What the control plane tells each worker: the whole peer table (each keeps its own),
+/// the addresses of Stowaway's own Services.
 pub enum Command {
     Peers(Arc<BTreeMap<Key, PeerSpec>>),
+    OwnServices(Arc<[IpAddr]>),
     Stop,
 }
 
@@ -178,6 +180,14 @@ impl Handle {
         let peers = Arc::new(peers);
         for (commands, waker) in &self.workers {
             Self::send(commands, waker, Command::Peers(peers.clone()));
+        }
+    }
+
+    /// The addresses of Stowaway's own Services: refused from now on, flows to them end.
+    pub fn set_own_services(&self, addresses: Vec<IpAddr>) {
+        let addresses: Arc<[IpAddr]> = addresses.into();
+        for (commands, waker) in &self.workers {
+            Self::send(commands, waker, Command::OwnServices(addresses.clone()));
         }
     }
 
@@ -452,6 +462,7 @@ impl DataPlane {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Peers(desired)) => self.set_peers(desired),
+                Ok(Command::OwnServices(addresses)) => self.set_own_services(&addresses),
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
@@ -504,6 +515,21 @@ impl DataPlane {
                     .inc();
             }
             self.end_flow(token, "its peer holds more than its share");
+        }
+    }
+
+    /// Refuses the addresses of Stowaway's own Services; flows to them (opened before they
+    /// were known) end.
+    fn set_own_services(&mut self, addresses: &[IpAddr]) {
+        self.config.egress.set_own_services(addresses.to_vec());
+        let to_them: Vec<Token> = self
+            .flows
+            .iter()
+            .filter(|(_, flow)| addresses.contains(&flow.tuple.2.ip().to_canonical()))
+            .map(|(token, _)| token)
+            .collect();
+        for token in to_them {
+            self.end_flow(token, "its destination is one of Stowaway's own Services");
         }
     }
 
