@@ -29,7 +29,7 @@ const BUFFER: usize = 65_536;
 
 /// Why a datagram or packet was dropped (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Drop {
+pub enum DropReason {
     /// Not a WireGuard message, bad MAC, bad size.
     Malformed,
     /// A handshake from a key that is no peer (or a message for an index nobody holds).
@@ -40,7 +40,7 @@ pub enum Drop {
     SpoofedSource,
 }
 
-impl Drop {
+impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
@@ -59,7 +59,7 @@ pub struct Handled {
     pub replies: Vec<Vec<u8>>,
     /// Decrypted IP packets from the peer, each from one of its own ranges: (client, packet).
     pub packets: Vec<(String, Vec<u8>)>,
-    pub dropped: Option<Drop>,
+    pub dropped: Option<DropReason>,
     /// A handshake with this client completed (a response was sent).
     pub handshake_with: Option<String>,
     /// The datagram is for a peer of this other worker: hand it over untouched.
@@ -237,7 +237,7 @@ impl Endpoint {
                 return handled;
             }
             Err(_) => {
-                handled.dropped = Some(Drop::Malformed);
+                handled.dropped = Some(DropReason::Malformed);
                 return handled;
             }
             Ok(Packet::HandshakeInit(init)) => {
@@ -249,7 +249,7 @@ impl Endpoint {
                     }
                     Ok(half) => self.by_key.get(&half.peer_static_public).copied(),
                     Err(_) => {
-                        handled.dropped = Some(Drop::Malformed);
+                        handled.dropped = Some(DropReason::Malformed);
                         return handled;
                     }
                 }
@@ -268,14 +268,14 @@ impl Endpoint {
         let Some((index, peer)) =
             index.and_then(|index| Some((index, self.peers.get_mut(&index)?)))
         else {
-            handled.dropped = Some(Drop::UnknownPeer);
+            handled.dropped = Some(DropReason::UnknownPeer);
             return handled;
         };
         let is_init = datagram.first() == Some(&1);
         // Only an initiation (its key already proven by the DH above) makes a tunnel;
         // anything else for a peer that never handshook is refused.
         if peer.tunnel.is_none() && !is_init {
-            handled.dropped = Some(Drop::Rejected);
+            handled.dropped = Some(DropReason::Rejected);
             return handled;
         }
         let tunnel = peer.tunnel.get_or_insert_with(|| {
@@ -304,7 +304,7 @@ impl Endpoint {
                     break;
                 }
                 TunnResult::Err(_) => {
-                    handled.dropped = Some(Drop::Rejected);
+                    handled.dropped = Some(DropReason::Rejected);
                     break;
                 }
                 TunnResult::WriteToNetwork(reply) => {
@@ -422,7 +422,7 @@ fn deliver(handled: &mut Handled, spec: &PeerSpec, source: IpAddr, packet: &[u8]
     if peers::may_send_from(spec, source) {
         handled.packets.push((spec.client.clone(), packet.to_vec()));
     } else {
-        handled.dropped = Some(Drop::SpoofedSource);
+        handled.dropped = Some(DropReason::SpoofedSource);
     }
 }
 
@@ -598,7 +598,7 @@ mod tests {
 
         let mut client = client_tunnel([2; 32], server);
         let spoofed = send_from(&mut endpoint, &mut client, [192, 168, 96, 3]);
-        assert_eq!(spoofed.dropped, Some(Drop::SpoofedSource));
+        assert_eq!(spoofed.dropped, Some(DropReason::SpoofedSource));
         assert!(spoofed.packets.is_empty());
 
         // The reverse direction: a packet for the peer's subnet is encrypted for it.
@@ -638,7 +638,7 @@ mod tests {
         };
         assert_eq!(
             endpoint.handle_datagram(from, init).dropped,
-            Some(Drop::UnknownPeer)
+            Some(DropReason::UnknownPeer)
         );
 
         let mut a = client_tunnel([2; 32], server);
@@ -668,7 +668,7 @@ mod tests {
         };
         assert_eq!(
             endpoint.handle_datagram(from, init).dropped,
-            Some(Drop::UnknownPeer)
+            Some(DropReason::UnknownPeer)
         );
     }
 
@@ -715,7 +715,7 @@ mod tests {
         };
         assert_eq!(
             endpoint.handle_datagram(from, data).dropped,
-            Some(Drop::SpoofedSource)
+            Some(DropReason::SpoofedSource)
         );
         assert!(
             endpoint
@@ -739,7 +739,7 @@ mod tests {
         let from: SocketAddr = FROM.parse().unwrap();
         assert_eq!(
             endpoint.handle_datagram(from, &data).dropped,
-            Some(Drop::Rejected)
+            Some(DropReason::Rejected)
         );
         assert!(
             endpoint

@@ -14,7 +14,7 @@ use super::inbox::Bound;
 use super::outbox::Transmit;
 use super::reader::Reader;
 use super::{DataPlane, FlowKind, Handoff};
-use crate::endpoint::Drop;
+use crate::endpoint::DropReason;
 use crate::packet::{self, Inbound};
 
 /// Datagrams read from the WireGuard socket in one turn of the event loop.
@@ -245,17 +245,17 @@ impl DataPlane {
         if is_initiation {
             let result = match (&handled.handshake_with, handled.dropped) {
                 (Some(_), _) => "completed",
-                (None, Some(Drop::UnknownPeer)) => "unknown_peer",
+                (None, Some(DropReason::UnknownPeer)) => "unknown_peer",
                 (None, Some(_)) => "rejected",
                 (None, None) if !handled.replies.is_empty() => "cookie_required",
                 (None, None) => "rejected",
             };
             self.metrics.handshakes.with_label_values(&[result]).inc();
         }
-        if let Some(drop) = handled.dropped {
+        if let Some(reason) = handled.dropped {
             self.metrics
                 .dropped
-                .with_label_values(&[drop.as_str()])
+                .with_label_values(&[reason.as_str()])
                 .inc();
         }
         if let Some(client) = &handled.handshake_with {
