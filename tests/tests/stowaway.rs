@@ -1000,3 +1000,78 @@ async fn a_peer_never_reaches_stowaways_own_services() -> Result<()> {
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }
+
+/// Three greedy peers each hold only their share of the flows all peers share, and a
+/// fourth still connects. Room for twelve TCP flows in all (1 MiB + 64 KiB of buffers
+/// each) among four peers: three each, though each peer's own limits would allow all
+/// twelve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Result<()> {
+    use gefyra_e2e::attacker::{Attacker, port, syn_answered};
+    use std::net::SocketAddrV4;
+
+    const FLOW_BUFFERS: u64 = (1 << 20) + (64 << 10);
+    let cluster = Cluster::from_env().await?;
+    let extra: Vec<String> = [
+        "--status-interval",
+        "1",
+        "--max-buffer-bytes",
+        &(12 * FLOW_BUFFERS).to_string(),
+        "--peer-min-share-flows",
+        "1",
+        // The greedy peers never complete their connections: they hold them this long.
+        "--tcp-handshake-timeout",
+        "120",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let mut setup = Deployment::start(&cluster, "greedy", &extra).await?;
+    setup.stowaway.wait_ready().await?;
+    let neighbour = setup
+        .connected_peer("neighbour", json!({ "subnet": "172.26.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&neighbour.netns).await?;
+
+    let admin = setup.clients.clone().into_client();
+    let ns = setup.clients.namespace().context("namespaced")?.to_string();
+    let stowaway_address = format!("127.0.0.1:{}", setup.stowaway.port).parse()?;
+    let mut greedy = Vec::new();
+    for name in ["greedy-a", "greedy-b", "greedy-c"] {
+        gefyra_e2e::create_client(admin.clone(), &ns, name).await?;
+        gefyra_e2e::wait_for_ready(&setup.clients, name).await?;
+        let (private, public) = key_pair();
+        let active = connect(&setup.clients, name, json!({ "publicKey": public })).await?;
+        let config = PeerConfig::of(&active, Some(&private))?;
+        let attacker =
+            tokio::task::block_in_place(|| Attacker::connect(&config, stowaway_address))?;
+        greedy.push((name, attacker));
+    }
+    let http = SocketAddrV4::new(setup.lab.cluster_address(), 8080);
+    for (name, attacker) in &mut greedy {
+        let mut accepted = 0;
+        for index in 0..5 {
+            if tokio::task::block_in_place(|| syn_answered(attacker, port(index), http))? {
+                accepted += 1;
+            }
+        }
+        ensure!(
+            accepted == 3,
+            "{name}: {accepted} of 5 connections accepted, its share is 3"
+        );
+    }
+    let shares = setup
+        .stowaway
+        .metric("stowaway_dropped_total{reason=\"peer_share\"}")
+        .await?;
+    ensure!(shares >= 6.0, "refusals over a share counted: {shares}");
+    // Nine flows held by the greedy three: the neighbour's connection still opens.
+    let body = setup
+        .lab
+        .probe(&neighbour.netns, &["http", &format!("http://{http}/")])?;
+    ensure!(
+        body == "cluster",
+        "the neighbour's HTTP while three peers hold their share: {body:?}"
+    );
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}
