@@ -155,11 +155,6 @@ impl Endpoint {
             .collect()
     }
 
-    /// Whether some peer's range holds `address`.
-    pub fn holds(&self, address: IpAddr) -> bool {
-        peers::route(self.peers.values().map(|peer| &peer.spec), address).is_some()
-    }
-
     /// The client whose peer's range holds `address`.
     pub fn owner(&self, address: IpAddr) -> Option<String> {
         peers::route(self.peers.values().map(|peer| &peer.spec), address)
