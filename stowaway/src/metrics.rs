@@ -16,6 +16,8 @@ pub struct Metrics {
     /// series yet (a vector without label values is left out of /metrics).
     declared: Vec<String>,
     pub peers: IntGauge,
+    /// Peers with a recent handshake: the global flow bounds are shared among them.
+    pub live_peers: IntGauge,
     /// Handshake initiations by result: completed, cookie_required, unknown_peer, rejected.
     pub handshakes: IntCounterVec,
     /// Dropped datagrams and packets by reason.
@@ -71,6 +73,11 @@ impl Default for Metrics {
         let registry = Registry::new();
         let peers = IntGauge::new("stowaway_peers", "Peers configured (ACTIVE clients)")
             .expect("valid metric");
+        let live_peers = IntGauge::new(
+            "stowaway_live_peers",
+            "Peers with a handshake in the last 5 minutes; each may hold its share of the flow bounds (they divided by these, at least --peer-min-share-flows)",
+        )
+        .expect("valid metric");
         let handshakes = counter(
             "stowaway_handshakes_total",
             "Handshake initiations received, by result",
@@ -113,6 +120,7 @@ impl Default for Metrics {
         let mut declared = Vec::new();
         for collector in [
             Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(live_peers.clone()),
             Box::new(refused_clients.clone()),
             Box::new(handshakes.clone()),
             Box::new(dropped.clone()),
@@ -137,6 +145,7 @@ impl Default for Metrics {
             registry,
             declared,
             peers,
+            live_peers,
             handshakes,
             dropped,
             flows,

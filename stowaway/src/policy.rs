@@ -154,8 +154,8 @@ pub struct GlobalLimits {
     pub share_floor: Share,
 }
 
-/// What one peer may hold of the global bounds: they divided by the peers in the table
-/// (so the share shrinks as peers arrive), never below the floor. A few peers cannot take
+/// What one peer may hold of the global bounds: they divided by the live peers (so the
+/// share shrinks as peers arrive), never below the floor. A few peers cannot take
 /// every flow from the others; once the floors add up to more than the bounds, the bounds
 /// still hold, first come first served.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -266,7 +266,7 @@ impl Usage {
 pub struct Ledger<P> {
     peer: PeerLimits,
     global: GlobalLimits,
-    /// Peers in the table, among whom the global bounds are shared.
+    /// Live peers, among whom the global bounds are shared.
     peers: usize,
     by_peer: HashMap<P, Usage>,
     total: Usage,
@@ -283,7 +283,7 @@ impl<P: std::hash::Hash + Eq + Clone> Ledger<P> {
         }
     }
 
-    /// The peers among whom the global bounds are shared (the peer table's size).
+    /// The peers among whom the global bounds are shared (the live ones).
     pub fn set_peers(&mut self, peers: usize) {
         self.peers = peers.max(1);
     }
@@ -503,7 +503,7 @@ mod tests {
         buffer_bytes: 200,
     };
 
-    /// Three greedy peers of four in the table hold at most a quarter each; the fourth still
+    /// Three greedy peers of four live ones hold at most a quarter each; the fourth still
     /// opens flows. With more peers the share shrinks, never below the floor.
     #[test]
     fn greedy_peers_hold_at_most_their_share_and_another_still_connects() {

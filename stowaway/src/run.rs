@@ -118,8 +118,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 384 << 20)]
     pub max_buffer_bytes: usize,
     /// Each peer may hold only its share of --max-flows and --max-buffer-bytes (divided by
-    /// the peers in the table), but never less than this many flows (and the buffer space
-    /// of as many TCP flows).
+    /// the peers with a handshake in the last 5 minutes), but never less than this many
+    /// flows (and the buffer space of as many TCP flows).
     #[arg(long, default_value_t = 16)]
     pub peer_min_share_flows: usize,
     /// Seconds a TCP flow lives while its peer sends nothing; keep-alives go out every 30 s,

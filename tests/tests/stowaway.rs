@@ -1003,7 +1003,7 @@ async fn a_peer_never_reaches_stowaways_own_services() -> Result<()> {
 
 /// Three greedy peers each hold only their share of the flows all peers share, and a
 /// fourth still connects. Room for twelve TCP flows in all (1 MiB + 64 KiB of buffers
-/// each) among four peers: three each, though each peer's own limits would allow all
+/// each) among four live peers: three each, though each peer's own limits would allow all
 /// twelve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Result<()> {
@@ -1046,6 +1046,13 @@ async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Resu
             tokio::task::block_in_place(|| Attacker::connect(&config, stowaway_address))?;
         greedy.push((name, attacker));
     }
+    // The bounds are shared among the peers with a recent handshake: all four, once
+    // Stowaway has counted them (every second).
+    let stowaway = &setup.stowaway;
+    eventually("four live peers", WAIT, || async {
+        Ok((stowaway.metric("stowaway_live_peers").await? == 4.0).then_some(()))
+    })
+    .await?;
     let http = SocketAddrV4::new(setup.lab.cluster_address(), 8080);
     for (name, attacker) in &mut greedy {
         let mut accepted = 0;
@@ -1072,6 +1079,23 @@ async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Resu
         body == "cluster",
         "the neighbour's HTTP while three peers hold their share: {body:?}"
     );
+    // A fifth peer arrives: the share shrinks to two flows, and each greedy peer gives
+    // back the third.
+    gefyra_e2e::create_client(admin.clone(), &ns, "late").await?;
+    gefyra_e2e::wait_for_ready(&setup.clients, "late").await?;
+    let (private, public) = key_pair();
+    let active = connect(&setup.clients, "late", json!({ "publicKey": public })).await?;
+    let config = PeerConfig::of(&active, Some(&private))?;
+    let _late = tokio::task::block_in_place(|| Attacker::connect(&config, stowaway_address))?;
+    let stowaway = &setup.stowaway;
+    eventually("each greedy peer gave back a flow", WAIT, || async {
+        let given_back = stowaway
+            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"over_share\"}")
+            .await?;
+        let live = stowaway.metric("stowaway_live_peers").await?;
+        Ok((live == 5.0 && given_back == 3.0).then_some(()))
+    })
+    .await?;
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }

@@ -87,6 +87,12 @@ pub struct Config {
     pub global_limits: GlobalLimits,
 }
 
+/// A peer counts among those the global flow bounds are shared by while its last handshake
+/// is this recent: WireGuard rekeys every 2 minutes while traffic flows (a peer holding
+/// flows always counts), and drops a session unused for 3; an ACTIVE client whose laptop
+/// sleeps does not shrink the others' share.
+const LIVE: Duration = Duration::from_secs(300);
+
 /// What the control plane tells each worker: the whole peer table (each keeps its own),
 /// the addresses of Stowaway's own Services.
 pub enum Command {
@@ -125,6 +131,21 @@ impl Shared {
             );
         }
         all
+    }
+
+    /// Peers (on every worker) whose last handshake is at most `within` old, as last
+    /// published.
+    pub fn live_peers(&self, within: Duration) -> usize {
+        self.stats
+            .iter()
+            .map(|slot| {
+                slot.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .values()
+                    .filter(|stats| stats.since_handshake.is_some_and(|since| since <= within))
+                    .count()
+            })
+            .sum()
     }
 
     /// Unix seconds of the least recent worker's last tick (0: one has not ticked yet).
@@ -474,8 +495,6 @@ impl DataPlane {
         self.metrics
             .peers
             .set(i64::try_from(desired.len()).unwrap_or(i64::MAX));
-        // Every worker sets the same number: the global bounds are shared among all peers.
-        self.flows.ledger().set_peers(desired.len());
         let own: BTreeMap<Key, PeerSpec> = desired
             .iter()
             .filter(|(key, _)| self.shard.owns_key(key))
@@ -505,9 +524,18 @@ impl DataPlane {
         for token in orphaned {
             self.end_flow(token, "its address is no longer its peer's");
         }
-        // More peers, a smaller share: a peer over it gives back its least active flows.
-        let over_share = self.flows.over_share();
-        for token in over_share {
+    }
+
+    /// Shares the global flow bounds among the live peers (of every worker, as last
+    /// published); when more peers shrink the share, a peer of this worker over it gives
+    /// back its least recently active flows.
+    fn share_among_live_peers(&mut self) {
+        let live = self.shared.live_peers(LIVE);
+        self.metrics
+            .live_peers
+            .set(i64::try_from(live).unwrap_or(i64::MAX));
+        self.flows.ledger().set_peers(live);
+        for token in self.flows.over_share() {
             if let Some(flow) = self.flows.get(token) {
                 self.metrics
                     .expiries
@@ -545,6 +573,7 @@ impl DataPlane {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = self.endpoint.peer_stats();
         }
+        self.share_among_live_peers();
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -758,4 +787,29 @@ fn new_stack(queues: &mut Queues) -> Interface {
 fn icmp_budget(shard: Shard) -> u32 {
     let count = u32::try_from(shard.count()).unwrap_or(1).max(1);
     (tunnel::ICMP_ERRORS_PER_SECOND / count).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The global bounds are shared among the peers of every worker with a recent
+    /// handshake; configured peers that never or long ago handshook do not count.
+    #[test]
+    fn live_peers_are_those_of_every_worker_with_a_recent_handshake() {
+        let shared = Shared::new(2);
+        let stats = |since: Option<u64>| PeerStats {
+            since_handshake: since.map(Duration::from_secs),
+            ..PeerStats::default()
+        };
+        *shared.stats[0].lock().unwrap() = BTreeMap::from([
+            ("a".to_string(), stats(Some(10))),
+            ("b".to_string(), stats(None)),
+        ]);
+        *shared.stats[1].lock().unwrap() = BTreeMap::from([
+            ("c".to_string(), stats(Some(301))),
+            ("d".to_string(), stats(Some(300))),
+        ]);
+        assert_eq!(shared.live_peers(LIVE), 2);
+    }
 }
