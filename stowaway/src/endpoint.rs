@@ -2,8 +2,11 @@
 //!
 //! One boringtun `Tunn` per peer. Handshake initiations are matched to peers by the
 //! initiator's static public key, everything else by our receiver index; one rate limiter
-//! is shared by all peers and answers floods with cookie replies. Anything that does not
-//! parse, authenticate or come from a known peer is dropped and counted — never a panic.
+//! is shared by all peers, counts each handshake message once and answers floods with
+//! cookie replies. Only a message the peer's tunnel authenticated moves the peer's endpoint
+//! (roaming); what a stranger can send (a replayed initiation, anything drawing a cookie
+//! reply) never does. Anything that does not parse, authenticate or come from a known peer
+//! is dropped and counted — never a panic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -26,7 +29,7 @@ const BUFFER: usize = 65_536;
 
 /// Why a datagram or packet was dropped (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Drop {
+pub enum DropReason {
     /// Not a WireGuard message, bad MAC, bad size.
     Malformed,
     /// A handshake from a key that is no peer (or a message for an index nobody holds).
@@ -37,7 +40,7 @@ pub enum Drop {
     SpoofedSource,
 }
 
-impl Drop {
+impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
@@ -56,7 +59,7 @@ pub struct Handled {
     pub replies: Vec<Vec<u8>>,
     /// Decrypted IP packets from the peer, each from one of its own ranges: (client, packet).
     pub packets: Vec<(String, Vec<u8>)>,
-    pub dropped: Option<Drop>,
+    pub dropped: Option<DropReason>,
     /// A handshake with this client completed (a response was sent).
     pub handshake_with: Option<String>,
     /// The datagram is for a peer of this other worker: hand it over untouched.
@@ -87,16 +90,20 @@ struct Peer {
 pub struct Endpoint {
     private: StaticSecret,
     public: PublicKey,
-    /// Shared by every worker's endpoint: one rate, one cookie secret.
+    /// Shared by every worker's endpoint: one rate, one cookie secret. Every handshake
+    /// message is counted here, once, before any tunnel sees it.
     limiter: Arc<RateLimiter>,
+    /// What each tunnel checks again (the MACs) without counting: a second count would let
+    /// a datagram that passed `limiter` draw a cookie reply from the tunnel.
+    tunnel_limiter: Arc<RateLimiter>,
     /// The peers this endpoint holds (the others are other workers').
     shard: Shard,
-    /// By our index (the upper 24 bits of every receiver index boringtun hands out).
+    /// By our index (the upper 24 bits of every receiver index boringtun hands out; random,
+    /// its low byte naming this worker).
     peers: HashMap<u32, Peer>,
     by_key: HashMap<Key, u32>,
     /// Destination address → peer index, filled by `encapsulate`, emptied by `apply`.
     routes: HashMap<IpAddr, u32>,
-    next_index: u32,
     buffer: Vec<u8>,
 }
 
@@ -125,13 +132,13 @@ impl Endpoint {
         let public = PublicKey::from(&private);
         Self {
             limiter,
+            tunnel_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             shard,
             private,
             public,
             peers: HashMap::new(),
             by_key: HashMap::new(),
             routes: HashMap::new(),
-            next_index: 1,
             buffer: vec![0; BUFFER],
         }
     }
@@ -146,11 +153,6 @@ impl Endpoint {
             .values()
             .map(|peer| (peer.spec.public_key, peer.spec.clone()))
             .collect()
-    }
-
-    /// Whether some peer's range holds `address`.
-    pub fn holds(&self, address: IpAddr) -> bool {
-        peers::route(self.peers.values().map(|peer| &peer.spec), address).is_some()
     }
 
     /// The client whose peer's range holds `address`.
@@ -186,12 +188,12 @@ impl Endpoint {
             if !self.shard.owns_key(&spec.public_key) {
                 continue;
             }
-            // 24-bit indices of this worker; skip ones still in use after wrapping.
-            let mut index = self.shard.index_at_or_after(self.next_index);
+            // A random 24-bit index of this worker not in use (a worker has at least 2^18
+            // of them, so a free one is found at once unless the table is that large).
+            let mut index = self.shard.index_from(rand::random());
             while self.peers.contains_key(&index) {
-                index = self.shard.index_at_or_after(index.wrapping_add(1));
+                index = self.shard.index_from(rand::random());
             }
-            self.next_index = index.wrapping_add(1);
             self.by_key.insert(spec.public_key, index);
             self.peers.insert(
                 index,
@@ -230,7 +232,7 @@ impl Endpoint {
                 return handled;
             }
             Err(_) => {
-                handled.dropped = Some(Drop::Malformed);
+                handled.dropped = Some(DropReason::Malformed);
                 return handled;
             }
             Ok(Packet::HandshakeInit(init)) => {
@@ -242,7 +244,7 @@ impl Endpoint {
                     }
                     Ok(half) => self.by_key.get(&half.peer_static_public).copied(),
                     Err(_) => {
-                        handled.dropped = Some(Drop::Malformed);
+                        handled.dropped = Some(DropReason::Malformed);
                         return handled;
                     }
                 }
@@ -261,14 +263,14 @@ impl Endpoint {
         let Some((index, peer)) =
             index.and_then(|index| Some((index, self.peers.get_mut(&index)?)))
         else {
-            handled.dropped = Some(Drop::UnknownPeer);
+            handled.dropped = Some(DropReason::UnknownPeer);
             return handled;
         };
         let is_init = datagram.first() == Some(&1);
         // Only an initiation (its key already proven by the DH above) makes a tunnel;
         // anything else for a peer that never handshook is refused.
         if peer.tunnel.is_none() && !is_init {
-            handled.dropped = Some(Drop::Rejected);
+            handled.dropped = Some(DropReason::Rejected);
             return handled;
         }
         let tunnel = peer.tunnel.get_or_insert_with(|| {
@@ -278,26 +280,40 @@ impl Endpoint {
                 Some(peer.spec.preshared_key),
                 None,
                 index,
-                Some(self.limiter.clone()),
+                Some(self.tunnel_limiter.clone()),
             ))
         });
+        // Only a message the tunnel authenticated moves the peer's endpoint (roaming): an
+        // initiation it answered, a response it accepted, data it decrypted. Anything
+        // anyone can send (a replayed initiation, a cookie reply) leaves it where it is.
+        let kind = datagram.first().copied();
         let mut input: &[u8] = datagram;
         loop {
+            let first = !input.is_empty();
             match tunnel.decapsulate(Some(from.ip()), input, &mut self.buffer) {
-                TunnResult::Done => break,
+                TunnResult::Done => {
+                    // A decrypted keep-alive.
+                    if first && kind == Some(4) {
+                        peer.endpoint = Some(from);
+                    }
+                    break;
+                }
                 TunnResult::Err(_) => {
-                    handled.dropped = Some(Drop::Rejected);
+                    handled.dropped = Some(DropReason::Rejected);
                     break;
                 }
                 TunnResult::WriteToNetwork(reply) => {
-                    // A handshake response (type 2) completes the handshake; a cookie reply
-                    // (type 3, the tunnel's own rate check) does not.
-                    let is_response = reply.first() == Some(&2);
-                    handled.replies.push(reply.to_vec());
-                    peer.endpoint = Some(from);
-                    if is_init && is_response {
+                    // The tunnel's limiter never asks for cookies: a reply to an initiation
+                    // is its response (type 2), to a response the first data; then the
+                    // queued packets.
+                    let answered_initiation = is_init && reply.first() == Some(&2);
+                    if first && (answered_initiation || kind == Some(2)) {
+                        peer.endpoint = Some(from);
+                    }
+                    if first && answered_initiation {
                         handled.handshake_with = Some(peer.spec.client.clone());
                     }
+                    handled.replies.push(reply.to_vec());
                     // Queued packets follow a handshake: drain them.
                     input = &[];
                 }
@@ -401,7 +417,7 @@ fn deliver(handled: &mut Handled, spec: &PeerSpec, source: IpAddr, packet: &[u8]
     if peers::may_send_from(spec, source) {
         handled.packets.push((spec.client.clone(), packet.to_vec()));
     } else {
-        handled.dropped = Some(Drop::SpoofedSource);
+        handled.dropped = Some(DropReason::SpoofedSource);
     }
 }
 
@@ -577,7 +593,7 @@ mod tests {
 
         let mut client = client_tunnel([2; 32], server);
         let spoofed = send_from(&mut endpoint, &mut client, [192, 168, 96, 3]);
-        assert_eq!(spoofed.dropped, Some(Drop::SpoofedSource));
+        assert_eq!(spoofed.dropped, Some(DropReason::SpoofedSource));
         assert!(spoofed.packets.is_empty());
 
         // The reverse direction: a packet for the peer's subnet is encrypted for it.
@@ -617,7 +633,7 @@ mod tests {
         };
         assert_eq!(
             endpoint.handle_datagram(from, init).dropped,
-            Some(Drop::UnknownPeer)
+            Some(DropReason::UnknownPeer)
         );
 
         let mut a = client_tunnel([2; 32], server);
@@ -647,7 +663,7 @@ mod tests {
         };
         assert_eq!(
             endpoint.handle_datagram(from, init).dropped,
-            Some(Drop::UnknownPeer)
+            Some(DropReason::UnknownPeer)
         );
     }
 
@@ -694,7 +710,7 @@ mod tests {
         };
         assert_eq!(
             endpoint.handle_datagram(from, data).dropped,
-            Some(Drop::SpoofedSource)
+            Some(DropReason::SpoofedSource)
         );
         assert!(
             endpoint
@@ -718,7 +734,7 @@ mod tests {
         let from: SocketAddr = FROM.parse().unwrap();
         assert_eq!(
             endpoint.handle_datagram(from, &data).dropped,
-            Some(Drop::Rejected)
+            Some(DropReason::Rejected)
         );
         assert!(
             endpoint
@@ -741,6 +757,120 @@ mod tests {
             .map(|peer| peer.spec.client.as_str())
             .collect();
         assert_eq!(with_tunnel, ["a"]);
+    }
+
+    /// The victim's initiation and the endpoint's answer, the victim's session then up.
+    fn handshake(endpoint: &mut Endpoint, client: &mut Tunn, from: SocketAddr) -> Vec<u8> {
+        let mut buffer = vec![0u8; BUFFER];
+        let TunnResult::WriteToNetwork(init) =
+            client.format_handshake_initiation(&mut buffer, false)
+        else {
+            panic!("an initiation");
+        };
+        let init = init.to_vec();
+        let handled = endpoint.handle_datagram(from, &init);
+        assert_eq!(
+            handled.handshake_with.as_deref(),
+            Some("victim"),
+            "{handled:?}"
+        );
+        let response = handled.replies[0].clone();
+        let _ = client.decapsulate(None, &response, &mut buffer);
+        init
+    }
+
+    #[test]
+    fn each_handshake_counts_once_against_the_rate() {
+        // Two handshakes a second: both complete (counted twice, the second would have
+        // needed a cookie).
+        let mut endpoint = Endpoint::with_handshake_rate([1; 32], 2);
+        endpoint.apply(Plan {
+            add: vec![spec("victim", [2; 32], &["192.168.96.2/32"])],
+            ..Plan::default()
+        });
+        let from: SocketAddr = FROM.parse().unwrap();
+        for _ in 0..2 {
+            let mut client = client_tunnel([2; 32], endpoint.public_key());
+            handshake(&mut endpoint, &mut client, from);
+        }
+    }
+
+    #[test]
+    fn a_replayed_initiation_at_the_rate_limit_does_not_move_the_peers_endpoint() {
+        let mut endpoint = Endpoint::with_handshake_rate([1; 32], 3);
+        endpoint.apply(Plan {
+            add: vec![spec("victim", [2; 32], &["192.168.96.2/32"])],
+            ..Plan::default()
+        });
+        let victim: SocketAddr = FROM.parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+        let mut client = client_tunnel([2; 32], endpoint.public_key());
+        let init = handshake(&mut endpoint, &mut client, victim);
+        // The stranger replays it from its own address until the limiter is at its edge
+        // and beyond: cookie replies and refusals, never the victim's endpoint.
+        for _ in 0..8 {
+            let handled = endpoint.handle_datagram(stranger, &init);
+            assert!(handled.handshake_with.is_none(), "{handled:?}");
+            assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(victim));
+        }
+        // Nor does a cookie reply or garbage data for the victim's index.
+        let index = *endpoint.by_key.values().next().unwrap();
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&(index << 8).to_le_bytes());
+        data.extend_from_slice(&[0u8; 40]);
+        endpoint.handle_datagram(stranger, &data);
+        assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(victim));
+        // Authenticated data from a new address is the victim roaming: it moves.
+        let roamed: SocketAddr = "198.51.100.8:51820".parse().unwrap();
+        let mut buffer = vec![0u8; BUFFER];
+        let TunnResult::WriteToNetwork(data) = client.encapsulate(
+            &ipv4([192, 168, 96, 2], [192, 168, 99, 1], b"moved"),
+            &mut buffer,
+        ) else {
+            panic!("the victim has a session");
+        };
+        assert_eq!(endpoint.handle_datagram(roamed, data).packets.len(), 1);
+        assert_eq!(endpoint.peer_stats()["victim"].endpoint, Some(roamed));
+    }
+
+    /// Indices are random (an index on the wire says nothing of the peers before or after
+    /// it), unique, and each names its worker.
+    #[test]
+    fn peer_indices_are_random_unique_and_name_their_worker() {
+        let shard = Shard::new(1, 3).expect("a shard");
+        let mut endpoint = Endpoint::worker([1; 32], Endpoint::limiter([1; 32], 100), shard);
+        let specs: Vec<PeerSpec> = (0..2_000u32)
+            .map(|n| {
+                let mut key = [0u8; 32];
+                key[..4].copy_from_slice(&(n * 3 + 1).to_le_bytes());
+                PeerSpec {
+                    client: format!("c{n}"),
+                    public_key: key,
+                    preshared_key: PSK,
+                    ranges: Vec::new(),
+                }
+            })
+            .filter(|spec| shard.owns_key(&spec.public_key))
+            .collect();
+        let keys: Vec<Key> = specs.iter().map(|spec| spec.public_key).collect();
+        endpoint.apply(Plan {
+            add: specs,
+            ..Plan::default()
+        });
+        let indices: Vec<u32> = keys.iter().map(|key| endpoint.by_key[key]).collect();
+        assert_eq!(endpoint.peers.len(), keys.len());
+        assert!(indices.iter().all(|index| worker_of_index(*index, 3) == 1));
+        // Handed out in order, each index would follow the one before closely (by 3, this
+        // worker's step); of random ones, about one pair in 16,000 does.
+        let sequential = indices
+            .windows(2)
+            .filter(|pair| pair[1].wrapping_sub(pair[0]) % (1 << 24) <= 1_024)
+            .count();
+        assert!(
+            sequential < 10,
+            "{sequential} of {} in sequence",
+            indices.len()
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod dataplane;
 pub mod endpoint;
 pub mod http;
 pub mod metrics;
+pub mod own_services;
 pub mod packet;
 pub mod peer_sync;
 pub mod peers;

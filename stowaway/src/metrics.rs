@@ -16,6 +16,8 @@ pub struct Metrics {
     /// series yet (a vector without label values is left out of /metrics).
     declared: Vec<String>,
     pub peers: IntGauge,
+    /// Peers with a recent handshake: the global flow bounds are shared among them.
+    pub live_peers: IntGauge,
     /// Handshake initiations by result: completed, cookie_required, unknown_peer, rejected.
     pub handshakes: IntCounterVec,
     /// Dropped datagrams and packets by reason.
@@ -24,7 +26,8 @@ pub struct Metrics {
     pub flows: IntGaugeVec,
     /// Flows by protocol and result: opened, refused.
     pub flows_total: IntCounterVec,
-    /// Flows ended by a timeout, by protocol and timeout.
+    /// Flows ended by a timeout (or to fit their peer's shrunk share), by protocol and
+    /// timeout.
     pub expiries: IntCounterVec,
     /// ACTIVE clients not admitted as peers right now, by reason.
     pub refused_clients: IntGaugeVec,
@@ -70,6 +73,11 @@ impl Default for Metrics {
         let registry = Registry::new();
         let peers = IntGauge::new("stowaway_peers", "Peers configured (ACTIVE clients)")
             .expect("valid metric");
+        let live_peers = IntGauge::new(
+            "stowaway_live_peers",
+            "Peers with a handshake in the last 5 minutes; each may hold its share of the flow bounds (they divided by these, at least --peer-min-share-flows)",
+        )
+        .expect("valid metric");
         let handshakes = counter(
             "stowaway_handshakes_total",
             "Handshake initiations received, by result",
@@ -88,7 +96,7 @@ impl Default for Metrics {
         );
         let expiries = counter(
             "stowaway_flow_expiries_total",
-            "Flows ended by a timeout, by protocol and timeout (idle, handshake, dial)",
+            "Flows ended by a timeout or to fit their peer's share, by protocol and timeout (idle, inactive, handshake, dial, over_share)",
             &["protocol", "timeout"],
         );
         let refused_clients = gauge(
@@ -112,6 +120,7 @@ impl Default for Metrics {
         let mut declared = Vec::new();
         for collector in [
             Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(live_peers.clone()),
             Box::new(refused_clients.clone()),
             Box::new(handshakes.clone()),
             Box::new(dropped.clone()),
@@ -136,6 +145,7 @@ impl Default for Metrics {
             registry,
             declared,
             peers,
+            live_peers,
             handshakes,
             dropped,
             flows,

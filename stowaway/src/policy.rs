@@ -39,6 +39,8 @@ pub enum Refusal {
     Reserved(IpNet),
     /// One of Stowaway's own addresses (its pod: its metrics, any sidecar).
     OwnAddress,
+    /// An address of one of Stowaway's own Services (they lead back to its pod).
+    OwnService,
     /// Inside a `--deny` range.
     Denied(IpNet),
     /// Outside every `--allow` range (only when some are given).
@@ -50,6 +52,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Self::Reserved(range) => write!(f, "{range} is never reachable through Stowaway"),
             Self::OwnAddress => write!(f, "Stowaway's own address"),
+            Self::OwnService => write!(f, "an address of Stowaway's own Services"),
             Self::Denied(range) => write!(f, "denied by --deny {range}"),
             Self::NotAllowed => write!(f, "outside every --allow range"),
         }
@@ -62,6 +65,8 @@ pub struct EgressPolicy {
     deny: Vec<IpNet>,
     allow: Vec<IpNet>,
     own: Vec<IpAddr>,
+    /// Addresses of Stowaway's own Services (learnt from the API, so they change).
+    own_services: Vec<IpAddr>,
 }
 
 impl EgressPolicy {
@@ -80,6 +85,7 @@ impl EgressPolicy {
             deny,
             allow,
             own,
+            own_services: Vec::new(),
         }
     }
 
@@ -95,6 +101,15 @@ impl EgressPolicy {
         &self.own
     }
 
+    /// The addresses of Stowaway's own Services, refused from now on (they replace the
+    /// ones known before).
+    pub fn set_own_services(&mut self, addresses: Vec<IpAddr>) {
+        self.own_services = addresses
+            .into_iter()
+            .map(|address| address.to_canonical())
+            .collect();
+    }
+
     /// Whether a peer may reach `destination` (IPv4-mapped IPv6 counts as IPv4).
     pub fn check(&self, destination: IpAddr) -> Result<(), Refusal> {
         let destination = destination.to_canonical();
@@ -103,6 +118,9 @@ impl EgressPolicy {
         }
         if self.own.contains(&destination) {
             return Err(Refusal::OwnAddress);
+        }
+        if self.own_services.contains(&destination) {
+            return Err(Refusal::OwnService);
         }
         if let Some(range) = self.deny.iter().find(|range| range.contains(&destination)) {
             return Err(Refusal::Denied(*range));
@@ -125,10 +143,24 @@ pub struct PeerLimits {
     pub buffer_bytes: usize,
 }
 
-/// Bounds shared by all peers: they protect the process (descriptors, memory), not a peer.
+/// Bounds shared by all peers: they protect the process (descriptors, memory), and each
+/// peer may hold only its share of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GlobalLimits {
     /// TCP and UDP flows together (each holds a descriptor and, for UDP, a port).
+    pub flows: usize,
+    pub buffer_bytes: usize,
+    /// The least share of these a peer gets, however many peers there are.
+    pub share_floor: Share,
+}
+
+/// What one peer may hold of the global bounds: they divided by the live peers (so the
+/// share shrinks as peers arrive), never below the floor. A few peers cannot take
+/// every flow from the others; once the floors add up to more than the bounds, the bounds
+/// still hold, first come first served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    /// TCP and UDP flows together.
     pub flows: usize,
     pub buffer_bytes: usize,
 }
@@ -151,6 +183,8 @@ pub enum LimitHit {
     PeerDials,
     PeerUdpFlows,
     PeerBuffer,
+    /// The peer's share of the global bounds.
+    PeerShare,
     GlobalFlows,
     GlobalBuffer,
 }
@@ -162,6 +196,7 @@ impl LimitHit {
             Self::PeerTcpFlows | Self::PeerDials | Self::PeerUdpFlows | Self::PeerBuffer => {
                 "peer_limit"
             }
+            Self::PeerShare => "peer_share",
             Self::GlobalFlows | Self::GlobalBuffer => "global_limit",
         }
     }
@@ -174,6 +209,9 @@ impl std::fmt::Display for LimitHit {
             Self::PeerDials => "the peer's pending dials (--peer-max-dials)",
             Self::PeerUdpFlows => "the peer's UDP flows (--peer-max-udp-flows)",
             Self::PeerBuffer => "the peer's buffer space (--peer-max-buffer-bytes)",
+            Self::PeerShare => {
+                "the peer's share of all flows and buffer space (--max-flows and --max-buffer-bytes divided among the peers, at least --peer-min-share-flows)"
+            }
             Self::GlobalFlows => "all flows (--max-flows)",
             Self::GlobalBuffer => "all buffer space (--max-buffer-bytes)",
         })
@@ -228,6 +266,8 @@ impl Usage {
 pub struct Ledger<P> {
     peer: PeerLimits,
     global: GlobalLimits,
+    /// Live peers, among whom the global bounds are shared.
+    peers: usize,
     by_peer: HashMap<P, Usage>,
     total: Usage,
 }
@@ -237,8 +277,34 @@ impl<P: std::hash::Hash + Eq + Clone> Ledger<P> {
         Self {
             peer,
             global,
+            peers: 1,
             by_peer: HashMap::new(),
             total: Usage::default(),
+        }
+    }
+
+    /// The peers among whom the global bounds are shared (the live ones).
+    pub fn set_peers(&mut self, peers: usize) {
+        self.peers = peers.max(1);
+    }
+
+    /// What one peer may hold of the global bounds now.
+    pub fn share(&self) -> Share {
+        let floor = self.global.share_floor;
+        Share {
+            flows: (self.global.flows / self.peers).max(floor.flows),
+            buffer_bytes: (self.global.buffer_bytes / self.peers).max(floor.buffer_bytes),
+        }
+    }
+
+    /// How far `peer` holds more than its share (after the share shrank): flows and bytes
+    /// to give back, zero when within it.
+    pub fn excess(&self, peer: &P) -> Share {
+        let usage = self.usage(peer);
+        let share = self.share();
+        Share {
+            flows: (usage.tcp_flows + usage.udp_flows).saturating_sub(share.flows),
+            buffer_bytes: usage.buffer_bytes.saturating_sub(share.buffer_bytes),
         }
     }
 
@@ -261,6 +327,12 @@ impl<P: std::hash::Hash + Eq + Clone> Ledger<P> {
         }
         if after.buffer_bytes > limits.buffer_bytes {
             return Err(LimitHit::PeerBuffer);
+        }
+        let share = self.share();
+        if after.tcp_flows.saturating_add(after.udp_flows) > share.flows
+            || after.buffer_bytes > share.buffer_bytes
+        {
+            return Err(LimitHit::PeerShare);
         }
         if total.tcp_flows.saturating_add(total.udp_flows) > self.global.flows {
             return Err(LimitHit::GlobalFlows);
@@ -349,6 +421,22 @@ mod tests {
     }
 
     #[test]
+    fn the_addresses_of_stowaways_own_services_are_never_reachable_and_may_change() {
+        let mut policy = policy(&[], &["0.0.0.0/0"], &[]);
+        assert_eq!(check(&policy, "10.96.0.20"), Ok(()));
+        policy.set_own_services(vec!["10.96.0.20".parse().unwrap()]);
+        assert_eq!(check(&policy, "10.96.0.20"), Err(Refusal::OwnService));
+        assert_eq!(
+            check(&policy, "::ffff:10.96.0.20"),
+            Err(Refusal::OwnService)
+        );
+        // The Service was recreated with another address.
+        policy.set_own_services(vec!["10.96.0.30".parse().unwrap()]);
+        assert_eq!(check(&policy, "10.96.0.20"), Ok(()));
+        assert_eq!(check(&policy, "10.96.0.30"), Err(Refusal::OwnService));
+    }
+
+    #[test]
     fn deny_wins_and_an_allow_list_admits_only_its_ranges() {
         let open = policy(&["10.96.0.0/12"], &[], &[]);
         assert_eq!(
@@ -387,6 +475,7 @@ mod tests {
             GlobalLimits {
                 flows: 100,
                 buffer_bytes: 10_000,
+                share_floor: FLOOR,
             },
         );
         assert_eq!(ledger.admit(&"a", TCP), Ok(()));
@@ -409,6 +498,58 @@ mod tests {
         assert_eq!(ledger.usage(&"a").tcp_flows, 2);
     }
 
+    const FLOOR: Share = Share {
+        flows: 2,
+        buffer_bytes: 200,
+    };
+
+    /// Three greedy peers of four live ones hold at most a quarter each; the fourth still
+    /// opens flows. With more peers the share shrinks, never below the floor.
+    #[test]
+    fn greedy_peers_hold_at_most_their_share_and_another_still_connects() {
+        let roomy = PeerLimits {
+            tcp_flows: 1_000,
+            dials: 1_000,
+            udp_flows: 1_000,
+            buffer_bytes: 1 << 20,
+        };
+        let global = GlobalLimits {
+            flows: 40,
+            buffer_bytes: 2_000,
+            share_floor: FLOOR,
+        };
+        let mut ledger = Ledger::new(roomy, global);
+        ledger.set_peers(4);
+        let established = Holding::Tcp {
+            dialing: false,
+            buffer_bytes: 50,
+        };
+        for greedy in ["a", "b", "c"] {
+            let held = (0..100)
+                .take_while(|_| ledger.admit(&greedy, established).is_ok())
+                .count();
+            assert_eq!(held, 10, "{greedy}: 2,000 bytes / 4 peers / 50 a flow");
+            assert_eq!(
+                ledger.admit(&greedy, Holding::Udp),
+                Err(LimitHit::PeerShare)
+            );
+        }
+        assert_eq!(ledger.admit(&"d", established), Ok(()));
+        assert_eq!(ledger.admit(&"d", Holding::Udp), Ok(()));
+        // Twenty peers: 2 flows or 100 bytes each, but the floor is 2 flows and 200 bytes;
+        // the greedy ones now hold more than that and give back the excess.
+        ledger.set_peers(20);
+        assert_eq!(ledger.share(), FLOOR);
+        assert_eq!(
+            ledger.excess(&"a"),
+            Share {
+                flows: 8,
+                buffer_bytes: 300
+            }
+        );
+        assert_eq!(ledger.excess(&"d"), Share::default());
+    }
+
     #[test]
     fn the_global_bounds_hold_across_peers() {
         let mut ledger = Ledger::new(
@@ -416,6 +557,7 @@ mod tests {
             GlobalLimits {
                 flows: 3,
                 buffer_bytes: 10_000,
+                share_floor: FLOOR,
             },
         );
         for peer in ["a", "b", "c"] {
@@ -429,10 +571,12 @@ mod tests {
         /// zero when everything is released.
         #[test]
         fn usage_stays_within_bounds_and_returns_to_zero(
-            steps in proptest::collection::vec((0u8..4, 0u8..3, any::<bool>()), 0..200)
+            steps in proptest::collection::vec((0u8..4, 0u8..3, any::<bool>()), 0..200),
+            peers in 1usize..6,
         ) {
-            let global = GlobalLimits { flows: 8, buffer_bytes: 600 };
+            let global = GlobalLimits { flows: 8, buffer_bytes: 600, share_floor: FLOOR };
             let mut ledger = Ledger::new(PEER, global);
+            ledger.set_peers(peers);
             let mut held: Vec<(u8, Holding)> = Vec::new();
             for (peer, kind, open) in steps {
                 let holding = match kind {
@@ -454,6 +598,9 @@ mod tests {
                     prop_assert!(usage.dials <= PEER.dials);
                     prop_assert!(usage.udp_flows <= PEER.udp_flows);
                     prop_assert!(usage.buffer_bytes <= PEER.buffer_bytes);
+                    let share = ledger.share();
+                    prop_assert!(usage.tcp_flows + usage.udp_flows <= share.flows);
+                    prop_assert!(usage.buffer_bytes <= share.buffer_bytes);
                 }
                 let total = ledger.total();
                 prop_assert!(total.tcp_flows + total.udp_flows <= global.flows);

@@ -5,8 +5,11 @@ use gefyra_api::ipam::SERVER_KEY_SECRET;
 use gefyra_api::rbac::rule;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 
+use crate::own_services::OWN_SERVICES;
+
 /// Stowaway's rules: read the clients and the operator's decisions (tunnel-address claims,
-/// the routes table by name), patch the clients' status, read its own key by name.
+/// the routes table by name), patch the clients' status, read its own key and its own
+/// Services by name.
 pub fn stowaway_rules() -> Vec<PolicyRule> {
     vec![
         rule(
@@ -17,6 +20,9 @@ pub fn stowaway_rules() -> Vec<PolicyRule> {
         ),
         rule("gefyra.dev", &["gefyraclients/status"], &[], &["patch"]),
         rule("", &["secrets"], &[SERVER_KEY_SECRET], &["get"]),
+        // Its own Services by name: their addresses lead back to it, so peers never reach
+        // them.
+        rule("", &["services"], &OWN_SERVICES, &["get"]),
         rule(
             "coordination.k8s.io",
             &["leases"],

@@ -17,8 +17,9 @@ use kube::{Api, Client};
 use crate::dataplane::{self, DataPlane, Forward, Shared};
 use crate::http::{Health, serve};
 use crate::metrics::Metrics;
+use crate::own_services;
 use crate::peer_sync::{keep_peers, server_key, write_status};
-use crate::policy::{DEFAULT_DENY, EgressPolicy, GlobalLimits, PeerLimits};
+use crate::policy::{DEFAULT_DENY, EgressPolicy, GlobalLimits, PeerLimits, Share};
 use crate::rbac::stowaway_rules;
 
 #[derive(Parser, Debug)]
@@ -116,10 +117,20 @@ pub struct RunArgs {
     /// Buffer space all peers' TCP flows may reserve together.
     #[arg(long, default_value_t = 384 << 20)]
     pub max_buffer_bytes: usize,
+    /// Each peer may hold only its share of --max-flows and --max-buffer-bytes (divided by
+    /// the peers with a handshake in the last 5 minutes), but never less than this many
+    /// flows (and the buffer space of as many TCP flows).
+    #[arg(long, default_value_t = 16)]
+    pub peer_min_share_flows: usize,
     /// Seconds a TCP flow lives while its peer sends nothing; keep-alives go out every 30 s,
     /// so a live peer (an idle SSH session too) always answers within that.
     #[arg(long, default_value_t = 300)]
     pub tcp_idle_timeout: u64,
+    /// Seconds a TCP flow lives while no payload moves either way, even though its peer
+    /// answers the keep-alives (so idle connections cannot hold their peer's share for
+    /// ever).
+    #[arg(long, default_value_t = 1_800)]
+    pub tcp_inactive_timeout: u64,
     /// Seconds a TCP connection may take to be established.
     #[arg(long, default_value_t = 10)]
     pub tcp_handshake_timeout: u64,
@@ -210,6 +221,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         udp_idle: Duration::from_secs(args.udp_idle_timeout),
         dial_timeout: Duration::from_secs(args.dial_timeout),
         tcp_idle: Duration::from_secs(args.tcp_idle_timeout),
+        tcp_inactive: Duration::from_secs(args.tcp_inactive_timeout),
         tcp_handshake: Duration::from_secs(args.tcp_handshake_timeout),
         handshakes_per_second: args.handshakes_per_second,
         egress: EgressPolicy::new(args.deny.clone(), args.allow.clone(), own_addresses()?),
@@ -225,6 +237,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 flows => flows,
             },
             buffer_bytes: args.max_buffer_bytes,
+            share_floor: Share {
+                flows: args.peer_min_share_flows,
+                buffer_bytes: args
+                    .peer_min_share_flows
+                    .saturating_mul(dataplane::TCP_FLOW_BUFFERS),
+            },
         },
     };
     tracing::info!(
@@ -255,6 +273,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let server = tokio::spawn(serve(args.http_address, health));
 
     let key = server_key(&client, &args.namespace).await?;
+    // Refused from the first packet on if the API answers now; else as soon as it does.
+    let own_services = own_services::fetch(&client, &args.namespace)
+        .await
+        .unwrap_or_default();
+    tracing::info!(addresses = ?own_services, "Stowaway's own Services; their addresses are refused");
+    let mut config = config;
+    config.egress.set_own_services(own_services.clone());
     let (planes, handle) = DataPlane::bind(
         config.clone(),
         key,
@@ -282,6 +307,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         metrics.clone(),
         ready,
     ));
+    let services_task = tokio::spawn(own_services::keep_own_services(
+        client.clone(),
+        args.namespace.clone(),
+        handle.clone(),
+        own_services,
+    ));
     let status_task = tokio::spawn(write_status(
         clients,
         shared,
@@ -304,6 +335,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         served = server => Err(anyhow::anyhow!("the HTTP server ended: {served:?}")),
     };
     peers_task.abort();
+    services_task.abort();
     status_task.abort();
     outcome
 }

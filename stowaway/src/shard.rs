@@ -37,9 +37,6 @@ pub fn default_workers() -> usize {
         .min(DEFAULT_WORKERS_AT_MOST)
 }
 
-/// Peer indices are 24 bits (boringtun keeps the low 8 of the receiver index for itself).
-const INDICES: u32 = 1 << 24;
-
 /// One worker among `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -69,16 +66,17 @@ impl Shard {
         worker_of_key(key, self.count) == self.id
     }
 
-    /// The first peer index this worker may hand out at or after `from` (skipping 0, which
-    /// boringtun never sees from us); indices wrap at 2^24.
-    pub fn index_at_or_after(self, from: u32) -> u32 {
-        let mut index = from % INDICES;
-        // Ends within 257 steps: `new` keeps `id` below `count` ≤ 64, and every run of 256
-        // consecutive indices has each low byte once (index 0 aside).
-        while index == 0 || worker_of_index(index, self.count) != self.id {
-            index = (index + 1) % INDICES;
-        }
-        index
+    /// The peer index of this worker that 32 random bits choose: the upper 16 bits of the
+    /// index random, the low byte (the worker, as the steering program reads it) one of this
+    /// worker's, never 0 (which boringtun never sees from us). Random, so that an index on
+    /// the wire says nothing of how many peers came before it or which comes next.
+    pub fn index_from(self, random: u32) -> u32 {
+        let (id, count) = (self.id as u32, self.count as u32);
+        // Low bytes id, id + count, ... below 256: at least 4 of them (`new` keeps count ≤ 64).
+        let low_bytes = (256 - id).div_ceil(count);
+        let low = id + (random & 0xff) % low_bytes * count;
+        let index = ((random >> 8) & 0xffff) << 8 | low;
+        if index == 0 { 1 << 8 } else { index }
     }
 }
 
@@ -213,6 +211,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Peer indices are 24 bits (boringtun keeps the low 8 of the receiver index for itself).
+    const INDICES: u32 = 1 << 24;
+
     #[test]
     fn counts_outside_one_to_sixty_four_and_ids_past_the_count_are_refused() {
         assert_eq!(Shard::new(0, 0), None);
@@ -236,13 +237,35 @@ mod tests {
         assert_eq!(worker_of_datagram(&[], 2), None);
     }
 
+    /// Every index of a worker can be chosen: each of its low bytes, under any upper half.
+    #[test]
+    fn random_bits_reach_every_index_of_a_worker() {
+        for (id, count) in [(0, 1), (0, 2), (1, 2), (5, 64), (63, 64)] {
+            let shard = Shard::new(id, count).expect("a valid shard");
+            for high in [0u32, 1, 0xbeef, 0xffff] {
+                let chosen: std::collections::BTreeSet<u32> = (0..=255u32)
+                    .map(|low| shard.index_from(high << 8 | low))
+                    .collect();
+                let expected: std::collections::BTreeSet<u32> = (0..=255u32)
+                    .filter(|low| *low as usize % count == id)
+                    .map(|low| high << 8 | low)
+                    .map(|index| if index == 0 { 1 << 8 } else { index })
+                    .collect();
+                assert_eq!(
+                    chosen, expected,
+                    "worker {id} of {count}, upper half {high}"
+                );
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn a_worker_hands_out_only_its_own_indices_and_never_zero(
-            count in 1..=MAX_WORKERS, id_seed: usize, from: u32
+            count in 1..=MAX_WORKERS, id_seed: usize, random: u32
         ) {
             let shard = Shard::new(id_seed % count, count).expect("a valid shard");
-            let index = shard.index_at_or_after(from);
+            let index = shard.index_from(random);
             prop_assert!(index != 0 && index < INDICES);
             prop_assert_eq!(worker_of_index(index, count), shard.id);
             // The receiver indices boringtun makes of it name the same worker on the wire.

@@ -903,3 +903,199 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }
+
+/// Stowaway's own Services lead back to it (kube-proxy hairpins their addresses to its
+/// pod, and /metrics names every client): a real peer never reaches them. The lab has no
+/// kube-proxy, so the metrics Service made here also names the lab's cluster service as an
+/// external IP: that address answers the peer until Stowaway reads the Service, and is
+/// refused after, as is its ClusterIP.
+#[tokio::test]
+async fn a_peer_never_reaches_stowaways_own_services() -> Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::Api;
+    use kube::api::PostParams;
+
+    let cluster = Cluster::from_env().await?;
+    let mut setup = setup(&cluster, "own-services", &[]).await?;
+    setup.stowaway.wait_ready().await?;
+    let peer = setup
+        .connected_peer("a", json!({ "subnet": "172.27.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&peer.netns).await?;
+    let cluster_address = setup.lab.cluster_address();
+    let service_url = format!("http://{cluster_address}:8080/");
+    ensure!(
+        setup.lab.probe(&peer.netns, &["http", &service_url])? == "cluster",
+        "the control: the cluster service answers the peer"
+    );
+
+    let ns = setup.clients.namespace().context("namespaced")?.to_string();
+    let services: Api<Service> = Api::namespaced(setup.clients.clone().into_client(), &ns);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": { "name": "gefyra-stowaway-metrics" },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": { "app.kubernetes.io/name": "gefyra-stowaway" },
+            "ports": [{ "name": "http-metrics", "port": 8081, "targetPort": 8081 }],
+            "externalIPs": [cluster_address.to_string()],
+        },
+    }))?;
+    let created = services.create(&PostParams::default(), &service).await?;
+    let cluster_ip = created
+        .spec
+        .and_then(|spec| spec.cluster_ip)
+        .context("the metrics Service's ClusterIP")?;
+    // The peer routes the ClusterIP into the tunnel, as a client routing the service
+    // range does.
+    gefyra_e2e::lab::run(
+        "ip",
+        &[
+            "-n",
+            &peer.netns,
+            "route",
+            "add",
+            &format!("{cluster_ip}/32"),
+            "dev",
+            &peer.interface,
+        ],
+    )?;
+    let stowaway = &setup.stowaway;
+    let lab = &setup.lab;
+    let denied_before = stowaway
+        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .await?;
+    eventually(
+        "the metrics Service's addresses are refused",
+        WAIT,
+        || async {
+            Ok(lab
+                .probe(&peer.netns, &["http", &service_url])
+                .is_err()
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| stowaway.process.log_text())?;
+    let metrics_url = format!("http://{cluster_ip}:8081/metrics");
+    ensure!(
+        lab.probe(&peer.netns, &["http", &metrics_url]).is_err(),
+        "the peer reached {metrics_url}"
+    );
+    let denied = stowaway
+        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .await?;
+    ensure!(
+        denied >= denied_before + 2.0,
+        "refusals by the egress policy counted: {denied_before} -> {denied}"
+    );
+    // The rest of the tunnel still works (the resolver, through the server address).
+    let resolved = lab.probe(
+        &peer.netns,
+        &["dns", "192.168.99.1:53", gefyra_e2e::lab::DNS_NAME],
+    )?;
+    ensure!(
+        resolved == cluster_address.to_string(),
+        "the peer resolves through the tunnel: {resolved}"
+    );
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}
+
+/// Three greedy peers each hold only their share of the flows all peers share, and a
+/// fourth still connects. Room for twelve TCP flows in all (1 MiB + 64 KiB of buffers
+/// each) among four live peers: three each, though each peer's own limits would allow all
+/// twelve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Result<()> {
+    use gefyra_e2e::attacker::{Attacker, port, syn_answered};
+    use std::net::SocketAddrV4;
+
+    const FLOW_BUFFERS: u64 = (1 << 20) + (64 << 10);
+    let cluster = Cluster::from_env().await?;
+    let extra: Vec<String> = [
+        "--status-interval",
+        "1",
+        "--max-buffer-bytes",
+        &(12 * FLOW_BUFFERS).to_string(),
+        "--peer-min-share-flows",
+        "1",
+        // The greedy peers never complete their connections: they hold them this long.
+        "--tcp-handshake-timeout",
+        "120",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let mut setup = Deployment::start(&cluster, "greedy", &extra).await?;
+    setup.stowaway.wait_ready().await?;
+    let neighbour = setup
+        .connected_peer("neighbour", json!({ "subnet": "172.26.200.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&neighbour.netns).await?;
+
+    let admin = setup.clients.clone().into_client();
+    let ns = setup.clients.namespace().context("namespaced")?.to_string();
+    let stowaway_address = format!("127.0.0.1:{}", setup.stowaway.port).parse()?;
+    let mut greedy = Vec::new();
+    for name in ["greedy-a", "greedy-b", "greedy-c"] {
+        gefyra_e2e::create_client(admin.clone(), &ns, name).await?;
+        gefyra_e2e::wait_for_ready(&setup.clients, name).await?;
+        let (private, public) = key_pair();
+        let active = connect(&setup.clients, name, json!({ "publicKey": public })).await?;
+        let config = PeerConfig::of(&active, Some(&private))?;
+        let attacker =
+            tokio::task::block_in_place(|| Attacker::connect(&config, stowaway_address))?;
+        greedy.push((name, attacker));
+    }
+    // The bounds are shared among the peers with a recent handshake: all four, once
+    // Stowaway has counted them (every second).
+    let stowaway = &setup.stowaway;
+    eventually("four live peers", WAIT, || async {
+        Ok((stowaway.metric("stowaway_live_peers").await? == 4.0).then_some(()))
+    })
+    .await?;
+    let http = SocketAddrV4::new(setup.lab.cluster_address(), 8080);
+    for (name, attacker) in &mut greedy {
+        let mut accepted = 0;
+        for index in 0..5 {
+            if tokio::task::block_in_place(|| syn_answered(attacker, port(index), http))? {
+                accepted += 1;
+            }
+        }
+        ensure!(
+            accepted == 3,
+            "{name}: {accepted} of 5 connections accepted, its share is 3"
+        );
+    }
+    let shares = setup
+        .stowaway
+        .metric("stowaway_dropped_total{reason=\"peer_share\"}")
+        .await?;
+    ensure!(shares >= 6.0, "refusals over a share counted: {shares}");
+    // Nine flows held by the greedy three: the neighbour's connection still opens.
+    let body = setup
+        .lab
+        .probe(&neighbour.netns, &["http", &format!("http://{http}/")])?;
+    ensure!(
+        body == "cluster",
+        "the neighbour's HTTP while three peers hold their share: {body:?}"
+    );
+    // A fifth peer arrives: the share shrinks to two flows, and each greedy peer gives
+    // back the third.
+    gefyra_e2e::create_client(admin.clone(), &ns, "late").await?;
+    gefyra_e2e::wait_for_ready(&setup.clients, "late").await?;
+    let (private, public) = key_pair();
+    let active = connect(&setup.clients, "late", json!({ "publicKey": public })).await?;
+    let config = PeerConfig::of(&active, Some(&private))?;
+    let _late = tokio::task::block_in_place(|| Attacker::connect(&config, stowaway_address))?;
+    let stowaway = &setup.stowaway;
+    eventually("each greedy peer gave back a flow", WAIT, || async {
+        let given_back = stowaway
+            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"over_share\"}")
+            .await?;
+        let live = stowaway.metric("stowaway_live_peers").await?;
+        Ok((live == 5.0 && given_back == 3.0).then_some(()))
+    })
+    .await?;
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}

@@ -10,10 +10,12 @@
 //!
 //! By concept: `device` (the stack's in-memory device), `tunnel` (the WireGuard socket, its
 //! outbox, packets to and from peers), `tcp` (dials and flows), `udp` (the relay),
-//! `forward` (cluster-side listeners into the tunnel). Every flow lives in one map as one
-//! `Flow`; what a peer may reach and hold is decided by `crate::policy`.
+//! `forward` (cluster-side listeners into the tunnel), `flows` (the flow table: whose each
+//! flow is, what it holds, which end when the peer table changes). What a peer may reach
+//! and hold is decided by `crate::policy`.
 
 mod device;
+mod flows;
 mod forward;
 mod inbox;
 mod outbox;
@@ -22,7 +24,7 @@ mod tcp;
 mod tunnel;
 mod udp;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +38,7 @@ use smoltcp::iface::{Config as StackConfig, Interface, SocketSet};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 pub use forward::Forward;
+pub use tcp::TCP_FLOW_BUFFERS;
 
 use crate::endpoint::{Endpoint, PeerStats};
 use crate::metrics::Metrics;
@@ -43,6 +46,7 @@ use crate::peers::{Key, PeerSpec};
 use crate::policy::{EgressPolicy, GlobalLimits, Holding, Ledger, PeerLimits};
 use crate::shard::{self, Shard};
 use device::Queues;
+use flows::{FlowTable, Lookup, PeerId, Tuple};
 
 /// The server's IPv6 address inside the userspace stack (never on a wire: it only lets the
 /// stack accept IPv6 flows).
@@ -70,6 +74,9 @@ pub struct Config {
     /// A TCP flow whose peer sent nothing this long (not even the answer to a keep-alive)
     /// is aborted.
     pub tcp_idle: Duration,
+    /// A TCP flow that carried no payload either way this long (its peer answering
+    /// keep-alives all the while) is aborted.
+    pub tcp_inactive: Duration,
     /// A TCP flow not established this long after it opened is aborted.
     pub tcp_handshake: Duration,
     /// Handshakes per second (all peers) before cookies are required.
@@ -80,9 +87,17 @@ pub struct Config {
     pub global_limits: GlobalLimits,
 }
 
-/// What the control plane tells each worker: the whole peer table (each keeps its own).
+/// A peer counts among those the global flow bounds are shared by while its last handshake
+/// is this recent: WireGuard rekeys every 2 minutes while traffic flows (a peer holding
+/// flows always counts), and drops a session unused for 3; an ACTIVE client whose laptop
+/// sleeps does not shrink the others' share.
+const LIVE: Duration = Duration::from_secs(300);
+
+/// What the control plane tells each worker: the whole peer table (each keeps its own),
+/// the addresses of Stowaway's own Services.
 pub enum Command {
     Peers(Arc<BTreeMap<Key, PeerSpec>>),
+    OwnServices(Arc<[IpAddr]>),
     Stop,
 }
 
@@ -116,6 +131,21 @@ impl Shared {
             );
         }
         all
+    }
+
+    /// Peers (on every worker) whose last handshake is at most `within` old, as last
+    /// published.
+    pub fn live_peers(&self, within: Duration) -> usize {
+        self.stats
+            .iter()
+            .map(|slot| {
+                slot.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .values()
+                    .filter(|stats| stats.since_handshake.is_some_and(|since| since <= within))
+                    .count()
+            })
+            .sum()
     }
 
     /// Unix seconds of the least recent worker's last tick (0: one has not ticked yet).
@@ -174,6 +204,14 @@ impl Handle {
         }
     }
 
+    /// The addresses of Stowaway's own Services: refused from now on, flows to them end.
+    pub fn set_own_services(&self, addresses: Vec<IpAddr>) {
+        let addresses: Arc<[IpAddr]> = addresses.into();
+        for (commands, waker) in &self.workers {
+            Self::send(commands, waker, Command::OwnServices(addresses.clone()));
+        }
+    }
+
     pub fn stop(&self) {
         for (commands, waker) in &self.workers {
             Self::send(commands, waker, Command::Stop);
@@ -188,38 +226,7 @@ impl Handle {
     }
 }
 
-/// A peer, as flows are accounted to it: its client's name.
-type PeerId = String;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        }
-    }
-}
-
-/// A flow as the peer's packets name it: (protocol, peer side, cluster side).
-type Tuple = (Protocol, SocketAddr, SocketAddr);
-
-/// One forwarded flow: whose it is, what it holds, and what it is now.
-struct Flow {
-    peer: PeerId,
-    holding: Holding,
-    tuple: Tuple,
-    opened: Instant,
-    /// The last packet of this flow from the peer (UDP: in either direction).
-    last_heard: Instant,
-    kind: FlowKind,
-}
-
+/// What a flow of the table is.
 enum FlowKind {
     /// A peer's TCP connection whose cluster-side dial is under way.
     Dial(tcp::Dial),
@@ -246,11 +253,7 @@ pub struct DataPlane {
     queues: Queues,
     sockets: SocketSet<'static>,
     listeners: Vec<(TcpListener, Forward)>,
-    flows: HashMap<Token, Flow>,
-    tuples: HashMap<Tuple, Token>,
-    /// Shared by all workers: the global limits hold across them.
-    ledger: Arc<Mutex<Ledger<PeerId>>>,
-    next_token: usize,
+    flows: FlowTable<FlowKind>,
     next_port: u16,
     started: Instant,
     /// The time of this turn of the event loop.
@@ -371,10 +374,7 @@ impl DataPlane {
                 queues,
                 sockets: SocketSet::new(Vec::new()),
                 listeners,
-                flows: HashMap::new(),
-                tuples: HashMap::new(),
-                ledger: ledger.clone(),
-                next_token: FIRST_FLOW,
+                flows: FlowTable::new(ledger.clone(), FIRST_FLOW),
                 next_port: 49_152,
                 started,
                 now: started,
@@ -483,6 +483,7 @@ impl DataPlane {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Peers(desired)) => self.set_peers(desired),
+                Ok(Command::OwnServices(addresses)) => self.set_own_services(&addresses),
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
@@ -514,15 +515,49 @@ impl DataPlane {
             "peer table changed"
         );
         self.endpoint.apply(plan);
-        // Flows of peers that are gone end now.
-        let gone: Vec<Token> = self
+        // Flows whose address is no longer their peer's (it left, or the address changed
+        // hands) end now: a peer never inherits another's flows.
+        let endpoint = &self.endpoint;
+        let orphaned = self
+            .flows
+            .with_another_owner(|address| endpoint.owner(address));
+        for token in orphaned {
+            self.end_flow(token, "its address is no longer its peer's");
+        }
+    }
+
+    /// Shares the global flow bounds among the live peers (of every worker, as last
+    /// published); when more peers shrink the share, a peer of this worker over it gives
+    /// back its least recently active flows.
+    fn share_among_live_peers(&mut self) {
+        let live = self.shared.live_peers(LIVE);
+        self.metrics
+            .live_peers
+            .set(i64::try_from(live).unwrap_or(i64::MAX));
+        self.flows.ledger().set_peers(live);
+        for token in self.flows.over_share() {
+            if let Some(flow) = self.flows.get(token) {
+                self.metrics
+                    .expiries
+                    .with_label_values(&[flow.tuple.0.label(), "over_share"])
+                    .inc();
+            }
+            self.end_flow(token, "its peer holds more than its share");
+        }
+    }
+
+    /// Refuses the addresses of Stowaway's own Services; flows to them (opened before they
+    /// were known) end.
+    fn set_own_services(&mut self, addresses: &[IpAddr]) {
+        self.config.egress.set_own_services(addresses.to_vec());
+        let to_them: Vec<Token> = self
             .flows
             .iter()
-            .filter(|(_, flow)| !self.endpoint.holds(flow.tuple.1.ip()))
-            .map(|(token, _)| *token)
+            .filter(|(_, flow)| addresses.contains(&flow.tuple.2.ip().to_canonical()))
+            .map(|(token, _)| token)
             .collect();
-        for token in gone {
-            self.end_flow(token, "its peer is gone");
+        for token in to_them {
+            self.end_flow(token, "its destination is one of Stowaway's own Services");
         }
     }
 
@@ -538,6 +573,7 @@ impl DataPlane {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = self.endpoint.peer_stats();
         }
+        self.share_among_live_peers();
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -553,9 +589,10 @@ impl DataPlane {
         let now = self.now;
         let config = &self.config;
         let mut expired = Vec::new();
-        for (token, flow) in &self.flows {
+        for (token, flow) in self.flows.iter() {
             let since_opened = now.saturating_duration_since(flow.opened);
             let since_heard = now.saturating_duration_since(flow.last_heard);
+            let since_active = now.saturating_duration_since(flow.last_active);
             let timeout = match &flow.kind {
                 FlowKind::Dial(_) => (since_opened >= config.dial_timeout).then_some("dial"),
                 FlowKind::Udp(_) => (since_heard >= config.udp_idle).then_some("idle"),
@@ -564,11 +601,11 @@ impl DataPlane {
                         .sockets
                         .get::<smoltcp::socket::tcp::Socket>(flow.socket)
                         .state();
-                    tcp::timed_out(state, since_opened, since_heard, config)
+                    tcp::timed_out(state, since_opened, since_heard, since_active, config)
                 }
             };
             if let Some(timeout) = timeout {
-                expired.push((*token, flow.tuple.0, timeout));
+                expired.push((token, flow.tuple.0, timeout));
             }
         }
         for (token, protocol, timeout) in expired {
@@ -581,58 +618,30 @@ impl DataPlane {
         }
     }
 
-    /// The flow limits all workers share.
-    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger<PeerId>> {
-        // A worker that panicked holding it left counts that are still counts.
-        self.ledger
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn token(&mut self) -> Token {
-        let token = Token(self.next_token);
-        self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_FLOW);
-        token
-    }
-
-    /// Records a new flow under `token`.
-    fn insert_flow(
-        &mut self,
-        token: Token,
-        peer: PeerId,
-        holding: Holding,
-        tuple: Tuple,
-        kind: FlowKind,
-    ) {
-        self.tuples.insert(tuple, token);
-        self.flows.insert(
-            token,
-            Flow {
-                peer,
-                holding,
-                tuple,
-                opened: self.now,
-                last_heard: self.now,
-                kind,
-            },
-        );
-    }
-
-    /// Takes a flow out of the map and gives back what it held; the caller closes it.
-    fn remove_flow(&mut self, token: Token) -> Option<Flow> {
-        let flow = self.flows.remove(&token)?;
-        if self.tuples.get(&flow.tuple) == Some(&token) {
-            self.tuples.remove(&flow.tuple);
-        }
-        self.ledger().release(&flow.peer, flow.holding);
+    /// Takes a flow out of the table and gives back what it held; the caller closes it.
+    fn remove_flow(&mut self, token: Token) -> Option<flows::Flow<FlowKind>> {
         self.udp_pending.remove(&token);
-        Some(flow)
+        self.flows.remove(token)
+    }
+
+    /// The flow a packet of `peer` with this tuple belongs to. A packet under the tuple of
+    /// another peer's flow (ranges that overlap, or a race with a peer-table change) is
+    /// counted here and dropped by the caller: it neither reaches that flow nor ends it.
+    fn flow_of(&self, peer: &str, tuple: &Tuple) -> Lookup {
+        let found = self.flows.lookup(tuple, peer);
+        if let Lookup::Foreign(_) = found {
+            self.metrics
+                .dropped
+                .with_label_values(&["another_peers_flow"])
+                .inc();
+        }
+        found
     }
 
     /// Ends a flow now (`why`, for a dial's log): a TCP flow is reset (and removed once the
     /// stack has sent the RST), a dial refused, a UDP flow closed.
     fn end_flow(&mut self, token: Token, why: &str) {
-        match self.flows.get(&token).map(|flow| &flow.kind) {
+        match self.flows.get(token).map(|flow| &flow.kind) {
             Some(FlowKind::Tcp(flow)) => {
                 self.sockets
                     .get_mut::<smoltcp::socket::tcp::Socket>(flow.socket)
@@ -645,7 +654,7 @@ impl DataPlane {
     }
 
     fn flow_event(&mut self, token: Token, readable: bool, writable: bool) {
-        match self.flows.get_mut(&token).map(|flow| &mut flow.kind) {
+        match self.flows.get_mut(token).map(|flow| &mut flow.kind) {
             Some(FlowKind::Dial(_)) => self.dial_event(token),
             Some(FlowKind::Tcp(flow)) => {
                 flow.readable |= readable;
@@ -684,7 +693,7 @@ impl DataPlane {
 
     /// Admits a flow for `peer` in the ledger; a refusal is counted and logged.
     fn admit(&mut self, peer: &PeerId, holding: Holding, tuple: Tuple) -> bool {
-        match self.ledger().admit(peer, holding) {
+        match self.flows.admit(peer, holding) {
             Ok(()) => true,
             Err(hit) => {
                 tracing::debug!(client = %peer, protocol = tuple.0.label(), destination = %tuple.2, limit = %hit, "flow refused: over a limit");
@@ -778,4 +787,29 @@ fn new_stack(queues: &mut Queues) -> Interface {
 fn icmp_budget(shard: Shard) -> u32 {
     let count = u32::try_from(shard.count()).unwrap_or(1).max(1);
     (tunnel::ICMP_ERRORS_PER_SECOND / count).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The global bounds are shared among the peers of every worker with a recent
+    /// handshake; configured peers that never or long ago handshook do not count.
+    #[test]
+    fn live_peers_are_those_of_every_worker_with_a_recent_handshake() {
+        let shared = Shared::new(2);
+        let stats = |since: Option<u64>| PeerStats {
+            since_handshake: since.map(Duration::from_secs),
+            ..PeerStats::default()
+        };
+        *shared.stats[0].lock().unwrap() = BTreeMap::from([
+            ("a".to_string(), stats(Some(10))),
+            ("b".to_string(), stats(None)),
+        ]);
+        *shared.stats[1].lock().unwrap() = BTreeMap::from([
+            ("c".to_string(), stats(Some(301))),
+            ("d".to_string(), stats(Some(300))),
+        ]);
+        assert_eq!(shared.live_peers(LIVE), 2);
+    }
 }

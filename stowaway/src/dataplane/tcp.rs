@@ -12,7 +12,8 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpListenEndpoint;
 
-use super::{Config, DataPlane, Flow, FlowKind, PeerId, Tuple};
+use super::flows::{Flow, PeerId, Protocol, Tuple};
+use super::{Config, DataPlane, FlowKind};
 use crate::policy::Holding;
 
 /// Per-flow receive buffer of the userspace TCP stack (peer to cluster): the window the
@@ -24,7 +25,7 @@ const TCP_RECEIVE_BUFFER: usize = 1 << 20;
 /// peer, 128 KiB 0.07–0.28, 64 KiB 0.43–0.54 (at or above the kernel baseline).
 const TCP_SEND_BUFFER: usize = 64 << 10;
 /// What one TCP flow reserves of its peer's and the global buffer space.
-pub(super) const TCP_FLOW_BUFFERS: usize = TCP_RECEIVE_BUFFER + TCP_SEND_BUFFER;
+pub const TCP_FLOW_BUFFERS: usize = TCP_RECEIVE_BUFFER + TCP_SEND_BUFFER;
 /// Bytes one flow may move in each direction per round of the pump, so that one busy flow
 /// cannot keep the others waiting.
 const FLOW_SHARE: usize = 64 << 10;
@@ -59,11 +60,14 @@ pub(super) struct TcpFlow {
     peer_done: bool,
 }
 
-/// Which timeout a TCP flow has run out of, if any.
+/// Which timeout a TCP flow has run out of, if any: the handshake's, the peer's silence
+/// (`idle`: not even a keep-alive answered), or no payload either way (`inactive`: a live
+/// peer holding a connection it does not use).
 pub(super) fn timed_out(
     state: tcp::State,
     since_opened: Duration,
     since_heard: Duration,
+    since_active: Duration,
     config: &Config,
 ) -> Option<&'static str> {
     match state {
@@ -71,7 +75,8 @@ pub(super) fn timed_out(
             (since_opened >= config.tcp_handshake).then_some("handshake")
         }
         tcp::State::Closed | tcp::State::TimeWait => None,
-        _ => (since_heard >= config.tcp_idle).then_some("idle"),
+        _ if since_heard >= config.tcp_idle => Some("idle"),
+        _ => (since_active >= config.tcp_inactive).then_some("inactive"),
     }
 }
 
@@ -91,7 +96,7 @@ impl DataPlane {
             self.refuse(syn);
             return;
         }
-        let token = self.token();
+        let token = self.flows.token();
         let registered = TcpStream::connect(target).and_then(|mut stream| {
             self.poll.registry().register(
                 &mut stream,
@@ -101,16 +106,17 @@ impl DataPlane {
             Ok(stream)
         });
         match registered {
-            Ok(stream) => self.insert_flow(
+            Ok(stream) => self.flows.insert(
                 token,
                 peer,
                 holding,
                 tuple,
                 FlowKind::Dial(Dial { stream, syn }),
+                self.now,
             ),
             Err(error) => {
                 tracing::debug!(peer = %tuple.1, destination = %tuple.2, %error, "dial failed");
-                self.ledger().release(&peer, holding);
+                self.flows.release(&peer, holding);
                 self.refuse(syn);
             }
         }
@@ -127,7 +133,7 @@ impl DataPlane {
 
     pub(super) fn dial_failed(&mut self, token: Token, why: &str) {
         if !matches!(
-            self.flows.get(&token).map(|flow| &flow.kind),
+            self.flows.get(token).map(|flow| &flow.kind),
             Some(FlowKind::Dial(_))
         ) {
             return;
@@ -148,11 +154,13 @@ impl DataPlane {
     pub(super) fn dial_event(&mut self, token: Token) {
         let Some(Flow {
             kind: FlowKind::Dial(dial),
+            tuple,
             ..
-        }) = self.flows.get(&token)
+        }) = self.flows.get(token)
         else {
             return;
         };
+        let tuple = *tuple;
         match (dial.stream.take_error(), dial.stream.peer_addr()) {
             (Ok(Some(error)), _) | (Err(error), _) => {
                 self.dial_failed(token, &error.to_string());
@@ -165,31 +173,26 @@ impl DataPlane {
             }
             (Ok(None), Ok(_)) => {}
         }
-        let Some(mut flow) = self.flows.remove(&token) else {
-            return;
-        };
-        let FlowKind::Dial(Dial { stream, syn }) = flow.kind else {
-            return;
-        };
         let mut socket = new_socket(&self.config);
-        if socket.listen(IpListenEndpoint::from(flow.tuple.2)).is_err() {
-            // Back in the map as it was, so that the failure path gives everything back.
-            flow.kind = FlowKind::Dial(Dial { stream, syn });
-            self.flows.insert(token, flow);
+        if socket.listen(IpListenEndpoint::from(tuple.2)).is_err() {
             self.dial_failed(token, "the stack refused the listen endpoint");
             return;
         }
         let handle = self.sockets.add(socket);
-        let _ = stream.set_nodelay(true);
-        flow.kind = FlowKind::Tcp(TcpFlow::new(handle, stream));
-        flow.holding = Holding::Tcp {
-            dialing: false,
-            buffer_bytes: TCP_FLOW_BUFFERS,
-        };
-        tracing::debug!(tuple = ?flow.tuple, "TCP flow opened");
-        self.ledger().dialed(&flow.peer);
-        self.flows.insert(token, flow);
-        self.queues.inbound.push_back(syn);
+        let mut held_syn = None;
+        self.flows.change_kind(token, |kind| match kind {
+            FlowKind::Dial(Dial { stream, syn }) => {
+                let _ = stream.set_nodelay(true);
+                held_syn = Some(syn);
+                FlowKind::Tcp(TcpFlow::new(handle, stream))
+            }
+            other => other,
+        });
+        self.flows.dialed(token);
+        tracing::debug!(?tuple, "TCP flow opened");
+        if let Some(syn) = held_syn {
+            self.queues.inbound.push_back(syn);
+        }
         self.count_opened();
     }
 
@@ -205,6 +208,7 @@ impl DataPlane {
     /// moved.
     pub(super) fn shuttle(&mut self) -> bool {
         let mut moved = false;
+        let now = self.now;
         for flow in self.flows.values_mut() {
             let FlowKind::Tcp(tcp) = &mut flow.kind else {
                 continue;
@@ -214,8 +218,12 @@ impl DataPlane {
             if socket.state() == tcp::State::Closed {
                 continue;
             }
-            moved |= peer_to_cluster(tcp, socket);
-            moved |= cluster_to_peer(tcp, socket);
+            let to_cluster = peer_to_cluster(tcp, socket);
+            let to_peer = cluster_to_peer(tcp, socket);
+            if to_cluster || to_peer {
+                flow.last_active = now;
+                moved = true;
+            }
         }
         moved
     }
@@ -231,7 +239,7 @@ impl DataPlane {
                 }
                 _ => false,
             })
-            .map(|(token, _)| *token)
+            .map(|(token, _)| token)
             .collect();
         for token in finished {
             let Some(Flow {
@@ -266,7 +274,7 @@ impl DataPlane {
         target: SocketAddr,
         local: SocketAddr,
     ) -> bool {
-        let tuple = (super::Protocol::Tcp, target, local);
+        let tuple = (Protocol::Tcp, target, local);
         let holding = Holding::Tcp {
             dialing: false,
             buffer_bytes: TCP_FLOW_BUFFERS,
@@ -281,27 +289,28 @@ impl DataPlane {
             smoltcp::wire::IpEndpoint::from(local),
         ) {
             tracing::warn!(%target, ?error, "forward connect failed");
-            self.ledger().release(&peer, holding);
+            self.flows.release(&peer, holding);
             return false;
         }
-        let token = self.token();
+        let token = self.flows.token();
         if self
             .poll
             .registry()
             .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             .is_err()
         {
-            self.ledger().release(&peer, holding);
+            self.flows.release(&peer, holding);
             return false;
         }
         let handle = self.sockets.add(socket);
         let _ = stream.set_nodelay(true);
-        self.insert_flow(
+        self.flows.insert(
             token,
             peer,
             holding,
             tuple,
             FlowKind::Tcp(TcpFlow::new(handle, stream)),
+            self.now,
         );
         tracing::debug!(?tuple, "forwarded TCP flow opened");
         self.count_opened();
@@ -422,6 +431,7 @@ pub(super) mod tests {
             udp_idle: Duration::from_secs(60),
             dial_timeout: Duration::from_secs(10),
             tcp_idle: Duration::from_secs(idle),
+            tcp_inactive: Duration::from_secs(1_800),
             tcp_handshake: Duration::from_secs(handshake),
             handshakes_per_second: 100,
             egress: EgressPolicy::new(Vec::new(), Vec::new(), Vec::new()),
@@ -434,12 +444,14 @@ pub(super) mod tests {
             global_limits: GlobalLimits {
                 flows: 1,
                 buffer_bytes: 1,
+                share_floor: crate::policy::Share::default(),
             },
         }
     }
 
     #[test]
-    fn handshakes_are_bounded_from_the_open_and_established_flows_by_the_peers_silence() {
+    fn handshakes_are_bounded_from_the_open_and_established_flows_by_the_peers_silence_and_by_disuse()
+     {
         let config = config(300, 10);
         let secs = Duration::from_secs;
         for state in [
@@ -447,9 +459,9 @@ pub(super) mod tests {
             tcp::State::SynSent,
             tcp::State::Listen,
         ] {
-            assert_eq!(timed_out(state, secs(9), secs(9), &config), None);
+            assert_eq!(timed_out(state, secs(9), secs(9), secs(9), &config), None);
             assert_eq!(
-                timed_out(state, secs(10), secs(0), &config),
+                timed_out(state, secs(10), secs(0), secs(0), &config),
                 Some("handshake")
             );
         }
@@ -458,16 +470,34 @@ pub(super) mod tests {
             tcp::State::FinWait1,
             tcp::State::CloseWait,
         ] {
-            // An old flow whose peer keeps answering lives on.
-            assert_eq!(timed_out(state, secs(86_400), secs(299), &config), None);
+            // An old flow whose peer keeps answering and that carries data lives on.
             assert_eq!(
-                timed_out(state, secs(301), secs(300), &config),
+                timed_out(state, secs(86_400), secs(299), secs(60), &config),
+                None
+            );
+            assert_eq!(
+                timed_out(state, secs(301), secs(300), secs(300), &config),
                 Some("idle")
+            );
+            // Its peer answers the keep-alives, but nothing moved for half an hour.
+            assert_eq!(
+                timed_out(state, secs(1_800), secs(10), secs(1_799), &config),
+                None
+            );
+            assert_eq!(
+                timed_out(state, secs(1_801), secs(10), secs(1_800), &config),
+                Some("inactive")
             );
         }
         // Already ending: the stack finishes it.
         assert_eq!(
-            timed_out(tcp::State::TimeWait, secs(1_000), secs(1_000), &config),
+            timed_out(
+                tcp::State::TimeWait,
+                secs(1_000),
+                secs(1_000),
+                secs(1_000),
+                &config
+            ),
             None
         );
     }

@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use mio::net::UdpSocket;
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
 
+use super::flows::{Lookup, PeerId, Protocol};
+use super::inbox::Bound;
 use super::outbox::Transmit;
 use super::reader::Reader;
-use super::{DataPlane, FlowKind, Handoff, PeerId, Protocol};
-use crate::endpoint::Drop;
+use super::{DataPlane, FlowKind, Handoff};
+use crate::endpoint::DropReason;
 use crate::packet::{self, Inbound};
 
 /// Datagrams read from the WireGuard socket in one turn of the event loop.
@@ -21,9 +23,16 @@ const READS_PER_TURN: usize = 512;
 /// get theirs: a peer flooding the socket cannot keep the loop from the others.
 const DECRYPTS_PER_TURN: usize = 256;
 /// Data datagrams one peer may have waiting for decryption (beyond: dropped, counted as
-/// `peer_queue_full`), and all peers together.
-pub(super) const PEER_INBOX: usize = 256;
-pub(super) const INBOX: usize = 8_192;
+/// `peer_queue_full`), and all peers together: a count and bytes (256 full-size tunnel
+/// datagrams are about 370 KiB; a sender's 64 KiB datagrams are held to the bytes).
+pub(super) const PEER_INBOX: Bound = Bound {
+    datagrams: 256,
+    bytes: 1 << 20,
+};
+pub(super) const INBOX: Bound = Bound {
+    datagrams: 8_192,
+    bytes: 16 << 20,
+};
 /// Bytes of datagrams waiting for room in the WireGuard socket's send buffer, all peers
 /// together (beyond: dropped and counted).
 pub(super) const OUTBOX_BYTES: usize = 16 << 20;
@@ -236,17 +245,17 @@ impl DataPlane {
         if is_initiation {
             let result = match (&handled.handshake_with, handled.dropped) {
                 (Some(_), _) => "completed",
-                (None, Some(Drop::UnknownPeer)) => "unknown_peer",
+                (None, Some(DropReason::UnknownPeer)) => "unknown_peer",
                 (None, Some(_)) => "rejected",
                 (None, None) if !handled.replies.is_empty() => "cookie_required",
                 (None, None) => "rejected",
             };
             self.metrics.handshakes.with_label_values(&[result]).inc();
         }
-        if let Some(drop) = handled.dropped {
+        if let Some(reason) = handled.dropped {
             self.metrics
                 .dropped
-                .with_label_values(&[drop.as_str()])
+                .with_label_values(&[reason.as_str()])
                 .inc();
         }
         if let Some(client) = &handled.handshake_with {
@@ -283,9 +292,9 @@ impl DataPlane {
                 opens,
             } => {
                 let tuple = (Protocol::Tcp, source, destination);
-                match self.tuples.get(&tuple).copied() {
-                    Some(token) => {
-                        let Some(flow) = self.flows.get_mut(&token) else {
+                match self.flow_of(&peer, &tuple) {
+                    Lookup::Own(token) => {
+                        let Some(flow) = self.flows.get_mut(token) else {
                             return;
                         };
                         flow.last_heard = self.now;
@@ -295,9 +304,10 @@ impl DataPlane {
                             self.queues.inbound.push_back(packet);
                         }
                     }
-                    None if opens => self.dial(peer, tuple, packet),
+                    Lookup::Foreign(_) => {}
+                    Lookup::Missing if opens => self.dial(peer, tuple, packet),
                     // No flow: the stack answers with a reset.
-                    None => self.queues.inbound.push_back(packet),
+                    Lookup::Missing => self.queues.inbound.push_back(packet),
                 }
             }
             Inbound::Unsupported => {
