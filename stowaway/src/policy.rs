@@ -23,13 +23,13 @@ const NEVER: &[&str] = &[
     "ff00::/8",
 ];
 
-/// The `--deny` default: metadata services that are not link-local on every provider, on
-/// top of what is never reachable.
-pub const DEFAULT_DENY: &[&str] = &[
-    "169.254.0.0/16",
-    "fe80::/10",
+/// Cloud metadata and platform services outside link-local (which is never reachable):
+/// Alibaba's, AWS's over IPv6, Azure's wireserver. Denied unless `--deny-metadata-services
+/// false` says otherwise; `--deny` adds to them, never replaces them.
+pub const METADATA_SERVICES: &[&str] = &[
     "100.100.100.200/32",
     "fd00:ec2::254/128",
+    "168.63.129.16/32",
 ];
 
 /// Why a destination is refused.
@@ -89,11 +89,13 @@ impl EgressPolicy {
         }
     }
 
-    pub fn default_deny() -> Vec<IpNet> {
-        DEFAULT_DENY
+    /// What `--deny` and `--deny-metadata-services` deny together.
+    pub fn deny_list(extra: &[IpNet], metadata_services: bool) -> Vec<IpNet> {
+        let metadata = METADATA_SERVICES
             .iter()
-            .map(|range| range.parse().expect("a valid built-in range"))
-            .collect()
+            .filter(|_| metadata_services)
+            .map(|range| range.parse().expect("a valid built-in range"));
+        metadata.chain(extra.iter().copied()).collect()
     }
 
     /// Stowaway's own addresses, as the policy refuses them.
@@ -452,9 +454,24 @@ mod tests {
             check(&closed, "10.96.0.10"),
             Err(Refusal::Denied(_))
         ));
-        let defaults = EgressPolicy::new(EgressPolicy::default_deny(), vec![], vec![]);
-        assert!(check(&defaults, "100.100.100.200").is_err());
-        assert!(check(&defaults, "fd00:ec2::254").is_err());
+        let defaults = EgressPolicy::new(EgressPolicy::deny_list(&[], true), vec![], vec![]);
+        for metadata in [
+            "100.100.100.200",
+            "fd00:ec2::254",
+            "168.63.129.16",
+            "169.254.169.254",
+        ] {
+            assert!(check(&defaults, metadata).is_err(), "{metadata}");
+        }
+        // A --deny of one's own keeps the metadata services denied; only an explicit
+        // --deny-metadata-services false opens them (link-local never).
+        let extra: IpNet = "10.0.0.0/8".parse().unwrap();
+        let more = EgressPolicy::new(EgressPolicy::deny_list(&[extra], true), vec![], vec![]);
+        assert!(check(&more, "10.1.2.3").is_err());
+        assert!(check(&more, "168.63.129.16").is_err());
+        let opened = EgressPolicy::new(EgressPolicy::deny_list(&[extra], false), vec![], vec![]);
+        assert_eq!(check(&opened, "168.63.129.16"), Ok(()));
+        assert!(check(&opened, "169.254.169.254").is_err());
     }
 
     const PEER: PeerLimits = PeerLimits {

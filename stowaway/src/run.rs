@@ -19,7 +19,7 @@ use crate::http::{Health, serve};
 use crate::metrics::Metrics;
 use crate::own_services;
 use crate::peer_sync::{keep_peers, server_key, write_status};
-use crate::policy::{DEFAULT_DENY, EgressPolicy, GlobalLimits, PeerLimits, Share};
+use crate::policy::{EgressPolicy, GlobalLimits, PeerLimits, Share};
 use crate::rbac::stowaway_rules;
 
 #[derive(Parser, Debug)]
@@ -91,11 +91,15 @@ pub struct RunArgs {
     /// Handshakes per second (all peers together) before cookies are required.
     #[arg(long, default_value_t = 100)]
     pub handshakes_per_second: u64,
-    /// A range peers may never reach (repeatable; replaces the default list). Loopback,
-    /// unspecified, link-local, multicast, broadcast and Stowaway's own addresses are
-    /// refused whatever is given.
-    #[arg(long = "deny", value_name = "CIDR", default_values = DEFAULT_DENY)]
+    /// A range peers may never reach (repeatable), on top of the metadata services. Loopback,
+    /// unspecified, link-local, multicast, broadcast and Stowaway's own addresses and
+    /// Services are refused whatever is given.
+    #[arg(long = "deny", value_name = "CIDR")]
     pub deny: Vec<IpNet>,
+    /// Deny the cloud metadata services outside link-local (100.100.100.200,
+    /// fd00:ec2::254, 168.63.129.16); `false` opens them.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub deny_metadata_services: bool,
     /// With any: peers may reach only these ranges (repeatable); `--deny` still applies.
     #[arg(long = "allow", value_name = "CIDR")]
     pub allow: Vec<IpNet>,
@@ -224,7 +228,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         tcp_inactive: Duration::from_secs(args.tcp_inactive_timeout),
         tcp_handshake: Duration::from_secs(args.tcp_handshake_timeout),
         handshakes_per_second: args.handshakes_per_second,
-        egress: EgressPolicy::new(args.deny.clone(), args.allow.clone(), own_addresses()?),
+        egress: EgressPolicy::new(
+            EgressPolicy::deny_list(&args.deny, args.deny_metadata_services),
+            args.allow.clone(),
+            own_addresses()?,
+        ),
         peer_limits: PeerLimits {
             tcp_flows: args.peer_max_tcp_flows,
             dials: args.peer_max_dials,
@@ -247,6 +255,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     };
     tracing::info!(
         deny = ?args.deny,
+        deny_metadata_services = args.deny_metadata_services,
         allow = ?args.allow,
         own = ?config.egress.own(),
         peer_limits = ?config.peer_limits,

@@ -527,8 +527,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     );
     let defaults = template("").await?;
     for expected in [
-        "- --deny=169.254.0.0/16",
-        "- --deny=fe80::/10",
+        "- --deny-metadata-services=true",
         "- --peer-max-tcp-flows=256",
         "- --peer-max-buffer-bytes=134217728",
         "- --tcp-idle-timeout=300",
@@ -539,6 +538,10 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         );
     }
     ensure!(!defaults.contains("--allow="), "no allow list by default");
+    ensure!(
+        !defaults.contains("- --deny="),
+        "the metadata services are Stowaway's own default, not a copy in the chart"
+    );
     let restricted = template(
         "stowaway.egress.allow={10.96.0.0/12,10.244.0.0/16},stowaway.limits.perPeer.udpFlows=8",
     )
