@@ -789,6 +789,78 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     Ok(())
 }
 
+/// Helm 4 lints, installs and uninstalls the chart as Helm 3 does; neither major needs
+/// `--kube-version` to render it for GitOps (Helm 3 assumes Kubernetes 1.20 without a
+/// cluster, Helm 4 1.37), and a cluster older than 1.30 is refused by what its discovery
+/// serves, with a message.
+#[tokio::test]
+async fn helm_4_installs_the_chart_and_neither_major_needs_a_kube_version() -> Result<()> {
+    let plane = OwnControlPlane::start().await?;
+    let cluster = &plane.cluster;
+    let kubeconfig = cluster.kubeconfig.clone();
+    let chart = chart();
+    let chart_path = chart.to_str().context("a UTF-8 path")?;
+    for helm in ["helm", "helm4"] {
+        let rendered = run(helm, &kubeconfig, &["template", "gefyra", chart_path]).await?;
+        ensure!(
+            documents(&rendered)?
+                .iter()
+                .any(|d| d["kind"] == "Deployment"),
+            "{helm} template without --kube-version"
+        );
+        let old = run(
+            helm,
+            &kubeconfig,
+            &[
+                "template",
+                "gefyra",
+                chart_path,
+                "--api-versions",
+                "v1/ConfigMap",
+            ],
+        )
+        .await;
+        ensure!(
+            old.as_ref()
+                .is_err_and(|e| e.to_string().contains("needs Kubernetes 1.30 or later")),
+            "{helm} on a cluster without ValidatingAdmissionPolicy v1: {old:?}"
+        );
+    }
+    let linted = run("helm4", &kubeconfig, &["lint", chart_path, "--strict"]).await?;
+    ensure!(
+        linted.contains("0 chart(s) failed") && !linted.contains("[WARNING]"),
+        "{linted}"
+    );
+    let notes = run(
+        "helm4",
+        &kubeconfig,
+        &[
+            "install",
+            "gefyra",
+            chart_path,
+            "--namespace",
+            "default",
+            "--set",
+            "namespace.create=true,namespace.name=gefyra",
+        ],
+    )
+    .await?;
+    ensure!(notes.contains("clients create"), "NOTES:\n{notes}");
+    installed(cluster, NAMESPACE).await?;
+    run(
+        "helm4",
+        &kubeconfig,
+        &["uninstall", "gefyra", "--namespace", "default", "--wait"],
+    )
+    .await?;
+    let admin = cluster.admin()?;
+    ensure!(
+        absent::<Deployment>(&admin, "gefyra-operator").await?,
+        "uninstalled"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn deploy_applies_server_side_on_a_fresh_control_plane() -> Result<()> {
     let plane = OwnControlPlane::start().await?;
