@@ -791,8 +791,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
 
 /// Helm 4 lints, installs and uninstalls the chart as Helm 3 does; neither major needs
 /// `--kube-version` to render it for GitOps (Helm 3 assumes Kubernetes 1.20 without a
-/// cluster, Helm 4 1.37), and a cluster older than 1.30 is refused by what its discovery
-/// serves, with a message.
+/// cluster, Helm 4 1.37), and a cluster older than 1.31 is refused by what its discovery
+/// says, with a message.
 #[tokio::test]
 async fn helm_4_installs_the_chart_and_neither_major_needs_a_kube_version() -> Result<()> {
     let plane = OwnControlPlane::start().await?;
@@ -808,23 +808,36 @@ async fn helm_4_installs_the_chart_and_neither_major_needs_a_kube_version() -> R
                 .any(|d| d["kind"] == "Deployment"),
             "{helm} template without --kube-version"
         );
-        let old = run(
-            helm,
-            &kubeconfig,
-            &[
-                "template",
-                "gefyra",
-                chart_path,
-                "--api-versions",
-                "v1/ConfigMap",
-            ],
-        )
-        .await;
-        ensure!(
-            old.as_ref()
-                .is_err_and(|e| e.to_string().contains("needs Kubernetes 1.30 or later")),
-            "{helm} on a cluster without ValidatingAdmissionPolicy v1: {old:?}"
-        );
+        // What a cluster's discovery says (`helm template` alone knows no kinds): one that
+        // lacks ValidatingAdmissionPolicy v1, and a 1.30 that has it but not CEL's CIDR
+        // library.
+        for (version, kinds) in [
+            ("1.36.3", "v1/ConfigMap"),
+            (
+                "1.30.9",
+                "v1/ConfigMap,admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+            ),
+        ] {
+            let old = run(
+                helm,
+                &kubeconfig,
+                &[
+                    "template",
+                    "gefyra",
+                    chart_path,
+                    "--kube-version",
+                    version,
+                    "--api-versions",
+                    kinds,
+                ],
+            )
+            .await;
+            ensure!(
+                old.as_ref()
+                    .is_err_and(|e| e.to_string().contains("needs Kubernetes 1.31 or later")),
+                "{helm} on {version} serving {kinds}: {old:?}"
+            );
+        }
     }
     let linted = run("helm4", &kubeconfig, &["lint", chart_path, "--strict"]).await?;
     ensure!(
