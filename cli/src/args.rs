@@ -232,9 +232,15 @@ pub struct ConnectArgs {
     pub wg_config: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "wg-quick")]
     pub format: TunnelFormat,
-    /// What to route through the tunnel (default: what the operator offers, all traffic).
+    /// What to route through the tunnel (default: the cluster's ranges the operator
+    /// publishes, a split tunnel); `0.0.0.0/0,::/0` sends all traffic and every DNS query
+    /// into the cluster, as Gefyra's Cargo does.
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     pub allowed_ips: Vec<IpNet>,
+    /// The cluster's DNS domain: names under it resolve through the tunnel (split tunnel,
+    /// systemd-resolved), others with this machine's resolver.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local", value_parser = crate::tunnel::parse_cluster_domain)]
+    pub cluster_domain: String,
 }
 
 #[cfg(test)]

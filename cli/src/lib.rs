@@ -11,6 +11,7 @@ pub mod credential;
 pub mod error;
 pub mod files;
 pub mod render;
+pub mod tunnel;
 pub mod wait;
 
 use std::process::ExitCode;

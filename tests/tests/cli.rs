@@ -495,6 +495,33 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
     Ok(())
 }
 
+/// `wg-quick strip FILE` reads a wg-quick file as `wg-quick up` does and prints what it
+/// hands to `wg`: the file must parse and its hooks must not reach `wg`. Where wg-quick is
+/// not installed (only `wg`), this is skipped.
+fn wg_quick_reads(path: &std::path::Path) -> Result<()> {
+    let output = match std::process::Command::new("wg-quick")
+        .arg("strip")
+        .arg(path)
+        .output()
+    {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("wg-quick is not installed: not checking that it reads {path:?}");
+            return Ok(());
+        }
+        other => other?,
+    };
+    let stripped = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success()
+            && stripped.contains("AllowedIPs = ")
+            && !stripped
+                .lines()
+                .any(|line| line.starts_with("PostUp") || line.starts_with("Address")),
+        "wg-quick strip {path:?}: {output:?}"
+    );
+    Ok(())
+}
+
 async fn json_token(clients: &Api<GefyraClient>, name: &str) -> Result<String> {
     Ok(clients
         .get(name)
@@ -505,8 +532,9 @@ async fn json_token(clients: &Api<GefyraClient>, name: &str) -> Result<String> {
 }
 
 /// A developer connects with nothing but the client file (no kubeconfig at all): a real
-/// wireguard-go peer configured from the file `connect -f` writes reaches the cluster
-/// namespace through Stowaway; `disconnect -f` ends it.
+/// wireguard-go peer configured from the file `connect -f` writes — a split tunnel, only the
+/// cluster's ranges the operator publishes — reaches the cluster namespace through Stowaway,
+/// by IP and by name; `disconnect -f` ends it.
 #[tokio::test]
 async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Result<()> {
     let cluster = Cluster::from_env().await?;
@@ -521,6 +549,17 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         .namespace()
         .context("namespaced")?
         .to_string();
+    // The lab's cluster network is the cluster's "Service range": the operator reserves it
+    // and so publishes it to clients (Cluster.AllowedIPs).
+    let cluster_subnet = deployment.lab.cluster_subnet();
+    deployment.operator = Operator::start(
+        &cluster,
+        &ns,
+        &[
+            "--reserved-ranges",
+            &format!("{cluster_subnet},10.244.0.0/16"),
+        ],
+    )?;
     let admin = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
     admin
         .ok(&["clients", "create", "--client-id", "dev"])
@@ -555,6 +594,15 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
     let mode = std::fs::metadata(&wg_config)?.permissions().mode() & 0o777;
     ensure!(mode == 0o600, "WireGuard config mode {mode:o}");
     let text = std::fs::read_to_string(&wg_config)?;
+    let split = format!("AllowedIPs = 192.168.96.0/20, {cluster_subnet}, 10.244.0.0/16\n");
+    ensure!(
+        text.contains(&split),
+        "only the cluster's ranges are routed ({split}): {text}"
+    );
+    ensure!(
+        connected.contains("a split tunnel") && connected.contains("sudo ip link add "),
+        "{connected}"
+    );
     let private_key = text
         .lines()
         .find_map(|line| line.strip_prefix("PrivateKey = "))
@@ -641,12 +689,39 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         .await?;
     let again = std::fs::read_to_string(developer.workdir.join("again.conf"))?;
     ensure!(
-        again.contains("Address = ") && again.contains("DNS = 192.168.99.1"),
-        "wg-quick format: {again}"
+        again.contains("Address = ")
+            && again.contains(&split)
+            && again.contains("resolvectl domain %i '~cluster.local'")
+            && !again.contains("\nDNS = "),
+        "wg-quick format, a split tunnel resolving cluster names through it: {again}"
     );
     ensure!(
         !again.contains(&private_key),
         "a fresh key pair per connect"
+    );
+    wg_quick_reads(&developer.workdir.join("again.conf"))?;
+    // Opting into a full tunnel: everything and every DNS query, as Gefyra's Cargo.
+    let full = developer
+        .ok(&[
+            "connect",
+            "-f",
+            "dev.json",
+            "--wg-config",
+            "full.conf",
+            "--allowed-ips",
+            "0.0.0.0/0,::/0",
+        ])
+        .await?;
+    ensure!(
+        full.contains("a full tunnel") && full.contains("sudo wg-quick up ./full.conf\n"),
+        "{full}"
+    );
+    let full = std::fs::read_to_string(developer.workdir.join("full.conf"))?;
+    ensure!(
+        full.contains("AllowedIPs = 0.0.0.0/0, ::/0\n")
+            && full.contains("\nDNS = 192.168.99.1\n")
+            && !full.contains("PostUp"),
+        "{full}"
     );
     let marked = admin.ok(&["clients", "disconnect", "dev"]).await?;
     ensure!(marked.contains("marked for disconnection"), "{marked}");
