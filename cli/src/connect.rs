@@ -23,7 +23,7 @@ use crate::tunnel::{self, Dns, LocalTunnel};
 use crate::wait::{self, Goal};
 
 /// Reads the client's own GefyraClient, explaining a refusal in terms of the client file.
-async fn own_client(api: &Api<GefyraClient>, id: &str) -> Result<GefyraClient> {
+pub(crate) async fn own_client(api: &Api<GefyraClient>, id: &str) -> Result<GefyraClient> {
     api.get(id).await.map_err(|error| match &error {
         kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404) => CliError::new(
             if status.code == 404 { Kind::NotFound } else { Kind::Forbidden },
@@ -77,7 +77,7 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
         .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
     let api = as_file_client(&file).await?;
     let id = file.client_id.as_str();
-    let timeout = Duration::from_secs(args.file.timeout);
+    let timeout = args.file.timeout;
     let before = settled(&api, id, timeout).await?;
 
     let keys = generate_key_pair();
@@ -198,7 +198,7 @@ pub async fn disconnect(args: &FileArgs) -> Result<()> {
     let file = read_client_file(&args.file)?;
     let api = as_file_client(&file).await?;
     let id = file.client_id.as_str();
-    let timeout = Duration::from_secs(args.timeout);
+    let timeout = args.timeout;
     let client = settled(&api, id, timeout).await?;
     if client.provider_parameter.is_none() && client.state == ClientState::Waiting {
         println!("GefyraClient {id} is not connected (state WAITING)");
