@@ -191,10 +191,11 @@ pub fn bring_up(format: ConfigFormat, path: &Path, address: IpAddr, routes: &[Ip
             let interface = interface_name(path);
             let prefix = if address.is_ipv6() { 128 } else { 32 };
             let mut commands = vec![
-                format!("sudo ip link add {interface} type wireguard"),
+                // `dev NAME` throughout: a file dev.conf names an interface `dev`.
+                format!("sudo ip link add dev {interface} type wireguard"),
                 format!("sudo wg setconf {interface} {file}"),
                 format!("sudo ip address add {address}/{prefix} dev {interface}"),
-                format!("sudo ip link set {interface} up"),
+                format!("sudo ip link set dev {interface} up"),
             ];
             commands.extend(
                 routes
@@ -210,7 +211,7 @@ pub fn bring_up(format: ConfigFormat, path: &Path, address: IpAddr, routes: &[Ip
 pub fn take_down(format: ConfigFormat, path: &Path) -> String {
     match format {
         ConfigFormat::WgQuick => format!("sudo wg-quick down {}", shell_path(path)),
-        ConfigFormat::Wg => format!("sudo ip link del {}", interface_name(path)),
+        ConfigFormat::Wg => format!("sudo ip link del dev {}", interface_name(path)),
     }
 }
 
@@ -372,13 +373,13 @@ mod tests {
                 address,
                 &nets("192.168.96.0/20, 10.96.0.0/12")
             ),
-            "sudo ip link add gefyra-01234567 type wireguard && sudo wg setconf gefyra-01234567 ./gefyra-01234567.conf && \
-             sudo ip address add 192.168.96.2/32 dev gefyra-01234567 && sudo ip link set gefyra-01234567 up && \
+            "sudo ip link add dev gefyra-01234567 type wireguard && sudo wg setconf gefyra-01234567 ./gefyra-01234567.conf && \
+             sudo ip address add 192.168.96.2/32 dev gefyra-01234567 && sudo ip link set dev gefyra-01234567 up && \
              sudo ip route add 192.168.96.0/20 dev gefyra-01234567 && sudo ip route add 10.96.0.0/12 dev gefyra-01234567"
         );
         assert_eq!(
             take_down(ConfigFormat::Wg, Path::new("some/very-long-file-name.conf")),
-            "sudo ip link del gefyra0"
+            "sudo ip link del dev gefyra0"
         );
     }
 
