@@ -589,6 +589,23 @@ async fn admins_use_kubectls_habits() -> Result<()> {
         listed["kind"] == "List" && listed["items"].as_array().map(Vec::len) == Some(2),
         "{listed}"
     );
+    // --dry-run=server: the API server checks the client and stores nothing.
+    let checked: Value = serde_json::from_str(
+        &cli.ok(&[
+            "clients",
+            "create",
+            "--client-id",
+            "checked",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ])
+        .await?,
+    )?;
+    ensure!(
+        checked["metadata"]["name"] == "checked" && clients.get_opt("checked").await?.is_none(),
+        "{checked}"
+    );
     // What it printed is what GitOps applies: the API server and the operator take it as is.
     clients.create(&PostParams::default(), &manifest).await?;
     wait_for_state(&clients, "gitops", ClientState::Waiting).await?;
