@@ -16,7 +16,7 @@ use base64::engine::general_purpose::STANDARD;
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
-use crate::ipam::SERVER_ADDRESS;
+use crate::ipam::{Pool, SERVER_ADDRESS};
 
 /// The port Gefyra writes as `Interface.ListenPort`.
 pub const CLIENT_LISTEN_PORT: u16 = 51820;
@@ -259,8 +259,13 @@ pub struct ProviderConfig {
     pub preshared_key: WireGuardKey,
     /// `Peer.Endpoint`: where the operator says Stowaway is (clients use their file's).
     pub endpoint: Endpoint,
-    /// `Peer.AllowedIPs`: what the client routes through the tunnel (`, `-separated).
+    /// `Peer.AllowedIPs`: what Gefyra's clients route through the tunnel (`, `-separated):
+    /// everything, as Gefyra 2.x publishes it.
     pub allowed_ips: Vec<IpNet>,
+    /// `Cluster.AllowedIPs` (ours; Gefyra's clients do not read it): the cluster's ranges
+    /// (see [`cluster_ranges`]), what a split tunnel on a developer's machine routes. Empty
+    /// when absent (an operator that does not publish it).
+    pub cluster_ranges: Vec<IpNet>,
 }
 
 impl fmt::Debug for ProviderConfig {
@@ -272,11 +277,34 @@ impl fmt::Debug for ProviderConfig {
             .field("server_public_key", &self.server_public_key.to_string())
             .field("endpoint", &self.endpoint)
             .field("allowed_ips", &self.allowed_ips)
+            .field("cluster_ranges", &self.cluster_ranges)
             .finish_non_exhaustive()
     }
 }
 
 const CONFIG: &str = "providerConfig";
+
+/// The key of [`ProviderConfig::cluster_ranges`].
+pub const CLUSTER_RANGES_KEY: &str = "Cluster.AllowedIPs";
+
+/// What a client must route to reach the cluster and nothing else: the server's tunnel
+/// address (Gefyra's DNS server), the tunnel pool (other clients, replies) and the reserved
+/// ranges (the cluster's Service and Pod CIDRs). A range inside another is left out.
+pub fn cluster_ranges(pool: &Pool) -> Vec<IpNet> {
+    let server = IpNet::from(SERVER_ADDRESS);
+    let mut ranges: Vec<IpNet> = Vec::new();
+    for net in std::iter::once(&server)
+        .chain(&pool.tunnel)
+        .chain(&pool.reserved)
+    {
+        let net = net.trunc();
+        ranges.retain(|kept| !net.contains(kept));
+        if !ranges.iter().any(|kept| kept.contains(&net)) {
+            ranges.push(net);
+        }
+    }
+    ranges
+}
 
 /// `0.0.0.0/0, ::/0` and the like.
 pub fn parse_allowed_ips(text: &str) -> Result<Vec<IpNet>, String> {
@@ -307,8 +335,8 @@ impl FromStr for AllowedIps {
 }
 
 impl ProviderConfig {
-    /// The configuration for a client at `address`: everything goes through the tunnel, as
-    /// Gefyra's clients expect.
+    /// The configuration for a client at `address`: `Peer.AllowedIPs` is everything, as
+    /// Gefyra's clients expect; `cluster_ranges` is what a split tunnel routes.
     pub fn new(
         address: IpAddr,
         public_key: WireGuardKey,
@@ -316,6 +344,7 @@ impl ProviderConfig {
         server_public_key: WireGuardKey,
         preshared_key: WireGuardKey,
         endpoint: Endpoint,
+        cluster_ranges: Vec<IpNet>,
     ) -> Self {
         let everything = ["0.0.0.0/0", "::/0"].map(|net| net.parse::<IpNet>().expect("a CIDR"));
         let allowed_ips = match address {
@@ -332,6 +361,7 @@ impl ProviderConfig {
             preshared_key,
             endpoint,
             allowed_ips,
+            cluster_ranges,
         }
     }
 
@@ -379,6 +409,9 @@ impl ProviderConfig {
                 parsed::<AllowedIps>(CONFIG, map, "Peer.AllowedIPs")?,
             )?
             .0,
+            cluster_ranges: parsed::<AllowedIps>(CONFIG, map, CLUSTER_RANGES_KEY)?
+                .map(|ranges| ranges.0)
+                .unwrap_or_default(),
         })
     }
 
@@ -405,6 +438,9 @@ impl ProviderConfig {
         put("Peer.PresharedKey", self.preshared_key.to_string());
         put("Peer.Endpoint", self.endpoint.to_string());
         put("Peer.AllowedIPs", format_allowed_ips(&self.allowed_ips));
+        if !self.cluster_ranges.is_empty() {
+            put(CLUSTER_RANGES_KEY, format_allowed_ips(&self.cluster_ranges));
+        }
         map
     }
 }
@@ -427,6 +463,10 @@ mod tests {
             key(3),
             key(4),
             "203.0.113.7:31820".parse().unwrap(),
+            cluster_ranges(&Pool {
+                tunnel: vec!["192.168.96.0/20".parse().unwrap()],
+                reserved: vec!["10.96.0.0/12".parse().unwrap()],
+            }),
         )
     }
 
@@ -437,10 +477,47 @@ mod tests {
         assert_eq!(map["Interface.DNS"], "192.168.99.1");
         assert_eq!(map["Interface.ListenPort"], "51820");
         assert_eq!(map["Peer.AllowedIPs"], "0.0.0.0/0, ::/0");
+        assert_eq!(map["Cluster.AllowedIPs"], "192.168.96.0/20, 10.96.0.0/12");
         assert_eq!(map["Peer.Endpoint"], "203.0.113.7:31820");
         assert_eq!(ProviderConfig::parse(&map).unwrap(), config());
+        // Gefyra's operator writes no Cluster.AllowedIPs: none is read, none written back.
+        let mut gefyras = map.clone();
+        gefyras.remove("Cluster.AllowedIPs");
+        let parsed = ProviderConfig::parse(&gefyras).unwrap();
+        assert!(parsed.cluster_ranges.is_empty());
+        assert_eq!(parsed.to_map(), gefyras);
         let debug = format!("{:?}", config());
         assert!(!debug.contains(&key(2).to_string()) && !debug.contains(&key(4).to_string()));
+    }
+
+    #[test]
+    fn cluster_ranges_are_the_server_the_pool_and_the_reserved_ranges_once() {
+        let nets = |text: &str| parse_allowed_ips(text).unwrap();
+        let pool = |tunnel: &str, reserved: &str| Pool {
+            tunnel: nets(tunnel),
+            reserved: nets(reserved),
+        };
+        // The default pool holds the server's address.
+        assert_eq!(
+            cluster_ranges(&pool("192.168.96.0/20", "10.244.0.0/16, 10.96.0.0/12")),
+            nets("192.168.96.0/20, 10.244.0.0/16, 10.96.0.0/12")
+        );
+        assert_eq!(
+            cluster_ranges(&pool("192.168.96.0/20", "")),
+            nets("192.168.96.0/20")
+        );
+        // A pool elsewhere, an IPv6 pool, a reserved range inside another, host bits set.
+        assert_eq!(
+            cluster_ranges(&pool(
+                "10.200.0.0/16, fd00:99::/64",
+                "10.96.0.0/12, 10.96.3.7/24"
+            )),
+            nets("192.168.99.1/32, 10.200.0.0/16, fd00:99::/64, 10.96.0.0/12")
+        );
+        assert_eq!(
+            cluster_ranges(&pool("10.200.0.0/16", "10.96.0.0/24, 10.0.0.0/8")),
+            nets("192.168.99.1/32, 10.0.0.0/8")
+        );
     }
 
     #[test]
@@ -535,11 +612,11 @@ mod tests {
         /// WireGuard configuration file).
         #[test]
         fn hostile_values_never_panic_nor_reach_a_config_file_raw(
-            values in proptest::collection::vec(any::<String>(), 9),
+            values in proptest::collection::vec(any::<String>(), 10),
         ) {
             let keys = ["Interface.Address", "Interface.PrivateKey", "Interface.DNS",
                 "Interface.ListenPort", "Interface.PublicKey", "Peer.PublicKey",
-                "Peer.PresharedKey", "Peer.Endpoint", "Peer.AllowedIPs"];
+                "Peer.PresharedKey", "Peer.Endpoint", "Peer.AllowedIPs", "Cluster.AllowedIPs"];
             let map: Map<String, Value> = keys.iter().zip(&values)
                 .map(|(key, value)| (key.to_string(), Value::String(value.clone()))).collect();
             if let Ok(config) = ProviderConfig::parse(&map) {

@@ -11,13 +11,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use k8s_openapi::api::core::v1::{Event, Node, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::args::{ConfigArgs, CreateArgs, DeleteArgs, InspectArgs, ListArgs};
+use crate::args::{
+    ConfigArgs, CreateArgs, DeleteArgs, DryRun, InspectArgs, ListArgs, ManifestFormat, OutputFormat,
+};
 use crate::cluster::{Admin, request_token};
 use crate::error::{CliError, Kind, Result};
 use crate::files::write_private;
-use crate::render::{ClientRow, Inspection, TableView, client_list};
+use crate::render::{ClientRow, Inspection, TableView, client_list, printable};
 use crate::wait::{self, Goal};
 
 /// Stowaway's Service and its WireGuard port, as Gefyra names them.
@@ -44,21 +46,130 @@ pub fn random_client_id() -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
+/// The IDs `create` uses: the one asked for, or `-n` random ones.
+fn client_ids(args: &CreateArgs) -> Result<Vec<String>> {
     if args.client_id.is_some() && args.quantity > 1 {
         return Err(CliError::new(
             Kind::Usage,
             "--client-id names one client; leave it out to create -n N clients with random IDs",
         ));
     }
-    let api = admin.clients();
-    let ids: Vec<String> = match &args.client_id {
+    Ok(match &args.client_id {
         Some(id) => vec![id.clone()],
         None => (0..args.quantity).map(|_| random_client_id()).collect(),
+    })
+}
+
+/// The GefyraClients `create` makes: Gefyra's body, plus the labels, sunset and maximum
+/// connection age asked for.
+pub fn desired_clients(
+    ids: &[String],
+    namespace: &str,
+    args: &CreateArgs,
+    now: jiff::Timestamp,
+) -> Result<Vec<GefyraClient>> {
+    let sunset = args
+        .sunset
+        .map(|sunset| sunset.at(now))
+        .transpose()
+        .map_err(|problem| CliError::new(Kind::Usage, problem))?;
+    let max_connection_age = args
+        .max_connection_age
+        .map(|age| i64::try_from(age.as_secs()))
+        .transpose()
+        .map_err(|_| CliError::new(Kind::Usage, "--max-connection-age is too long"))?;
+    let labels: std::collections::BTreeMap<String, String> = args.labels.iter().cloned().collect();
+    Ok(ids
+        .iter()
+        .map(|id| {
+            let mut client = GefyraClient::new(id, namespace);
+            if !labels.is_empty() {
+                client.metadata.labels = Some(labels.clone());
+            }
+            client.sunset = sunset.clone();
+            client.max_connection_age = max_connection_age;
+            client
+        })
+        .collect())
+}
+
+/// GefyraClients as manifests (one object, or a `List` as kubectl prints several), without
+/// the operator's `state`: applied from Git, it would reset the client on every sync.
+pub fn manifests(clients: &[GefyraClient], format: ManifestFormat) -> String {
+    if format == ManifestFormat::Name {
+        return clients
+            .iter()
+            .map(|client| {
+                format!(
+                    "gefyraclient.gefyra.dev/{}\n",
+                    printable(&client.name_any())
+                )
+            })
+            .collect();
+    }
+    let mut objects: Vec<Value> = clients
+        .iter()
+        .map(|client| {
+            let mut object = serde_json::to_value(client).expect("a GefyraClient serializes");
+            if let Some(map) = object.as_object_mut() {
+                map.remove("state");
+                if let Some(metadata) = map.get_mut("metadata").and_then(Value::as_object_mut) {
+                    for server_side in ["uid", "resourceVersion", "generation", "managedFields"] {
+                        metadata.remove(server_side);
+                    }
+                }
+            }
+            object
+        })
+        .collect();
+    let value = if objects.len() == 1 {
+        objects.remove(0)
+    } else {
+        json!({"apiVersion": "v1", "kind": "List", "items": objects})
     };
-    for id in &ids {
-        let client = GefyraClient::new(id, &admin.namespace);
-        api.create(&PostParams::default(), &client).await.map_err(|error| match &error {
+    match format {
+        ManifestFormat::Yaml => serde_saphyr::to_string(&value).expect("a manifest serializes"),
+        _ => serde_json::to_string_pretty(&value).expect("a manifest serializes") + "\n",
+    }
+}
+
+/// `create --dry-run=client`: the clients, printed; the API server is not contacted.
+pub fn create_offline(namespace: &str, args: &CreateArgs) -> Result<()> {
+    let ids = client_ids(args)?;
+    let clients = desired_clients(&ids, namespace, args, jiff::Timestamp::now())?;
+    print_created(&clients, args.output);
+    eprintln!(
+        "{} client(s) not created (dry run: nothing was sent to the API server)",
+        clients.len()
+    );
+    Ok(())
+}
+
+/// The IDs on stdout (one a line, for scripts), or the objects as `-o` asks.
+fn print_created(clients: &[GefyraClient], output: Option<ManifestFormat>) {
+    match output {
+        Some(format) => print!("{}", manifests(clients, format)),
+        None => {
+            for client in clients {
+                println!("{}", printable(&client.name_any()));
+            }
+        }
+    }
+}
+
+pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
+    let ids = client_ids(args)?;
+    let desired = desired_clients(&ids, &admin.namespace, args, jiff::Timestamp::now())?;
+    let api = admin.clients();
+    let dry_run = args.dry_run == Some(DryRun::Server);
+    let params = PostParams {
+        dry_run,
+        ..PostParams::default()
+    };
+    let mut created = Vec::with_capacity(desired.len());
+    for client in &desired {
+        let id = client.name_any();
+        let stored = api.create(&params, client).await.map_err(|error| match &error {
             kube::Error::Api(status) if status.code == 409 => CliError::new(
                 Kind::Conflict,
                 format!(
@@ -75,7 +186,20 @@ pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
             ),
             _ => CliError::kube(&format!("creating GefyraClient {id}"), error),
         })?;
-        println!("{id}");
+        if args.output.is_none() {
+            println!("{id}");
+        }
+        created.push(stored);
+    }
+    if let Some(format) = args.output {
+        print!("{}", manifests(&created, format));
+    }
+    if dry_run {
+        eprintln!(
+            "{} client(s) accepted by the API server and not created (dry run)",
+            created.len()
+        );
+        return Ok(());
     }
     if !args.nowait {
         let progress = ProgressBar::new(ids.len() as u64).with_style(
@@ -87,7 +211,7 @@ pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
         progress.enable_steady_tick(Duration::from_millis(120));
         let goal = Goal {
             description: "WAITING (credentials ready)",
-            timeout: Duration::from_secs(args.timeout),
+            timeout: args.timeout,
             stale_version: None,
         };
         let waits = ids.iter().map(|id| {
@@ -105,14 +229,19 @@ pub async fn create(admin: &Admin, args: &CreateArgs) -> Result<()> {
             return Err(error);
         }
     }
-    println!("{} client(s) created successfully", ids.len());
+    eprintln!("{} client(s) created successfully", ids.len());
     Ok(())
 }
 
-pub async fn all_clients(admin: &Admin) -> Result<Vec<GefyraClient>> {
+/// The clients (whose labels match `selector`, if given), oldest first.
+pub async fn all_clients(admin: &Admin, selector: Option<&str>) -> Result<Vec<GefyraClient>> {
+    let params = match selector {
+        Some(selector) => ListParams::default().labels(selector),
+        None => ListParams::default(),
+    };
     let mut clients = admin
         .clients()
-        .list(&ListParams::default())
+        .list(&params)
         .await
         .map_err(|error| {
             CliError::kube(
@@ -135,13 +264,22 @@ pub async fn all_clients(admin: &Admin) -> Result<Vec<GefyraClient>> {
 }
 
 pub async fn list(admin: &Admin, args: &ListArgs) -> Result<()> {
-    let rows: Vec<ClientRow> = all_clients(admin)
+    let rows: Vec<ClientRow> = all_clients(admin, args.selector.as_deref())
         .await?
         .iter()
         .map(ClientRow::of)
         .collect();
-    if rows.is_empty() && args.output == crate::args::OutputFormat::Table {
-        eprintln!("No GefyraClients found in namespace {}", admin.namespace);
+    let tabular = matches!(args.output, OutputFormat::Table | OutputFormat::Wide);
+    if rows.is_empty() && tabular {
+        let matching = args
+            .selector
+            .as_deref()
+            .map(|selector| format!(" matching {selector}"))
+            .unwrap_or_default();
+        eprintln!(
+            "No GefyraClients{matching} found in namespace {}",
+            admin.namespace
+        );
         return Ok(());
     }
     let view = TableView {
@@ -372,9 +510,26 @@ pub async fn disconnect(admin: &Admin, id: &str) -> Result<()> {
 
 pub async fn delete(admin: &Admin, args: &DeleteArgs) -> Result<()> {
     let api = admin.clients();
+    let ids: Vec<String> = match &args.selector {
+        Some(selector) => {
+            let ids: Vec<String> = all_clients(admin, Some(selector))
+                .await?
+                .iter()
+                .map(ResourceExt::name_any)
+                .collect();
+            if ids.is_empty() {
+                eprintln!(
+                    "No GefyraClients matching {selector} found in namespace {}",
+                    admin.namespace
+                );
+            }
+            ids
+        }
+        None => args.client_ids.clone(),
+    };
     let mut first_error = None;
     let mut deleted = Vec::new();
-    for id in &args.client_ids {
+    for id in &ids {
         match api.delete(id, &DeleteParams::default()).await {
             Ok(_) => {
                 println!("Client {id} marked for deletion");
@@ -388,8 +543,12 @@ pub async fn delete(admin: &Admin, args: &DeleteArgs) -> Result<()> {
         }
     }
     if !args.nowait {
-        let timeout = Duration::from_secs(args.timeout);
-        let results = join_all(deleted.iter().map(|id| wait::until_gone(&api, id, timeout))).await;
+        let results = join_all(
+            deleted
+                .iter()
+                .map(|id| wait::until_gone(&api, id, args.timeout)),
+        )
+        .await;
         for error in results.into_iter().filter_map(Result::err) {
             eprintln!("{}", error.render(false));
             first_error.get_or_insert(error);
@@ -419,6 +578,75 @@ mod tests {
         );
         assert_eq!(&id[12..13], "4", "a UUID v4: {id}");
         assert_ne!(random_client_id(), id);
+    }
+
+    fn create_args(words: &[&str]) -> CreateArgs {
+        use clap::Parser;
+        let mut argv = vec!["kubectl-gefyra", "clients", "create"];
+        argv.extend_from_slice(words);
+        match crate::args::Cli::parse_from(argv).command {
+            crate::args::Command::Clients(crate::args::ClientsCommand::Create(args)) => args,
+            _ => unreachable!("a create command"),
+        }
+    }
+
+    #[test]
+    fn created_clients_carry_labels_sunset_and_connection_age() {
+        let args = create_args(&[
+            "--client-id",
+            "anna",
+            "--sunset",
+            "8h",
+            "--max-connection-age",
+            "90m",
+            "--label",
+            "team=a",
+            "--label",
+            "example.com/owner=anna",
+        ]);
+        let now: jiff::Timestamp = "2026-12-07T15:00:00.5Z".parse().unwrap();
+        let ids = client_ids(&args).unwrap();
+        let clients = desired_clients(&ids, "gefyra", &args, now).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&manifests(&clients, ManifestFormat::Json)).unwrap(),
+            json!({
+                "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+                "metadata": {"name": "anna", "namespace": "gefyra",
+                    "labels": {"example.com/owner": "anna", "team": "a"}},
+                "provider": "stowaway",
+                "sunset": "2026-12-07T23:00:00Z",
+                "maxConnectionAge": 5400
+            })
+        );
+        let yaml = manifests(&clients, ManifestFormat::Yaml);
+        let parsed: Value = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(parsed["metadata"]["name"], "anna");
+        assert!(!yaml.contains("state"), "{yaml}");
+    }
+
+    #[test]
+    fn several_clients_are_a_list_as_kubectl_prints_them() {
+        let args = create_args(&["-n", "3"]);
+        let ids = client_ids(&args).unwrap();
+        let clients = desired_clients(&ids, "team", &args, jiff::Timestamp::now()).unwrap();
+        let list: Value = serde_json::from_str(&manifests(&clients, ManifestFormat::Json)).unwrap();
+        assert_eq!(list["kind"], "List");
+        assert_eq!(list["items"].as_array().unwrap().len(), 3);
+        assert_eq!(list["items"][2]["metadata"]["namespace"], "team");
+        assert_eq!(
+            list["items"][0],
+            json!({
+                "apiVersion": "gefyra.dev/v1", "kind": "gefyraclient",
+                "metadata": {"name": ids[0], "namespace": "team"}, "provider": "stowaway"
+            }),
+            "Gefyra's body, nothing else"
+        );
+        assert_eq!(
+            manifests(&clients[..1], ManifestFormat::Name),
+            format!("gefyraclient.gefyra.dev/{}\n", ids[0])
+        );
+        let both = create_args(&["--client-id", "a", "-n", "2"]);
+        assert_eq!(client_ids(&both).unwrap_err().kind, Kind::Usage);
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
         let slot = match arg.get_id().as_str() {
             "kubeconfig" => &mut options.kubeconfig,
             "context" => &mut options.context,
-            "namespace" => &mut options.namespace,
+            "namespace" | "short_namespace" => &mut options.namespace,
             _ => return,
         };
         *slot = Some(value.to_string());
@@ -265,7 +265,7 @@ mod tests {
         let (clients, _) = ask(&["clients", ""]);
         assert!(names(&clients).contains(&"inspect"), "{clients:?}");
         let (formats, _) = ask(&["clients", "ls", "-o", ""]);
-        assert_eq!(names(&formats), ["table", "json", "yaml", "name"]);
+        assert_eq!(names(&formats), ["table", "wide", "json", "yaml", "name"]);
         assert_eq!(
             names(&ask(&["clients", "list", "--output", "y"]).0),
             ["yaml"]

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gefyra_api::connection::{ContractError, ProviderConfig, ProviderParameter, WireGuardKey};
+use gefyra_api::connection::{
+    ContractError, ProviderConfig, ProviderParameter, WireGuardKey, format_allowed_ips,
+};
 use gefyra_api::wireguard::{ConfigFormat, TunnelConfig, generate_key_pair};
 use gefyra_api::{ClientState, GefyraClient};
 use ipnet::IpNet;
@@ -17,10 +19,11 @@ use crate::args::{ConnectArgs, FileArgs, TunnelFormat};
 use crate::cluster::{as_file_client, read_client_file};
 use crate::error::{CliError, Kind, Result};
 use crate::files::write_private;
+use crate::tunnel::{self, Dns, LocalTunnel};
 use crate::wait::{self, Goal};
 
 /// Reads the client's own GefyraClient, explaining a refusal in terms of the client file.
-async fn own_client(api: &Api<GefyraClient>, id: &str) -> Result<GefyraClient> {
+pub(crate) async fn own_client(api: &Api<GefyraClient>, id: &str) -> Result<GefyraClient> {
     api.get(id).await.map_err(|error| match &error {
         kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404) => CliError::new(
             if status.code == 404 { Kind::NotFound } else { Kind::Forbidden },
@@ -74,7 +77,7 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
         .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
     let api = as_file_client(&file).await?;
     let id = file.client_id.as_str();
-    let timeout = Duration::from_secs(args.file.timeout);
+    let timeout = args.file.timeout;
     let before = settled(&api, id, timeout).await?;
 
     let keys = generate_key_pair();
@@ -131,20 +134,27 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
         .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
     let address = config.address;
     let prefix = if address.is_ipv6() { 128 } else { 32 };
-    let allowed_ips = if args.allowed_ips.is_empty() {
-        config.allowed_ips.clone()
+    let routes = tunnel::routes(&args.allowed_ips, &config);
+    if let Some(warning) = &routes.warning {
+        eprintln!("warning: {warning}");
+    }
+    let dns = if tunnel::is_full_tunnel(&routes.nets) {
+        Dns::Everything
     } else {
-        args.allowed_ips.clone()
+        Dns::ClusterDomain(args.cluster_domain.clone())
     };
-    let tunnel = TunnelConfig {
-        private_key,
-        address: IpNet::new(address, prefix).expect("a host prefix is valid"),
-        mtu,
-        server_public_key: config.server_public_key,
-        preshared_key: Some(config.preshared_key),
-        // The client file says where this client reaches Stowaway, as in Gefyra.
-        endpoint,
-        allowed_ips,
+    let local = LocalTunnel {
+        tunnel: TunnelConfig {
+            private_key,
+            address: IpNet::new(address, prefix).expect("a host prefix is valid"),
+            mtu,
+            server_public_key: config.server_public_key,
+            preshared_key: Some(config.preshared_key),
+            // The client file says where this client reaches Stowaway, as in Gefyra.
+            endpoint,
+            allowed_ips: routes.nets.clone(),
+        },
+        dns,
     };
     let format = match args.format {
         TunnelFormat::WgQuick => ConfigFormat::WgQuick,
@@ -154,17 +164,26 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
         .wg_config
         .clone()
         .unwrap_or_else(|| default_config_path(id));
-    write_private(&path, tunnel.render(format).as_bytes())?;
-    let shown = path.display();
-    println!(
-        "GefyraClient {id} is ACTIVE: tunnel address {address}, WireGuard configuration in {shown} (mode 0600)"
-    );
-    match format {
-        ConfigFormat::WgQuick => println!("Bring the tunnel up with: wg-quick up {shown}"),
-        ConfigFormat::Wg => println!(
-            "Bring the tunnel up with: wg setconf INTERFACE {shown} && ip address add {address}/{prefix} dev INTERFACE && ip link set INTERFACE up"
-        ),
+    if format == ConfigFormat::WgQuick
+        && let Some(problem) = tunnel::wg_quick_problem(&path)
+    {
+        eprintln!("warning: {problem}");
     }
+    write_private(&path, local.render(format).as_bytes())?;
+    let tunnel_kind = if tunnel::is_full_tunnel(&routes.nets) {
+        "a full tunnel: all traffic".to_string()
+    } else {
+        format!("a split tunnel: {}", format_allowed_ips(&routes.nets))
+    };
+    println!(
+        "GefyraClient {id} is ACTIVE: tunnel address {address}, {tunnel_kind}; WireGuard configuration in {} (mode 0600)",
+        path.display()
+    );
+    println!(
+        "Bring the tunnel up with:\n  {}\nTake it down with:\n  {}",
+        tunnel::bring_up(format, &path, address, &routes.nets),
+        tunnel::take_down(format, &path),
+    );
     Ok(())
 }
 
@@ -179,7 +198,7 @@ pub async fn disconnect(args: &FileArgs) -> Result<()> {
     let file = read_client_file(&args.file)?;
     let api = as_file_client(&file).await?;
     let id = file.client_id.as_str();
-    let timeout = Duration::from_secs(args.timeout);
+    let timeout = args.timeout;
     let client = settled(&api, id, timeout).await?;
     if client.provider_parameter.is_none() && client.state == ClientState::Waiting {
         println!("GefyraClient {id} is not connected (state WAITING)");
@@ -204,8 +223,14 @@ pub async fn disconnect(args: &FileArgs) -> Result<()> {
         client.state == ClientState::Waiting
     })
     .await?;
+    let default = default_config_path(id);
+    let take_down = if default.exists() {
+        tunnel::take_down(ConfigFormat::WgQuick, &default)
+    } else {
+        "sudo wg-quick down <the file connect wrote>".to_string()
+    };
     println!(
-        "GefyraClient {id} is disconnected (state WAITING); take the tunnel down locally (wg-quick down FILE)"
+        "GefyraClient {id} is disconnected (state WAITING); take the tunnel down locally: {take_down}"
     );
     Ok(())
 }

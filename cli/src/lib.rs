@@ -8,29 +8,54 @@ pub mod cluster;
 pub mod complete;
 pub mod connect;
 pub mod credential;
+pub mod duration;
 pub mod error;
 pub mod files;
 pub mod render;
+pub mod status;
+pub mod tunnel;
 pub mod wait;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use crate::args::{Cli, ClientsCommand, Command};
+use crate::args::{Cli, ClientsCommand, Command, ShortNamespace};
 use crate::cluster::Admin;
 use crate::error::Result;
 
+/// The `-n NAMESPACE` of a `clients` subcommand, if it has one.
+fn short_namespace(command: &ClientsCommand) -> Option<&ShortNamespace> {
+    match command {
+        ClientsCommand::Create(_) => None,
+        ClientsCommand::List(args) => Some(&args.namespace),
+        ClientsCommand::Inspect(args) => Some(&args.namespace),
+        ClientsCommand::Config(args) => Some(&args.namespace),
+        ClientsCommand::Disconnect { namespace, .. } => Some(namespace),
+        ClientsCommand::Delete(args) => Some(&args.namespace),
+    }
+}
+
 async fn dispatch(cli: &Cli) -> Result<()> {
     match &cli.command {
+        // Nothing is sent to the API server: no kubeconfig is needed either.
+        Command::Clients(ClientsCommand::Create(args))
+            if args.dry_run == Some(args::DryRun::Client) =>
+        {
+            clients::create_offline(&cli.global.namespace, args)
+        }
         Command::Clients(command) => {
-            let admin = Admin::connect(&cli.global).await?;
+            let mut global = cli.global.clone();
+            if let Some(namespace) = short_namespace(command).and_then(|n| n.namespace.clone()) {
+                global.namespace = namespace;
+            }
+            let admin = Admin::connect(&global).await?;
             match command {
                 ClientsCommand::Create(args) => clients::create(&admin, args).await,
                 ClientsCommand::List(args) => clients::list(&admin, args).await,
                 ClientsCommand::Inspect(args) => clients::inspect(&admin, args).await,
                 ClientsCommand::Config(args) => clients::config(&admin, args).await,
-                ClientsCommand::Disconnect { client_id } => {
+                ClientsCommand::Disconnect { client_id, .. } => {
                     clients::disconnect(&admin, client_id).await
                 }
                 ClientsCommand::Delete(args) => clients::delete(&admin, args).await,
@@ -38,6 +63,7 @@ async fn dispatch(cli: &Cli) -> Result<()> {
         }
         Command::Connect(args) => connect::connect(args).await,
         Command::Disconnect(args) => connect::disconnect(args).await,
+        Command::Status(args) => status::status(args).await,
         Command::Kubeconfig { file, output } => {
             credential::write_kubeconfig(file, output.as_deref()).await
         }
@@ -79,7 +105,7 @@ async fn complete_words(words: &[String]) -> ExitCode {
             };
             let listed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
                 let admin = Admin::connect(&global).await.ok()?;
-                clients::all_clients(&admin).await.ok()
+                clients::all_clients(&admin, None).await.ok()
             })
             .await
             .ok()

@@ -24,6 +24,10 @@ pub struct ClientRow {
     pub wireguard_handshake: Option<String>,
     /// Why the client is in state ERROR (or not ready).
     pub message: Option<String>,
+    /// The reason of its Ready condition (`-o wide`).
+    pub reason: Option<String>,
+    /// When it is deleted (RFC 3339).
+    pub sunset: Option<String>,
 }
 
 /// The client's `providerConfig`, if it is one (what does not parse is not shown).
@@ -63,6 +67,10 @@ impl ClientRow {
             message: ready
                 .filter(|condition| condition.status != "True" && !condition.message.is_empty())
                 .map(|condition| condition.message.clone()),
+            reason: ready
+                .filter(|condition| !condition.reason.is_empty())
+                .map(|condition| condition.reason.clone()),
+            sunset: client.sunset.clone(),
         }
     }
 }
@@ -197,36 +205,43 @@ fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
     }
 }
 
-/// `clients list` output.
+/// `clients list` output; `-o wide` adds the Ready condition's reason and the sunset.
 pub fn client_list(rows: &[ClientRow], format: OutputFormat, view: TableView) -> String {
-    let header: &[&str] = if view.headers {
-        &["ID", "STATE", "ADDRESS", "AGE", "WIREGUARD HANDSHAKE"]
-    } else {
-        &[]
-    };
+    let wide = format == OutputFormat::Wide;
+    let mut header = vec!["ID", "STATE", "ADDRESS", "AGE", "WIREGUARD HANDSHAKE"];
+    if wide {
+        header.extend(["REASON", "SUNSET"]);
+    }
+    if !view.headers {
+        header.clear();
+    }
     match format {
-        OutputFormat::Table => table(
-            header,
+        OutputFormat::Table | OutputFormat::Wide => table(
+            &header,
             rows.iter().map(|row| {
                 let age = row
                     .created
                     .as_deref()
                     .and_then(|created| created.parse::<jiff::Timestamp>().ok())
                     .map(|created| human_age(created, view.now));
-                vec![
+                let mut cells = vec![
                     row.client_id.clone(),
                     row.state.clone(),
                     or_dash(&row.address),
                     or_dash(&age),
                     or_dash(&row.wireguard_handshake),
-                ]
+                ];
+                if wide {
+                    cells.extend([or_dash(&row.reason), or_dash(&row.sunset)]);
+                }
+                cells
             }),
         ),
         OutputFormat::Name => rows
             .iter()
             .map(|row| resource_name(&row.client_id))
             .collect(),
-        _ => structured(&rows, format),
+        OutputFormat::Json | OutputFormat::Yaml => structured(&rows, format),
     }
 }
 
@@ -376,9 +391,9 @@ impl Inspection {
 
     pub fn render(&self, format: OutputFormat) -> String {
         match format {
-            OutputFormat::Table => {}
+            OutputFormat::Table | OutputFormat::Wide => {}
             OutputFormat::Name => return resource_name(&self.client_id),
-            _ => return structured(self, format),
+            OutputFormat::Json | OutputFormat::Yaml => return structured(self, format),
         }
         let mut fields: Vec<(&str, String)> = vec![
             ("Client", self.client_id.clone()),
@@ -534,11 +549,26 @@ mod tests {
             created: Some("2026-11-23T09:59:00Z".into()),
             wireguard_handshake: None,
             message: None,
+            reason: Some("CredentialsReady".into()),
+            sunset: Some("2026-12-24T18:00:00Z".into()),
         };
         let rows = [row];
         assert_eq!(
             client_list(&rows, OutputFormat::Table, view),
             "anna   WAITING   -    60s   -\n"
+        );
+        assert_eq!(
+            client_list(&rows, OutputFormat::Wide, view),
+            "anna   WAITING   -    60s   -    CredentialsReady   2026-12-24T18:00:00Z\n"
+        );
+        let with_headers = TableView {
+            headers: true,
+            ..view
+        };
+        assert!(
+            client_list(&rows, OutputFormat::Wide, with_headers).starts_with(
+                "ID     STATE     ADDRESS   AGE   WIREGUARD HANDSHAKE   REASON             SUNSET\n"
+            )
         );
         assert_eq!(
             client_list(&rows, OutputFormat::Name, view),

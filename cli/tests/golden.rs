@@ -46,6 +46,7 @@ fn client_list_in_every_format() {
     for (format, view, name) in [
         (OutputFormat::Table, view, "list.txt"),
         (OutputFormat::Table, without_headers, "list-no-headers.txt"),
+        (OutputFormat::Wide, view, "list-wide.txt"),
         (OutputFormat::Json, view, "list.json"),
         (OutputFormat::Yaml, view, "list.yaml"),
         (OutputFormat::Name, view, "list.name"),

@@ -50,7 +50,8 @@ pub fn first_holder(
 }
 
 /// A fresh `providerConfig` for `allocation`: the client's public key (and private key if
-/// the operator generated the pair), the server's key, a new pre-shared key.
+/// the operator generated the pair), the server's key, a new pre-shared key. No cluster
+/// ranges: the caller sets them (`gefyra_api::connection::cluster_ranges` of its pool).
 pub fn new_config(
     allocation: &Allocation,
     client_public: WireGuardKey,
@@ -68,6 +69,7 @@ pub fn new_config(
         server_public,
         preshared,
         endpoint.clone(),
+        Vec::new(),
     )
 }
 

@@ -114,7 +114,8 @@ pub struct RunArgs {
     )]
     pub tunnel_pool: Vec<ipnet::IpNet>,
     /// Ranges no client may route, comma-separated CIDRs (the cluster's pod and service
-    /// CIDRs).
+    /// CIDRs). Published to clients, with the tunnel pool, as `Cluster.AllowedIPs` in their
+    /// providerConfig: what `kubectl gefyra connect` routes by default (a split tunnel).
     #[arg(long, env = "GEFYRA_RESERVED_RANGES", value_delimiter = ',')]
     pub reserved_ranges: Vec<ipnet::IpNet>,
     /// `Peer.Endpoint` in each client's providerConfig (Gefyra's clients take the endpoint

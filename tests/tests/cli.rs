@@ -89,7 +89,7 @@ async fn kubectl_completes_the_plugin(cli: &KubectlGefyra) -> Result<()> {
     }
     let (values, text) = complete(&["gefyra", "clients", "list", "-o", ""]).await?;
     ensure!(
-        values == ["table", "json", "yaml", "name"],
+        values == ["table", "wide", "json", "yaml", "name"],
         "formats: {text}"
     );
     let (values, text) = complete(&["gefyra", "clients", "inspect", "an"]).await?;
@@ -109,18 +109,26 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
     let cli = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
     let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
 
-    // create -n 20: random 32-hex IDs, all WAITING when the command returns.
-    let created = cli.ok(&["clients", "create", "-n", "20"]).await?;
+    // create -n 20: random 32-hex IDs, all WAITING when the command returns; the IDs alone
+    // on stdout, the message on stderr.
+    let output = cli.run(&["clients", "create", "-n", "20"]).await?;
     ensure!(
-        created.ends_with("20 client(s) created successfully\n"),
-        "create output: {created}"
+        output.code == 0
+            && output
+                .stderr
+                .ends_with("20 client(s) created successfully\n"),
+        "create output: {output:?}"
     );
+    let created = output.stdout;
     let ids: BTreeSet<String> = created
         .lines()
         .filter(|line| line.len() == 32 && line.chars().all(|c| c.is_ascii_hexdigit()))
         .map(str::to_string)
         .collect();
-    ensure!(ids.len() == 20, "20 distinct IDs printed: {created}");
+    ensure!(
+        ids.len() == 20 && created.lines().count() == 20,
+        "20 distinct IDs and nothing else on stdout: {created}"
+    );
     for id in &ids {
         let client = clients.get(id).await?;
         ensure!(
@@ -495,6 +503,233 @@ async fn admins_create_list_inspect_configure_and_delete_clients() -> Result<()>
     Ok(())
 }
 
+/// `wg-quick strip FILE` reads a wg-quick file as `wg-quick up` does and prints what it
+/// hands to `wg`: the file must parse and its hooks must not reach `wg`. Where wg-quick is
+/// not installed (only `wg`), this is skipped.
+fn wg_quick_reads(path: &std::path::Path) -> Result<()> {
+    let output = match std::process::Command::new("wg-quick")
+        .arg("strip")
+        .arg(path)
+        .output()
+    {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("wg-quick is not installed: not checking that it reads {path:?}");
+            return Ok(());
+        }
+        other => other?,
+    };
+    let stripped = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success()
+            && stripped.contains("AllowedIPs = ")
+            && !stripped
+                .lines()
+                .any(|line| line.starts_with("PostUp") || line.starts_with("Address")),
+        "wg-quick strip {path:?}: {output:?}"
+    );
+    Ok(())
+}
+
+/// kubectl's habits: `create --dry-run=client` prints manifests without an API server (and
+/// the API server accepts them as they are), `--label`/`--sunset`/`--max-connection-age`,
+/// `-l` on list and delete, `-o wide`, `-n` for the namespace, durations for `--timeout`.
+#[tokio::test]
+async fn admins_use_kubectls_habits() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("cli-habits").await?;
+    let admin = cluster.admin()?;
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    let cli = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+
+    // --dry-run=client needs no cluster at all: the kubeconfig does not exist.
+    let offline = KubectlGefyra::new(&cli.workdir.join("no-such.kubeconfig"), &ns)?;
+    let dry = offline
+        .run(&[
+            "clients",
+            "create",
+            "--client-id",
+            "gitops",
+            "--dry-run=client",
+            "-o",
+            "yaml",
+            "--label",
+            "team=b",
+            "--sunset",
+            "2030-01-01T00:00:00Z",
+            "--max-connection-age",
+            "1h",
+        ])
+        .await?;
+    ensure!(
+        dry.code == 0 && dry.stderr.contains("dry run"),
+        "dry run: {dry:?}"
+    );
+    let manifest: GefyraClient = serde_saphyr::from_str(&dry.stdout)?;
+    ensure!(
+        manifest.metadata.name.as_deref() == Some("gitops")
+            && manifest.metadata.namespace.as_deref() == Some(ns.as_str())
+            && manifest.sunset.as_deref() == Some("2030-01-01T00:00:00Z")
+            && manifest.max_connection_age == Some(3600)
+            && !dry.stdout.contains("state"),
+        "{}",
+        dry.stdout
+    );
+    ensure!(
+        clients.get_opt("gitops").await?.is_none(),
+        "a dry run creates nothing"
+    );
+    let listed: Value = serde_json::from_str(
+        &offline
+            .ok(&["clients", "create", "-n", "2", "--dry-run", "-o", "json"])
+            .await?,
+    )?;
+    ensure!(
+        listed["kind"] == "List" && listed["items"].as_array().map(Vec::len) == Some(2),
+        "{listed}"
+    );
+    // --dry-run=server: the API server checks the client and stores nothing.
+    let checked: Value = serde_json::from_str(
+        &cli.ok(&[
+            "clients",
+            "create",
+            "--client-id",
+            "checked",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ])
+        .await?,
+    )?;
+    ensure!(
+        checked["metadata"]["name"] == "checked" && clients.get_opt("checked").await?.is_none(),
+        "{checked}"
+    );
+    // What it printed is what GitOps applies: the API server and the operator take it as is.
+    clients.create(&PostParams::default(), &manifest).await?;
+    wait_for_state(&clients, "gitops", ClientState::Waiting).await?;
+
+    // Labels, sunset (a duration from now), a maximum connection age, a duration timeout.
+    let before = jiff::Timestamp::now();
+    let output = cli
+        .run(&[
+            "clients",
+            "create",
+            "--client-id",
+            "lab1",
+            "--label",
+            "team=a",
+            "--label",
+            "example.com/owner=anna",
+            "--sunset",
+            "2h",
+            "--max-connection-age",
+            "90m",
+            "--timeout",
+            "1m",
+        ])
+        .await?;
+    ensure!(
+        output.code == 0 && output.stdout == "lab1\n",
+        "the ID alone on stdout: {output:?}"
+    );
+    let lab1 = clients.get("lab1").await?;
+    let labels = lab1.metadata.labels.clone().unwrap_or_default();
+    ensure!(
+        labels.get("team").map(String::as_str) == Some("a")
+            && labels.get("example.com/owner").map(String::as_str) == Some("anna"),
+        "{labels:?}"
+    );
+    let sunset: jiff::Timestamp = lab1.sunset.as_deref().context("a sunset")?.parse()?;
+    let expected = before + jiff::SignedDuration::from_hours(2);
+    ensure!(
+        (sunset.as_second() - expected.as_second()).abs() <= 5,
+        "sunset 2h from now: {sunset}"
+    );
+    ensure!(lab1.max_connection_age == Some(5400), "{lab1:?}");
+    cli.ok(&[
+        "clients",
+        "create",
+        "--client-id",
+        "lab2",
+        "--label",
+        "team=a",
+    ])
+    .await?;
+
+    // -l on list; -o wide shows the reason and the sunset.
+    let selected = cli
+        .ok(&["clients", "list", "-l", "team=a", "-o", "name"])
+        .await?;
+    ensure!(
+        selected == "gefyraclient.gefyra.dev/lab1\ngefyraclient.gefyra.dev/lab2\n",
+        "-l team=a: {selected}"
+    );
+    let none = cli.run(&["clients", "list", "-l", "team=nobody"]).await?;
+    ensure!(
+        none.code == 0 && none.stdout.is_empty() && none.stderr.contains("matching team=nobody"),
+        "{none:?}"
+    );
+    let wide = cli.ok(&["clients", "list", "-o", "wide"]).await?;
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .context("a header")?
+        .split("   ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    ensure!(
+        header
+            == [
+                "ID",
+                "STATE",
+                "ADDRESS",
+                "AGE",
+                "WIREGUARD HANDSHAKE",
+                "REASON",
+                "SUNSET"
+            ],
+        "{wide}"
+    );
+    let row = wide
+        .lines()
+        .find(|line| line.starts_with("lab1 "))
+        .context("lab1's row")?;
+    ensure!(
+        row.contains(lab1.sunset.as_deref().unwrap_or("?")) && row.split_whitespace().count() == 7,
+        "{wide}"
+    );
+
+    // -n NAMESPACE wins over the --namespace the helper adds.
+    let elsewhere = KubectlGefyra::new(&cluster.kubeconfig, "no-such-namespace")?;
+    let named = elsewhere
+        .ok(&["clients", "list", "-n", &ns, "-o", "name"])
+        .await?;
+    ensure!(named.lines().count() == 3, "-n {ns}: {named}");
+    elsewhere
+        .ok(&["clients", "inspect", "-n", &ns, "lab2"])
+        .await?;
+
+    // delete -l: the matching clients only, waited for with a duration timeout.
+    let deleted = cli
+        .ok(&["clients", "delete", "-l", "team=a", "--timeout", "1m"])
+        .await?;
+    ensure!(
+        deleted.contains("Client lab1 marked for deletion")
+            && deleted.contains("Client lab2 marked for deletion"),
+        "{deleted}"
+    );
+    ensure!(
+        clients.get_opt("lab1").await?.is_none() && clients.get_opt("lab2").await?.is_none(),
+        "gone when delete returns"
+    );
+    ensure!(clients.get_opt("gitops").await?.is_some(), "gitops kept");
+    cli.ok(&["clients", "delete", "gitops"]).await?;
+    Ok(())
+}
+
 async fn json_token(clients: &Api<GefyraClient>, name: &str) -> Result<String> {
     Ok(clients
         .get(name)
@@ -505,8 +740,9 @@ async fn json_token(clients: &Api<GefyraClient>, name: &str) -> Result<String> {
 }
 
 /// A developer connects with nothing but the client file (no kubeconfig at all): a real
-/// wireguard-go peer configured from the file `connect -f` writes reaches the cluster
-/// namespace through Stowaway; `disconnect -f` ends it.
+/// wireguard-go peer configured from the file `connect -f` writes — a split tunnel, only the
+/// cluster's ranges the operator publishes — reaches the cluster namespace through Stowaway,
+/// by IP and by name; `disconnect -f` ends it.
 #[tokio::test]
 async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Result<()> {
     let cluster = Cluster::from_env().await?;
@@ -521,6 +757,17 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         .namespace()
         .context("namespaced")?
         .to_string();
+    // The lab's cluster network is the cluster's "Service range": the operator reserves it
+    // and so publishes it to clients (Cluster.AllowedIPs).
+    let cluster_subnet = deployment.lab.cluster_subnet();
+    deployment.operator = Operator::start(
+        &cluster,
+        &ns,
+        &[
+            "--reserved-ranges",
+            &format!("{cluster_subnet},10.244.0.0/16"),
+        ],
+    )?;
     let admin = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
     admin
         .ok(&["clients", "create", "--client-id", "dev"])
@@ -555,6 +802,15 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
     let mode = std::fs::metadata(&wg_config)?.permissions().mode() & 0o777;
     ensure!(mode == 0o600, "WireGuard config mode {mode:o}");
     let text = std::fs::read_to_string(&wg_config)?;
+    let split = format!("AllowedIPs = 192.168.96.0/20, {cluster_subnet}, 10.244.0.0/16\n");
+    ensure!(
+        text.contains(&split),
+        "only the cluster's ranges are routed ({split}): {text}"
+    );
+    ensure!(
+        connected.contains("a split tunnel") && connected.contains("sudo ip link add "),
+        "{connected}"
+    );
     let private_key = text
         .lines()
         .find_map(|line| line.strip_prefix("PrivateKey = "))
@@ -602,6 +858,34 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         )
     })
     .await?;
+    // The developer's status, with the client file's token alone.
+    let status = developer.ok(&["status", "-f", "dev.json"]).await?;
+    for expected in [
+        "ACTIVE",
+        &address,
+        "Latest handshake:",
+        "Token expires:",
+        &cluster_subnet,
+    ] {
+        ensure!(
+            status.contains(expected),
+            "status shows {expected:?}:\n{status}"
+        );
+    }
+    let status: Value = serde_json::from_str(
+        &developer
+            .ok(&["status", "-f", "dev.json", "-o", "json"])
+            .await?,
+    )?;
+    ensure!(
+        status["state"] == "ACTIVE"
+            && status["tunnel_address"] == address.as_str()
+            && status["latest_handshake"].is_string()
+            && status["token_expires_at"].as_str().is_some_and(|at| at
+                .parse::<jiff::Timestamp>()
+                .is_ok_and(|at| at > jiff::Timestamp::now())),
+        "{status}"
+    );
     let inspected = admin.ok(&["clients", "inspect", "dev"]).await?;
     for expected in [
         "WAITING -> ENABLING",
@@ -616,8 +900,15 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
     }
 
     // disconnect -f: WAITING again, and the old key no longer gets through.
-    let disconnected = developer.ok(&["disconnect", "-f", "dev.json"]).await?;
+    let disconnected = developer
+        .ok(&["disconnect", "-f", "dev.json", "--timeout", "1m"])
+        .await?;
     ensure!(disconnected.contains("WAITING"), "{disconnected}");
+    let status = developer.ok(&["status", "-f", "dev.json"]).await?;
+    ensure!(
+        status.contains("WAITING") && !status.contains("Tunnel address"),
+        "{status}"
+    );
     ensure!(
         deployment.clients.get("dev").await?.state == ClientState::Waiting,
         "WAITING"
@@ -641,12 +932,39 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         .await?;
     let again = std::fs::read_to_string(developer.workdir.join("again.conf"))?;
     ensure!(
-        again.contains("Address = ") && again.contains("DNS = 192.168.99.1"),
-        "wg-quick format: {again}"
+        again.contains("Address = ")
+            && again.contains(&split)
+            && again.contains("resolvectl domain %i '~cluster.local'")
+            && !again.contains("\nDNS = "),
+        "wg-quick format, a split tunnel resolving cluster names through it: {again}"
     );
     ensure!(
         !again.contains(&private_key),
         "a fresh key pair per connect"
+    );
+    wg_quick_reads(&developer.workdir.join("again.conf"))?;
+    // Opting into a full tunnel: everything and every DNS query, as Gefyra's Cargo.
+    let full = developer
+        .ok(&[
+            "connect",
+            "-f",
+            "dev.json",
+            "--wg-config",
+            "full.conf",
+            "--allowed-ips",
+            "0.0.0.0/0,::/0",
+        ])
+        .await?;
+    ensure!(
+        full.contains("a full tunnel") && full.contains("sudo wg-quick up ./full.conf\n"),
+        "{full}"
+    );
+    let full = std::fs::read_to_string(developer.workdir.join("full.conf"))?;
+    ensure!(
+        full.contains("AllowedIPs = 0.0.0.0/0, ::/0\n")
+            && full.contains("\nDNS = 192.168.99.1\n")
+            && !full.contains("PostUp"),
+        "{full}"
     );
     let marked = admin.ok(&["clients", "disconnect", "dev"]).await?;
     ensure!(marked.contains("marked for disconnection"), "{marked}");

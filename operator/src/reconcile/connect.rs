@@ -2,7 +2,7 @@
 //! the API server before any configuration is published), its `providerConfig`, and the
 //! state transitions on the way.
 
-use gefyra_api::connection::{ProviderConfig, ProviderParameter, WireGuardKey};
+use gefyra_api::connection::{ProviderConfig, ProviderParameter, WireGuardKey, cluster_ranges};
 use gefyra_api::ipam::{Allocation, IpamError};
 use gefyra_api::{ClientState, GefyraClient};
 use jiff::Timestamp;
@@ -228,13 +228,17 @@ async fn connect(
                 (key(&pair.public), Some(key(&pair.private)))
             }
         };
-        let config = connection::new_config(
-            &allocation,
-            client_public,
-            client_private,
-            server_public,
-            &ctx.settings.wireguard_endpoint,
-        );
+        let config = ProviderConfig {
+            // What a split tunnel routes (Gefyra's clients do not read it).
+            cluster_ranges: cluster_ranges(&ctx.settings.pool),
+            ..connection::new_config(
+                &allocation,
+                client_public,
+                client_private,
+                server_public,
+                &ctx.settings.wireguard_endpoint,
+            )
+        };
         // Replace the whole map: keys of an older config are removed.
         let mut replacement = serde_json::Map::new();
         for stale in client.provider_config.iter().flat_map(|old| old.keys()) {
