@@ -5,14 +5,13 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::http;
 use gefyra_api::{ClientState, GefyraClient};
 use kube::runtime::reflector::Store;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-
-use axum::http;
 
 use crate::error::Error;
 
