@@ -15,7 +15,9 @@ NODE := tests/node.sh
 # debootstrap: the stand-in for Gefyra's Cargo image (tests/cargo-image.sh).
 # containerd, runc, containernetworking-plugins, iptables, busybox-static: the local node
 # (tests/node.sh) and its test workload.
-DEBIAN_PACKAGES := shellcheck openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap containerd runc containernetworking-plugins iptables busybox-static
+# prometheus: promtool, which lints what both components serve on /metrics and runs
+# tests/prometheus/rules-test.yaml on the chart's alerts (tests/tests/packaging.rs).
+DEBIAN_PACKAGES := shellcheck openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap containerd runc containernetworking-plugins iptables busybox-static prometheus
 
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra

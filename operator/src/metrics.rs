@@ -1,8 +1,11 @@
-//! Prometheus metrics with bounded labels: no per-client label.
+//! Prometheus metrics with bounded labels: no per-client label. Every family is named
+//! `gefyra_operator_*` (Stowaway's are `gefyra_stowaway_*`).
 
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::http;
 use gefyra_api::{ClientState, GefyraClient};
 use kube::runtime::reflector::Store;
 use prometheus::{
@@ -21,7 +24,8 @@ pub struct Metrics {
     reconcile_errors: IntCounterVec,
     reconcile_duration: HistogramVec,
     clients: IntGaugeVec,
-    pool: IntGaugeVec,
+    pool_capacity: IntGauge,
+    pool_allocated: IntGauge,
     leader: IntGauge,
     api_requests: IntCounterVec,
     store: OnceLock<Store<GefyraClient>>,
@@ -59,12 +63,14 @@ impl Default for Metrics {
             &["state"],
         )
         .expect("valid metric");
-        let pool = IntGaugeVec::new(
-            Opts::new(
-                "gefyra_operator_ip_pool_addresses",
-                "Tunnel addresses by use (`capacity`, `allocated`), as last written",
-            ),
-            &["use"],
+        let pool_capacity = IntGauge::new(
+            "gefyra_operator_tunnel_pool_capacity_addresses",
+            "Addresses the tunnel pool (--tunnel-pool) holds for clients",
+        )
+        .expect("valid metric");
+        let pool_allocated = IntGauge::new(
+            "gefyra_operator_tunnel_pool_allocated_addresses",
+            "Addresses of the tunnel pool claimed by clients, as last written",
         )
         .expect("valid metric");
         let leader = IntGauge::new(
@@ -75,14 +81,15 @@ impl Default for Metrics {
         let api_requests = IntCounterVec::new(
             Opts::new(
                 "gefyra_operator_api_requests_total",
-                "Requests this operator sent to the Kubernetes API server, by verb (watch, get, post, put, patch, delete)",
+                "Requests this operator sent to the Kubernetes API server, by verb (watch, get, post, put, patch, delete) and the response's status code (`error`: no response)",
             ),
-            &["verb"],
+            &["verb", "code"],
         )
         .expect("valid metric");
         let mut declared = Vec::new();
         for collector in [
-            Box::new(pool.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pool_capacity.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pool_allocated.clone()),
             Box::new(api_requests.clone()),
             Box::new(leader.clone()),
             Box::new(reconciles.clone()),
@@ -107,7 +114,8 @@ impl Default for Metrics {
             reconcile_errors,
             reconcile_duration,
             clients,
-            pool,
+            pool_capacity,
+            pool_allocated,
             leader,
             api_requests,
             store: OnceLock::new(),
@@ -139,11 +147,11 @@ impl Metrics {
         &self.declared
     }
 
-    /// Counts one request to the API server (see [`api_verb`]).
-    pub fn count_api_request(&self, method: &str, query: Option<&str>) {
-        self.api_requests
-            .with_label_values(&[api_verb(method, query)])
-            .inc();
+    /// Counts one request to the API server by verb (see [`api_verb`]) and the response's
+    /// status code, `None` if there was no response.
+    pub fn count_api_request(&self, verb: &str, status: Option<http::StatusCode>) {
+        let code = status.as_ref().map_or("error", http::StatusCode::as_str);
+        self.api_requests.with_label_values(&[verb, code]).inc();
     }
 
     pub fn watch_store(&self, store: Store<GefyraClient>) {
@@ -156,11 +164,10 @@ impl Metrics {
     }
 
     pub fn observe_pool(&self, capacity: u128, allocated: usize) {
-        let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
-        self.pool.with_label_values(&["capacity"]).set(capacity);
-        self.pool
-            .with_label_values(&["allocated"])
-            .set(allocated as i64);
+        self.pool_capacity
+            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+        self.pool_allocated
+            .set(i64::try_from(allocated).unwrap_or(i64::MAX));
     }
 
     pub fn observe_reconcile(&self, duration: Duration, error: Option<&Error>) {
@@ -207,3 +214,119 @@ impl Metrics {
 }
 
 pub type SharedMetrics = Arc<Metrics>;
+
+/// Counts every request of the kube client it wraps in
+/// `gefyra_operator_api_requests_total{verb,code}` once its response (or failure) is in.
+#[derive(Clone)]
+pub struct CountApiRequestsLayer(pub SharedMetrics);
+
+impl<S> tower::Layer<S> for CountApiRequestsLayer {
+    type Service = CountApiRequests<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountApiRequests {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CountApiRequests<S> {
+    inner: S,
+    metrics: SharedMetrics,
+}
+
+impl<S, RequestBody, ResponseBody> tower::Service<http::Request<RequestBody>>
+    for CountApiRequests<S>
+where
+    S: tower::Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+        let verb = api_verb(request.method().as_str(), request.uri().query());
+        let metrics = self.metrics.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            metrics.count_api_request(verb, response.as_ref().ok().map(http::Response::status));
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, Service, ServiceExt};
+
+    #[tokio::test]
+    async fn api_requests_are_counted_by_verb_and_status_code() {
+        let metrics = Arc::new(Metrics::default());
+        let mut api = CountApiRequestsLayer(metrics.clone()).layer(tower::service_fn(
+            |request: http::Request<()>| async move {
+                match request.method().as_str() {
+                    "PATCH" => Ok(http::Response::builder().status(409).body(()).unwrap()),
+                    "GET" => Ok(http::Response::new(())),
+                    _ => Err("connection refused"),
+                }
+            },
+        ));
+        for (method, uri) in [
+            ("PATCH", "/apis/gefyra.dev/v1/x"),
+            ("GET", "/api/v1/secrets?watch=true"),
+            ("GET", "/api/v1/secrets"),
+            ("DELETE", "/api/v1/secrets/x"),
+        ] {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .unwrap();
+            let _ = api.ready().await.unwrap().call(request).await;
+        }
+        let text = metrics.render();
+        for series in [
+            r#"gefyra_operator_api_requests_total{code="409",verb="patch"} 1"#,
+            r#"gefyra_operator_api_requests_total{code="200",verb="watch"} 1"#,
+            r#"gefyra_operator_api_requests_total{code="200",verb="get"} 1"#,
+            r#"gefyra_operator_api_requests_total{code="error",verb="delete"} 1"#,
+        ] {
+            assert!(text.lines().any(|line| line == series), "{series}:\n{text}");
+        }
+    }
+
+    /// One prefix, `_total` on counters only, and no two families one name under
+    /// OpenMetrics (which drops a counter's `_total` from its family name).
+    #[test]
+    fn names_follow_prometheus_naming() {
+        let metrics = Metrics::default();
+        metrics.observe_pool(254, 3);
+        for family in metrics.families() {
+            let name = family.name();
+            assert!(
+                name.starts_with("gefyra_operator_") || name.starts_with("process_"),
+                "{name}"
+            );
+            let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+            assert_eq!(counter, name.ends_with("_total"), "{name}");
+        }
+        let declared = metrics.declared_families();
+        let openmetrics: std::collections::BTreeSet<&str> = declared
+            .iter()
+            .map(|name| name.strip_suffix("_total").unwrap_or(name))
+            .collect();
+        assert_eq!(openmetrics.len(), declared.len(), "{declared:?}");
+        let text = metrics.render();
+        assert!(text.contains("\ngefyra_operator_tunnel_pool_capacity_addresses 254\n"));
+        assert!(text.contains("\ngefyra_operator_tunnel_pool_allocated_addresses 3\n"));
+    }
+}

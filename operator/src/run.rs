@@ -172,14 +172,8 @@ async fn api_client(metrics: Arc<Metrics>) -> Result<Client, kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
-    let count = tower::util::MapRequestLayer::new(
-        move |request: axum::http::Request<kube::client::Body>| {
-            metrics.count_api_request(request.method().as_str(), request.uri().query());
-            request
-        },
-    );
     Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&count)
+        .with_layer(&crate::metrics::CountApiRequestsLayer(metrics))
         .build())
 }
 

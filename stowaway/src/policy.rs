@@ -192,7 +192,7 @@ pub enum LimitHit {
 }
 
 impl LimitHit {
-    /// The `stowaway_dropped_total` reason.
+    /// The `gefyra_stowaway_dropped_packets_total` reason.
     pub fn reason(self) -> &'static str {
         match self {
             Self::PeerTcpFlows | Self::PeerDials | Self::PeerUdpFlows | Self::PeerBuffer => {

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// Where /livez, /readyz and /metrics are served.
     #[arg(long, env = "STOWAWAY_HTTP_ADDRESS", default_value = "0.0.0.0:8081")]
     pub http_address: SocketAddr,
+    /// Export the per-peer series (bytes each way, last handshake), labelled with client
+    /// names: three series per ACTIVE client; `false` for a fleet too large for that.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub per_client_metrics: bool,
     /// Where DNS queries to 192.168.99.1 go (ADDRESS or ADDRESS:PORT); default: the first
     /// nameserver in --resolv-conf.
     #[arg(long, env = "STOWAWAY_RESOLVER")]
@@ -267,7 +271,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             "cannot reach the Kubernetes API ({error}); set KUBECONFIG or run in-cluster"
         )
     })?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(args.per_client_metrics));
     let workers = match args.workers {
         0 => crate::shard::default_workers(),
         workers => workers,

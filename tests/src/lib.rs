@@ -511,6 +511,28 @@ pub async fn metric(port: u16, series: &str) -> Result<f64> {
         .unwrap_or(0.0))
 }
 
+/// The operator's requests to the API server by verb (every status code together), from
+/// the text of its /metrics.
+pub fn api_requests_by_verb(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut by_verb = std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("gefyra_operator_api_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let verb = labels
+            .split(',')
+            .find_map(|pair| pair.strip_prefix("verb=\""))
+            .and_then(|verb| verb.strip_suffix('"'));
+        if let (Some(verb), Ok(value)) = (verb, value.parse::<f64>()) {
+            *by_verb.entry(verb.to_string()).or_insert(0.0) += value;
+        }
+    }
+    by_verb
+}
+
 /// Creates the ServiceAccount, Role and RoleBinding of a component's `rbac` output in
 /// `namespace` (nothing else is accepted).
 pub async fn apply_identity(admin: Client, namespace: &str, yaml: &str) -> Result<()> {

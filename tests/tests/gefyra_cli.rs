@@ -555,7 +555,7 @@ async fn gefyras_own_connect(
         "Gefyra's CLI retried past the taken subnets: {:?} {subnet}",
         connected.state
     );
-    ensure!(metric("stowaway_handshakes_total{result=\"completed\"}").await? >= 1.0);
+    ensure!(metric("gefyra_stowaway_handshakes_total{result=\"completed\"}").await? >= 1.0);
 
     // From a container, through the tunnel and Stowaway, to the cluster side: the server's
     // body, and a TCP flow opened in Stowaway (not, say, straight over the Docker bridge).
@@ -566,7 +566,7 @@ async fn gefyras_own_connect(
         let mut exec = docker.docker();
         exec.args(["exec", container, "bash", "-c", &fetch]);
         async move {
-            let series = "stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}";
+            let series = "gefyra_stowaway_flows_total{protocol=\"tcp\",result=\"opened\"}";
             let opened_before = metric(series).await?;
             let fetched = exec.output().await?;
             let body = String::from_utf8_lossy(&fetched.stdout);

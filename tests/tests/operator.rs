@@ -215,14 +215,7 @@ async fn operator_serves_health_and_metrics() -> Result<()> {
 /// Every request the operator sent to the API server, by verb, as it counts them.
 async fn requests_by_verb(operator: &Operator) -> Result<std::collections::BTreeMap<String, f64>> {
     let (_, metrics) = operator.http_get("/metrics").await?;
-    Ok(metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("gefyra_operator_api_requests_total{verb=\""))
-        .filter_map(|rest| {
-            let (verb, value) = rest.split_once("\"} ")?;
-            Some((verb.to_string(), value.parse::<f64>().ok()?))
-        })
-        .collect())
+    Ok(gefyra_e2e::api_requests_by_verb(&metrics))
 }
 
 /// Every request the operator sent to the API server, as it counts them.

@@ -445,7 +445,7 @@ fn monitoring_asks_for_exported_series(rendered: &str, exported: &str) -> Result
         for name in query
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .filter(|token| {
-                ["gefyra_operator_", "stowaway_", "process_"]
+                ["gefyra_operator_", "gefyra_stowaway_", "process_"]
                     .iter()
                     .any(|prefix| token.starts_with(prefix))
             })
@@ -459,6 +459,103 @@ fn monitoring_asks_for_exported_series(rendered: &str, exported: &str) -> Result
         }
     }
     ensure!(asked >= 20, "{asked} series asked for");
+    Ok(())
+}
+
+/// `promtool check metrics` (Debian's prometheus package) on the text of a /metrics: no
+/// lint problem (a counter without `_total`, a unit not in base units, no help text, ...).
+fn promtool_finds_no_problem(served: &str) -> Result<()> {
+    use std::io::Write;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (make prereqs installs Debian's prometheus package)")?;
+    promtool
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(served.as_bytes())?;
+    let output = promtool.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// `promtool test rules` with tests/prometheus/rules-test.yaml on the rule groups of the
+/// chart's PrometheusRule as rendered for namespace gefyra: each alert fires in a broken
+/// installation, none in a healthy one.
+#[tokio::test]
+async fn the_prometheus_rules_fire_as_their_tests_expect() -> Result<()> {
+    let chart = chart();
+    let rendered = run(
+        "helm",
+        std::path::Path::new("/dev/null"),
+        &[
+            "template",
+            "gefyra",
+            chart.to_str().context("a UTF-8 path")?,
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            "1.36.3",
+            "--set",
+            "prometheusRule.enabled=true",
+        ],
+    )
+    .await?;
+    let documents = documents(&rendered)?;
+    let rule = of_kind(&documents, "PrometheusRule", "gefyra").context("the PrometheusRule")?;
+    let tests = repo_root().join("tests/prometheus/rules-test.yaml");
+    let tests_text = std::fs::read_to_string(&tests)?;
+    // Every alert of the chart fires at least once in the tests.
+    let expected: serde_json::Value = serde_saphyr::from_str(&tests_text)?;
+    let firing: std::collections::BTreeSet<&str> = expected["tests"]
+        .as_array()
+        .context("tests")?
+        .iter()
+        .flat_map(|test| test["alert_rule_test"].as_array().into_iter().flatten())
+        .filter(|case| case["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()))
+        .filter_map(|case| case["alertname"].as_str())
+        .collect();
+    for alert in rule["spec"]["groups"]
+        .as_array()
+        .context("groups")?
+        .iter()
+        .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+        .filter_map(|rule| rule["alert"].as_str())
+    {
+        ensure!(
+            firing.contains(alert),
+            "{} never fires {alert}",
+            tests.display()
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("gefyra-rules-test-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("rules.yaml"),
+        serde_json::to_string(&json!({"groups": rule["spec"]["groups"]}))?,
+    )?;
+    std::fs::write(dir.join("rules-test.yaml"), &tests_text)?;
+    let output = std::process::Command::new("promtool")
+        .args(["test", "rules", "rules-test.yaml"])
+        .current_dir(&dir)
+        .output()
+        .context("running promtool (make prereqs installs Debian's prometheus package)")?;
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(
+        output.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 
@@ -531,6 +628,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
         "- --peer-max-tcp-flows=256",
         "- --peer-max-buffer-bytes=134217728",
         "- --tcp-idle-timeout=300",
+        "- --per-client-metrics=true",
     ] {
         ensure!(
             defaults.contains(expected),
@@ -541,6 +639,12 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
     ensure!(
         !defaults.contains("- --deny="),
         "the metadata services are Stowaway's own default, not a copy in the chart"
+    );
+    ensure!(
+        template("stowaway.metrics.perClient=false")
+            .await?
+            .contains("- --per-client-metrics=false"),
+        "the per-client series can be turned off"
     );
     let restricted = template(
         "stowaway.egress.allow={10.96.0.0/12,10.244.0.0/16},stowaway.limits.perPeer.udpFlows=8",
@@ -674,17 +778,46 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
                 .await
                 .map(|(_, body)| body)
                 .unwrap_or_default();
-            Ok((ready && metrics.lines().any(|line| line == "stowaway_peers 1")).then_some(()))
+            Ok((ready
+                && metrics
+                    .lines()
+                    .any(|line| line == "gefyra_stowaway_peers 1"))
+            .then_some(()))
         },
     )
     .await
     .with_context(|| {
         std::fs::read_to_string(stowaway_log.with_extension("err")).unwrap_or_default()
     })?;
-    // Every series the PrometheusRule and the dashboard ask for is one the components export.
-    let mut exported = http_get(operator.http_port, "/metrics").await?.1;
-    exported.push_str(&http_get(stowaway_http, "/metrics").await?.1);
-    monitoring_asks_for_exported_series(&observed, &exported)?;
+    // Every series the PrometheusRule and the dashboard ask for is one the components
+    // export, and what each serves passes promtool's lint.
+    let operator_metrics = http_get(operator.http_port, "/metrics").await?.1;
+    let stowaway_metrics = http_get(stowaway_http, "/metrics").await?.1;
+    for (component, served) in [
+        ("operator", &operator_metrics),
+        ("Stowaway", &stowaway_metrics),
+    ] {
+        promtool_finds_no_problem(served).with_context(|| format!("the {component}'s /metrics"))?;
+    }
+    // The per-client series appear with a handshake, which this peer never makes.
+    let with_a_peer = stowaway::metrics::Metrics::default().render(
+        &[(
+            "chart-rbac".to_string(),
+            stowaway::endpoint::PeerStats {
+                since_handshake: Some(Duration::from_secs(1)),
+                received: 1,
+                sent: 1,
+                endpoint: None,
+            },
+        )]
+        .into(),
+        std::time::SystemTime::now(),
+    );
+    ensure!(
+        with_a_peer.contains("gefyra_stowaway_peer_received_bytes_total{client=\"chart-rbac\"} 1")
+    );
+    promtool_finds_no_problem(&with_a_peer).context("Stowaway's per-client series")?;
+    monitoring_asks_for_exported_series(&observed, &(operator_metrics + &stowaway_metrics))?;
     set_provider_parameter(&clients, "chart-rbac", serde_json::Value::Null).await?;
     wait_for_state(&clients, "chart-rbac", ClientState::Waiting).await?;
     clients.delete("chart-rbac", &Default::default()).await?;

@@ -120,7 +120,7 @@ async fn real_peers_reach_the_cluster_through_an_unprivileged_stowaway() -> Resu
     ensure!(reply.is_err(), "a spoofed datagram was answered: {reply:?}");
     let spoofs = setup
         .stowaway
-        .metric("stowaway_dropped_total{reason=\"spoofed_source\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"spoofed_source\"}")
         .await?;
     ensure!(spoofs >= 1.0, "spoofed_source drops: {spoofs}");
 
@@ -164,11 +164,11 @@ async fn real_peers_reach_the_cluster_through_an_unprivileged_stowaway() -> Resu
     gefyra_e2e::wait_gone(&setup.clients, "c").await?;
     let stowaway = &setup.stowaway;
     eventually("c's peer is removed", WAIT, || async {
-        Ok((stowaway.metric("stowaway_peers").await? == 1.0).then_some(()))
+        Ok((stowaway.metric("gefyra_stowaway_peers").await? == 1.0).then_some(()))
     })
     .await?;
     let unknown_before = stowaway
-        .metric("stowaway_handshakes_total{result=\"unknown_peer\"}")
+        .metric("gefyra_stowaway_handshakes_total{result=\"unknown_peer\"}")
         .await?;
     // A fresh handshake from c: re-adding the peer in wg forgets its session.
     let config = setup
@@ -194,7 +194,7 @@ async fn real_peers_reach_the_cluster_through_an_unprivileged_stowaway() -> Resu
     );
     eventually("c's handshake is refused", WAIT, || async {
         let refused = stowaway
-            .metric("stowaway_handshakes_total{result=\"unknown_peer\"}")
+            .metric("gefyra_stowaway_handshakes_total{result=\"unknown_peer\"}")
             .await?;
         Ok((refused > unknown_before).then_some(()))
     })
@@ -231,7 +231,7 @@ async fn peers_on_every_worker_reach_the_cluster_and_keep_their_session_when_the
     )
     .await?;
     setup.stowaway.wait_ready().await?;
-    ensure!(setup.stowaway.metric("stowaway_workers").await? == 3.0);
+    ensure!(setup.stowaway.metric("gefyra_stowaway_workers").await? == 3.0);
     let mut peers = Vec::new();
     for worker in 0..workers {
         let name = format!("w{worker}");
@@ -261,13 +261,13 @@ async fn peers_on_every_worker_reach_the_cluster_and_keep_their_session_when_the
     ensure!(body == "peer-w2", "the forward reached {body:?}");
     let forwards = setup
         .stowaway
-        .metric(r#"stowaway_handoffs_total{kind="forward"}"#)
+        .metric(r#"gefyra_stowaway_handoffs_total{kind="forward"}"#)
         .await?;
     ensure!(forwards == 1.0, "forwards handed over: {forwards}");
 
     // Every peer roams: a new source port, the same session, its worker found by the kernel.
-    let completed = r#"stowaway_handshakes_total{result="completed"}"#;
-    let datagrams = r#"stowaway_handoffs_total{kind="datagram"}"#;
+    let completed = r#"gefyra_stowaway_handshakes_total{result="completed"}"#;
+    let datagrams = r#"gefyra_stowaway_handoffs_total{kind="datagram"}"#;
     let handshakes_before = setup.stowaway.metric(completed).await?;
     let handoffs_before = setup.stowaway.metric(datagrams).await?;
     for (index, peer) in peers.iter().enumerate() {
@@ -315,7 +315,9 @@ async fn peers_on_every_worker_reach_the_cluster_and_keep_their_session_when_the
     for reason in ["misrouted", "handoff_queue_full"] {
         let dropped = setup
             .stowaway
-            .metric(&format!(r#"stowaway_dropped_total{{reason="{reason}"}}"#))
+            .metric(&format!(
+                r#"gefyra_stowaway_dropped_packets_total{{reason="{reason}"}}"#
+            ))
             .await?;
         ensure!(dropped == 0.0, "{dropped} dropped as {reason}");
     }
@@ -420,16 +422,16 @@ async fn garbage_and_a_handshake_flood_leave_real_peers_connected() -> Result<()
     ensure!(setup.stowaway.process.is_running(), "Stowaway survived");
     let stowaway = &setup.stowaway;
     let malformed = stowaway
-        .metric("stowaway_dropped_total{reason=\"malformed\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"malformed\"}")
         .await?;
     let cookies = stowaway
-        .metric("stowaway_handshakes_total{result=\"cookie_required\"}")
+        .metric("gefyra_stowaway_handshakes_total{result=\"cookie_required\"}")
         .await?;
     let strangers = stowaway
-        .metric("stowaway_handshakes_total{result=\"unknown_peer\"}")
+        .metric("gefyra_stowaway_handshakes_total{result=\"unknown_peer\"}")
         .await?;
     let completed = stowaway
-        .metric("stowaway_handshakes_total{result=\"completed\"}")
+        .metric("gefyra_stowaway_handshakes_total{result=\"completed\"}")
         .await?;
     ensure!(malformed > 1_000.0, "malformed drops: {malformed}");
     ensure!(
@@ -597,13 +599,13 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
     let stowaway = &setup.stowaway;
     eventually("b's forged config is refused", WAIT, || async {
         let refused = stowaway
-            .metric("stowaway_refused_clients{reason=\"address_not_claimed\"}")
+            .metric("gefyra_stowaway_refused_clients{reason=\"address_not_claimed\"}")
             .await?;
         Ok((refused == 1.0).then_some(()))
     })
     .await?;
     ensure!(
-        stowaway.metric("stowaway_peers").await? == 1.0,
+        stowaway.metric("gefyra_stowaway_peers").await? == 1.0,
         "only a is a peer"
     );
     setup.reaches_the_cluster(&a.netns).await?;
@@ -622,7 +624,7 @@ async fn forged_configs_and_subnets_never_divert_another_clients_traffic() -> Re
         )
         .await?;
     eventually("b is a peer again", WAIT, || async {
-        Ok((stowaway.metric("stowaway_peers").await? == 2.0).then_some(()))
+        Ok((stowaway.metric("gefyra_stowaway_peers").await? == 2.0).then_some(()))
     })
     .await?;
     setup.reaches_the_cluster(&b.netns).await?;
@@ -693,7 +695,7 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     // network namespace), the metadata service, and an address outside --allow: each a
     // reset.
     let denied_before = stowaway
-        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"egress_denied\"}")
         .await?;
     let refused_destinations = [
         SocketAddrV4::new([127, 0, 0, 1].into(), metrics_port),
@@ -720,7 +722,7 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
         "a refused datagram is answered with ICMP code 13: {replies:?}"
     );
     let denied = stowaway
-        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"egress_denied\"}")
         .await?;
     ensure!(
         denied >= denied_before + 5.0,
@@ -737,13 +739,17 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     // Limits: UDP flows beyond 2 are refused with an ICMP error, TCP flows beyond 3 with a
     // reset; the neighbour is untouched.
     eventually("the attacker's earlier flows are gone", WAIT, || async {
-        let tcp = stowaway.metric("stowaway_flows{protocol=\"tcp\"}").await?;
-        let udp = stowaway.metric("stowaway_flows{protocol=\"udp\"}").await?;
+        let tcp = stowaway
+            .metric("gefyra_stowaway_open_flows{protocol=\"tcp\"}")
+            .await?;
+        let udp = stowaway
+            .metric("gefyra_stowaway_open_flows{protocol=\"udp\"}")
+            .await?;
         Ok((tcp == 0.0 && udp == 0.0).then_some(()))
     })
     .await?;
     let limited_before = stowaway
-        .metric("stowaway_dropped_total{reason=\"peer_limit\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"peer_limit\"}")
         .await?;
     for index in 20..23 {
         let datagram = mallory.udp(port(index), echo, b"echo");
@@ -793,7 +799,7 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     );
     ensure!(
         stowaway
-            .metric("stowaway_dropped_total{reason=\"peer_limit\"}")
+            .metric("gefyra_stowaway_dropped_packets_total{reason=\"peer_limit\"}")
             .await?
             >= limited_before + 2.0,
         "limit refusals counted"
@@ -810,12 +816,14 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     // idle out; then a connection it completes and abandons expires too.
     eventually("the half-open and idle flows expire", WAIT, || async {
         let handshakes = stowaway
-            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"handshake\"}")
+            .metric("gefyra_stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"handshake\"}")
             .await?;
         let udp = stowaway
-            .metric("stowaway_flow_expiries_total{protocol=\"udp\",timeout=\"idle\"}")
+            .metric("gefyra_stowaway_flow_expiries_total{protocol=\"udp\",timeout=\"idle\"}")
             .await?;
-        let open = stowaway.metric("stowaway_flows{protocol=\"tcp\"}").await?;
+        let open = stowaway
+            .metric("gefyra_stowaway_open_flows{protocol=\"tcp\"}")
+            .await?;
         Ok((handshakes >= 3.0 && udp >= 2.0 && open == 0.0).then_some(()))
     })
     .await?;
@@ -883,9 +891,11 @@ async fn a_hostile_peer_reaches_only_what_the_policy_allows_and_holds_only_its_s
     );
     eventually("the abandoned connection expires", WAIT, || async {
         let idle = stowaway
-            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"idle\"}")
+            .metric("gefyra_stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"idle\"}")
             .await?;
-        let open = stowaway.metric("stowaway_flows{protocol=\"tcp\"}").await?;
+        let open = stowaway
+            .metric("gefyra_stowaway_open_flows{protocol=\"tcp\"}")
+            .await?;
         Ok((idle >= 1.0 && open == 0.0).then_some(()))
     })
     .await?;
@@ -962,7 +972,7 @@ async fn a_peer_never_reaches_stowaways_own_services() -> Result<()> {
     let stowaway = &setup.stowaway;
     let lab = &setup.lab;
     let denied_before = stowaway
-        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"egress_denied\"}")
         .await?;
     eventually(
         "the metrics Service's addresses are refused",
@@ -982,7 +992,7 @@ async fn a_peer_never_reaches_stowaways_own_services() -> Result<()> {
         "the peer reached {metrics_url}"
     );
     let denied = stowaway
-        .metric("stowaway_dropped_total{reason=\"egress_denied\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"egress_denied\"}")
         .await?;
     ensure!(
         denied >= denied_before + 2.0,
@@ -1050,7 +1060,7 @@ async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Resu
     // Stowaway has counted them (every second).
     let stowaway = &setup.stowaway;
     eventually("four live peers", WAIT, || async {
-        Ok((stowaway.metric("stowaway_live_peers").await? == 4.0).then_some(()))
+        Ok((stowaway.metric("gefyra_stowaway_live_peers").await? == 4.0).then_some(()))
     })
     .await?;
     let http = SocketAddrV4::new(setup.lab.cluster_address(), 8080);
@@ -1068,7 +1078,7 @@ async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Resu
     }
     let shares = setup
         .stowaway
-        .metric("stowaway_dropped_total{reason=\"peer_share\"}")
+        .metric("gefyra_stowaway_dropped_packets_total{reason=\"peer_share\"}")
         .await?;
     ensure!(shares >= 6.0, "refusals over a share counted: {shares}");
     // Nine flows held by the greedy three: the neighbour's connection still opens.
@@ -1090,9 +1100,9 @@ async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Resu
     let stowaway = &setup.stowaway;
     eventually("each greedy peer gave back a flow", WAIT, || async {
         let given_back = stowaway
-            .metric("stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"over_share\"}")
+            .metric("gefyra_stowaway_flow_expiries_total{protocol=\"tcp\",timeout=\"over_share\"}")
             .await?;
-        let live = stowaway.metric("stowaway_live_peers").await?;
+        let live = stowaway.metric("gefyra_stowaway_live_peers").await?;
         Ok((live == 5.0 && given_back == 3.0).then_some(()))
     })
     .await?;

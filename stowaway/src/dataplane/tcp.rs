@@ -201,7 +201,7 @@ impl DataPlane {
             .flows_total
             .with_label_values(&["tcp", "opened"])
             .inc();
-        self.metrics.flows.with_label_values(&["tcp"]).inc();
+        self.metrics.open_flows.with_label_values(&["tcp"]).inc();
     }
 
     /// Copies bytes between every flow's two sides, each a bounded share; whether any byte
@@ -261,7 +261,7 @@ impl DataPlane {
             // Whatever the peer had not finished is cut on the cluster side too.
             let _ = flow.stream.shutdown(Shutdown::Both);
             self.sockets.remove(flow.socket);
-            self.metrics.flows.with_label_values(&["tcp"]).dec();
+            self.metrics.open_flows.with_label_values(&["tcp"]).dec();
         }
     }
 

@@ -76,7 +76,7 @@ impl DataPlane {
             .flows_total
             .with_label_values(&["udp", "opened"])
             .inc();
-        self.metrics.flows.with_label_values(&["udp"]).inc();
+        self.metrics.open_flows.with_label_values(&["udp"]).inc();
         self.flows.insert(
             token,
             peer,
@@ -129,7 +129,7 @@ impl DataPlane {
         }) = self.remove_flow(token)
         {
             let _ = self.poll.registry().deregister(&mut flow.socket);
-            self.metrics.flows.with_label_values(&["udp"]).dec();
+            self.metrics.open_flows.with_label_values(&["udp"]).dec();
         }
     }
 }

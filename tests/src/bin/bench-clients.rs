@@ -420,14 +420,7 @@ struct Idle {
 /// Every request the operator sent to the API server, by verb, as it counts them.
 async fn operator_requests(operator: &Operator) -> Result<BTreeMap<String, f64>> {
     let (_, metrics) = operator.http_get("/metrics").await?;
-    Ok(metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("gefyra_operator_api_requests_total{verb=\""))
-        .filter_map(|rest| {
-            let (verb, value) = rest.split_once("\"} ")?;
-            Some((verb.to_string(), value.parse::<f64>().ok()?))
-        })
-        .collect())
+    Ok(gefyra_e2e::api_requests_by_verb(&metrics))
 }
 
 /// Writes `status.wireguard` of every client twice in one minute, spread evenly (as
