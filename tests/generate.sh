@@ -10,7 +10,8 @@
 #   deploy/gefyra-operator.yaml                     the chart rendered with default values
 #                                                   (plus namespace.create, so that
 #                                                   `kubectl apply -f deploy/` is complete)
-#   README.md, the chart's values table             values-table (from values.yaml's comments)
+#   charts/gefyra-operator/README.md, its values table   values-table (from values.yaml's
+#                                                   comments; `helm show readme` prints it)
 # Usage: tests/generate.sh [OUT]   (OUT: the repository root by default; another directory
 # gets a copy of charts/ first, so the drift check can compare the two trees).
 # Needs target/debug/{gefyra-operator,stowaway,values-table} and helm (tests/controlplane.sh
@@ -121,4 +122,4 @@ rbac stowaway stowaway "$stowaway" >"$chart/templates/stowaway-rbac.yaml"
     --kube-version "$KUBERNETES_VERSION"
 } >"$out/deploy/gefyra-operator.yaml"
 
-"$values_table" "$chart/values.yaml" "$out/README.md"
+"$values_table" "$chart/values.yaml" "$chart/README.md"

@@ -1,7 +1,8 @@
 //! `values-table VALUES README`: the chart's values as a Markdown table (key, default,
 //! description from the comments above each key), written into README between the
 //! markers `<!-- values-table:begin -->` and `<!-- values-table:end -->`. Run by
-//! tests/generate.sh; the drift test fails when the README's table is stale.
+//! tests/generate.sh with the chart's own README (charts/gefyra-operator/README.md, which
+//! `helm show readme` prints); the drift test fails when its table is stale.
 
 use std::path::Path;
 
