@@ -4,6 +4,7 @@
 //! kubeconfig as `GEFYRA_KUBECONFIG`; every test gets its own fresh namespace from it.
 
 pub mod attacker;
+pub mod docs;
 pub mod lab;
 
 use std::future::Future;

@@ -5,6 +5,7 @@
 //! the Stowaway Pod replaced, the peer's traffic resumes with the config it has; two operator
 //! replicas roll and hand over leadership; `helm uninstall` keeps the CRD and the namespace.
 //! The admin's steps also with Gefyra's own CLI (`GEFYRA_CLI`, tests/gefyra-cli.sh).
+//! The README's and docs/*.md's marked commands run as written (`the_docs_commands_run_as_written`).
 //!
 //! `make test` runs these on a cluster of their own with a node (`make e2e-node`); they are
 //! ignored elsewhere: `tests/node.sh run -- cargo test -p gefyra-e2e --test node -- --ignored`.
@@ -34,6 +35,10 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 249, 0, 1);
 const CLUSTER_RANGES: [&str; 2] = ["10.0.0.0/24", "10.244.0.0/24"];
 const WEB: &str = "http://web.demo.svc.cluster.local/";
 const WAIT: Duration = Duration::from_secs(180);
+
+/// The tests here share one cluster and its fixed names (namespace `gefyra`, release
+/// `gefyra`, NodePort 31820): one at a time.
+static NODE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn cluster_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(
@@ -206,7 +211,9 @@ async fn leader(leases: &Api<Lease>) -> Result<Option<String>> {
 #[tokio::test]
 #[ignore = "needs a node: make test runs it (make e2e-node)"]
 async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() -> Result<()> {
+    let _one_at_a_time = NODE_CLUSTER.lock().await;
     let cluster = Cluster::from_env().await?;
+    without_gefyra(&cluster).await?;
     let admin = cluster.admin()?;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
 
@@ -512,4 +519,303 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
         "the clients are kept"
     );
     Ok(())
+}
+
+/// The pages whose marked commands run, in this order: the install page's `helm install`
+/// first (the README's first client needs it), the full uninstall (upgrade.md) last.
+const DOC_PAGES: [&str; 5] = [
+    "docs/install.md",
+    "README.md",
+    "docs/cli.md",
+    "docs/troubleshooting.md",
+    "docs/upgrade.md",
+];
+/// How long one block may take.
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Every `sh` block of the README and docs/ carries a marker (no node needed).
+#[test]
+fn every_command_block_of_the_docs_says_whether_the_docs_test_runs_it() -> Result<()> {
+    let (run, not_run) = gefyra_e2e::docs::runnable_blocks(&repo_root(), &DOC_PAGES)?;
+    ensure!(!run.is_empty(), "no block to run");
+    ensure!(
+        not_run.len() < run.len(),
+        "few blocks are not run: {} not run against {} run",
+        not_run.len(),
+        run.len()
+    );
+    Ok(())
+}
+
+/// No Gefyra left on the cluster: no release, no namespace `gefyra` (clients another test
+/// kept there, without an operator, lose their finalizer). The CRDs stay: a release of the
+/// same name adopts them.
+async fn without_gefyra(cluster: &Cluster) -> Result<()> {
+    let admin = cluster.admin()?;
+    let released = run(
+        "helm",
+        &cluster.kubeconfig,
+        &["status", "gefyra", "--namespace", "default"],
+    )
+    .await
+    .is_ok();
+    if released {
+        // The operator still runs: it revokes each client and releases its ranges.
+        let _ = run(
+            "kubectl",
+            &cluster.kubeconfig,
+            &[
+                "delete",
+                "gefyraclients",
+                "--all",
+                "--namespace",
+                NAMESPACE,
+                "--wait",
+                "--timeout=120s",
+            ],
+        )
+        .await;
+        run(
+            "helm",
+            &cluster.kubeconfig,
+            &["uninstall", "gefyra", "--namespace", "default", "--wait"],
+        )
+        .await?;
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    if crds.get_opt("gefyraclients.gefyra.dev").await?.is_some() {
+        let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), NAMESPACE);
+        for client in clients.list(&ListParams::default()).await? {
+            let name = client.metadata.name.clone().unwrap_or_default();
+            clients
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+                )
+                .await?;
+        }
+    }
+    let namespaces: Api<Namespace> = Api::all(admin);
+    if namespaces.get_opt(NAMESPACE).await?.is_some() {
+        let _ = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
+        eventually("namespace gefyra is gone", WAIT, || async {
+            Ok(namespaces.get_opt(NAMESPACE).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// A directory that looks like a checkout to the docs' commands (`charts/...`,
+/// `$PWD/target/debug`, `tests/...`): the repository's top-level entries linked into it;
+/// what the commands write stays in it. `HOME` is a fresh directory inside.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("gefyra-docs-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(dir.join(".docs-test/bin"))?;
+        std::fs::create_dir_all(dir.join(".docs-test/home"))?;
+        for entry in std::fs::read_dir(repo_root())? {
+            let entry = entry?;
+            if entry.file_name() == ".git" {
+                continue;
+            }
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))?;
+        }
+        // The developer's machine has a resolvconf, which wg-quick uses for its `DNS =`
+        // line; ours writes the developer's namespace's resolv.conf (the one `ip netns
+        // exec` mounts there), never the machine's.
+        let shim = dir.join(".docs-test/bin/resolvconf");
+        std::fs::write(
+            &shim,
+            "#!/bin/sh\n# The docs test's resolvconf: the network namespace's resolv.conf only.\n\
+             case \"$1\" in -a) cat >\"${GEFYRA_TEST_RESOLV_CONF:?}\" ;; esac\n",
+        )?;
+        std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        Ok(Self { dir })
+    }
+}
+
+/// Runs one block as written (`set -euo pipefail` first) with bash, on the admin's machine
+/// or in the developer's namespace; its output, or an error naming the block.
+async fn run_block(
+    scratch: &Scratch,
+    number: usize,
+    block: &gefyra_e2e::docs::Block,
+    cluster_dir: &std::path::Path,
+    developer_netns: &str,
+) -> Result<String> {
+    use gefyra_e2e::docs::Marker;
+    let script = scratch.dir.join(format!(".docs-test/block-{number:02}.sh"));
+    std::fs::write(&script, format!("set -euo pipefail\n{}", block.text))?;
+    let tools = gefyra_e2e::controlplane_tool("kubectl")?
+        .parent()
+        .context("the tools' directory")?
+        .to_path_buf();
+    let plugin = gefyra_e2e::kubectl_gefyra_binary()
+        .parent()
+        .context("kubectl-gefyra's directory")?
+        .to_path_buf();
+    let system = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    let mut command = match block.marker {
+        Marker::Netns => {
+            let mut command = tokio::process::Command::new("ip");
+            command.args(["netns", "exec", developer_netns, "bash"]);
+            command
+        }
+        _ => tokio::process::Command::new("bash"),
+    };
+    command
+        .arg(&script)
+        .current_dir(&scratch.dir)
+        .env_clear()
+        .env("HOME", scratch.dir.join(".docs-test/home"))
+        .env("LANG", "C.UTF-8")
+        .env("CLUSTER_DIR", cluster_dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if block.marker == Marker::Netns {
+        command
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}:{}:{system}",
+                    scratch.dir.join(".docs-test/bin").display(),
+                    plugin.display(),
+                    tools.display()
+                ),
+            )
+            .env(
+                "GEFYRA_TEST_RESOLV_CONF",
+                format!("/etc/netns/{developer_netns}/resolv.conf"),
+            );
+    } else {
+        command
+            .env(
+                "PATH",
+                format!("{}:{}:{system}", plugin.display(), tools.display()),
+            )
+            .env("KUBECONFIG", cluster_dir.join("kubeconfig"));
+    }
+    let where_ = if block.marker == Marker::Netns {
+        " (in the developer's network namespace)"
+    } else {
+        ""
+    };
+    println!("==> {}:{}{where_}\n{}", block.page, block.line, block.text);
+    let output = tokio::time::timeout(BLOCK_TIMEOUT, command.output())
+        .await
+        .with_context(|| {
+            format!(
+                "{}:{}: not done within {BLOCK_TIMEOUT:?}",
+                block.page, block.line
+            )
+        })??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{text}");
+    ensure!(
+        output.status.success(),
+        "{}:{}{where_} failed ({}):\n{}\n--- its output:\n{text}",
+        block.page,
+        block.line,
+        output.status,
+        block.text
+    );
+    Ok(text)
+}
+
+/// The processes left in a network namespace (wireguard-go of a `wg-quick up` whose `down`
+/// never ran): all started by this test.
+fn stop_processes_in(netns: &str) {
+    if let Ok(pids) = gefyra_e2e::lab::run("ip", &["netns", "pids", netns]) {
+        for pid in pids.split_whitespace() {
+            let _ = std::process::Command::new("kill").arg(pid).status();
+        }
+    }
+}
+
+/// The README's and docs/*.md's marked commands, as written, in the order of DOC_PAGES: the
+/// install page's `helm install` with the local image, the README's first client (create,
+/// client file, connect, `wg-quick up` in the developer's namespace, the demo Service by
+/// name, down and disconnect), the CLI's and troubleshooting's commands, the full
+/// uninstall. On the cluster `make up` makes: a node and the demo Service.
+#[tokio::test]
+#[ignore = "needs a node: make test runs it (make e2e-node)"]
+async fn the_docs_commands_run_as_written() -> Result<()> {
+    let _one_at_a_time = NODE_CLUSTER.lock().await;
+    let (blocks, not_run) = gefyra_e2e::docs::runnable_blocks(&repo_root(), &DOC_PAGES)?;
+    for block in &not_run {
+        if let gefyra_e2e::docs::Marker::NotRun(why) = &block.marker {
+            println!("not run: {}:{} — {why}", block.page, block.line);
+        }
+    }
+    let cluster = Cluster::from_env().await?;
+    let cluster_dir = cluster_dir()?;
+    ensure!(
+        cluster_dir.join("kubeconfig") == cluster.kubeconfig,
+        "the docs' KUBECONFIG is $CLUSTER_DIR/kubeconfig: {} is not {}",
+        cluster_dir.join("kubeconfig").display(),
+        cluster.kubeconfig.display()
+    );
+    without_gefyra(&cluster).await?;
+    // What `make up` adds besides the chart (tests/system.sh): the demo workload.
+    let demo = repo_root().join("deploy/demo/web.yaml");
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            demo.to_str().context("utf-8")?,
+        ],
+    )
+    .await?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ],
+    )
+    .await?;
+
+    let scratch = Scratch::new()?;
+    let mut lab = Lab::new()?;
+    // The developer's machine: a namespace reaching the node's address; its resolv.conf
+    // exists (so `ip netns exec` mounts it) with a resolver that answers nothing, until
+    // wg-quick's DNS line replaces it.
+    let developer = lab.new_peer()?;
+    lab.use_resolver(&developer.netns, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)))?;
+    let mut result = Ok(());
+    for (number, block) in blocks.iter().enumerate() {
+        if let Err(error) = run_block(&scratch, number, block, &cluster_dir, &developer.netns).await
+        {
+            result = Err(error);
+            break;
+        }
+    }
+    stop_processes_in(&developer.netns);
+    drop(lab);
+    if result.is_err() {
+        // The other test starts from no Gefyra; the scratch directory stays for a look.
+        let _ = without_gefyra(&cluster).await;
+        println!("the docs test's directory: {}", scratch.dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&scratch.dir);
+    }
+    result
 }
