@@ -626,16 +626,33 @@ impl Scratch {
             }
             std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))?;
         }
-        // The developer's machine has a resolvconf, which wg-quick uses for its `DNS =`
-        // line; ours writes the developer's namespace's resolv.conf (the one `ip netns
-        // exec` mounts there), never the machine's.
-        let shim = dir.join(".docs-test/bin/resolvconf");
-        std::fs::write(
-            &shim,
-            "#!/bin/sh\n# The docs test's resolvconf: the network namespace's resolv.conf only.\n\
-             case \"$1\" in -a) cat >\"${GEFYRA_TEST_RESOLV_CONF:?}\" ;; esac\n",
-        )?;
-        std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        // The developer's machine has systemd-resolved (the split tunnel's PostUp runs
+        // `resolvectl dns IFACE 192.168.99.1` and `resolvectl domain IFACE ~cluster.local`)
+        // or resolvconf (a full tunnel's `DNS =` line). Ours stand in for them in the
+        // developer's namespace: the server they are given becomes that namespace's
+        // resolv.conf (the one `ip netns exec` mounts there), never the machine's; in a
+        // namespace of its own every name may go to it.
+        let shims = [
+            (
+                "resolvectl",
+                "case \"$1\" in dns) shift 2; for server in \"$@\"; do echo \"nameserver $server\"; done \
+                 >\"${GEFYRA_TEST_RESOLV_CONF:?}\" ;; esac\n",
+            ),
+            (
+                "resolvconf",
+                "case \"$1\" in -a) cat >\"${GEFYRA_TEST_RESOLV_CONF:?}\" ;; esac\n",
+            ),
+        ];
+        for (name, body) in shims {
+            let shim = dir.join(".docs-test/bin").join(name);
+            std::fs::write(
+                &shim,
+                format!(
+                    "#!/bin/sh\n# The docs test's {name}: the network namespace's resolv.conf only.\n{body}"
+                ),
+            )?;
+            std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
         Ok(Self { dir })
     }
 }
