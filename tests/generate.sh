@@ -32,7 +32,6 @@ done
 mkdir -p "$out/crds" "$out/deploy"
 if [ "$(cd "$out" && pwd)" != "$root" ]; then
   rm -rf "$out/charts" && cp -r "$root/charts" "$out/charts"
-  cp "$root/README.md" "$out/README.md"
 fi
 chart=$out/charts/gefyra-operator
 # Namespaced objects go where the chart's helper says: the generators are given a

@@ -30,6 +30,7 @@ cat >&2 <<TEXT
   export KUBECONFIG=$dir/kubeconfig PATH=$root/target/debug:\$PATH
   kubectl gefyra clients create --client-id dev
   kubectl gefyra clients config dev --host $node_ip -o dev.json
-  kubectl gefyra connect -f dev.json      # then: wg-quick up ./dev.conf (or gefyra connections connect)
-and from the tunnel: curl http://web.demo.svc.cluster.local/   (DNS 192.168.99.1)
+  kubectl gefyra connect -f dev.json      # prints the command that brings the tunnel up:
+  sudo wg-quick up ./gefyra-dev.conf
+  curl http://web.demo.svc.cluster.local/ # a split tunnel: cluster names through it (README.md)
 TEXT
