@@ -161,8 +161,9 @@ pub async fn modify_shard<T>(
         };
         match written {
             Ok(()) => return Ok((result, routes)),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                // Someone else wrote first: read again. A little jitter spreads the retries.
+            // Someone else wrote first, or emptied and deleted the shard since it was read:
+            // read again. A little jitter spreads the retries.
+            Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
                 let jitter = rand::random::<u64>() % (5 + 5 * u64::from(attempt.min(10)));
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
