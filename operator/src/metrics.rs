@@ -310,21 +310,12 @@ mod tests {
     fn names_follow_prometheus_naming() {
         let metrics = Metrics::default();
         metrics.observe_pool(254, 3);
-        for family in metrics.families() {
-            let name = family.name();
-            assert!(
-                name.starts_with("gefyra_operator_") || name.starts_with("process_"),
-                "{name}"
-            );
-            let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
-            assert_eq!(counter, name.ends_with("_total"), "{name}");
-        }
-        let declared = metrics.declared_families();
-        let openmetrics: std::collections::BTreeSet<&str> = declared
-            .iter()
-            .map(|name| name.strip_suffix("_total").unwrap_or(name))
-            .collect();
-        assert_eq!(openmetrics.len(), declared.len(), "{declared:?}");
+        let problems = gefyra_process::naming_problems(
+            &metrics.families(),
+            metrics.declared_families(),
+            "gefyra_operator_",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
         let text = metrics.render();
         assert!(text.contains("\ngefyra_operator_tunnel_pool_capacity_addresses 254\n"));
         assert!(text.contains("\ngefyra_operator_tunnel_pool_allocated_addresses 3\n"));

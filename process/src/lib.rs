@@ -61,6 +61,37 @@ pub fn register_standard_metrics(registry: &Registry, prefix: &str, version: &st
         .expect("process metrics registered once");
 }
 
+/// Where `families` (as served) and `declared` (every family a component may serve) break
+/// the naming both components follow: every name starts with `prefix` (or is a standard
+/// `process_*` one), `_total` ends counters and nothing else, and no two declared families
+/// share a name under OpenMetrics (which drops a counter's `_total`). Empty: none.
+pub fn naming_problems(
+    families: &[prometheus::proto::MetricFamily],
+    declared: &[String],
+    prefix: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for family in families {
+        let name = family.name();
+        if !(name.starts_with(prefix) || name.starts_with("process_")) {
+            problems.push(format!("{name} does not start with {prefix}"));
+        }
+        let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+        if counter != name.ends_with("_total") {
+            problems.push(format!("{name}: `_total` ends counters and nothing else"));
+        }
+    }
+    let mut openmetrics = std::collections::BTreeSet::new();
+    for name in declared {
+        if !openmetrics.insert(name.strip_suffix("_total").unwrap_or(name)) {
+            problems.push(format!(
+                "{name} shares its OpenMetrics name with another family"
+            ));
+        }
+    }
+    problems
+}
+
 /// `families` in the Prometheus text format, as an HTTP response with its versioned
 /// content type (`text/plain; version=0.0.4`).
 pub fn metrics_response(families: &[prometheus::proto::MetricFamily]) -> impl IntoResponse + use<> {
@@ -109,6 +140,30 @@ mod tests {
         assert_eq!(
             response.headers()[CONTENT_TYPE],
             "text/plain; version=0.0.4"
+        );
+    }
+
+    #[test]
+    fn names_against_the_naming_are_named() {
+        let registry = Registry::new();
+        let gauge =
+            prometheus::IntGauge::new("app_open_total", "a gauge named as a counter").unwrap();
+        let counter =
+            prometheus::IntCounter::new("app_requests", "a counter without _total").unwrap();
+        let stray = prometheus::IntGauge::new("other_things", "another prefix").unwrap();
+        for collector in [
+            Box::new(gauge) as Box<dyn prometheus::core::Collector>,
+            Box::new(counter),
+            Box::new(stray),
+        ] {
+            registry.register(collector).unwrap();
+        }
+        let declared = ["app_flows", "app_flows_total"].map(String::from);
+        let problems = naming_problems(&registry.gather(), &declared, "app_");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(
+            naming_problems(&[], &["app_flows".to_string()], "app_").is_empty(),
+            "nothing served, nothing wrong"
         );
     }
 }
