@@ -126,29 +126,41 @@ pub fn policy(namespace: &str) -> ValidatingAdmissionPolicy {
     }
 }
 
-/// Binds the policy to the GefyraClients of `namespace`, denying what it refuses.
-pub fn binding(namespace: &str) -> ValidatingAdmissionPolicyBinding {
+/// A binding of policy `name` (named as it is) that denies what the policy refuses, in what
+/// `match_resources` selects (`None`: wherever the policy matches).
+pub fn denying_binding(
+    name: String,
+    match_resources: Option<MatchResources>,
+) -> ValidatingAdmissionPolicyBinding {
     ValidatingAdmissionPolicyBinding {
         metadata: ObjectMeta {
-            name: Some(policy_name(namespace)),
+            name: Some(name.clone()),
             ..ObjectMeta::default()
         },
         spec: ValidatingAdmissionPolicyBindingSpec {
-            policy_name: policy_name(namespace),
+            policy_name: name,
             validation_actions: vec!["Deny".into()],
-            match_resources: Some(MatchResources {
-                namespace_selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([(
-                        "kubernetes.io/metadata.name".to_string(),
-                        namespace.to_string(),
-                    )])),
-                    ..LabelSelector::default()
-                }),
-                ..MatchResources::default()
-            }),
+            match_resources,
             ..ValidatingAdmissionPolicyBindingSpec::default()
         },
     }
+}
+
+/// Binds the policy to the GefyraClients of `namespace`, denying what it refuses.
+pub fn binding(namespace: &str) -> ValidatingAdmissionPolicyBinding {
+    denying_binding(
+        policy_name(namespace),
+        Some(MatchResources {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_string(),
+                    namespace.to_string(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            ..MatchResources::default()
+        }),
+    )
 }
 
 /// The policy and its binding as YAML documents.

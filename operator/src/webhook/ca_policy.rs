@@ -8,8 +8,7 @@
 
 use k8s_openapi::api::admissionregistration::v1::{
     MatchCondition, MatchResources, NamedRuleWithOperations, ValidatingAdmissionPolicy,
-    ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBindingSpec,
-    ValidatingAdmissionPolicySpec, Validation,
+    ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicySpec, Validation,
 };
 use kube::api::ObjectMeta;
 
@@ -144,17 +143,7 @@ pub fn policy(namespace: &str, operator_account: &str) -> ValidatingAdmissionPol
 
 /// Binds the policy, denying what it refuses.
 pub fn binding(namespace: &str) -> ValidatingAdmissionPolicyBinding {
-    ValidatingAdmissionPolicyBinding {
-        metadata: ObjectMeta {
-            name: Some(policy_name(namespace)),
-            ..ObjectMeta::default()
-        },
-        spec: ValidatingAdmissionPolicyBindingSpec {
-            policy_name: policy_name(namespace),
-            validation_actions: vec!["Deny".into()],
-            ..ValidatingAdmissionPolicyBindingSpec::default()
-        },
-    }
+    gefyra_api::admission::denying_binding(policy_name(namespace), None)
 }
 
 #[cfg(test)]
