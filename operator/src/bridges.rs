@@ -13,7 +13,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::controller::Context;
+use crate::context::Context;
 use crate::lifecycle::gefyra_time;
 
 fn resource(kind: &str, plural: &str) -> ApiResource {

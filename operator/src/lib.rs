@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod bridges;
 pub mod connection;
+pub mod context;
 pub mod controller;
 pub mod credentials;
 pub mod error;

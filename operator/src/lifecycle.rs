@@ -144,6 +144,12 @@ pub fn ready_condition(
     }
 }
 
+/// The Event action for entering `state`: `EnterActive`, `EnterWaiting`, ...
+pub(crate) fn enter_action(state: ClientState) -> String {
+    let name = state.as_str();
+    format!("Enter{}{}", &name[..1], name[1..].to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +275,13 @@ mod tests {
         assert_eq!(same.last_transition_time, Time(t1));
         let changed = ready_condition(Some(&same), true, "CredentialsIssued", "", Some(2), t2);
         assert_eq!(changed.last_transition_time, Time(t2));
+    }
+
+    #[test]
+    fn each_state_entered_is_its_own_event_action() {
+        assert_eq!(enter_action(ClientState::Active), "EnterActive");
+        let actions: std::collections::BTreeSet<String> =
+            ClientState::ALL.into_iter().map(enter_action).collect();
+        assert_eq!(actions.len(), ClientState::ALL.len());
     }
 }

@@ -12,7 +12,8 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use crate::controller::{self, Context, Settings};
+use crate::context::{Context, Settings};
+use crate::controller;
 use crate::credentials::ClientRbac;
 use crate::http::{self, Health};
 use crate::leader::{LeaderElection, LeaseTiming};

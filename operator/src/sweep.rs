@@ -10,7 +10,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
 use crate::allocator;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::routes;
 
 /// Every 30 s, frees the ranges of clients that no longer exist (e.g. deleted while no

@@ -13,8 +13,9 @@ use tracing::{info, warn};
 
 use crate::allocator::ClaimError;
 use crate::connection;
-use crate::controller::{Context, enter_action};
+use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::lifecycle::enter_action;
 use crate::lifecycle::{self, Connection};
 use crate::routes::Refused;
 

@@ -13,9 +13,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use crate::controller::{Context, FIELD_MANAGER, enter_action};
+use crate::context::{Context, FIELD_MANAGER};
 use crate::credentials::{self, ClientRbac, CredentialsNeed};
 use crate::error::{Error, Result};
+use crate::lifecycle::enter_action;
 use crate::lifecycle::{self, Plan};
 use crate::owned::Owned;
 

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use super::identity::Identity;
 use crate::allocator;
-use crate::controller::{Context, Settings};
+use crate::context::{Context, Settings};
 use crate::credentials::{self, ClientRbac};
 use crate::lifecycle;
 use crate::metrics::Metrics;

@@ -22,7 +22,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Step};
 

@@ -6,7 +6,7 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::lifecycle;
 
