@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MatchCondition, MatchResources, NamedRuleWithOperations, ValidatingAdmissionPolicy,
-    ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBindingSpec,
-    ValidatingAdmissionPolicySpec, Validation,
+    MatchCondition, MatchResources, NamedRuleWithOperations, ParamKind, ParamRef,
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    ValidatingAdmissionPolicyBindingSpec, ValidatingAdmissionPolicySpec, Validation,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
@@ -67,6 +67,9 @@ fn unchanged(path: &str) -> String {
 /// cannot look inside an entry's `fieldsV1`, so its one entry is bounded by the API server's
 /// object size, and the operator and Stowaway keep no client's managedFields in memory.
 const MANAGED_FIELDS_BOUNDED: &str = "!has(object.metadata.managedFields) || (size(object.metadata.managedFields) <= (has(oldObject.metadata.managedFields) ? size(oldObject.metadata.managedFields) : 0) + 1 && object.metadata.managedFields.all(entry, !has(entry.manager) || size(entry.manager) <= 128))";
+
+/// [`MANAGED_FIELDS_BOUNDED`] for CREATE too (no `oldObject` then).
+const MANAGED_FIELDS_BOUNDED_ON_ANY: &str = "(!has(object.metadata.managedFields) || (size(object.metadata.managedFields) <= (oldObject != null && has(oldObject.metadata.managedFields) ? size(oldObject.metadata.managedFields) : 0) + 1 && object.metadata.managedFields.all(entry, !has(entry.manager) || size(entry.manager) <= 128)))";
 
 fn refusal(field: &str) -> String {
     format!(
@@ -148,19 +151,7 @@ pub fn denying_binding(
 
 /// Binds the policy to the GefyraClients of `namespace`, denying what it refuses.
 pub fn binding(namespace: &str) -> ValidatingAdmissionPolicyBinding {
-    denying_binding(
-        policy_name(namespace),
-        Some(MatchResources {
-            namespace_selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([(
-                    "kubernetes.io/metadata.name".to_string(),
-                    namespace.to_string(),
-                )])),
-                ..LabelSelector::default()
-            }),
-            ..MatchResources::default()
-        }),
-    )
+    denying_binding(policy_name(namespace), Some(in_namespace(namespace)))
 }
 
 /// The policy and its binding as YAML documents.
@@ -169,7 +160,271 @@ pub fn policy_yaml(namespace: &str) -> String {
     yaml.push_str(&serde_saphyr::to_string(&policy(namespace)).expect("the policy serializes"));
     yaml.push_str("---\n");
     yaml.push_str(&serde_saphyr::to_string(&binding(namespace)).expect("the binding serializes"));
+    for (policy, binding) in bridge_policies(namespace) {
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_saphyr::to_string(&policy).expect("the policy serializes"));
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_saphyr::to_string(&binding).expect("the binding serializes"));
+    }
     yaml
+}
+
+/// The name of the policy (and binding) that lets a client identity create, see the fate of
+/// and delete only its own GefyraBridges in `namespace`.
+pub fn client_bridges_policy_name(namespace: &str) -> String {
+    format!("gefyra-client-bridges-{namespace}")
+}
+
+/// The name of the policy (and binding) that admits a GefyraBridgeMount only for a
+/// requester granted bridging in its target namespace.
+pub fn mount_grant_policy_name(namespace: &str) -> String {
+    format!("gefyra-bridge-mount-grants-{namespace}")
+}
+
+/// The name of the policy (and binding) that admits a GefyraBridge only for a requester
+/// granted bridging in the target namespace of the mount it names.
+pub fn bridge_grant_policy_name(namespace: &str) -> String {
+    format!("gefyra-bridge-grants-{namespace}")
+}
+
+/// The fields of a GefyraBridge a client may set when it creates one and never change: the
+/// operator's fields (state, status, endpoint) and, once created, where the bridge goes.
+pub const BRIDGE_FIELDS_FIXED_FOR_CLIENTS: [&str; 9] = [
+    "client",
+    "destinationIP",
+    "portMappings",
+    "target",
+    "providerParameter",
+    "state",
+    "stateTransitions",
+    "status",
+    "clusterEndpoint",
+];
+
+fn rule_for(resource: &str, operations: &[&str]) -> NamedRuleWithOperations {
+    NamedRuleWithOperations {
+        api_groups: Some(vec![GROUP.into()]),
+        api_versions: Some(vec![VERSION.into()]),
+        operations: Some(operations.iter().map(|op| op.to_string()).collect()),
+        resources: Some(vec![resource.into()]),
+        ..NamedRuleWithOperations::default()
+    }
+}
+
+fn forbidden(expression: String, message: String) -> Validation {
+    Validation {
+        expression,
+        message: Some(message),
+        reason: Some("Forbidden".into()),
+        ..Validation::default()
+    }
+}
+
+/// CEL: the requester holds the bridging grant in namespace `namespace` (a CEL expression).
+fn granted_in(namespace: &str) -> String {
+    format!(
+        "authorizer.group('{GROUP}').resource('{}').namespace({namespace}).check('{}').allowed()",
+        crate::bridge::BRIDGE_PLURAL,
+        crate::bridge::GRANT_VERB
+    )
+}
+
+fn grant_refusal(what: &str, namespace: &str) -> String {
+    format!(
+        "'{what} in namespace ' + {namespace} + ' is not granted to ' + request.userInfo.username + ': an admin allows it with a RoleBinding of ClusterRole {} in that namespace (kubectl -n ' + {namespace} + ' create rolebinding ... --clusterrole={})'",
+        crate::bridge::GRANT_CLUSTER_ROLE,
+        crate::bridge::GRANT_CLUSTER_ROLE
+    )
+}
+
+/// A client identity's bridges: it creates them for itself only (`client` and the
+/// `gefyra.dev/client` label name it), never writes the operator's fields, changes nothing
+/// of where a bridge goes once created, and deletes only its own.
+pub fn client_bridges_policy(namespace: &str) -> ValidatingAdmissionPolicy {
+    let requester = "request.userInfo.username.split(':')[3].substring(14)";
+    let mut validations = vec![
+        forbidden(
+            format!("request.operation == 'CREATE' || oldObject.client == {requester}"),
+            "a client may change and delete only its own GefyraBridges (whose client is its name)".into(),
+        ),
+        forbidden(
+            format!(
+                "request.operation == 'DELETE' || (object.client == {requester} && has(object.metadata.labels) && '{label}' in object.metadata.labels && object.metadata.labels['{label}'] == object.client)",
+                label = crate::bridge::CLIENT_LABEL
+            ),
+            format!(
+                "a client creates GefyraBridges for itself only: client and the label {} must be the client's own name",
+                crate::bridge::CLIENT_LABEL
+            ),
+        ),
+        forbidden(
+            "request.operation != 'CREATE' || (!has(object.clusterEndpoint) && !has(object.status) && !has(object.stateTransitions) && (!has(object.state) || object.state == 'REQUESTED'))".into(),
+            "state, stateTransitions, status and clusterEndpoint are the operator's: a client's new GefyraBridge leaves them out".into(),
+        ),
+    ];
+    validations.extend(BRIDGE_FIELDS_FIXED_FOR_CLIENTS.iter().map(|field| {
+        forbidden(
+            format!("request.operation != 'UPDATE' || ({})", unchanged(field)),
+            format!("{field} of a GefyraBridge does not change once created: delete the bridge and create another"),
+        )
+    }));
+    validations.push(forbidden(
+        format!(
+            "request.operation != 'UPDATE' || ({})",
+            unchanged("metadata.labels")
+        ),
+        "metadata.labels of a GefyraBridge do not change once created".into(),
+    ));
+    validations.push(forbidden(
+        format!("request.operation == 'DELETE' || {MANAGED_FIELDS_BOUNDED_ON_ANY}"),
+        "metadata.managedFields: a client's request may add one entry (its own) with a manager name of at most 128 characters".into(),
+    ));
+    ValidatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(client_bridges_policy_name(namespace)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".into()),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![rule_for(
+                    crate::bridge::BRIDGE_PLURAL,
+                    &["CREATE", "UPDATE", "DELETE"],
+                )]),
+                ..MatchResources::default()
+            }),
+            match_conditions: Some(vec![MatchCondition {
+                name: "made-with-a-client-identity".into(),
+                expression: client_identity_condition(),
+            }]),
+            validations: Some(validations),
+            ..ValidatingAdmissionPolicySpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Whoever creates a GefyraBridgeMount (or moves one to another namespace) holds the
+/// bridging grant in its target namespace. An admin's own credentials hold every verb.
+pub fn mount_grant_policy(namespace: &str) -> ValidatingAdmissionPolicy {
+    let validation = Validation {
+        expression: format!(
+            "(request.operation == 'UPDATE' && object.targetNamespace == oldObject.targetNamespace) || {}",
+            granted_in("object.targetNamespace")
+        ),
+        message_expression: Some(grant_refusal(
+            "mounting workloads",
+            "object.targetNamespace",
+        )),
+        reason: Some("Forbidden".into()),
+        ..Validation::default()
+    };
+    ValidatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(mount_grant_policy_name(namespace)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".into()),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![rule_for(
+                    crate::bridge::BRIDGE_MOUNT_PLURAL,
+                    &["CREATE", "UPDATE"],
+                )]),
+                ..MatchResources::default()
+            }),
+            validations: Some(vec![validation]),
+            ..ValidatingAdmissionPolicySpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Whoever creates a GefyraBridge holds the bridging grant in the target namespace of the
+/// mount it names. The mounts are the policy's params (each mount of the namespace is one;
+/// only the one named matters), so the API server decides without the operator.
+pub fn bridge_grant_policy(namespace: &str) -> ValidatingAdmissionPolicy {
+    let validation = Validation {
+        expression: format!(
+            "params.metadata.name != object.target || (request.operation == 'UPDATE' && object.target == oldObject.target) || !has(params.targetNamespace) || {}",
+            granted_in("params.targetNamespace")
+        ),
+        message_expression: Some(grant_refusal(
+            "bridging workloads",
+            "params.targetNamespace",
+        )),
+        reason: Some("Forbidden".into()),
+        ..Validation::default()
+    };
+    ValidatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(bridge_grant_policy_name(namespace)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".into()),
+            param_kind: Some(ParamKind {
+                api_version: Some(format!("{GROUP}/{VERSION}")),
+                kind: Some(crate::bridge::BRIDGE_MOUNT_KIND.into()),
+            }),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![rule_for(
+                    crate::bridge::BRIDGE_PLURAL,
+                    &["CREATE", "UPDATE"],
+                )]),
+                ..MatchResources::default()
+            }),
+            validations: Some(vec![validation]),
+            ..ValidatingAdmissionPolicySpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn in_namespace(namespace: &str) -> MatchResources {
+    MatchResources {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                namespace.to_string(),
+            )])),
+            ..LabelSelector::default()
+        }),
+        ..MatchResources::default()
+    }
+}
+
+/// The three bridge policies with their bindings, for the bridges and mounts of `namespace`.
+pub fn bridge_policies(
+    namespace: &str,
+) -> Vec<(ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding)> {
+    let mut bridge_grants = denying_binding(
+        bridge_grant_policy_name(namespace),
+        Some(in_namespace(namespace)),
+    );
+    bridge_grants.spec.param_ref = Some(ParamRef {
+        namespace: Some(namespace.into()),
+        selector: Some(LabelSelector::default()),
+        parameter_not_found_action: Some("Allow".into()),
+        ..ParamRef::default()
+    });
+    vec![
+        (
+            client_bridges_policy(namespace),
+            denying_binding(
+                client_bridges_policy_name(namespace),
+                Some(in_namespace(namespace)),
+            ),
+        ),
+        (
+            mount_grant_policy(namespace),
+            denying_binding(
+                mount_grant_policy_name(namespace),
+                Some(in_namespace(namespace)),
+            ),
+        ),
+        (bridge_grant_policy(namespace), bridge_grants),
+    ]
 }
 
 #[cfg(test)]

@@ -164,7 +164,7 @@ fn optional_text(object: &str, field: &str) -> String {
     format!("(has({object}.providerParameter.{field}) ? {object}.providerParameter.{field} : '')")
 }
 
-fn column(
+pub(crate) fn column(
     name: &str,
     type_: &str,
     json_path: &str,

@@ -22,7 +22,7 @@ pub fn rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -> 
 
 /// Labelled `app.kubernetes.io/name: <app>`, not `managed-by`: these objects are installed
 /// for the component, not by it.
-fn meta(name: &str, namespace: &str, app: &str) -> ObjectMeta {
+pub fn meta(name: &str, namespace: &str, app: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_string()),
         namespace: Some(namespace.to_string()),
@@ -64,6 +64,11 @@ pub fn identity_yaml(name: &str, namespace: &str, app: &str, rules: Vec<PolicyRu
         with_type_meta(&role, "rbac.authorization.k8s.io/v1", "Role"),
         with_type_meta(&binding, "rbac.authorization.k8s.io/v1", "RoleBinding"),
     ];
+    documents_yaml(&documents)
+}
+
+/// Objects (with their type meta) as one YAML stream.
+pub fn documents_yaml(documents: &[serde_json::Value]) -> String {
     documents
         .iter()
         .map(|document| serde_saphyr::to_string(document).expect("RBAC objects serialize"))
@@ -71,7 +76,7 @@ pub fn identity_yaml(name: &str, namespace: &str, app: &str, rules: Vec<PolicyRu
         .join("---\n")
 }
 
-fn with_type_meta(
+pub fn with_type_meta(
     object: &impl serde::Serialize,
     api_version: &str,
     kind: &str,

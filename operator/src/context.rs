@@ -48,6 +48,8 @@ pub struct Settings {
     pub wireguard_endpoint: Endpoint,
     /// Disconnect ACTIVE clients after this long, unless the client sets its own.
     pub max_connection_age: Option<SignedDuration>,
+    /// Mounts and bridges.
+    pub bridging: crate::bridging::BridgingSettings,
 }
 
 /// Built once, shared by every reconcile.

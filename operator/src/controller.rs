@@ -147,7 +147,7 @@ pub async fn run(ctx: Arc<Context>, ready: impl FnOnce() + Send + 'static) {
         }
     });
     let sweeper = sweep::sweep_allocations_forever(ctx.clone());
-    let bridges = crate::bridges::refuse_forever(ctx.clone());
+    let bridges = crate::bridging::run(ctx.clone(), ctx.settings.bridging.clone());
     let reconciler = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

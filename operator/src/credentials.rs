@@ -88,14 +88,31 @@ pub fn role(client: &GefyraClient, rbac: ClientRbac) -> Role {
             verbs: vec!["list".into()],
             ..PolicyRule::default()
         });
-        // Gefyra's CLI lists the client's GefyraBridges (by label) when it disconnects.
+        // Gefyra's CLI waits for a bridge's `Ready` Event.
         rules.push(PolicyRule {
-            api_groups: Some(vec![group]),
-            resources: Some(vec![gefyra_api::bridge::BRIDGE_PLURAL.into()]),
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["events".into()]),
             verbs: vec!["get".into(), "list".into(), "watch".into()],
             ..PolicyRule::default()
         });
     }
+    // Bridging: a client creates, watches and deletes bridges (its own only: the admission
+    // policy gefyra-client-bridges-<namespace>; where, only with the admin's grant there) and
+    // reads the mounts it bridges.
+    rules.push(PolicyRule {
+        api_groups: Some(vec![group.clone()]),
+        resources: Some(vec![gefyra_api::bridge::BRIDGE_PLURAL.into()]),
+        verbs: ["get", "list", "watch", "create", "delete"]
+            .map(String::from)
+            .to_vec(),
+        ..PolicyRule::default()
+    });
+    rules.push(PolicyRule {
+        api_groups: Some(vec![group]),
+        resources: Some(vec![gefyra_api::bridge::BRIDGE_MOUNT_PLURAL.into()]),
+        verbs: ["get", "list", "watch"].map(String::from).to_vec(),
+        ..PolicyRule::default()
+    });
     Role {
         metadata: meta(client),
         rules: Some(rules),
@@ -280,11 +297,15 @@ mod tests {
     }
 
     #[test]
-    fn minimal_role_grants_only_the_clients_own_object() {
+    fn minimal_role_grants_the_clients_own_object_and_bridging() {
         let role = serde_json::to_value(role(&client("abc"), ClientRbac::Minimal)).unwrap();
         assert_eq!(
             role["rules"],
-            json!([{"apiGroups":["gefyra.dev"],"resources":["gefyraclients"],"resourceNames":["abc"],"verbs":["get","watch","patch"]}])
+            json!([
+                {"apiGroups":["gefyra.dev"],"resources":["gefyraclients"],"resourceNames":["abc"],"verbs":["get","watch","patch"]},
+                {"apiGroups":["gefyra.dev"],"resources":["gefyrabridges"],"verbs":["get","list","watch","create","delete"]},
+                {"apiGroups":["gefyra.dev"],"resources":["gefyrabridgemounts"],"verbs":["get","list","watch"]},
+            ])
         );
         assert_eq!(role["metadata"]["name"], "gefyra-client-abc");
         assert_eq!(
@@ -307,11 +328,15 @@ mod tests {
         assert_eq!(bound.subjects.unwrap()[0].name, "gefyra-minter-abc");
         let role = role(&client("abc"), ClientRbac::GefyraCompat);
         let rules = role.rules.unwrap();
-        assert_eq!(rules.len(), 3);
+        assert_eq!(rules.len(), 5);
         assert_eq!(rules[1].verbs, vec!["list".to_string()]);
         assert_eq!(rules[1].resource_names, None);
         assert_eq!(
             rules[2].resources.as_deref(),
+            Some(&["events".to_string()][..])
+        );
+        assert_eq!(
+            rules[3].resources.as_deref(),
             Some(&["gefyrabridges".to_string()][..])
         );
     }

@@ -2,7 +2,7 @@
 //! exclusive WireGuard IP ranges.
 
 pub mod allocator;
-pub mod bridges;
+pub mod bridging;
 pub mod connection;
 pub mod context;
 pub mod controller;

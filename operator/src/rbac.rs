@@ -4,8 +4,10 @@
 //! `gefyra-operator rbac` prints these objects; the chart renders the same rules.
 
 use gefyra_api::bridge::{BRIDGE_MOUNT_PLURAL, BRIDGE_PLURAL};
-use gefyra_api::rbac::{identity_yaml, rule};
-use k8s_openapi::api::rbac::v1::PolicyRule;
+use gefyra_api::rbac::{documents_yaml, identity_yaml, meta, rule, with_type_meta};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 
 use crate::allocator::SERVER_KEY_SECRET;
 use crate::credentials::MANAGED_BY;
@@ -26,14 +28,29 @@ pub fn operator_rules(lease_name: &str) -> Vec<PolicyRule> {
             &[],
             &["get", "patch", "update"],
         ),
-        // Bridges are refused (ERROR: not supported yet); `get`, `list` and `watch` on
-        // them are also granted onward to clients in gefyra-compat mode.
+        // Bridges and mounts: driven (a mount's finalizer; a vanished laptop's bridge
+        // deleted, a deleted mount's bridges too); `get`, `list`, `watch`, `create` and
+        // `delete` on bridges are also granted onward to clients.
         rule(
             "gefyra.dev",
             &[BRIDGE_PLURAL, BRIDGE_MOUNT_PLURAL],
             &[],
-            &["get", "list", "watch", "patch"],
+            &[
+                "get",
+                "list",
+                "watch",
+                "create",
+                "patch",
+                "update",
+                "delete",
+                "deletecollection",
+            ],
         ),
+        // Granted onward to clients in gefyra-compat mode: Gefyra's CLI waits for a
+        // bridge's `Ready` Event.
+        rule("", &["events"], &[], &["get", "list", "watch"]),
+        // Stowaway's bridge port, which the routers are told (its cluster IP), by name.
+        rule("", &["services"], &[STOWAWAY_BRIDGES_SERVICE], &["get"]),
         // Each client's identity.
         rule(
             "",
@@ -97,9 +114,160 @@ pub fn webhook_rules(configuration: &str) -> Vec<PolicyRule> {
     )]
 }
 
-/// The operator's ServiceAccount, Role and RoleBinding, all named `name`, as one YAML stream.
+/// The chart's Service for Stowaway's bridge port.
+pub const STOWAWAY_BRIDGES_SERVICE: &str = "gefyra-stowaway-bridges";
+
+/// What the operator needs in a namespace where bridging is enabled: read the workload,
+/// switch its Services, run the router with an identity of its own, and ask the API server
+/// whether a client holds the bridging grant there. It never writes the workload's Pods.
+pub fn bridging_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "apps",
+            &["deployments"],
+            &[],
+            &[
+                "get", "list", "watch", "create", "patch", "update", "delete",
+            ],
+        ),
+        rule("apps", &["statefulsets"], &[], &["get"]),
+        rule("", &["pods"], &[], &["get"]),
+        rule(
+            "",
+            &["services"],
+            &[],
+            &[
+                "get", "list", "watch", "create", "patch", "update", "delete",
+            ],
+        ),
+        rule(
+            "",
+            &["serviceaccounts"],
+            &[],
+            &["get", "create", "patch", "delete"],
+        ),
+        rule(
+            "authorization.k8s.io",
+            &["localsubjectaccessreviews"],
+            &[],
+            &["create"],
+        ),
+    ]
+}
+
+/// A router's identity (bound by the operator, in the operator's namespace): read bridges.
+pub fn carrier_rules() -> Vec<PolicyRule> {
+    vec![rule(
+        "gefyra.dev",
+        &[BRIDGE_PLURAL],
+        &[],
+        &["get", "list", "watch"],
+    )]
+}
+
+/// The grant an admin binds in a namespace to let a client (or anyone) bridge there.
+pub fn grant_rules() -> Vec<PolicyRule> {
+    vec![rule(
+        "gefyra.dev",
+        &[BRIDGE_PLURAL],
+        &[],
+        &[gefyra_api::bridge::GRANT_VERB],
+    )]
+}
+
+/// The operator's ServiceAccount, Role and RoleBinding, all named `name`, then the Role the
+/// routers' identities are bound to (`gefyra-carrier`) and the ClusterRole of the bridging
+/// grant (`gefyra-bridge`, bound only by admins), as one YAML stream.
 pub fn operator_rbac_yaml(name: &str, namespace: &str, lease_name: &str) -> String {
-    identity_yaml(name, namespace, MANAGED_BY, operator_rules(lease_name))
+    let mut yaml = identity_yaml(name, namespace, MANAGED_BY, operator_rules(lease_name));
+    let carrier = Role {
+        metadata: meta(
+            crate::bridging::mount::CARRIER_ROLE,
+            namespace,
+            "gefyra-carrier",
+        ),
+        rules: Some(carrier_rules()),
+    };
+    let mut grant_meta = meta(gefyra_api::bridge::GRANT_CLUSTER_ROLE, "", MANAGED_BY);
+    grant_meta.namespace = None;
+    let grant = ClusterRole {
+        metadata: grant_meta,
+        rules: Some(grant_rules()),
+        ..ClusterRole::default()
+    };
+    yaml.push_str("---\n");
+    yaml.push_str(&documents_yaml(&[
+        with_type_meta(&carrier, "rbac.authorization.k8s.io/v1", "Role"),
+        with_type_meta(&grant, "rbac.authorization.k8s.io/v1", "ClusterRole"),
+    ]));
+    yaml
+}
+
+/// The operator's rights for bridging: a Role and RoleBinding named `name` in `target`
+/// (`Some`), or a ClusterRole and ClusterRoleBinding (`None`, cluster-wide), bound to the
+/// operator's ServiceAccount `name` in `namespace`.
+pub fn bridging_rbac_yaml(name: &str, namespace: &str, target: Option<&str>) -> String {
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: name.to_string(),
+        namespace: Some(namespace.to_string()),
+        ..Subject::default()
+    };
+    let role_name = format!("{name}-bridging");
+    let documents = match target {
+        Some(target) => vec![
+            with_type_meta(
+                &Role {
+                    metadata: meta(&role_name, target, MANAGED_BY),
+                    rules: Some(bridging_rules()),
+                },
+                "rbac.authorization.k8s.io/v1",
+                "Role",
+            ),
+            with_type_meta(
+                &RoleBinding {
+                    metadata: meta(&role_name, target, MANAGED_BY),
+                    role_ref: RoleRef {
+                        api_group: Some("rbac.authorization.k8s.io".into()),
+                        kind: "Role".into(),
+                        name: role_name.clone(),
+                    },
+                    subjects: Some(vec![subject]),
+                },
+                "rbac.authorization.k8s.io/v1",
+                "RoleBinding",
+            ),
+        ],
+        None => {
+            let mut cluster_meta = meta(&role_name, "", MANAGED_BY);
+            cluster_meta.namespace = None;
+            vec![
+                with_type_meta(
+                    &ClusterRole {
+                        metadata: cluster_meta.clone(),
+                        rules: Some(bridging_rules()),
+                        ..ClusterRole::default()
+                    },
+                    "rbac.authorization.k8s.io/v1",
+                    "ClusterRole",
+                ),
+                with_type_meta(
+                    &ClusterRoleBinding {
+                        metadata: cluster_meta,
+                        role_ref: RoleRef {
+                            api_group: Some("rbac.authorization.k8s.io".into()),
+                            kind: "ClusterRole".into(),
+                            name: role_name.clone(),
+                        },
+                        subjects: Some(vec![subject]),
+                    },
+                    "rbac.authorization.k8s.io/v1",
+                    "ClusterRoleBinding",
+                ),
+            ]
+        }
+    };
+    documents_yaml(&documents)
 }
 
 #[cfg(test)]
@@ -142,7 +310,11 @@ mod tests {
                 assert!(covers(&rules, &granted), "operator lacks {granted:?}");
             }
         }
-        for rule in &rules {
+        // The routers' Role is bound by the operator: it must hold what it grants.
+        for granted in carrier_rules() {
+            assert!(covers(&rules, &granted), "operator lacks {granted:?}");
+        }
+        for rule in rules.iter().chain(&bridging_rules()) {
             for verb in ["escalate", "bind", "impersonate", "*"] {
                 assert!(!rule.verbs.iter().any(|v| v == verb), "{rule:?}");
             }
@@ -168,11 +340,22 @@ mod tests {
             .iter()
             .map(|d| d["kind"].as_str().unwrap())
             .collect();
-        assert_eq!(kinds, ["ServiceAccount", "Role", "RoleBinding"]);
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "Role",
+                "RoleBinding",
+                "Role",
+                "ClusterRole"
+            ]
+        );
         assert!(
-            documents
+            documents[..4]
                 .iter()
                 .all(|d| d["metadata"]["namespace"] == "gefyra")
         );
+        assert_eq!(documents[4]["metadata"]["name"], "gefyra-bridge");
+        assert_eq!(documents[4]["rules"][0]["verbs"][0], "bridge");
     }
 }

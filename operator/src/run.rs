@@ -53,6 +53,14 @@ pub enum Command {
         /// The Lease the operator uses for leader election.
         #[arg(long, default_value = DEFAULT_LEASE_NAME)]
         lease_name: String,
+        /// Print instead the operator's rights for bridging in this namespace (a Role and
+        /// RoleBinding there).
+        #[arg(long, conflicts_with = "bridging_cluster_wide")]
+        bridging_namespace: Option<String>,
+        /// Print instead the operator's rights for bridging in every namespace (a
+        /// ClusterRole and ClusterRoleBinding).
+        #[arg(long)]
+        bridging_cluster_wide: bool,
     },
     /// Print the ValidatingAdmissionPolicy and binding that restrict what a client's own
     /// identity may change in its GefyraClient (providerParameter only) in --namespace.
@@ -160,6 +168,22 @@ pub struct RunArgs {
     /// Where /livez, /readyz and /metrics are served.
     #[arg(long, env = "GEFYRA_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
     pub http_address: SocketAddr,
+    /// The image the bridge routers run (`gefyra-carrier` in it): the operator's own image.
+    #[arg(
+        long,
+        env = "GEFYRA_CARRIER_IMAGE",
+        default_value = "gefyra-operator:latest"
+    )]
+    pub carrier_image: String,
+    /// Stowaway's Service (in --namespace) and port for the routers' bridged connections.
+    #[arg(long, default_value = "gefyra-stowaway-bridges")]
+    pub stowaway_bridges_service: String,
+    #[arg(long, default_value_t = 8082)]
+    pub stowaway_bridges_port: u16,
+    /// Release a bridge when its client's last WireGuard handshake is older than this many
+    /// seconds (a vanished laptop); 0 keeps bridges of idle clients.
+    #[arg(long, env = "GEFYRA_BRIDGE_IDLE_TIMEOUT", default_value_t = 600)]
+    pub bridge_idle_timeout: u64,
     /// Clients reconciled at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: u16,
@@ -196,11 +220,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             name,
             namespace,
             lease_name,
+            bridging_namespace,
+            bridging_cluster_wide,
         }) => {
-            print!(
-                "{}",
+            let yaml = if bridging_cluster_wide || bridging_namespace.is_some() {
+                crate::rbac::bridging_rbac_yaml(&name, &namespace, bridging_namespace.as_deref())
+            } else {
                 crate::rbac::operator_rbac_yaml(&name, &namespace, &lease_name)
-            );
+            };
+            print!("{yaml}");
             return Ok(());
         }
         Some(Command::AdmissionPolicy { namespace }) => {
@@ -264,6 +292,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         max_connection_age: args
             .max_connection_age
             .map(|seconds| jiff::SignedDuration::from_secs(seconds as i64)),
+        bridging: crate::bridging::BridgingSettings {
+            carrier_image: args.carrier_image.clone(),
+            stowaway_service: args.stowaway_bridges_service.clone(),
+            stowaway_port: args.stowaway_bridges_port,
+            idle_timeout:
+                (args.bridge_idle_timeout > 0).then(|| {
+                    jiff::SignedDuration::from_secs(
+                        args.bridge_idle_timeout.min(i64::MAX as u64) as i64
+                    )
+                }),
+        },
     };
     let webhook = args.webhook_address.map(|address| {
         let names = if args.webhook_names.is_empty() {

@@ -299,7 +299,8 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
     );
 
     // A GefyraBridge of theirs in Gefyra's wire layout (as Gefyra's CLI creates one): served,
-    // and refused by the operator with a reason, since bridging is not supported yet.
+    // and put in ERROR by the operator with a reason that says what to do (the client is not
+    // connected).
     let bridges_api: Api<DynamicObject> = Api::namespaced_with(
         cluster.admin()?,
         &ns,
@@ -310,7 +311,7 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
     );
     let bridge: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "gefyra.dev/v1", "kind": "gefyrabridge",
-        "metadata": {"name": "theirs-web", "namespace": ns, "labels": {"gefyra.dev/client": "theirs"}},
+        "metadata": {"name": "theirs-web", "namespace": ns, "labels": {"gefyra.dev/client": "theirs", "gefyra.dev/bridge-mount": "web"}},
         "provider": "carrier2", "connectionProvider": "stowaway", "client": "theirs",
         "target": "web", "targetNamespace": "demo", "destinationIP": "172.30.0.2",
         "portMappings": ["8080:80"],
@@ -322,10 +323,10 @@ async fn a_mixed_fleet_leaves_gefyras_subnet_negotiation_and_bridge_listing_work
     })
     .await?;
     ensure!(
-        refused.data["status"]["reason"] == "BridgingNotSupported"
+        refused.data["status"]["reason"] == "ClientNotConnected"
             && refused.data["status"]["message"]
                 .as_str()
-                .is_some_and(|message| message.contains("not supported")),
+                .is_some_and(|message| message.contains("connect first")),
         "{:?}",
         refused.data
     );

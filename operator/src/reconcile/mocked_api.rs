@@ -168,6 +168,12 @@ fn context(client: Client, owner: &GefyraClient, claims: Vec<Lease>) -> Context 
         pool: gefyra_api::ipam::Pool::default(),
         wireguard_endpoint: "stowaway.example:31820".parse().unwrap(),
         max_connection_age: None,
+        bridging: crate::bridging::BridgingSettings {
+            carrier_image: "gefyra-operator:test".into(),
+            stowaway_service: "gefyra-stowaway-bridges".into(),
+            stowaway_port: 8082,
+            idle_timeout: None,
+        },
     };
     let ctx = Context::new(client, Arc::new(Metrics::default()), settings);
     // The watches' caches, as a running operator has them: the identity in place.
