@@ -381,6 +381,54 @@ pub fn bridge_grant_policy(namespace: &str) -> ValidatingAdmissionPolicy {
     }
 }
 
+/// The name of the policy (and binding) that admits a GefyraBridge only to its own
+/// client's tunnel address or routed subnet.
+pub fn bridge_destination_policy_name(namespace: &str) -> String {
+    format!("gefyra-bridge-destinations-{namespace}")
+}
+
+/// A GefyraBridge's `destinationIP` is its client's tunnel address or in its routed subnet,
+/// whoever writes it: a bridge never reaches another client or an arbitrary cluster address.
+/// The clients are the policy's params (only the one the bridge names matters); a client not
+/// connected has no address yet, so its bridges wait for its connection.
+pub fn bridge_destination_policy(namespace: &str) -> ValidatingAdmissionPolicy {
+    let address = "params.providerConfig['Interface.Address']";
+    let subnet = "params.providerParameter.subnet";
+    let validation = Validation {
+        expression: format!(
+            "params.metadata.name != object.client || (has(params.providerConfig) && 'Interface.Address' in params.providerConfig && {address} == object.destinationIP) || (has(params.providerParameter) && has({subnet}) && isCIDR({subnet}) && isIP(object.destinationIP) && cidr({subnet}).containsIP(object.destinationIP))"
+        ),
+        message_expression: Some(
+            "'destinationIP ' + object.destinationIP + ' is neither the tunnel address of client ' + object.client + ' nor in its routed subnet: a bridge reaches only its own client (connect first; gefyra bridge uses the container address in its own network)'".into(),
+        ),
+        reason: Some("Forbidden".into()),
+        ..Validation::default()
+    };
+    ValidatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(bridge_destination_policy_name(namespace)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".into()),
+            param_kind: Some(ParamKind {
+                api_version: Some(format!("{GROUP}/{VERSION}")),
+                kind: Some(crate::client::KIND.into()),
+            }),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![rule_for(
+                    crate::bridge::BRIDGE_PLURAL,
+                    &["CREATE", "UPDATE"],
+                )]),
+                ..MatchResources::default()
+            }),
+            validations: Some(vec![validation]),
+            ..ValidatingAdmissionPolicySpec::default()
+        }),
+        status: None,
+    }
+}
+
 fn in_namespace(namespace: &str) -> MatchResources {
     MatchResources {
         namespace_selector: Some(LabelSelector {
@@ -394,7 +442,7 @@ fn in_namespace(namespace: &str) -> MatchResources {
     }
 }
 
-/// The three bridge policies with their bindings, for the bridges and mounts of `namespace`.
+/// The four bridge policies with their bindings, for the bridges and mounts of `namespace`.
 pub fn bridge_policies(
     namespace: &str,
 ) -> Vec<(ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding)> {
@@ -403,6 +451,16 @@ pub fn bridge_policies(
         Some(in_namespace(namespace)),
     );
     bridge_grants.spec.param_ref = Some(ParamRef {
+        namespace: Some(namespace.into()),
+        selector: Some(LabelSelector::default()),
+        parameter_not_found_action: Some("Allow".into()),
+        ..ParamRef::default()
+    });
+    let mut destinations = denying_binding(
+        bridge_destination_policy_name(namespace),
+        Some(in_namespace(namespace)),
+    );
+    destinations.spec.param_ref = Some(ParamRef {
         namespace: Some(namespace.into()),
         selector: Some(LabelSelector::default()),
         parameter_not_found_action: Some("Allow".into()),
@@ -424,6 +482,7 @@ pub fn bridge_policies(
             ),
         ),
         (bridge_grant_policy(namespace), bridge_grants),
+        (bridge_destination_policy(namespace), destinations),
     ]
 }
 
