@@ -100,22 +100,22 @@ impl DataPlane {
         bridged: Option<Bridged>,
     ) {
         let local = SocketAddr::new(SERVER_ADDRESS, self.ephemeral_port());
+        // A refused connection is closed only once counted.
         let refused = match (self.endpoint.owner(target.ip()), &bridged) {
             // The peer table changed since the bridge was authorized: the target is no
             // longer its client's.
             (Some(holder), Some(bridged)) if holder != bridged.client => {
-                let _ = stream.shutdown(Shutdown::Both);
-                Some(Refusal::ForeignDestination)
+                Some((Refusal::ForeignDestination, stream))
             }
-            (Some(peer), _) => {
-                (!self.open_forwarded(peer, stream, target, local)).then_some(Refusal::FlowRefused)
-            }
+            (Some(peer), _) => self
+                .open_forwarded(peer, stream, target, local)
+                .err()
+                .map(|stream| (Refusal::FlowRefused, stream)),
             (None, _) => {
                 if bridged.is_none() {
                     tracing::info!(%from, %target, "forward refused: no connected client holds the target");
                 }
-                let _ = stream.shutdown(Shutdown::Both);
-                Some(Refusal::ClientNotConnected)
+                Some((Refusal::ClientNotConnected, stream))
             }
         };
         if refused.is_some() {
@@ -125,9 +125,9 @@ impl DataPlane {
                 .inc();
         }
         if let Some(bridged) = bridged {
-            match refused {
+            match &refused {
                 None => self.metrics.bridge_connections.inc(),
-                Some(reason) => {
+                Some((reason, _)) => {
                     // Over a limit is the likely reason, and a flood's: not logged each
                     // time (the flow limits log theirs at debug).
                     tracing::debug!(bridge = %bridged.bridge, client = %bridged.client, %from, %target, reason = reason.label(), "bridge connection refused");
@@ -137,6 +137,9 @@ impl DataPlane {
                         .inc();
                 }
             }
+        }
+        if let Some((_, stream)) = refused {
+            let _ = stream.shutdown(Shutdown::Both);
         }
     }
 
