@@ -38,8 +38,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Print Stowaway's ServiceAccount, Role (read-only on clients, status patch, its key
-    /// Secret) and RoleBinding for --namespace.
+    /// Print Stowaway's ServiceAccount, Role (read-only on clients and bridges, status
+    /// patch, its key Secret) and RoleBinding for --namespace.
     Rbac {
         #[arg(long, default_value = "gefyra-stowaway")]
         name: String,

@@ -1367,24 +1367,30 @@ async fn a_bridge_reaches_its_own_clients_peer_and_nothing_else() -> Result<()> 
             .await?;
         held.push(stream);
     }
-    let limited = refused("flow_refused").await?;
-    eventually("a third bridged flow is refused", WAIT, || async {
-        let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", get).await?;
-        ensure!(response.is_empty(), "answered while two flows are held");
-        Ok((refused("flow_refused").await? > limited).then_some(()))
+    let total = "gefyra_stowaway_bridge_connections_total";
+    eventually("both held flows are bridged", WAIT, || async {
+        Ok((stowaway.metric(total).await? == bridged + 2.0).then_some(()))
     })
     .await?;
+    bridged += 2.0;
+    let limited = refused("flow_refused").await?;
+    let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", get).await?;
+    ensure!(
+        response.is_empty(),
+        "a third flow while two are held: answered {:?}",
+        String::from_utf8_lossy(&response)
+    );
+    let now = refused("flow_refused").await?;
+    ensure!(now == limited + 1.0, "flow_refused {limited} -> {now}");
     drop(held);
     eventually("bridged again once the held flows end", WAIT, || async {
         let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", get).await?;
         Ok((body(&response) == b"peer-a").then_some(()))
     })
     .await?;
-    bridged += 3.0;
+    bridged += 1.0;
 
-    let accepted_total = stowaway
-        .metric("gefyra_stowaway_bridge_connections_total")
-        .await?;
+    let accepted_total = stowaway.metric(total).await?;
     ensure!(
         accepted_total == bridged,
         "bridged connections counted: {accepted_total}, expected {bridged}"

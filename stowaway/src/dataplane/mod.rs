@@ -868,6 +868,69 @@ fn icmp_budget(shard: Shard) -> u32 {
 mod tests {
     use super::*;
 
+    /// A connection handed in from the bridges port goes to the queue of the worker whose
+    /// peer holds its target, marked as the bridge's; refused without a holder, and when
+    /// that queue is full.
+    #[test]
+    fn a_handed_in_connection_goes_to_the_worker_of_its_targets_peer() {
+        let workers = 2;
+        let (mut planes, handle) = DataPlane::bind(
+            tcp::tests::config(300, 10),
+            [1; 32],
+            workers,
+            Arc::new(Shared::new(workers)),
+            Arc::new(Metrics::default()),
+        )
+        .expect("two workers");
+        let key = (0..=u8::MAX)
+            .map(|byte| [byte; 32])
+            .find(|key| shard::worker_of_key(key, workers) == 1)
+            .expect("a key of worker 1");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut routers = Vec::new();
+        let mut accept = || {
+            routers.push(std::net::TcpStream::connect(address).unwrap());
+            listener.accept().unwrap().0
+        };
+        let target: SocketAddr = "192.168.99.2:8080".parse().unwrap();
+        let from: SocketAddr = "10.244.0.9:40000".parse().unwrap();
+        let bridged = Bridged {
+            bridge: "b1".into(),
+            client: "dev".into(),
+        };
+        assert_eq!(
+            handle.hand_in(accept(), target, from, bridged.clone()),
+            Err(HandInError::NoPeer)
+        );
+        handle.set_peers(BTreeMap::from([(
+            key,
+            PeerSpec {
+                client: "dev".into(),
+                public_key: key,
+                preshared_key: [0; 32],
+                ranges: vec!["192.168.99.2/32".parse().unwrap()],
+            },
+        )]));
+        assert_eq!(
+            handle.hand_in(accept(), target, from, bridged.clone()),
+            Ok(())
+        );
+        assert!(planes[0].handoffs.try_recv().is_err());
+        assert!(matches!(
+            planes[1].handoffs.try_recv(),
+            Ok(Handoff::Forward { target: to, bridged: Some(whose), .. })
+                if to == target && whose == bridged
+        ));
+        for _ in 0..HANDOFFS {
+            planes[0].hand_over(1, Handoff::Datagram(from, vec![4]));
+        }
+        assert_eq!(
+            handle.hand_in(accept(), target, from, bridged),
+            Err(HandInError::QueueFull)
+        );
+    }
+
     /// The global bounds are shared among the peers of every worker with a recent
     /// handshake; configured peers that never or long ago handshook do not count.
     #[test]
