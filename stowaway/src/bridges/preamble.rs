@@ -231,59 +231,71 @@ mod tests {
         drop(router);
     }
 
+    /// What `read` makes of `sent` (then the sender closes if `close`).
+    async fn read_of(sent: &[u8], close: bool) -> Option<Result<u16, Refusal>> {
+        let (mut router, mut stowaway) = pair().await;
+        router.write_all(sent).await.unwrap();
+        if close {
+            router.shutdown().await.unwrap();
+        }
+        let read = read_within(&mut stowaway, 1_000).await;
+        read.map(|read| read.map(|preamble| preamble.port))
+    }
+
     #[tokio::test]
     async fn garbage_oversized_and_cut_preambles_are_refused() {
-        // Garbage is refused as soon as it shows, without its newline.
-        let (mut router, mut stowaway) = pair().await;
-        router.write_all(b"GET / HTTP/1.1").await.unwrap();
-        assert_eq!(
-            read_within(&mut stowaway, 1_000).await,
-            Some(Err(Refusal::MalformedPreamble))
+        let at_bound = format!(
+            "GEFYRA-BRIDGE/1 {} 8\n",
+            "a".repeat(MAX_LENGTH - START.len() - 3)
         );
-        let (mut router, mut stowaway) = pair().await;
-        router.write_all(b"GEFYRA-BRIDGE/1 b1\x00").await.unwrap();
-        assert_eq!(
-            read_within(&mut stowaway, 1_000).await,
-            Some(Err(Refusal::MalformedPreamble))
+        let past_bound = format!(
+            "GEFYRA-BRIDGE/1 {} 8\n",
+            "a".repeat(MAX_LENGTH - START.len() - 2)
         );
-        // No newline within the bound.
-        let (mut router, mut stowaway) = pair().await;
-        let long = format!("GEFYRA-BRIDGE/1 {}", "a".repeat(400));
-        router.write_all(long.as_bytes()).await.unwrap();
-        assert_eq!(
-            read_within(&mut stowaway, 1_000).await,
-            Some(Err(Refusal::OversizedPreamble))
-        );
-        // The newline the last byte within the bound; then one byte past it.
-        let (mut router, mut stowaway) = pair().await;
-        let name = "a".repeat(MAX_LENGTH - START.len() - 3);
-        router
-            .write_all(format!("GEFYRA-BRIDGE/1 {name} 8\n").as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(
-            read_within(&mut stowaway, 1_000)
-                .await
-                .map(|read| read.map(|p| p.port)),
-            Some(Ok(8))
-        );
-        let (mut router, mut stowaway) = pair().await;
-        let name = "a".repeat(MAX_LENGTH - START.len() - 2);
-        router
-            .write_all(format!("GEFYRA-BRIDGE/1 {name} 8\n").as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(
-            read_within(&mut stowaway, 1_000).await,
-            Some(Err(Refusal::OversizedPreamble))
-        );
-        // Closed before the newline.
-        let (mut router, mut stowaway) = pair().await;
-        router.write_all(b"GEFYRA-BRIDGE/1 b1 80").await.unwrap();
-        router.shutdown().await.unwrap();
-        assert_eq!(
-            read_within(&mut stowaway, 1_000).await,
-            Some(Err(Refusal::MalformedPreamble))
-        );
+        let no_newline = format!("GEFYRA-BRIDGE/1 {}", "a".repeat(400));
+        // What, the bytes sent, whether the sender closes then, what `read` makes of it.
+        type Case<'a> = (&'a str, &'a [u8], bool, Result<u16, Refusal>);
+        let cases: [Case; 6] = [
+            // Garbage is refused as soon as it shows, without waiting for a newline.
+            (
+                "HTTP",
+                b"GET / HTTP/1.1",
+                false,
+                Err(Refusal::MalformedPreamble),
+            ),
+            (
+                "a control byte",
+                b"GEFYRA-BRIDGE/1 b1\x00",
+                false,
+                Err(Refusal::MalformedPreamble),
+            ),
+            (
+                "no newline within the bound",
+                no_newline.as_bytes(),
+                false,
+                Err(Refusal::OversizedPreamble),
+            ),
+            (
+                "the newline the bound's last byte",
+                at_bound.as_bytes(),
+                false,
+                Ok(8),
+            ),
+            (
+                "the newline one byte past the bound",
+                past_bound.as_bytes(),
+                false,
+                Err(Refusal::OversizedPreamble),
+            ),
+            (
+                "closed before the newline",
+                b"GEFYRA-BRIDGE/1 b1 80",
+                true,
+                Err(Refusal::MalformedPreamble),
+            ),
+        ];
+        for (what, sent, close, expected) in cases {
+            assert_eq!(read_of(sent, close).await, Some(expected), "{what}");
+        }
     }
 }
