@@ -1,5 +1,6 @@
 //! Stowaway: the userspace WireGuard endpoint on UDP 31820.
 
+pub mod bridges;
 pub mod dataplane;
 pub mod endpoint;
 pub mod http;

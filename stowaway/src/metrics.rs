@@ -7,8 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
+use crate::bridges;
 use crate::endpoint::PeerStats;
 use crate::peers::{Refusal, Refused};
 
@@ -44,6 +47,10 @@ pub struct Metrics {
     /// What one worker handed another, by kind: datagram (an initiation, or one the
     /// kernel did not steer), forward (a forward's connection).
     pub handoffs: IntCounterVec,
+    /// Connections on the bridges port that went on into their client's tunnel.
+    pub bridge_connections: IntCounter,
+    /// Connections on the bridges port closed instead, by reason.
+    pub bridge_refused: IntCounterVec,
 }
 
 /// The per-peer families (made afresh for each scrape from the data plane's stats).
@@ -138,6 +145,21 @@ impl Metrics {
         for kind in ["datagram", "forward"] {
             handoffs.with_label_values(&[kind]).inc_by(0);
         }
+        let bridge_connections = IntCounter::new(
+            "gefyra_stowaway_bridge_connections_total",
+            "Connections on the bridges port that went on through the tunnel to their bridge's client",
+        )
+        .expect("valid metric");
+        let bridge_refused = counter(
+            "gefyra_stowaway_bridge_connections_refused_total",
+            "Connections on the bridges port closed instead of bridged, by reason",
+            &["reason"],
+        );
+        for reason in bridges::Refusal::ALL {
+            bridge_refused
+                .with_label_values(&[reason.label()])
+                .inc_by(0);
+        }
         let mut declared = Vec::new();
         for collector in [
             Box::new(peers.clone()) as Box<dyn prometheus::core::Collector>,
@@ -150,6 +172,8 @@ impl Metrics {
             Box::new(expiries.clone()),
             Box::new(workers.clone()),
             Box::new(handoffs.clone()),
+            Box::new(bridge_connections.clone()),
+            Box::new(bridge_refused.clone()),
         ] {
             declared.extend(collector.desc().iter().map(|desc| desc.fq_name.clone()));
             registry
@@ -179,6 +203,8 @@ impl Metrics {
             refused_clients,
             workers,
             handoffs,
+            bridge_connections,
+            bridge_refused,
         }
     }
 

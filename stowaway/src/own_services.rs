@@ -1,4 +1,5 @@
-//! Stowaway's own Services (the chart's metrics ClusterIP and WireGuard Service): their
+//! Stowaway's own Services (the chart's bridges and metrics ClusterIPs and WireGuard
+//! Service): their
 //! addresses lead back to Stowaway (kube-proxy hairpins them to its pod), so peers never
 //! reach them — as its pod's own addresses. Read from the API by name (Stowaway's Role may
 //! get exactly these), at startup and every `REFRESH`; the addresses are pure data here.
@@ -12,7 +13,11 @@ use kube::{Api, Client};
 use crate::dataplane::Handle;
 
 /// The Services the chart makes for Stowaway (`charts/gefyra-operator/templates/services.yaml`).
-pub const OWN_SERVICES: [&str; 2] = ["gefyra-stowaway-metrics", "gefyra-stowaway-wireguard"];
+pub const OWN_SERVICES: [&str; 3] = [
+    "gefyra-stowaway-bridges",
+    "gefyra-stowaway-metrics",
+    "gefyra-stowaway-wireguard",
+];
 /// How often they are read again (a Service recreated gets a new ClusterIP).
 const REFRESH: Duration = Duration::from_secs(10);
 

@@ -14,6 +14,7 @@ use gefyra_api::GefyraClient;
 use gefyra_api::rbac::identity_yaml;
 use kube::{Api, Client};
 
+use crate::bridges::{self, Bridges};
 use crate::dataplane::{self, DataPlane, Forward, Shared};
 use crate::http::{Health, serve};
 use crate::metrics::Metrics;
@@ -37,8 +38,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Print Stowaway's ServiceAccount, Role (read-only on clients, status patch, its key
-    /// Secret) and RoleBinding for --namespace.
+    /// Print Stowaway's ServiceAccount, Role (read-only on clients and bridges, status
+    /// patch, its key Secret) and RoleBinding for --namespace.
     Rbac {
         #[arg(long, default_value = "gefyra-stowaway")]
         name: String,
@@ -76,6 +77,10 @@ pub struct RunArgs {
     /// address inside a client's range: PORT=ADDRESS:PORT (repeatable).
     #[arg(long = "forward")]
     pub forwards: Vec<Forward>,
+    /// The bridges port: routers send the connections of the GefyraBridges here, each
+    /// preceded by the line `GEFYRA-BRIDGE/1 <bridge> <port>`; an empty value: none.
+    #[arg(long, env = "STOWAWAY_BRIDGES_LISTEN", default_value = "0.0.0.0:8082")]
+    pub bridges_listen: OptionalAddress,
     /// The tunnel MTU.
     #[arg(long, default_value_t = 1420)]
     pub mtu: usize,
@@ -144,6 +149,56 @@ pub struct RunArgs {
     pub tcp_handshake_timeout: u64,
     #[arg(long, value_enum, env = "GEFYRA_LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
+}
+
+/// A listen address, or none (given as an empty value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Ok(Self(None));
+        }
+        text.parse()
+            .map(|address| Self(Some(address)))
+            .map_err(|_| format!("{text:?} is not ADDRESS:PORT (nor empty, for none)"))
+    }
+}
+
+/// The bridges port and the watch of the GefyraBridges it serves, if `listen` is given;
+/// the port is bound here, so that a taken one fails the start.
+async fn start_bridges(
+    listen: Option<SocketAddr>,
+    client: &Client,
+    namespace: &str,
+    handle: &dataplane::Handle,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let Some(listen) = listen else {
+        tracing::info!("no bridges port (--bridges-listen is empty)");
+        return Ok(Vec::new());
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the bridges port --bridges-listen {listen}"))?;
+    tracing::info!(listen = %listener.local_addr()?, "bridges port listening");
+    let known = Bridges::default();
+    Ok(vec![
+        tokio::spawn(bridges::keep_bridges(
+            client.clone(),
+            namespace.to_string(),
+            known.clone(),
+        )),
+        tokio::spawn(bridges::serve(
+            listener,
+            known,
+            handle.clone(),
+            metrics.clone(),
+        )),
+    ])
 }
 
 /// The addresses of this network namespace's interfaces (the pod's): peers never reach
@@ -326,6 +381,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         handle.clone(),
         own_services,
     ));
+    let bridge_tasks = start_bridges(
+        args.bridges_listen.0,
+        &client,
+        &args.namespace,
+        &handle,
+        &metrics,
+    )
+    .await?;
     let status_task = tokio::spawn(write_status(
         clients,
         shared,
@@ -350,6 +413,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     peers_task.abort();
     services_task.abort();
     status_task.abort();
+    for task in bridge_tasks {
+        task.abort();
+    }
     outcome
 }
 
@@ -362,6 +428,23 @@ mod tests {
         let text = "# generated\nsearch gefyra.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n";
         assert_eq!(first_nameserver(text), Some("10.96.0.10".parse().unwrap()));
         assert_eq!(first_nameserver("search x\n"), None);
+    }
+
+    #[test]
+    fn the_bridges_port_is_an_address_or_none() {
+        let cli = Cli::try_parse_from(["stowaway"]).unwrap();
+        assert_eq!(
+            cli.run.bridges_listen.0,
+            Some("0.0.0.0:8082".parse().unwrap())
+        );
+        let cli = Cli::try_parse_from(["stowaway", "--bridges-listen", ""]).unwrap();
+        assert_eq!(cli.run.bridges_listen.0, None);
+        let cli = Cli::try_parse_from(["stowaway", "--bridges-listen", "127.0.0.1:9"]).unwrap();
+        assert_eq!(
+            cli.run.bridges_listen.0,
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+        assert!(Cli::try_parse_from(["stowaway", "--bridges-listen", "8082"]).is_err());
     }
 
     #[test]

@@ -484,7 +484,8 @@ impl Lab {
     }
 
     /// Starts Stowaway in the root namespace as an unprivileged user without capabilities,
-    /// on WireGuard `port` (a free one if `None`).
+    /// on WireGuard `port` (a free one if `None`), its bridges port on a free port of every
+    /// address (unless `extra` says where).
     pub fn stowaway(
         &mut self,
         kubeconfig: &Path,
@@ -497,6 +498,12 @@ impl Lab {
             None => free_udp_port()?,
         };
         let http_port = free_port();
+        let bridges_port = free_port();
+        let bridges_listen = format!("0.0.0.0:{bridges_port}");
+        let mut bridges = vec!["--bridges-listen", bridges_listen.as_str()];
+        if extra.contains(&"--bridges-listen") {
+            bridges.clear();
+        }
         let binary = stowaway_binary();
         let mut command = Command::new("setpriv");
         command
@@ -520,6 +527,7 @@ impl Lab {
                 "--http-address",
                 &format!("127.0.0.1:{http_port}"),
             ])
+            .args(bridges)
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,stowaway=debug,kube=warn");
@@ -535,6 +543,7 @@ impl Lab {
             process,
             port,
             http_port,
+            bridges_port,
         })
     }
 }
@@ -562,6 +571,8 @@ pub struct Stowaway {
     /// Its WireGuard UDP port.
     pub port: u16,
     pub http_port: u16,
+    /// Its bridges port (TCP, every address), unless the test said otherwise.
+    pub bridges_port: u16,
 }
 
 impl Stowaway {

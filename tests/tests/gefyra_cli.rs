@@ -409,6 +409,8 @@ async fn gefyras_own_connect(
             "127.0.0.1:53",
             "--status-interval",
             "1",
+            "--bridges-listen",
+            "127.0.0.1:0",
         ])
         .args(["--listen", &format!("0.0.0.0:{wireguard_port}")])
         .args(["--http-address", &format!("127.0.0.1:{stowaway_http}")])

@@ -249,6 +249,19 @@ where
         "metrics only from the test Pod and namespace monitoring: {stowaway_policy}"
     );
     ensure!(
+        stowaway_policy["spec"]["ingress"][2]
+            == json!({"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 8082}]}),
+        "the bridges port from Pods in any namespace (the routers'): {stowaway_policy}"
+    );
+    let bridges =
+        of_kind(&defaults, "Service", "gefyra-stowaway-bridges").context("the bridges Service")?;
+    ensure!(
+        bridges["spec"]["type"] == "ClusterIP"
+            && bridges["spec"]["ports"]
+                == json!([{"name": "bridges", "protocol": "TCP", "port": 8082, "targetPort": "bridges"}]),
+        "the bridges port, inside the cluster only: {bridges}"
+    );
+    ensure!(
         of_kind(&defaults, "PodDisruptionBudget", "gefyra-operator").is_none(),
         "no PodDisruptionBudget for one replica"
     );
@@ -718,6 +731,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_and_its_rbac_suffices() -> R
             "127.0.0.1:0",
             "--status-interval",
             "1",
+            "--bridges-listen",
+            "127.0.0.1:0",
         ])
         .args(["--http-address", &format!("127.0.0.1:{stowaway_http}")])
         .env("KUBECONFIG", &as_stowaway)

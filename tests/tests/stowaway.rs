@@ -1109,3 +1109,299 @@ async fn greedy_peers_hold_only_their_share_and_another_still_connects() -> Resu
     ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
     Ok(())
 }
+
+/// The tunnel address the operator gave client `name`.
+async fn tunnel_address(setup: &Deployment, name: &str) -> Result<IpAddr> {
+    let client = setup.clients.get(name).await?;
+    let config = gefyra_api::connection::ProviderConfig::parse(
+        client
+            .provider_config
+            .as_ref()
+            .context("an ACTIVE client has a providerConfig")?,
+    )?;
+    Ok(config.address)
+}
+
+/// What comes back on a connection to Stowaway's bridges port that sent `preamble`, then
+/// `request`: the response read to the end, or nothing if Stowaway closed (or reset) it.
+async fn over_bridge(port: u16, preamble: &[u8], request: &[u8]) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(preamble).await?;
+    if stream.write_all(request).await.is_err() {
+        // Refused already: closed with our bytes unread, so reset.
+        return Ok(Vec::new());
+    }
+    let mut response = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response)).await {
+        Ok(Ok(_)) => Ok(response),
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(response),
+        Ok(Err(error)) => Err(error.into()),
+        Err(_) => anyhow::bail!("the bridges port neither answered nor closed within 20 s"),
+    }
+}
+
+/// The body of an HTTP response (after the blank line).
+fn body(response: &[u8]) -> &[u8] {
+    response
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(&[], |at| &response[at + 4..])
+}
+
+/// Bridges: a connection on the bridges port naming an ACTIVE GefyraBridge and a port it
+/// maps goes through the tunnel to the bridge's own client, bytes both ways. Whatever a
+/// bridge object says, nothing else is reached: a bridge of client A that points at B's
+/// tunnel address or at a cluster address, a bridge not ACTIVE, an unknown bridge, an
+/// unmapped port, garbage, an oversized or unfinished preamble are closed and counted by
+/// reason, and no connection reaches a server; the peer's flow limits hold for bridged
+/// flows; Stowaway keeps serving throughout.
+#[tokio::test]
+async fn a_bridge_reaches_its_own_clients_peer_and_nothing_else() -> Result<()> {
+    use kube::Api;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cluster = Cluster::from_env().await?;
+    let extra = ["--peer-max-tcp-flows", "2"].map(String::from);
+    let mut setup = Deployment::start(&cluster, "bridges", &extra).await?;
+    setup.stowaway.wait_ready().await?;
+    let a = setup
+        .connected_peer("a", json!({ "subnet": "172.25.200.0/24" }), true)
+        .await?;
+    let b = setup
+        .connected_peer("b", json!({ "subnet": "172.25.201.0/24" }), true)
+        .await?;
+    setup.reaches_the_cluster(&a.netns).await?;
+    setup.reaches_the_cluster(&b.netns).await?;
+    let address_a = tunnel_address(&setup, "a").await?;
+    let address_b = tunnel_address(&setup, "b").await?;
+    setup.lab.serve(&a.netns, address_a, "peer-a")?;
+    setup.lab.serve(&b.netns, address_b, "peer-b")?;
+    let cluster_address = IpAddr::V4(setup.lab.cluster_address());
+    let cluster_netns = setup.lab.cluster_netns();
+    // The operator puts every bridge in ERROR (it does not bridge yet), as it would any
+    // bridge before its router is ready: it goes. The peers stay (Stowaway follows their
+    // clients, which stay ACTIVE).
+    setup.operator.kill().await?;
+
+    let ns = setup.clients.namespace().context("namespaced")?.to_string();
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gefyra.dev", "v1", "gefyrabridge"),
+        "gefyrabridges",
+    );
+    let bridges: Api<DynamicObject> =
+        Api::namespaced_with(setup.clients.clone().into_client(), &ns, &resource);
+    // `to-a` last: once it is served, Stowaway has seen the others (one watch, in order).
+    for (name, destination, state) in [
+        ("a-to-b", address_b, "ACTIVE"),
+        ("a-to-cluster", cluster_address, "ACTIVE"),
+        ("requested", address_a, "REQUESTED"),
+        ("to-a", address_a, "ACTIVE"),
+    ] {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gefyra.dev/v1",
+            "kind": "gefyrabridge",
+            "metadata": {
+                "name": name,
+                "labels": {"gefyra.dev/client": "a", "gefyra.dev/bridge-mount": "web-mount"},
+            },
+            "provider": "carrier2",
+            "client": "a",
+            "destinationIP": destination.to_string(),
+            "portMappings": ["8080:80"],
+            "state": state,
+        }))?;
+        bridges.create(&PostParams::default(), &object).await?;
+    }
+
+    let port = setup.stowaway.bridges_port;
+    let get = b"GET / HTTP/1.0\r\nHost: web\r\n\r\n";
+    let stowaway = &setup.stowaway;
+    eventually("bridge to-a reaches peer a", WAIT, || async {
+        let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", get).await?;
+        Ok((body(&response) == b"peer-a").then_some(()))
+    })
+    .await
+    .with_context(|| stowaway.process.log_text())?;
+    let mut bridged = 1.0;
+
+    // An unfinished preamble (slowloris) is held for 5 s at most; meanwhile Stowaway
+    // serves the others.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    slow.write_all(b"GEFYRA-BRIDGE/1 to-a").await?;
+    let slow_since = std::time::Instant::now();
+
+    // Bytes both ways: 200,000 up, 1,000,000 down.
+    let upload = vec![b'u'; 200_000];
+    let mut post = format!(
+        "POST /count HTTP/1.0\r\nHost: web\r\nContent-Length: {}\r\n\r\n",
+        upload.len()
+    )
+    .into_bytes();
+    post.extend_from_slice(&upload);
+    let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", &post).await?;
+    ensure!(
+        body(&response) == b"200000",
+        "the upload through the bridge: {:?}",
+        String::from_utf8_lossy(&response)
+    );
+    let response = over_bridge(
+        port,
+        b"GEFYRA-BRIDGE/1 to-a 80\n",
+        b"GET /bytes/1000000 HTTP/1.0\r\nHost: web\r\n\r\n",
+    )
+    .await?;
+    ensure!(
+        body(&response).len() == 1_000_000,
+        "the download through the bridge: {} bytes",
+        body(&response).len()
+    );
+    bridged += 2.0;
+
+    // What each server accepted before (as the server counts; each probe is one more).
+    let lab = &setup.lab;
+    let accepted = |netns: &str, address: IpAddr| -> Result<u64> {
+        Ok(lab
+            .probe(
+                netns,
+                &["http", &format!("http://{address}:8080/connections")],
+            )?
+            .parse()?)
+    };
+    let servers = [
+        (a.netns.as_str(), address_a),
+        (b.netns.as_str(), address_b),
+        (cluster_netns.as_str(), cluster_address),
+    ];
+    let mut before = Vec::new();
+    for (netns, address) in servers {
+        before.push(accepted(netns, address)?);
+    }
+    let refused = async |reason: &str| {
+        stowaway
+            .metric(&format!(
+                "gefyra_stowaway_bridge_connections_refused_total{{reason=\"{reason}\"}}"
+            ))
+            .await
+    };
+    let oversized = format!("GEFYRA-BRIDGE/1 {}", "a".repeat(300));
+    let attempts: [(&str, &[u8], &str); 8] = [
+        (
+            "another client's address",
+            b"GEFYRA-BRIDGE/1 a-to-b 80\n",
+            "foreign_destination",
+        ),
+        (
+            "a cluster address",
+            b"GEFYRA-BRIDGE/1 a-to-cluster 80\n",
+            "foreign_destination",
+        ),
+        (
+            "a bridge not ACTIVE",
+            b"GEFYRA-BRIDGE/1 requested 80\n",
+            "not_active",
+        ),
+        (
+            "an unknown bridge",
+            b"GEFYRA-BRIDGE/1 nope 80\n",
+            "unknown_bridge",
+        ),
+        (
+            "an unmapped port",
+            b"GEFYRA-BRIDGE/1 to-a 8080\n",
+            "unmapped_port",
+        ),
+        ("garbage", b"GET / HTTP/1.1\r\n", "malformed_preamble"),
+        (
+            "another version",
+            b"GEFYRA-BRIDGE/2 to-a 80\n",
+            "malformed_preamble",
+        ),
+        (
+            "an oversized preamble",
+            oversized.as_bytes(),
+            "oversized_preamble",
+        ),
+    ];
+    for (what, preamble, reason) in attempts {
+        let counted = refused(reason).await?;
+        let response = over_bridge(port, preamble, get).await?;
+        ensure!(
+            response.is_empty(),
+            "{what}: answered {:?}",
+            String::from_utf8_lossy(&response)
+        );
+        let now = refused(reason).await?;
+        ensure!(now == counted + 1.0, "{what}: {reason} {counted} -> {now}");
+    }
+    for ((netns, address), before) in servers.into_iter().zip(before) {
+        let after = accepted(netns, address)?;
+        ensure!(
+            after == before + 1,
+            "only the probe reached {address} in {netns}: {before} -> {after}"
+        );
+    }
+
+    // The unfinished preamble is closed at its timeout, not before.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    let held = slow_since.elapsed();
+    ensure!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))) && rest.is_empty(),
+        "the unfinished preamble: {read:?} {rest:?}"
+    );
+    ensure!(
+        held >= Duration::from_millis(4_500),
+        "closed after {held:?}"
+    );
+    ensure!(refused("preamble_timeout").await? == 1.0, "counted");
+
+    // The peer's flow limits hold for bridged flows: two held open (a request not
+    // finished), a third is refused, and once they end another goes through.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GEFYRA-BRIDGE/1 to-a 80\nGET / HTTP/1.0\r\n")
+            .await?;
+        held.push(stream);
+    }
+    let total = "gefyra_stowaway_bridge_connections_total";
+    eventually("both held flows are bridged", WAIT, || async {
+        Ok((stowaway.metric(total).await? == bridged + 2.0).then_some(()))
+    })
+    .await?;
+    bridged += 2.0;
+    let limited = refused("flow_refused").await?;
+    let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", get).await?;
+    ensure!(
+        response.is_empty(),
+        "a third flow while two are held: answered {:?}",
+        String::from_utf8_lossy(&response)
+    );
+    let now = refused("flow_refused").await?;
+    ensure!(now == limited + 1.0, "flow_refused {limited} -> {now}");
+    drop(held);
+    eventually("bridged again once the held flows end", WAIT, || async {
+        let response = over_bridge(port, b"GEFYRA-BRIDGE/1 to-a 80\n", get).await?;
+        Ok((body(&response) == b"peer-a").then_some(()))
+    })
+    .await?;
+    bridged += 1.0;
+
+    let accepted_total = stowaway.metric(total).await?;
+    ensure!(
+        accepted_total == bridged,
+        "bridged connections counted: {accepted_total}, expected {bridged}"
+    );
+    ensure!(
+        refused("foreign_destination").await? == 2.0,
+        "refusals for foreign destinations"
+    );
+    // The peers' own traffic was never disturbed.
+    setup.reaches_the_cluster(&a.netns).await?;
+    setup.reaches_the_cluster(&b.netns).await?;
+    ensure!(setup.stowaway.process.is_running(), "Stowaway still runs");
+    Ok(())
+}

@@ -10,7 +10,8 @@
 //!
 //! By concept: `device` (the stack's in-memory device), `tunnel` (the WireGuard socket, its
 //! outbox, packets to and from peers), `tcp` (dials and flows), `udp` (the relay),
-//! `forward` (cluster-side listeners into the tunnel), `flows` (the flow table: whose each
+//! `forward` (cluster-side listeners into the tunnel, and the bridges' connections handed
+//! in through `Handle::hand_in`), `flows` (the flow table: whose each
 //! flow is, what it holds, which end when the peer table changes). What a peer may reach
 //! and hold is decided by `crate::policy`.
 
@@ -37,7 +38,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use smoltcp::iface::{Config as StackConfig, Interface, SocketSet};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
-pub use forward::Forward;
+pub use forward::{Bridged, Forward};
 pub use tcp::TCP_FLOW_BUFFERS;
 
 use crate::endpoint::{Endpoint, PeerStats};
@@ -168,11 +169,13 @@ impl Default for Shared {
 enum Handoff {
     /// A WireGuard datagram (an initiation, or one the kernel did not steer).
     Datagram(SocketAddr, Vec<u8>),
-    /// A connection accepted on a forward listener, for the peer that holds `target`.
+    /// A connection accepted on a forward listener (or the bridges port: `bridged`), for
+    /// the peer that holds `target`.
     Forward {
         stream: mio::net::TcpStream,
         target: SocketAddr,
         from: SocketAddr,
+        bridged: Option<Bridged>,
     },
 }
 
@@ -190,17 +193,82 @@ const HANDOFFS: usize = 4_096;
 /// the count alone would let 256 MiB wait).
 const HANDOFF_BYTES: usize = 8 << 20;
 
-/// The control plane's side: send commands to every worker, wake their loops.
+/// The control plane's side: send commands to every worker, wake their loops, hand in
+/// connections accepted outside the data plane.
 #[derive(Clone)]
 pub struct Handle {
     workers: Vec<(mpsc::Sender<Command>, Arc<Waker>)>,
+    /// Every worker's queue of handoffs.
+    links: Arc<[Link]>,
+    /// The peer table as last set (to find the worker of a handed-in connection's target).
+    peers: Arc<Mutex<Arc<BTreeMap<Key, PeerSpec>>>>,
+}
+
+/// Why `Handle::hand_in` did not take a connection (it is closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandInError {
+    /// No peer holds the target.
+    NoPeer,
+    /// The worker of the target's peer has a full queue.
+    QueueFull,
+    /// The data plane has stopped.
+    Stopped,
 }
 
 impl Handle {
     pub fn set_peers(&self, peers: BTreeMap<Key, PeerSpec>) {
         let peers = Arc::new(peers);
+        *self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = peers.clone();
         for (commands, waker) in &self.workers {
             Self::send(commands, waker, Command::Peers(peers.clone()));
+        }
+    }
+
+    /// The peer table as last set.
+    pub fn peers(&self) -> Arc<BTreeMap<Key, PeerSpec>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Hands a connection accepted outside the data plane (the bridges port) to the worker
+    /// of the peer that holds `target`, as if it had arrived on a forward listener: through
+    /// that peer's tunnel if the peer is still `bridged.client`'s when the worker takes it,
+    /// within the peer's flow limits.
+    pub fn hand_in(
+        &self,
+        stream: std::net::TcpStream,
+        target: SocketAddr,
+        from: SocketAddr,
+        bridged: Bridged,
+    ) -> Result<(), HandInError> {
+        let worker = {
+            let peers = self.peers();
+            let holder =
+                crate::peers::route(peers.values(), target.ip()).ok_or(HandInError::NoPeer)?;
+            shard::worker_of_key(&holder.public_key, self.links.len())
+        };
+        let link = self.links.get(worker).ok_or(HandInError::Stopped)?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|_| HandInError::Stopped)?;
+        let handoff = Handoff::Forward {
+            stream: mio::net::TcpStream::from_std(stream),
+            target,
+            from,
+            bridged: Some(bridged),
+        };
+        match link.handoffs.try_send(handoff) {
+            Ok(()) => {
+                let _ = link.waker.wake();
+                Ok(())
+            }
+            Err(mpsc::TrySendError::Full(_)) => Err(HandInError::QueueFull),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(HandInError::Stopped),
         }
     }
 
@@ -389,7 +457,14 @@ impl DataPlane {
                 config: config.clone(),
             });
         }
-        Ok((planes, Handle { workers: queues }))
+        Ok((
+            planes,
+            Handle {
+                workers: queues,
+                links,
+                peers: Arc::default(),
+            },
+        ))
     }
 
     /// The WireGuard socket's address (the port, when bound to port 0).
@@ -792,6 +867,69 @@ fn icmp_budget(shard: Shard) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection handed in from the bridges port goes to the queue of the worker whose
+    /// peer holds its target, marked as the bridge's; refused without a holder, and when
+    /// that queue is full.
+    #[test]
+    fn a_handed_in_connection_goes_to_the_worker_of_its_targets_peer() {
+        let workers = 2;
+        let (mut planes, handle) = DataPlane::bind(
+            tcp::tests::config(300, 10),
+            [1; 32],
+            workers,
+            Arc::new(Shared::new(workers)),
+            Arc::new(Metrics::default()),
+        )
+        .expect("two workers");
+        let key = (0..=u8::MAX)
+            .map(|byte| [byte; 32])
+            .find(|key| shard::worker_of_key(key, workers) == 1)
+            .expect("a key of worker 1");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut routers = Vec::new();
+        let mut accept = || {
+            routers.push(std::net::TcpStream::connect(address).unwrap());
+            listener.accept().unwrap().0
+        };
+        let target: SocketAddr = "192.168.99.2:8080".parse().unwrap();
+        let from: SocketAddr = "10.244.0.9:40000".parse().unwrap();
+        let bridged = Bridged {
+            bridge: "b1".into(),
+            client: "dev".into(),
+        };
+        assert_eq!(
+            handle.hand_in(accept(), target, from, bridged.clone()),
+            Err(HandInError::NoPeer)
+        );
+        handle.set_peers(BTreeMap::from([(
+            key,
+            PeerSpec {
+                client: "dev".into(),
+                public_key: key,
+                preshared_key: [0; 32],
+                ranges: vec!["192.168.99.2/32".parse().unwrap()],
+            },
+        )]));
+        assert_eq!(
+            handle.hand_in(accept(), target, from, bridged.clone()),
+            Ok(())
+        );
+        assert!(planes[0].handoffs.try_recv().is_err());
+        assert!(matches!(
+            planes[1].handoffs.try_recv(),
+            Ok(Handoff::Forward { target: to, bridged: Some(whose), .. })
+                if to == target && whose == bridged
+        ));
+        for _ in 0..HANDOFFS {
+            planes[0].hand_over(1, Handoff::Datagram(from, vec![4]));
+        }
+        assert_eq!(
+            handle.hand_in(accept(), target, from, bridged),
+            Err(HandInError::QueueFull)
+        );
+    }
 
     /// The global bounds are shared among the peers of every worker with a recent
     /// handshake; configured peers that never or long ago handshook do not count.

@@ -266,21 +266,22 @@ impl DataPlane {
     }
 
     /// A flow from the cluster side into the tunnel (a forward): the stack connects to
-    /// `target` from `local`; the stream is the accepted cluster-side connection.
+    /// `target` from `local`; the stream is the accepted cluster-side connection, given
+    /// back if the flow was not opened (over a limit, most likely).
     pub(super) fn open_forwarded(
         &mut self,
         peer: PeerId,
         mut stream: TcpStream,
         target: SocketAddr,
         local: SocketAddr,
-    ) -> bool {
+    ) -> Result<(), TcpStream> {
         let tuple = (Protocol::Tcp, target, local);
         let holding = Holding::Tcp {
             dialing: false,
             buffer_bytes: TCP_FLOW_BUFFERS,
         };
         if !self.admit(&peer, holding, tuple) {
-            return false;
+            return Err(stream);
         }
         let mut socket = new_socket(&self.config);
         if let Err(error) = socket.connect(
@@ -290,7 +291,7 @@ impl DataPlane {
         ) {
             tracing::warn!(%target, ?error, "forward connect failed");
             self.flows.release(&peer, holding);
-            return false;
+            return Err(stream);
         }
         let token = self.flows.token();
         if self
@@ -300,7 +301,7 @@ impl DataPlane {
             .is_err()
         {
             self.flows.release(&peer, holding);
-            return false;
+            return Err(stream);
         }
         let handle = self.sockets.add(socket);
         let _ = stream.set_nodelay(true);
@@ -314,7 +315,7 @@ impl DataPlane {
         );
         tracing::debug!(?tuple, "forwarded TCP flow opened");
         self.count_opened();
-        true
+        Ok(())
     }
 }
 

@@ -223,7 +223,8 @@ impl DataPlane {
                     stream,
                     target,
                     from,
-                } => self.forward_here(stream, target, from),
+                    bridged,
+                } => self.forward_here(stream, target, from, bridged),
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Services and probes for the network lab (run inside network namespaces):
 //!
 //! - `lab serve --http ADDR --udp-echo ADDR --name NAME`: HTTP (`/` answers NAME,
-//!   `/bytes/N` N bytes, `/slow/S` 160 KiB a second for S seconds) and UDP echo.
+//!   `/bytes/N` N bytes, `/slow/S` 160 KiB a second for S seconds, `/connections` how
+//!   many TCP connections it accepted before this one) and UDP echo.
 //! - `lab http URL`: GET, print the body.
 //! - `lab download URL`: GET, print how many body bytes arrived.
 //! - `lab upload URL N`: POST N bytes, print the server's count of what arrived
@@ -116,17 +117,17 @@ fn serve(http: SocketAddr, udp: SocketAddr, name: String) -> Result<()> {
         }
     });
     let listener = TcpListener::bind(http)?;
-    for stream in listener.incoming() {
+    for (accepted_before, stream) in listener.incoming().enumerate() {
         let Ok(stream) = stream else { continue };
         let name = name.clone();
         std::thread::spawn(move || {
-            let _ = answer(stream, &name);
+            let _ = answer(stream, &name, accepted_before);
         });
     }
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, name: &str) -> Result<()> {
+fn answer(mut stream: TcpStream, name: &str, accepted_before: usize) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -168,7 +169,11 @@ fn answer(mut stream: TcpStream, name: &str) -> Result<()> {
         stream.write_all(body.as_bytes())?;
         return Ok(());
     }
-    if let Some(count) = path.strip_prefix("/bytes/") {
+    if path == "/connections" {
+        let body = accepted_before.to_string();
+        stream.write_all(head(body.len()).as_bytes())?;
+        stream.write_all(body.as_bytes())?;
+    } else if let Some(count) = path.strip_prefix("/bytes/") {
         let count: usize = count.parse()?;
         stream.write_all(head(count).as_bytes())?;
         let chunk = vec![b'x'; 64 * 1024];

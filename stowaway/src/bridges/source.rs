@@ -1,0 +1,292 @@
+//! The bridges Stowaway knows, from the API: a watch of the GefyraBridges in its namespace
+//! feeding a map name → `Bridge`. Only the fields authorization reads are kept, never the
+//! objects (nor their managedFields).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use gefyra_api::bridge::{BRIDGE_KIND, BRIDGE_PLURAL};
+use gefyra_api::client::{GROUP, VERSION};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde::Deserialize;
+
+use super::{ACTIVE, Bridge, Destination, port_mappings};
+
+/// The fields of a GefyraBridge Stowaway reads (Gefyra 2.x's layout: top level, no spec).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Fields {
+    state: Option<String>,
+    client: Option<String>,
+    #[serde(rename = "destinationIP")]
+    destination_ip: Option<String>,
+    port_mappings: Option<Vec<String>>,
+}
+
+impl Bridge {
+    /// What a GefyraBridge's fields (an object without apiVersion, kind and metadata) say.
+    pub fn of(data: &serde_json::Value) -> Self {
+        let fields = match Fields::deserialize(data) {
+            Ok(fields) => fields,
+            // The CRD's schema types these fields; an object that still does not fit is
+            // never served.
+            Err(error) => {
+                return Self {
+                    active: false,
+                    client: String::new(),
+                    destination: Err(format!("its fields do not parse: {error}")),
+                };
+            }
+        };
+        Self {
+            active: fields.state.as_deref() == Some(ACTIVE),
+            client: fields.client.unwrap_or_default(),
+            destination: destination(
+                fields.destination_ip.as_deref(),
+                fields.port_mappings.as_deref().unwrap_or_default(),
+            ),
+        }
+    }
+}
+
+fn destination(address: Option<&str>, mappings: &[String]) -> Result<Destination, String> {
+    let text = address.ok_or("it has no destinationIP")?;
+    let address = text
+        .parse::<IpAddr>()
+        .map_err(|_| format!("destinationIP {text:?} is not an IP address"))?
+        .to_canonical();
+    if address.is_ipv6() {
+        return Err(format!(
+            "destinationIP {address}: IPv6 destinations are not supported yet"
+        ));
+    }
+    Ok(Destination {
+        address,
+        ports: port_mappings(mappings)?,
+    })
+}
+
+/// The bridges as last seen, by name; shared by the watch and the listener.
+#[derive(Clone, Default)]
+pub struct Bridges(Arc<RwLock<HashMap<String, Bridge>>>);
+
+impl Bridges {
+    pub fn get(&self, name: &str) -> Option<Bridge> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Bridge>> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies one watch event; `listing` holds a relist until it is complete (then it
+    /// replaces the map at once, so that bridges deleted meanwhile go).
+    fn apply(
+        &self,
+        event: watcher::Event<DynamicObject>,
+        listing: &mut Option<HashMap<String, Bridge>>,
+    ) {
+        match event {
+            watcher::Event::Init => *listing = Some(HashMap::new()),
+            watcher::Event::InitApply(object) => {
+                let bridge = Bridge::of(&object.data);
+                report(&object.name_any(), &bridge);
+                listing
+                    .get_or_insert_default()
+                    .insert(object.name_any(), bridge);
+            }
+            watcher::Event::InitDone => {
+                let listed = listing.take().unwrap_or_default();
+                tracing::info!(bridges = listed.len(), "GefyraBridges listed");
+                *self.write() = listed;
+            }
+            watcher::Event::Apply(object) => {
+                let name = object.name_any();
+                let bridge = Bridge::of(&object.data);
+                let mut bridges = self.write();
+                if bridges.get(&name) != Some(&bridge) {
+                    report(&name, &bridge);
+                    bridges.insert(name, bridge);
+                }
+            }
+            watcher::Event::Delete(object) => {
+                let name = object.name_any();
+                tracing::info!(bridge = %name, "GefyraBridge deleted: no longer served");
+                self.write().remove(&name);
+            }
+        }
+    }
+}
+
+/// Logs what a bridge now is (it changes seldom: created, made ACTIVE, deleted).
+fn report(name: &str, bridge: &Bridge) {
+    match &bridge.destination {
+        Ok(destination) => tracing::info!(
+            bridge = %name,
+            client = %bridge.client,
+            active = bridge.active,
+            destination = %destination.address,
+            ports = ?destination.ports,
+            "GefyraBridge seen"
+        ),
+        Err(why) if bridge.active => tracing::warn!(
+            bridge = %name,
+            client = %bridge.client,
+            "GefyraBridge is ACTIVE but not served: {why}"
+        ),
+        Err(why) => tracing::debug!(bridge = %name, "GefyraBridge not served (yet): {why}"),
+    }
+}
+
+/// Keeps `bridges` equal to the GefyraBridges in `namespace` (the watch retried with
+/// backoff).
+pub async fn keep_bridges(client: Client, namespace: String, bridges: Bridges) {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, VERSION, BRIDGE_KIND),
+        BRIDGE_PLURAL,
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &resource);
+    let mut listing = None;
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .for_each(|event| {
+            match event {
+                Ok(event) => bridges.apply(event, &mut listing),
+                Err(error) => {
+                    tracing::warn!(%error, "watching GefyraBridges failed; retrying")
+                }
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::bridges::PortMapping;
+
+    fn object(name: &str, fields: serde_json::Value) -> DynamicObject {
+        let mut object = json!({
+            "apiVersion": "gefyra.dev/v1",
+            "kind": "gefyrabridge",
+            "metadata": {"name": name, "namespace": "gefyra"},
+        });
+        for (key, value) in fields.as_object().unwrap() {
+            object[key] = value.clone();
+        }
+        serde_json::from_value(object).unwrap()
+    }
+
+    #[test]
+    fn a_bridge_is_read_from_gefyras_wire_format() {
+        let web = object(
+            "b1",
+            json!({
+                "client": "dev",
+                "destinationIP": "192.168.99.2",
+                "portMappings": ["8080:80"],
+                "state": "ACTIVE",
+                "target": "deploy/web",
+                "provider": "carrier2",
+            }),
+        );
+        assert_eq!(
+            Bridge::of(&web.data),
+            Bridge {
+                active: true,
+                client: "dev".into(),
+                destination: Ok(Destination {
+                    address: "192.168.99.2".parse().unwrap(),
+                    ports: vec![PortMapping {
+                        local: 8080,
+                        remote: 80
+                    }],
+                }),
+            }
+        );
+        let requested = Bridge::of(&object("b2", json!({"client": "dev"})).data);
+        assert!(!requested.active);
+        assert!(requested.destination.is_err());
+        for (fields, why) in [
+            (
+                json!({"destinationIP": "dev.local", "portMappings": ["1:1"]}),
+                "not an IP",
+            ),
+            (
+                json!({"destinationIP": "fd00::2", "portMappings": ["1:1"]}),
+                "IPv6",
+            ),
+            (
+                json!({"destinationIP": "192.168.99.2", "portMappings": ["80"]}),
+                "LOCAL:REMOTE",
+            ),
+            (json!({"portMappings": "80:80"}), "do not parse"),
+        ] {
+            let bridge = Bridge::of(&object("b", fields).data);
+            let error = bridge.destination.unwrap_err();
+            assert!(error.contains(why), "{error}");
+        }
+        // An IPv4 address written as IPv6-mapped is the IPv4 address.
+        let mapped = Bridge::of(
+            &object(
+                "b",
+                json!({"destinationIP": "::ffff:192.168.99.2", "portMappings": []}),
+            )
+            .data,
+        );
+        assert_eq!(
+            mapped.destination.unwrap().address,
+            "192.168.99.2".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_map_follows_the_watch_and_a_relist_drops_what_is_gone() {
+        let bridges = Bridges::default();
+        let mut listing = None;
+        let active = json!({"client": "dev", "destinationIP": "192.168.99.2", "portMappings": ["8080:80"], "state": "ACTIVE"});
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(object("b1", active.clone())),
+            watcher::Event::InitApply(object("b2", active.clone())),
+        ] {
+            bridges.apply(event, &mut listing);
+        }
+        assert!(bridges.get("b1").is_none(), "served only once listed");
+        bridges.apply(watcher::Event::InitDone, &mut listing);
+        assert!(bridges.get("b1").is_some_and(|bridge| bridge.active));
+        let mut error = active.clone();
+        error["state"] = json!("ERROR");
+        bridges.apply(watcher::Event::Apply(object("b1", error)), &mut listing);
+        assert!(bridges.get("b1").is_some_and(|bridge| !bridge.active));
+        bridges.apply(
+            watcher::Event::Delete(object("b2", active.clone())),
+            &mut listing,
+        );
+        assert!(bridges.get("b2").is_none());
+        // A relist that no longer has b1 (deleted while the watch was down).
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(object("b3", active)),
+        ] {
+            bridges.apply(event, &mut listing);
+        }
+        assert!(bridges.get("b1").is_some(), "kept until the relist is done");
+        bridges.apply(watcher::Event::InitDone, &mut listing);
+        assert!(bridges.get("b1").is_none());
+        assert!(bridges.get("b3").is_some());
+    }
+}
