@@ -26,7 +26,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+};
 
 const NAMESPACE: &str = "gefyra";
 /// The node's address (tests/node.sh): NodePorts listen there.
@@ -835,4 +837,422 @@ async fn the_docs_commands_run_as_written() -> Result<()> {
         let _ = std::fs::remove_dir_all(&scratch.dir);
     }
     result
+}
+
+/// The bridge kinds as the tests write them (Gefyra's wire layout).
+fn bridge_api(client: kube::Client, plural: &str, kind: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client,
+        NAMESPACE,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gefyra.dev", "v1", kind),
+            plural,
+        ),
+    )
+}
+
+/// A Pod in namespace `demo` from the node's busybox image, restricted as the namespace
+/// demands, running `script` with `sh -c`.
+fn busybox_pod(name: &str, script: &str) -> Result<Pod> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "client", "image": "gefyra-local/busybox:1", "imagePullPolicy": "IfNotPresent",
+                "args": ["sh", "-c", script],
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }))?)
+}
+
+/// What `wget` fetches from `url` in a Pod of namespace `demo` with each header (`None`:
+/// without): one short-lived Pod runs them all, its log read back.
+async fn from_a_pod(pods: &Api<Pod>, name: &str, requests: &[Option<&str>]) -> Result<Vec<String>> {
+    let script = requests
+        .iter()
+        .map(|header| match header {
+            Some(header) => {
+                format!("echo \"$(wget -q -T 5 -O - --header '{header}' http://web/ 2>&1)\"")
+            }
+            None => "echo \"$(wget -q -T 5 -O - http://web/ 2>&1)\"".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let _ = pods.delete(name, &DeleteParams::default()).await;
+    gefyra_e2e::wait_gone(pods, name).await?;
+    pods.create(&PostParams::default(), &busybox_pod(name, &script)?)
+        .await?;
+    eventually(&format!("Pod {name} completes"), WAIT, || async {
+        let phase = pods.get(name).await?.status.and_then(|s| s.phase);
+        Ok(matches!(phase.as_deref(), Some("Succeeded") | Some("Failed")).then_some(()))
+    })
+    .await?;
+    let log = pods.logs(name, &Default::default()).await?;
+    pods.delete(name, &DeleteParams::default()).await?;
+    Ok(log.lines().map(|line| line.trim().to_string()).collect())
+}
+
+/// `state` of a bridge or mount, once it is there (ERROR fails with its reason).
+async fn wait_state(api: &Api<DynamicObject>, name: &str, state: &str) -> Result<Duration> {
+    let started = Instant::now();
+    eventually(&format!("{name} is {state}"), WAIT, || async {
+        let Some(object) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        let now = object.data["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        anyhow::ensure!(
+            now != "ERROR" || state == "ERROR",
+            "{name} is ERROR: {}",
+            object.data["status"]
+        );
+        Ok((now == state).then_some(()))
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// The UIDs and restart counts of the web Pods: what mounting and bridging must not change.
+async fn web_pods(pods: &Api<Pod>) -> Result<Vec<(String, i32)>> {
+    let mut seen: Vec<(String, i32)> = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await?
+        .items
+        .into_iter()
+        .map(|pod| {
+            let restarts = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.restart_count)
+                .sum();
+            (pod.metadata.uid.unwrap_or_default(), restarts)
+        })
+        .collect();
+    seen.sort();
+    Ok(seen)
+}
+
+/// A bridge of `client` on mount `web` as Gefyra's CLI writes one: its client's local server
+/// at `address:8080` gets the container port 8080's requests that carry `header` (all of
+/// them without).
+fn bridge_body(
+    name: &str,
+    client: &str,
+    address: &str,
+    header: Option<(&str, &str)>,
+) -> Result<DynamicObject> {
+    let rules = header.map(|(header, value)| {
+        serde_json::json!({"rules": [{"match": [{"matchHeader": {"name": header, "value": value, "type": "exact"}}]}]})
+    });
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "gefyra.dev/v1", "kind": "gefyrabridge",
+        "metadata": {"name": name, "namespace": NAMESPACE,
+            "labels": {"gefyra.dev/bridge-mount": "web", "gefyra.dev/client": client}},
+        "provider": "carrier2", "connectionProvider": "stowaway",
+        "providerParameter": rules.unwrap_or_else(|| serde_json::json!({})),
+        "client": client, "destinationIP": address, "target": "web",
+        "targetNamespace": "", "targetContainer": "",
+        "portMappings": ["8080:8080"],
+    }))?)
+}
+
+/// Bridging on a node, as users do it: the admin mounts deployment/web (a router in front,
+/// the Service switched; the Pods untouched) and grants two clients bridging in `demo`;
+/// each developer, with their client's own token, bridges the requests carrying their
+/// header to the server on their laptop (a real wireguard-go peer); requests without go to
+/// the original. A rule-less bridge takes all traffic; a laptop that disconnects releases
+/// its bridge; unbridge and unmount return everything to the original. Meanwhile a Pod
+/// requests the Service without a header, and not one of its requests fails; the web Pods
+/// keep their UIDs and restart counts.
+#[tokio::test]
+#[ignore = "needs a node: make e2e-node"]
+async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alone() -> Result<()> {
+    let _one_at_a_time = NODE_CLUSTER.lock().await;
+    let cluster = Cluster::from_env().await?;
+    without_gefyra(&cluster).await?;
+    let admin = cluster.admin()?;
+    let demo = repo_root().join("deploy/demo/web.yaml");
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            demo.to_str().context("utf-8")?,
+        ],
+    )
+    .await?;
+    helm_install(&cluster, "install", ",bridging.namespaces={demo}").await?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ],
+    )
+    .await?;
+    let demo_pods: Api<Pod> = Api::namespaced(admin.clone(), "demo");
+    let before = web_pods(&demo_pods).await?;
+
+    // The admin: two clients, their files, and the grant to bridge in `demo`.
+    let gefyra = KubectlGefyra::new(&cluster.kubeconfig, NAMESPACE)?;
+    let developer = KubectlGefyra::new(&gefyra.workdir.join("no-kubeconfig"), NAMESPACE)?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), NAMESPACE);
+    let mut lab = Lab::new()?;
+    let mut laptops = Vec::new();
+    for id in ["alice", "bob"] {
+        gefyra.ok(&["clients", "create", "--client-id", id]).await?;
+        gefyra
+            .ok(&[
+                "clients",
+                "config",
+                id,
+                "--host",
+                &NODE_IP.to_string(),
+                "--port",
+                "31820",
+                "-o",
+                &format!("{id}.json"),
+            ])
+            .await?;
+        std::fs::copy(
+            gefyra.workdir.join(format!("{id}.json")),
+            developer.workdir.join(format!("{id}.json")),
+        )?;
+        run(
+            "kubectl",
+            &cluster.kubeconfig,
+            &[
+                "-n",
+                "demo",
+                "create",
+                "rolebinding",
+                &format!("gefyra-bridge-{id}"),
+                "--clusterrole=gefyra-bridge",
+                &format!("--serviceaccount={NAMESPACE}:gefyra-client-{id}"),
+            ],
+        )
+        .await?;
+        let peer = laptop(&mut lab, &developer, &clients, id).await?;
+        let client = clients.get(id).await?;
+        let address = client
+            .provider_config
+            .as_ref()
+            .and_then(|config| config.get("Interface.Address"))
+            .and_then(|value| value.as_str())
+            .context("a tunnel address")?
+            .to_string();
+        // The developer's local server, on the tunnel address: its body is its name.
+        lab.serve(&peer.netns, address.parse()?, id)?;
+        let own = cluster.with_token(&gefyra_e2e::token_of(&client)?)?;
+        laptops.push((id, peer, address, own));
+    }
+
+    // Other users: a Pod requesting the Service without a header, all along (a dot per
+    // answer, an F per failure).
+    let load = busybox_pod(
+        "others",
+        "while true; do if wget -q -T 5 -O /dev/null http://web/ 2>/dev/null; then echo -n .; else echo -n F; fi; done",
+    )?;
+    demo_pods.create(&PostParams::default(), &load).await?;
+    let answered = || async {
+        let log = demo_pods
+            .logs("others", &Default::default())
+            .await
+            .unwrap_or_default();
+        (log.matches('.').count(), log.matches('F').count())
+    };
+    eventually("the others' requests are answered", WAIT, || async {
+        Ok((answered().await.0 > 20).then_some(()))
+    })
+    .await?;
+
+    // The admin mounts the workload: a router in front, the Service switched to it.
+    let mounts = bridge_api(admin.clone(), "gefyrabridgemounts", "gefyrabridgemount");
+    let mount: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gefyra.dev/v1", "kind": "gefyrabridgemount",
+        "metadata": {"name": "web", "namespace": NAMESPACE},
+        "target": "deployment/web", "targetNamespace": "demo", "targetContainer": "web",
+        "provider": "carrier2mount",
+    }))?;
+    mounts.create(&PostParams::default(), &mount).await?;
+    let mounted_in = wait_state(&mounts, "web", "ACTIVE").await?;
+    println!("mount create → ACTIVE (router Ready, Service switched): {mounted_in:?}");
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), "demo");
+    let selector = services
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.selector)
+        .unwrap_or_default();
+    ensure!(
+        selector.get("gefyra.dev/carrier").map(String::as_str) == Some("web"),
+        "Service web selects the router: {selector:?}"
+    );
+    let nobody = from_a_pod(
+        &demo_pods,
+        "check-mounted",
+        &[None, Some("x-gefyra: alice")],
+    )
+    .await?;
+    ensure!(nobody == ["web", "web"], "mounted, not bridged: {nobody:?}");
+
+    // Each developer bridges their header, with their own client's token.
+    let mut created = Vec::new();
+    for (id, _, address, own) in &laptops {
+        let bridges = bridge_api(own.clone(), "gefyrabridges", "gefyrabridge");
+        let started = Instant::now();
+        bridges
+            .create(
+                &PostParams::default(),
+                &bridge_body(id, id, address, Some(("x-gefyra", id)))?,
+            )
+            .await
+            .with_context(|| format!("{id} creates a bridge with its own token"))?;
+        wait_state(&bridges, id, "ACTIVE").await?;
+        created.push((id.to_string(), started.elapsed()));
+    }
+    println!("bridge create → ACTIVE: {created:?}");
+    let answers = from_a_pod(
+        &demo_pods,
+        "check-bridged",
+        &[
+            Some("x-gefyra: alice"),
+            Some("x-gefyra: bob"),
+            None,
+            Some("x-gefyra: carol"),
+        ],
+    )
+    .await?;
+    ensure!(
+        answers == ["alice", "bob", "web", "web"],
+        "each developer gets the requests with their header, everyone else the original: {answers:?}"
+    );
+
+    // A laptop that disconnects: its bridge is released, its header goes to the original.
+    let (_, bob_peer, _, _) = &laptops[1];
+    let admin_bridges = bridge_api(admin.clone(), "gefyrabridges", "gefyrabridge");
+    let started = Instant::now();
+    developer.ok(&["disconnect", "-f", "bob.json"]).await?;
+    gefyra_e2e::wait_gone(&admin_bridges, "bob").await?;
+    println!(
+        "bob disconnected → bridge released after {:?}",
+        started.elapsed()
+    );
+    let _ = bob_peer;
+    let answers = from_a_pod(
+        &demo_pods,
+        "check-released",
+        &[Some("x-gefyra: bob"), Some("x-gefyra: alice")],
+    )
+    .await?;
+    ensure!(
+        answers == ["web", "alice"],
+        "bob's bridge released, alice's kept: {answers:?}"
+    );
+
+    // Alice's header bridge goes; a rule-less bridge of hers takes every request, then goes.
+    let (_, _, alice_address, alice_own) = &laptops[0];
+    let alice_bridges = bridge_api(alice_own.clone(), "gefyrabridges", "gefyrabridge");
+    let started = Instant::now();
+    alice_bridges
+        .delete("alice", &DeleteParams::default())
+        .await?;
+    gefyra_e2e::wait_gone(&alice_bridges, "alice").await?;
+    let back = eventually(
+        "alice's header goes to the original again",
+        WAIT,
+        || async {
+            let answers =
+                from_a_pod(&demo_pods, "check-unbridged", &[Some("x-gefyra: alice")]).await?;
+            Ok((answers == ["web"]).then_some(()))
+        },
+    )
+    .await;
+    back?;
+    println!(
+        "bridge delete → traffic back to the original within {:?}",
+        started.elapsed()
+    );
+    alice_bridges
+        .create(
+            &PostParams::default(),
+            &bridge_body("alice-all", "alice", alice_address, None)?,
+        )
+        .await?;
+    wait_state(&alice_bridges, "alice-all", "ACTIVE").await?;
+    let answers = from_a_pod(&demo_pods, "check-all", &[None, Some("x-gefyra: bob")]).await?;
+    ensure!(
+        answers == ["alice", "alice"],
+        "a rule-less bridge takes all traffic: {answers:?}"
+    );
+    alice_bridges
+        .delete("alice-all", &DeleteParams::default())
+        .await?;
+    gefyra_e2e::wait_gone(&alice_bridges, "alice-all").await?;
+
+    // Unmount: the Service selects the web Pods again, the router goes.
+    let started = Instant::now();
+    mounts.delete("web", &DeleteParams::default()).await?;
+    gefyra_e2e::wait_gone(&mounts, "web").await?;
+    println!(
+        "mount delete → gone (Service switched back, router drained): {:?}",
+        started.elapsed()
+    );
+    let selector = services
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.selector)
+        .unwrap_or_default();
+    ensure!(
+        selector == std::collections::BTreeMap::from([("app".to_string(), "web".to_string())]),
+        "Service web selects its own Pods again: {selector:?}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "demo");
+    ensure!(
+        deployments.get_opt("gefyra-carrier-web").await?.is_none(),
+        "the router is gone"
+    );
+    let answers = from_a_pod(
+        &demo_pods,
+        "check-unmounted",
+        &[None, Some("x-gefyra: alice")],
+    )
+    .await?;
+    ensure!(answers == ["web", "web"], "unmounted: {answers:?}");
+
+    // Nobody else noticed: every request of the others answered, the Pods untouched.
+    let (ok, failed) = answered().await;
+    demo_pods.delete("others", &DeleteParams::default()).await?;
+    println!(
+        "the others' requests during mount, bridges, release, unbridge, unmount: {ok} answered, {failed} failed"
+    );
+    ensure!(
+        failed == 0,
+        "{failed} of the others' requests failed ({ok} answered)"
+    );
+    let after = web_pods(&demo_pods).await?;
+    ensure!(
+        before == after,
+        "the web Pods' UIDs and restart counts: {before:?} → {after:?}"
+    );
+    Ok(())
 }
