@@ -5,6 +5,8 @@
 
 pub mod admission;
 pub mod bridge;
+pub mod bridge_rules;
+pub mod bridge_wire;
 pub mod client;
 pub mod client_file;
 pub mod connection;
