@@ -57,3 +57,56 @@ async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
 async fn metrics(State(health): State<Health>) -> impl axum::response::IntoResponse {
     gefyra_process::metrics_response(&health.metrics.families())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_after_the_first_list_until_stopping() {
+        let health = Health {
+            metrics: Arc::new(Metrics::default()),
+            listed: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        let status = || async { ready(State(health.clone())).await.0 };
+        assert_eq!(status().await, StatusCode::SERVICE_UNAVAILABLE);
+        health.listed.store(true, Ordering::Relaxed);
+        assert_eq!(status().await, StatusCode::OK);
+        health.stopping.store(true, Ordering::Relaxed);
+        assert_eq!(status().await, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_are_served() {
+        let health = Health {
+            metrics: Arc::new(Metrics::default()),
+            listed: Arc::new(AtomicBool::new(true)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        health.metrics.connections.with_label_values(&["raw"]).inc();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, routes(health)).await });
+        for (path, expected) in [
+            ("/ready", "HTTP/1.1 200"),
+            ("/livez", "HTTP/1.1 200"),
+            (
+                "/metrics",
+                "gefyra_carrier_connections_total{mode=\"raw\"} 1",
+            ),
+        ] {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect");
+            let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.expect("read");
+            assert!(answer.contains(expected), "{path}: {answer}");
+        }
+    }
+}

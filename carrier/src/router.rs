@@ -18,6 +18,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus::IntCounter;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -280,6 +281,8 @@ impl Port {
                 return;
             }
         };
+        keep_alive(&downstream);
+        keep_alive(&upstream);
         if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
             tracing::debug!(port = self.port, %error, "a raw connection ended with an error");
         }
@@ -427,6 +430,18 @@ impl Port {
         };
         tracing::warn!(port = self.port, %message, "a request's upstream failed");
         proxy::text(StatusCode::BAD_GATEWAY, message)
+    }
+}
+
+/// Raw connections have no idle timeout (a database connection may rightly idle for hours);
+/// TCP keep-alive ends those whose peer is gone, within about two minutes.
+fn keep_alive(stream: &TcpStream) {
+    let probes = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    if let Err(error) = SockRef::from(stream).set_tcp_keepalive(&probes) {
+        tracing::debug!(%error, "setting TCP keep-alive failed");
     }
 }
 

@@ -129,7 +129,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     for spec in &cli.ports {
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, spec.remote))
             .await
-            .with_context(|| format!("listening on container port {}", spec.remote))?;
+            .with_context(|| {
+                let hint = if spec.remote < 1024 {
+                    " (a port below 1024 needs the sysctl net.ipv4.ip_unprivileged_port_start=0 or NET_BIND_SERVICE)"
+                } else {
+                    ""
+                };
+                format!("listening on container port {}{hint}", spec.remote)
+            })?;
         router.serve(listener, spec.remote, spec.original.clone());
         tracing::info!(port = spec.remote, original = %spec.original, "serving");
     }
