@@ -20,7 +20,7 @@ NODE := tests/node.sh
 DEBIAN_PACKAGES := shellcheck openssl iproute2 procps curl wireguard-go wireguard-tools iperf3 docker.io dnsmasq-base iputils-ping util-linux musl-tools file debootstrap containerd runc containernetworking-plugins iptables busybox-static prometheus
 
 STATIC_TARGET := x86_64-unknown-linux-musl
-STATIC_BINARIES := gefyra-operator stowaway kubectl-gefyra
+STATIC_BINARIES := gefyra-operator stowaway gefyra-carrier kubectl-gefyra
 
 .PHONY: static dist image generate help prereqs controlplane node cluster-up cluster-down up down test lint unit e2e e2e-node bench fuzz
 

@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 if [ "$#" -eq 0 ]; then
   release="$root/target/x86_64-unknown-linux-musl/release"
-  for binary in gefyra-operator stowaway kubectl-gefyra; do
+  for binary in gefyra-operator stowaway gefyra-carrier kubectl-gefyra; do
     [ -x "$release/$binary" ] || { echo "error: $release/$binary is missing: run make static first" >&2; exit 1; }
   done
   set -- "$root/target/gefyra-operator-image.tar" "gefyra-operator:local=$root"

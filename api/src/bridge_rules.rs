@@ -25,6 +25,12 @@ use std::fmt;
 use regex::bytes::{Regex, RegexBuilder};
 use serde_json::{Map, Value};
 
+/// The label on a GefyraBridge naming its GefyraBridgeMount: the mount's router selects its
+/// bridges by it.
+pub use crate::bridge::MOUNT_LABEL as BRIDGE_MOUNT_LABEL;
+/// The only `state` whose bridge is routed.
+pub const ROUTED_STATE: &str = "ACTIVE";
+
 pub const MAX_RULES: usize = 16;
 pub const MAX_MATCHES_PER_RULE: usize = 8;
 pub const MAX_PORT_MAPPINGS: usize = 16;

@@ -106,10 +106,20 @@ pub fn metrics_response(families: &[prometheus::proto::MetricFamily]) -> impl In
 /// Serves `routes` (the component's `/livez`, `/readyz`, `/metrics`) on `address` until
 /// the process is told to stop.
 pub async fn serve_http(address: SocketAddr, routes: Router) -> std::io::Result<()> {
+    serve_http_until(address, routes, shutdown_signal()).await
+}
+
+/// Serves `routes` on `address` until `stop` resolves: for a component whose readiness
+/// must still answer (503) while it drains after SIGTERM.
+pub async fn serve_http_until(
+    address: SocketAddr,
+    routes: Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "serving /livez, /readyz, /metrics");
+    tracing::info!(%address, "serving health and metrics");
     axum::serve(listener, routes)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(stop)
         .await
 }
 

@@ -1150,7 +1150,12 @@ async fn the_image_builds_offline_from_the_static_binaries_and_runs_as_65532() -
         config == "65532:65532|[\"/usr/local/bin/gefyra-operator\"]|1",
         "user, entrypoint and one layer: {config}"
     );
-    for binary in ["gefyra-operator", "stowaway", "kubectl-gefyra"] {
+    for binary in [
+        "gefyra-operator",
+        "stowaway",
+        "gefyra-carrier",
+        "kubectl-gefyra",
+    ] {
         let (ran, version) = run_docker(args(&format!(
             "run --rm --network none --entrypoint /usr/local/bin/{binary} gefyra-operator:local --version"
         )))
