@@ -139,16 +139,18 @@ e2e-node: node
 # Figures, not assertions. In process: IP allocation with BENCH_LIVE_RANGES live clients vs
 # none; Stowaway's handshakes per second and memory with 10,000 peers. Through the API: the
 # operator against the same writes done by a plain loop. Through real WireGuard peers:
-# iperf3 through Stowaway against wireguard-go with kernel forwarding (needs root). One run,
+# iperf3 through Stowaway against wireguard-go with kernel forwarding (needs root); HTTP
+# requests through the bridge router against the same without it (bench-bridge). One run,
 # one fresh control plane. BENCH_CLIENTS=N to change the size.
 BENCH_CLIENTS ?= 1000
 BENCH_LIVE_RANGES ?= 10000
 BENCH_IPERF_SECONDS ?= 5
 bench: controlplane
-	cargo build --release --locked -p gefyra-operator -p stowaway -p gefyra-e2e --bin gefyra-operator --bin stowaway --bin lab --bin bench-clients --bin bench-ipam --bin bench-routes --bin bench-stowaway
+	cargo build --release --locked -p gefyra-operator -p stowaway -p gefyra-carrier -p gefyra-e2e --bin gefyra-operator --bin stowaway --bin gefyra-carrier --bin lab --bin bench-clients --bin bench-ipam --bin bench-routes --bin bench-stowaway --bin bench-bridge
 	GEFYRA_BENCH_LIVE_RANGES=$(BENCH_LIVE_RANGES) target/release/bench-ipam
 	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-bench-cluster.XXXXXX"); \
 	export GEFYRA_BENCH_CLIENTS=$(BENCH_CLIENTS) BENCH_IPERF_SECONDS=$(BENCH_IPERF_SECONDS) \
 	  GEFYRA_OPERATOR_BINARY=$(CURDIR)/target/release/gefyra-operator \
-	  GEFYRA_STOWAWAY_BINARY=$(CURDIR)/target/release/stowaway; \
-	$(CONTROLPLANE) run "$$dir" -- sh -c 'target/release/bench-clients && target/release/bench-routes && target/release/bench-stowaway'
+	  GEFYRA_STOWAWAY_BINARY=$(CURDIR)/target/release/stowaway \
+	  GEFYRA_CARRIER_BINARY=$(CURDIR)/target/release/gefyra-carrier; \
+	$(CONTROLPLANE) run "$$dir" -- sh -c 'target/release/bench-clients && target/release/bench-routes && target/release/bench-stowaway && target/release/bench-bridge'

@@ -16,11 +16,12 @@ export KUBECONFIG=$dir/kubeconfig
 # The node's address (tests/node.sh): Stowaway's NodePort 31820 is reached there.
 node_ip=10.249.0.1
 started=$SECONDS
-echo "==> helm install gefyra (namespace gefyra, image gefyra-operator:local)" >&2
+echo "==> helm install gefyra (namespace gefyra, image gefyra-operator:local, bridging in namespace demo)" >&2
 "$bin/helm" upgrade --install gefyra "$root/charts/gefyra-operator" --namespace default \
   --set namespace.create=true,namespace.name=gefyra \
   --set image.repository=gefyra-operator,image.tag=local,image.pullPolicy=Never \
   --set 'operator.reservedRanges={10.0.0.0/24,10.244.0.0/24}' \
+  --set 'bridging.namespaces={demo}' \
   --wait --timeout 180s >/dev/null
 "$bin/kubectl" apply --server-side --field-manager=gefyra-make-up -f "$root/deploy/demo/web.yaml" >/dev/null
 "$bin/kubectl" -n demo rollout status deployment/web --timeout=120s >/dev/null

@@ -1180,9 +1180,9 @@ async fn a_bridge_reaches_its_own_clients_peer_and_nothing_else() -> Result<()> 
     setup.lab.serve(&b.netns, address_b, "peer-b")?;
     let cluster_address = IpAddr::V4(setup.lab.cluster_address());
     let cluster_netns = setup.lab.cluster_netns();
-    // The operator puts every bridge in ERROR (it does not bridge yet), as it would any
-    // bridge before its router is ready: it goes. The peers stay (Stowaway follows their
-    // clients, which stay ACTIVE).
+    // These bridges are written ACTIVE by the admin, with no mount (there is no node to run
+    // a router): the operator, which would put them in ERROR (MountNotFound), goes. The
+    // peers stay (Stowaway follows their clients, which stay ACTIVE).
     setup.operator.kill().await?;
 
     let ns = setup.clients.namespace().context("namespaced")?.to_string();

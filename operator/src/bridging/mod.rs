@@ -24,7 +24,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::warn;
 
@@ -358,9 +358,12 @@ pub async fn run(ctx: Arc<Context>, settings: BridgingSettings) {
                 .collect::<Vec<_>>()
         }
     };
+    // A client's own changes (state, parameters: its generation), not Stowaway's status
+    // writes; an idle laptop is found by each ACTIVE bridge's periodic check.
     let clients = watcher(clients_api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .touched_objects();
+        .touched_objects()
+        .predicate_filter(predicates::generation, PredicateConfig::default());
     let bridges = bridges
         .watches_with(
             mounts_api,

@@ -23,37 +23,12 @@ pub use source::{Bridges, keep_bridges};
 /// The state in which a bridge is served (the operator sets it).
 pub const ACTIVE: &str = "ACTIVE";
 
-/// One entry of a bridge's `portMappings`: `"<local>:<remote>"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortMapping {
-    /// The port at the bridge's destination (on the developer's side).
-    pub local: u16,
-    /// The container port in the cluster, which the router names in the preamble.
-    pub remote: u16,
-}
+pub use gefyra_api::bridge_rules::PortMapping;
 
-/// A bridge's `portMappings`, each `"<local>:<remote>"` with two ports from 1 to 65535.
-/// The wire rule for these belongs in `gefyra-api` (one parser for every component); this
-/// is the only place Stowaway reads them.
+/// A bridge's `portMappings`, each `"<local>:<remote>"`, by the one parser of the wire
+/// format (`gefyra_api::bridge_rules`).
 pub fn port_mappings(texts: &[String]) -> Result<Vec<PortMapping>, String> {
-    let port = |text: &str| {
-        text.parse::<u16>()
-            .ok()
-            .filter(|port| *port != 0 && text.bytes().all(|byte| byte.is_ascii_digit()))
-    };
-    texts
-        .iter()
-        .map(|text| {
-            text.split_once(':')
-                .and_then(|(local, remote)| {
-                    Some(PortMapping {
-                        local: port(local)?,
-                        remote: port(remote)?,
-                    })
-                })
-                .ok_or_else(|| format!("port mapping {text:?} is not LOCAL:REMOTE (two ports)"))
-        })
-        .collect()
+    gefyra_api::bridge_rules::port_mappings(texts).map_err(|error| error.to_string())
 }
 
 /// What Stowaway knows of one GefyraBridge (nothing else of the object is kept).
@@ -193,7 +168,11 @@ mod tests {
             client: client.into(),
             destination: Ok(Destination {
                 address: address.parse().unwrap(),
-                ports: port_mappings(&mappings).unwrap(),
+                ports: if mappings.is_empty() {
+                    Vec::new()
+                } else {
+                    port_mappings(&mappings).unwrap()
+                },
             }),
         }
     }
@@ -214,7 +193,10 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(port_mappings(&[]).unwrap(), []);
+        assert!(
+            port_mappings(&[]).is_err(),
+            "a bridge maps at least one port"
+        );
         for bad in [
             "80", "0:80", "80:0", "80:65536", ":80", "80:", "+80:80", "80: 80", "a:b", "8:8:8",
         ] {

@@ -21,37 +21,15 @@ pub struct Preamble {
     pub port: u16,
 }
 
-/// Parses a preamble line (without its newline).
+/// Parses a preamble line (without its newline), by the one parser of the wire format
+/// (`gefyra_api::bridge_wire`, which the router's side writes with).
 pub fn parse(line: &[u8]) -> Result<Preamble, Refusal> {
-    let rest = line.strip_prefix(START).ok_or(Refusal::MalformedPreamble)?;
-    let rest = std::str::from_utf8(rest).map_err(|_| Refusal::MalformedPreamble)?;
-    let (bridge, port) = rest.split_once(' ').ok_or(Refusal::MalformedPreamble)?;
-    if !is_object_name(bridge) {
-        return Err(Refusal::MalformedPreamble);
-    }
-    // Decimal digits only, no sign, no leading zero: one spelling per port.
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|parsed| *parsed != 0 && port.bytes().all(|byte| byte.is_ascii_digit()))
-        .filter(|_| !port.starts_with('0'))
-        .ok_or(Refusal::MalformedPreamble)?;
-    Ok(Preamble {
-        bridge: bridge.to_string(),
-        port,
-    })
-}
-
-/// A Kubernetes object name (a DNS subdomain: at most 253 characters, lower-case letters,
-/// digits, `-` and `.`, starting and ending with a letter or digit).
-fn is_object_name(name: &str) -> bool {
-    let edge = |byte: Option<&u8>| byte.is_some_and(|byte| byte.is_ascii_alphanumeric());
-    name.len() <= 253
-        && edge(name.as_bytes().first())
-        && edge(name.as_bytes().last())
-        && name.bytes().all(|byte| {
-            byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'.'
-        })
+    let mut whole = Vec::with_capacity(line.len() + 1);
+    whole.extend_from_slice(line);
+    whole.push(b'\n');
+    gefyra_api::bridge_wire::parse_preamble(&whole)
+        .map(|(bridge, port)| Preamble { bridge, port })
+        .map_err(|_| Refusal::MalformedPreamble)
 }
 
 /// Whether `start` (the bytes received so far, no newline among them) can still begin a
@@ -125,7 +103,10 @@ mod tests {
             parse(b"GEFYRA-BRIDGE/1 web-mount.dev-0 65535").map(|p| p.port),
             Ok(65535)
         );
-        let longest = format!("GEFYRA-BRIDGE/1 {} 1", "a".repeat(253));
+        let longest = format!(
+            "GEFYRA-BRIDGE/1 {} 1",
+            "a".repeat(gefyra_api::bridge_wire::MAX_BRIDGE_NAME_LEN)
+        );
         assert!(parse(longest.as_bytes()).is_ok());
         for bad in [
             "",
@@ -244,13 +225,14 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_oversized_and_cut_preambles_are_refused() {
+        // The longest name with a five-digit port ends exactly at the bound.
         let at_bound = format!(
-            "GEFYRA-BRIDGE/1 {} 8\n",
-            "a".repeat(MAX_LENGTH - START.len() - 3)
+            "GEFYRA-BRIDGE/1 {} 12345\n",
+            "a".repeat(MAX_LENGTH - START.len() - 7)
         );
         let past_bound = format!(
-            "GEFYRA-BRIDGE/1 {} 8\n",
-            "a".repeat(MAX_LENGTH - START.len() - 2)
+            "GEFYRA-BRIDGE/1 {} 12345\n",
+            "a".repeat(MAX_LENGTH - START.len() - 6)
         );
         let no_newline = format!("GEFYRA-BRIDGE/1 {}", "a".repeat(400));
         // What, the bytes sent, whether the sender closes then, what `read` makes of it.
@@ -279,7 +261,7 @@ mod tests {
                 "the newline the bound's last byte",
                 at_bound.as_bytes(),
                 false,
-                Ok(8),
+                Ok(12345),
             ),
             (
                 "the newline one byte past the bound",

@@ -231,7 +231,7 @@ mod tests {
             ),
             (
                 json!({"destinationIP": "192.168.99.2", "portMappings": ["80"]}),
-                "LOCAL:REMOTE",
+                "<local port>:<container port>",
             ),
             (json!({"portMappings": "80:80"}), "do not parse"),
         ] {
@@ -243,7 +243,7 @@ mod tests {
         let mapped = Bridge::of(
             &object(
                 "b",
-                json!({"destinationIP": "::ffff:192.168.99.2", "portMappings": []}),
+                json!({"destinationIP": "::ffff:192.168.99.2", "portMappings": ["1:1"]}),
             )
             .data,
         );
