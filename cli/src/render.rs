@@ -1,5 +1,6 @@
 //! What `clients list` and `clients inspect` print: pure views of GefyraClients and Events,
-//! rendered as a table (text), JSON or YAML. No credentials or keys ever appear.
+//! rendered as a table (text), JSON or YAML (the table, the ages and the escaping are the
+//! bridge and mount lists' too). No credentials or keys ever appear.
 
 use std::io::Write as _;
 
@@ -96,7 +97,7 @@ pub fn printable(value: &str) -> String {
 
 /// Columns aligned as kubectl aligns them (three spaces apart); no header line when
 /// `header` is empty.
-fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
     let mut writer = tabwriter::TabWriter::new(Vec::new()).padding(3);
     let mut line = |cells: &[String]| {
         // Writing to memory cannot fail.
@@ -118,7 +119,7 @@ fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-fn or_dash(value: &Option<String>) -> String {
+pub(crate) fn or_dash(value: &Option<String>) -> String {
     value.clone().unwrap_or_else(|| "-".into())
 }
 
@@ -194,7 +195,7 @@ impl TableView {
     }
 }
 
-fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
+pub(crate) fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
     match format {
         OutputFormat::Yaml => serde_saphyr::to_string(value).expect("views serialize to YAML"),
         _ => {
