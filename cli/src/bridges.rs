@@ -526,7 +526,6 @@ pub async fn create(args: &BridgeCreateArgs) -> Result<()> {
         print!("{}", routing(&request, None, &args.ports));
         return Ok(());
     }
-    eprintln!("GefyraBridge {} created", printable(&name));
     let hint = format!(
         "the bridge stays: `kubectl gefyra bridge list -f {file_arg}` shows it, `kubectl gefyra bridge delete {name} -f {file_arg}` removes it"
     );

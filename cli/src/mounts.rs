@@ -255,7 +255,6 @@ pub async fn create(admin: &Admin, args: &MountCreateArgs) -> Result<()> {
         );
         return Ok(());
     }
-    eprintln!("GefyraBridgeMount {} created", printable(&name));
     let hint = format!(
         "the mount stays: `kubectl gefyra mount list -o wide` shows it, `kubectl gefyra mount delete {name}` removes it"
     );
