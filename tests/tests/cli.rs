@@ -1440,6 +1440,44 @@ async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
         waiting.contains("GefyraBridge mine is not ACTIVE after 3s: it is INSTALLING (WaitingForMount: waiting for GefyraBridgeMount web to be ACTIVE (it is INSTALLING))"),
         "{waiting}"
     );
+    // The router no node runs stands in: the mount is marked ACTIVE as the operator marks it
+    // once its router is Ready (it keeps an ACTIVE mount so while the router is away). The
+    // bridge the CLI waits for becomes ACTIVE, and it says what goes where.
+    mounts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "state": "ACTIVE",
+                "status": {"reason": "Ready", "message": "a stand-in for the router", "ports": [80, 443]},
+            })),
+        )
+        .await?;
+    let active = developer
+        .ok(&[
+            "bridge",
+            "create",
+            "v2",
+            "-f",
+            "dev.json",
+            "--mount",
+            "web",
+            "-p",
+            "443:8443",
+            "--match-path-prefix",
+            "/v2",
+        ])
+        .await?;
+    ensure!(
+        active
+            == format!(
+                "GefyraBridge v2 is ACTIVE:\n  \
+                 mount:   web (deployment/web in namespace {demo})\n  \
+                 port:    443 -> {dev_address}:8443\n  \
+                 traffic: HTTP requests matching path^=/v2; the rest goes to the workload\n"
+            ),
+        "{active}"
+    );
     // A mount that does not exist: the operator's reason, exit code 9.
     let missing = developer
         .fails(
@@ -1512,6 +1550,18 @@ async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
         ])
         .await?;
 
+    let taken = developer
+        .fails(
+            &[
+                "bridge", "create", "mine", "-f", "dev.json", "--mount", "web", "-p", "80:8082",
+            ],
+            CONFLICT,
+        )
+        .await?;
+    ensure!(
+        taken.contains("creating GefyraBridge mine failed: the name is taken"),
+        "{taken}"
+    );
     // list and delete: the client's own bridges only.
     let listed: Vec<Value> = serde_json::from_str(
         &developer
@@ -1523,7 +1573,7 @@ async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
         .filter_map(|row| row["name"].as_str())
         .collect();
     ensure!(
-        names == BTreeSet::from([name.as_str(), "mine", "lost"]),
+        names == BTreeSet::from([name.as_str(), "mine", "lost", "v2"]),
         "dev's bridges only: {listed:?}"
     );
     let not_yours = developer
@@ -1548,7 +1598,9 @@ async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
         .ok(&["bridge", "rm", "--all", "-f", "dev.json", "--wait"])
         .await?;
     ensure!(
-        all.contains("GefyraBridge mine deleted") && all.contains("GefyraBridge lost deleted"),
+        ["mine", "lost", "v2"]
+            .iter()
+            .all(|bridge| all.contains(&format!("GefyraBridge {bridge} deleted\n"))),
         "{all}"
     );
     ensure!(
