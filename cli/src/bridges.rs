@@ -9,7 +9,9 @@ use std::path::Path;
 
 use gefyra_api::ClientState;
 use gefyra_api::bridge::{BRIDGE_KIND, BridgeFields, CLIENT_LABEL, MOUNT_LABEL, MountFields};
-use gefyra_api::bridge_rules::{MAX_MATCHES_PER_RULE, MAX_PORT_MAPPINGS, PortMapping, Rules};
+use gefyra_api::bridge_rules::{
+    MAX_MATCHES_PER_RULE, MAX_PORT_MAPPINGS, PortMapping, Rules, port_mappings as port_mappings_of,
+};
 use gefyra_api::client::API_VERSION;
 use gefyra_api::client_file::ClientFile;
 use gefyra_api::connection::ProviderConfig;
@@ -25,7 +27,7 @@ use crate::bridging::{
 };
 use crate::cluster::{file_client, read_client_file};
 use crate::error::{CliError, Kind, Result};
-use crate::render::{TableView, human_age, or_dash, printable, structured, table};
+use crate::render::{ListRow, TableView, list as render_list, or_dash, printable};
 
 /// How a rule entry compares (`type` on the wire; absent means exact).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,21 +282,6 @@ impl BridgeRequest {
     }
 }
 
-/// The parsed port mappings of a bridge; what does not parse is left out.
-fn mappings_of(fields: &BridgeFields) -> Vec<PortMapping> {
-    fields
-        .port_mappings
-        .iter()
-        .filter_map(|mapping| {
-            let (local, remote) = mapping.split_once(':')?;
-            Some(PortMapping {
-                local: local.parse().ok()?,
-                remote: remote.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
 /// `80->8080, 443->8443`: container port to local port, the order of `-p`.
 fn ports_summary(mappings: &[PortMapping]) -> String {
     mappings
@@ -349,7 +336,8 @@ impl BridgeRow {
         Self {
             name: bridge.name_any(),
             mount: fields.target.clone(),
-            ports: ports_summary(&mappings_of(&fields)),
+            // Only what the operator would accept is shown.
+            ports: ports_summary(&port_mappings_of(&fields.port_mappings).unwrap_or_default()),
             rules: rules_summary(fields.provider_parameter.as_ref()),
             destination: fields.destination_ip.clone(),
             state: progress.state().to_string(),
@@ -364,48 +352,34 @@ impl BridgeRow {
     }
 }
 
-/// `bridge list` output; `-o wide` adds where the traffic goes, the age and the message.
-pub fn bridge_list(rows: &[BridgeRow], format: OutputFormat, view: TableView) -> String {
-    let wide = format == OutputFormat::Wide;
-    let mut header = vec!["NAME", "MOUNT", "PORTS", "RULES", "STATE", "REASON"];
-    if wide {
-        header.extend(["DESTINATION", "AGE", "MESSAGE"]);
+impl ListRow for BridgeRow {
+    const KIND: &'static str = BRIDGE_KIND;
+    const COLUMNS: &'static [&'static str] =
+        &["NAME", "MOUNT", "PORTS", "RULES", "STATE", "REASON"];
+    /// Where the traffic goes, the age, the operator's message.
+    const WIDE_COLUMNS: &'static [&'static str] = &["DESTINATION", "AGE", "MESSAGE"];
+
+    fn name(&self) -> &str {
+        &self.name
     }
-    if !view.headers {
-        header.clear();
-    }
-    match format {
-        OutputFormat::Table | OutputFormat::Wide => table(
-            &header,
-            rows.iter().map(|row| {
-                let mut cells = vec![
-                    row.name.clone(),
-                    row.mount.clone(),
-                    row.ports.clone(),
-                    row.rules.clone(),
-                    row.state.clone(),
-                    or_dash(&row.reason),
-                ];
-                if wide {
-                    let age = row
-                        .created
-                        .as_deref()
-                        .and_then(|created| created.parse::<jiff::Timestamp>().ok())
-                        .map(|created| human_age(created, view.now));
-                    cells.extend([
-                        row.destination.clone(),
-                        or_dash(&age),
-                        or_dash(&row.message),
-                    ]);
-                }
-                cells
-            }),
-        ),
-        OutputFormat::Name => rows
-            .iter()
-            .map(|row| format!("{BRIDGE_KIND}.gefyra.dev/{}\n", printable(&row.name)))
-            .collect(),
-        OutputFormat::Json | OutputFormat::Yaml => structured(&rows, format),
+
+    fn cells(&self, wide: bool, view: &TableView) -> Vec<String> {
+        let mut cells = vec![
+            self.name.clone(),
+            self.mount.clone(),
+            self.ports.clone(),
+            self.rules.clone(),
+            self.state.clone(),
+            or_dash(&self.reason),
+        ];
+        if wide {
+            cells.extend([
+                self.destination.clone(),
+                view.age(self.created.as_deref()),
+                or_dash(&self.message),
+            ]);
+        }
+        cells
     }
 }
 
@@ -589,7 +563,7 @@ pub async fn list(args: &BridgeListArgs) -> Result<()> {
         headers: !args.no_headers,
         ..TableView::now()
     };
-    print!("{}", bridge_list(&rows, args.output, view));
+    print!("{}", render_list(&rows, args.output, view));
     Ok(())
 }
 
@@ -943,12 +917,12 @@ mod tests {
             headers: true,
         };
         assert_eq!(
-            bridge_list(&rows, OutputFormat::Table, view),
+            render_list(&rows, OutputFormat::Table, view),
             "NAME            MOUNT   PORTS                 RULES                       STATE        REASON\n\
              dev-web-a1b2c   web     80->8080, 443->8443   x-gefyra=dev | path^=/api   INSTALLING   WaitingForMount\n\
              dev-db-x9y8z    db      5432->5432            all traffic                 REQUESTED    -\n"
         );
-        let wide = bridge_list(&rows, OutputFormat::Wide, view);
+        let wide = render_list(&rows, OutputFormat::Wide, view);
         assert!(
             wide.lines().nth(1).unwrap().ends_with(
                 "192.168.96.2   2m    waiting for GefyraBridgeMount web to be ACTIVE (it is INSTALLING)"
@@ -956,7 +930,7 @@ mod tests {
             "{wide}"
         );
         let json: Value =
-            serde_json::from_str(&bridge_list(&rows, OutputFormat::Json, view)).unwrap();
+            serde_json::from_str(&render_list(&rows, OutputFormat::Json, view)).unwrap();
         assert_eq!(json[0]["ports"], "80->8080, 443->8443");
         assert_eq!(json[1]["rules"], "all traffic");
     }

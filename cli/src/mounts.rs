@@ -15,7 +15,7 @@ use crate::bridging::{
 };
 use crate::cluster::Admin;
 use crate::error::{CliError, Kind, Result};
-use crate::render::{TableView, human_age, or_dash, printable, structured, table};
+use crate::render::{ListRow, TableView, list as render_list, or_dash, printable};
 
 /// `KIND/NAME` of the workload and the container, from `--target` (Gefyra's
 /// `KIND/NAME/CONTAINER` too) and `--container`.
@@ -143,10 +143,9 @@ impl MountRow {
     }
 }
 
-/// `mount list` output; `-o wide` adds the routed ports and the message.
-pub fn mount_list(rows: &[MountRow], format: OutputFormat, view: TableView) -> String {
-    let wide = format == OutputFormat::Wide;
-    let mut header = vec![
+impl ListRow for MountRow {
+    const KIND: &'static str = BRIDGE_MOUNT_KIND;
+    const COLUMNS: &'static [&'static str] = &[
         "NAME",
         "NAMESPACE",
         "TARGET",
@@ -155,48 +154,34 @@ pub fn mount_list(rows: &[MountRow], format: OutputFormat, view: TableView) -> S
         "REASON",
         "AGE",
     ];
-    if wide {
-        header.extend(["PORTS", "MESSAGE"]);
+    /// The container ports the router takes, the operator's message.
+    const WIDE_COLUMNS: &'static [&'static str] = &["PORTS", "MESSAGE"];
+
+    fn name(&self) -> &str {
+        &self.name
     }
-    if !view.headers {
-        header.clear();
-    }
-    match format {
-        OutputFormat::Table | OutputFormat::Wide => table(
-            &header,
-            rows.iter().map(|row| {
-                let age = row
-                    .created
-                    .as_deref()
-                    .and_then(|created| created.parse::<jiff::Timestamp>().ok())
-                    .map(|created| human_age(created, view.now));
-                let mut cells = vec![
-                    row.name.clone(),
-                    row.namespace.clone(),
-                    row.target.clone(),
-                    or_dash(&row.container),
-                    row.state.clone(),
-                    or_dash(&row.reason),
-                    or_dash(&age),
-                ];
-                if wide {
-                    let ports = (!row.ports.is_empty()).then(|| {
-                        row.ports
-                            .iter()
-                            .map(u16::to_string)
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    });
-                    cells.extend([or_dash(&ports), or_dash(&row.message)]);
-                }
-                cells
-            }),
-        ),
-        OutputFormat::Name => rows
-            .iter()
-            .map(|row| format!("{BRIDGE_MOUNT_KIND}.gefyra.dev/{}\n", printable(&row.name)))
-            .collect(),
-        OutputFormat::Json | OutputFormat::Yaml => structured(&rows, format),
+
+    fn cells(&self, wide: bool, view: &TableView) -> Vec<String> {
+        let mut cells = vec![
+            self.name.clone(),
+            self.namespace.clone(),
+            self.target.clone(),
+            or_dash(&self.container),
+            self.state.clone(),
+            or_dash(&self.reason),
+            view.age(self.created.as_deref()),
+        ];
+        if wide {
+            let ports = (!self.ports.is_empty()).then(|| {
+                self.ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+            cells.extend([or_dash(&ports), or_dash(&self.message)]);
+        }
+        cells
     }
 }
 
@@ -310,7 +295,7 @@ pub async fn list(admin: &Admin, args: &MountListArgs) -> Result<()> {
         headers: !args.no_headers,
         ..TableView::now()
     };
-    print!("{}", mount_list(&rows, args.output, view));
+    print!("{}", render_list(&rows, args.output, view));
     Ok(())
 }
 
@@ -440,19 +425,19 @@ mod tests {
             headers: true,
         };
         assert_eq!(
-            mount_list(&rows, OutputFormat::Table, view),
+            render_list(&rows, OutputFormat::Table, view),
             "NAME             NAMESPACE   TARGET           CONTAINER   STATE    REASON   AGE\n\
              web-demo-a1b2c   demo        deployment/web   web         ACTIVE   Ready    60m\n"
         );
         assert!(
-            mount_list(&rows, OutputFormat::Wide, view)
+            render_list(&rows, OutputFormat::Wide, view)
                 .lines()
                 .nth(1)
                 .unwrap()
                 .ends_with("60m   80,443   the router is in front")
         );
         assert_eq!(
-            mount_list(&rows, OutputFormat::Name, view),
+            render_list(&rows, OutputFormat::Name, view),
             "gefyrabridgemount.gefyra.dev/web-demo-a1b2c\n"
         );
         let fields: MountFields = serde_json::from_value(mount.data.clone()).unwrap();
