@@ -31,15 +31,6 @@ fn resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural)
 }
 
-/// How a kind is named in messages.
-pub fn kind_name(resource: &ApiResource) -> &'static str {
-    if resource.kind == BRIDGE_KIND {
-        "GefyraBridge"
-    } else {
-        "GefyraBridgeMount"
-    }
-}
-
 /// An object's progress as the operator records it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
