@@ -1,11 +1,15 @@
 //! The command line. `kubectl-gefyra` on the PATH makes it `kubectl gefyra ...`.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use gefyra_api::bridge_rules::PortMapping;
 use ipnet::IpNet;
 
+use crate::bridges::{parse_header_match, parse_port_mapping};
+use crate::bridging::parse_object_name;
 use crate::duration::{Sunset, parse_duration, parse_positive_duration, parse_sunset};
 
 /// `KEY=VALUE` of a Kubernetes label: a key (an optional DNS-subdomain prefix and `/`, and a
@@ -86,6 +90,14 @@ pub enum Command {
     /// Manage GefyraClients (admin).
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Manage GefyraBridgeMounts: a router in front of a workload, so that developers can
+    /// bridge its traffic (admin).
+    #[command(subcommand)]
+    Mount(MountCommand),
+    /// Bridge a mount's traffic through your tunnel to a process on this machine, with a
+    /// client file (connect first).
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
     /// Connect this machine with a client file: generates a WireGuard key pair locally,
     /// asks the operator for a tunnel and writes a WireGuard configuration.
     Connect(ConnectArgs),
@@ -322,6 +334,181 @@ pub struct DeleteArgs {
     pub timeout: Duration,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum MountCommand {
+    /// Put a router in front of a workload (its Services switched to it, its Pods untouched)
+    /// and wait until it is ACTIVE.
+    Create(MountCreateArgs),
+    /// List the GefyraBridgeMounts.
+    #[command(visible_alias = "ls")]
+    List(MountListArgs),
+    /// Delete GefyraBridgeMounts: the operator switches the workload's Services back, then
+    /// removes the router and the mount's bridges.
+    #[command(visible_aliases = ["rm", "remove"])]
+    Delete(MountDeleteArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountCreateArgs {
+    /// The workload: deployment/NAME, statefulset/NAME or pod/NAME (Gefyra's
+    /// KIND/NAME/CONTAINER works too).
+    #[arg(long, value_name = "KIND/NAME")]
+    pub target: String,
+    /// The workload's namespace (--namespace is the namespace Gefyra is installed in).
+    #[arg(long, value_name = "NAMESPACE", value_parser = parse_namespace)]
+    pub target_namespace: String,
+    /// The container whose ports are bridged (default: any).
+    #[arg(long)]
+    pub container: Option<String>,
+    /// The mount's name (default: <workload>-<namespace>-<5 random characters>).
+    #[arg(long, short = 'N', value_parser = parse_object_name)]
+    pub name: Option<String>,
+    /// Do not wait for the mount to be ACTIVE.
+    #[arg(long, alias = "nowait")]
+    pub no_wait: bool,
+    /// How long to wait for the mount to be ACTIVE (90s, 5m, or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// A namespace name: a DNS label (at most 63 lower-case letters, digits and '-').
+fn parse_namespace(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-');
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a namespace name: at most 63 lower-case letters, digits and '-'"
+        ))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MountListArgs {
+    /// `wide` adds the ports the router takes and the operator's message.
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    /// Leave out the table's header line.
+    #[arg(long)]
+    pub no_headers: bool,
+    #[command(flatten)]
+    pub namespace: ShortNamespace,
+}
+
+#[derive(Args, Debug)]
+pub struct MountDeleteArgs {
+    #[command(flatten)]
+    pub namespace: ShortNamespace,
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Wait until each mount is gone (its Services switched back, its router removed).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long to wait for each mount to be gone (90s, 5m, or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BridgeCommand {
+    /// Send a mount's traffic (every connection of the ports, or the HTTP requests matching
+    /// the --match-* flags) to your process, and wait until the bridge is ACTIVE.
+    Create(Box<BridgeCreateArgs>),
+    /// List your bridges.
+    #[command(visible_alias = "ls")]
+    List(BridgeListArgs),
+    /// Delete your bridges: their traffic goes to the workload again.
+    #[command(visible_aliases = ["rm", "remove"])]
+    Delete(BridgeDeleteArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BridgeCreateArgs {
+    /// The bridge's name (default: <client>-<mount>-<5 random characters>).
+    #[arg(value_parser = parse_object_name)]
+    pub name: Option<String>,
+    /// The bridge's name, as Gefyra's CLI takes it.
+    #[arg(short = 'N', long = "name", id = "name_flag", value_name = "NAME", conflicts_with = "name", value_parser = parse_object_name)]
+    pub name_flag: Option<String>,
+    /// The client file your admin gave you.
+    #[arg(short = 'f', long = "file", value_name = "CLIENT_FILE")]
+    pub file: PathBuf,
+    /// The GefyraBridgeMount whose traffic is bridged (an admin creates it).
+    #[arg(long, value_parser = parse_object_name)]
+    pub mount: String,
+    /// The workload's container port, then the port your process listens on, as Gefyra's
+    /// CLI takes them (repeatable).
+    #[arg(short = 'p', long = "ports", visible_alias = "port", value_name = "REMOTE:LOCAL", required = true, value_parser = parse_port_mapping)]
+    pub ports: Vec<PortMapping>,
+    /// Only requests with this header value (repeatable; all --match-* flags must hold).
+    #[arg(long, value_name = "NAME:VALUE", value_parser = parse_header_match)]
+    pub match_header_exact: Vec<(String, String)>,
+    /// Only requests whose header value starts with VALUE.
+    #[arg(long, value_name = "NAME:VALUE", value_parser = parse_header_match)]
+    pub match_header_prefix: Vec<(String, String)>,
+    /// Only requests with a header whose name and value match these regexes (unanchored).
+    #[arg(long, value_name = "NAME:REGEX", value_parser = parse_header_match)]
+    pub match_header_regex: Vec<(String, String)>,
+    /// Only requests for this path (with its query).
+    #[arg(long, value_name = "PATH")]
+    pub match_path_exact: Vec<String>,
+    /// Only requests whose path starts with PATH.
+    #[arg(long, value_name = "PATH")]
+    pub match_path_prefix: Vec<String>,
+    /// Only requests whose path (with its query) matches REGEX (unanchored).
+    #[arg(long, value_name = "REGEX")]
+    pub match_path_regex: Vec<String>,
+    /// Where on your side the traffic goes (default: your tunnel address; an address in your
+    /// connect --subnet reaches a container or VM there).
+    #[arg(long, value_name = "IP")]
+    pub destination_ip: Option<Ipv4Addr>,
+    /// Do not wait for the bridge to be ACTIVE.
+    #[arg(long, alias = "nowait")]
+    pub no_wait: bool,
+    /// How long to wait for the bridge to be ACTIVE (90s, 5m, or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct BridgeListArgs {
+    /// The client file your admin gave you.
+    #[arg(short = 'f', long = "file", value_name = "CLIENT_FILE")]
+    pub file: PathBuf,
+    /// `wide` adds where the traffic goes, the age and the operator's message. RULES shows
+    /// `name=value` (exact), `^=` (prefix), `~` (regex); `&` joins what must all hold.
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    /// Leave out the table's header line.
+    #[arg(long)]
+    pub no_headers: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BridgeDeleteArgs {
+    /// The bridge to delete.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Delete all your bridges (never another client's).
+    #[arg(short = 'A', long)]
+    pub all: bool,
+    /// The client file your admin gave you.
+    #[arg(short = 'f', long = "file", value_name = "CLIENT_FILE")]
+    pub file: PathBuf,
+    /// Wait until each bridge is gone.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long to wait for each bridge to be gone (90s, 5m, or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TunnelFormat {
     /// For `wg-quick up FILE` (address, DNS and MTU included).
@@ -535,6 +722,65 @@ mod tests {
                 "5m",
             ],
             &["kubectl-gefyra", "status", "-f", "c.json", "-o", "json"],
+            // Bridging: Gefyra's spellings (-N, --ports, --nowait, KIND/NAME/CONTAINER) too.
+            &[
+                "kubectl-gefyra",
+                "bridge",
+                "create",
+                "-N",
+                "mine",
+                "-f",
+                "c.json",
+                "--mount",
+                "web",
+                "--ports",
+                "80:8080",
+                "--match-header-exact",
+                "x-gefyra:dev",
+                "--nowait",
+                "--timeout",
+                "90",
+            ],
+            &[
+                "kubectl-gefyra",
+                "bridge",
+                "ls",
+                "-f",
+                "c.json",
+                "-o",
+                "wide",
+            ],
+            &[
+                "kubectl-gefyra",
+                "bridge",
+                "rm",
+                "-A",
+                "-f",
+                "c.json",
+                "--wait",
+            ],
+            &["kubectl-gefyra", "bridge", "delete", "b", "-f", "c.json"],
+            &[
+                "kubectl-gefyra",
+                "mount",
+                "create",
+                "--target",
+                "deploy/web/web",
+                "--target-namespace",
+                "demo",
+                "--no-wait",
+            ],
+            &["kubectl-gefyra", "mount", "ls", "-n", "other", "-o", "json"],
+            &[
+                "kubectl-gefyra",
+                "mount",
+                "rm",
+                "a",
+                "b",
+                "--wait",
+                "--timeout",
+                "2m",
+            ],
         ] {
             Cli::try_parse_from(args).unwrap_or_else(|error| panic!("{args:?}: {error}"));
         }
@@ -568,6 +814,35 @@ mod tests {
             // Names and a selector together are ambiguous; neither is nothing to delete.
             &["kubectl-gefyra", "clients", "delete", "a", "-l", "team=a"],
             &["kubectl-gefyra", "clients", "delete"],
+            // A bridge to delete: a name or --all, not both, not neither; the client file.
+            &["kubectl-gefyra", "bridge", "delete", "-f", "c.json"],
+            &[
+                "kubectl-gefyra",
+                "bridge",
+                "delete",
+                "b",
+                "--all",
+                "-f",
+                "c",
+            ],
+            &["kubectl-gefyra", "bridge", "list"],
+            &[
+                "kubectl-gefyra",
+                "mount",
+                "create",
+                "--target",
+                "deployment/web",
+            ],
+            &[
+                "kubectl-gefyra",
+                "mount",
+                "create",
+                "--target",
+                "deployment/web",
+                "--target-namespace",
+                "Demo",
+            ],
+            &["kubectl-gefyra", "mount", "delete"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} accepted");
         }

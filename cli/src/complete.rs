@@ -12,6 +12,17 @@ pub const FILES: u32 = 0;
 /// Cobra's ShellCompDirectiveNoFileComp: only the candidates given.
 pub const NO_FILES: u32 = 4;
 
+/// Objects whose names are read from the cluster for a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// GefyraClients (with the kubeconfig).
+    Clients,
+    /// GefyraBridgeMounts (with the client file if one was given, else the kubeconfig).
+    Mounts,
+    /// The client file's own GefyraBridges.
+    Bridges,
+}
+
 /// What the words typed so far ask for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wanted {
@@ -20,16 +31,18 @@ pub enum Wanted {
         candidates: Vec<(String, String)>,
         directive: u32,
     },
-    /// The IDs of the GefyraClients that start with `prefix` (read from the cluster).
-    ClientIds { prefix: String },
+    /// The names of these objects that start with `prefix` (read from the cluster).
+    Names { names: Names, prefix: String },
 }
 
-/// The cluster options among the words, for listing client IDs as the command would.
+/// The cluster options among the words, for listing names as the command would.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ClusterOptions {
     pub kubeconfig: Option<String>,
     pub context: Option<String>,
     pub namespace: Option<String>,
+    /// `-f CLIENT_FILE`.
+    pub file: Option<String>,
 }
 
 fn long_option<'a>(path: &[&'a Command], name: &str) -> Option<&'a Arg> {
@@ -81,28 +94,36 @@ pub fn definition() -> Command {
     command
 }
 
-/// What to offer for `words` (the last one is the partial word, possibly empty) typed
-/// after `kubectl gefyra`, and the cluster options found among them.
-pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
-    let empty = String::new();
-    let (partial, typed) = words.split_last().unwrap_or((&empty, &[]));
+/// The words typed before the partial one, read as clap would read them.
+struct Typed<'a> {
+    /// The subcommands entered, the root first.
+    path: Vec<&'a Command>,
+    options: ClusterOptions,
+    /// Positional words given to the innermost subcommand.
+    positionals: usize,
+    /// The option whose value the partial word is.
+    pending: Option<&'a Arg>,
+}
+
+fn record(options: &mut ClusterOptions, arg: &Arg, value: &str) {
+    let slot = match arg.get_id().as_str() {
+        "kubeconfig" => &mut options.kubeconfig,
+        "context" => &mut options.context,
+        "namespace" | "short_namespace" => &mut options.namespace,
+        "file" => &mut options.file,
+        _ => return,
+    };
+    *slot = Some(value.to_string());
+}
+
+fn read_typed<'a>(root: &'a Command, typed: &[String]) -> Typed<'a> {
     let mut path: Vec<&Command> = vec![root];
     let mut options = ClusterOptions::default();
     let mut positionals = 0usize;
-    // The option whose value the next word is.
     let mut pending: Option<&Arg> = None;
-    let mut record = |arg: &Arg, value: &str| {
-        let slot = match arg.get_id().as_str() {
-            "kubeconfig" => &mut options.kubeconfig,
-            "context" => &mut options.context,
-            "namespace" | "short_namespace" => &mut options.namespace,
-            _ => return,
-        };
-        *slot = Some(value.to_string());
-    };
     for word in typed {
         if let Some(arg) = pending.take() {
-            record(arg, word);
+            record(&mut options, arg, word);
             continue;
         }
         if let Some(long) = word.strip_prefix("--") {
@@ -112,7 +133,7 @@ pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
             };
             if let Some(arg) = long_option(&path, name).filter(|arg| takes_value(arg)) {
                 match value {
-                    Some(value) => record(arg, value),
+                    Some(value) => record(&mut options, arg, value),
                     None => pending = Some(arg),
                 }
             }
@@ -127,7 +148,7 @@ pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
                 if rest.is_empty() {
                     pending = Some(arg);
                 } else {
-                    record(arg, rest);
+                    record(&mut options, arg, rest);
                 }
             }
         } else if let Some(sub) = path.last().and_then(|current| subcommand(current, word)) {
@@ -137,86 +158,135 @@ pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
             positionals += 1;
         }
     }
-    let current = *path.last().unwrap_or(&root);
-    let filtered = |candidates: Vec<(String, String)>| {
-        candidates
-            .into_iter()
-            .filter(|(value, _)| value.starts_with(partial.as_str()))
-            .collect::<Vec<_>>()
-    };
-    if let Some(arg) = pending {
-        let values: Vec<(String, String)> = arg
-            .get_possible_values()
-            .iter()
-            .filter(|value| !value.is_hide_set())
-            .map(|value| {
-                (
-                    value.get_name().to_string(),
-                    value.get_help().map(|h| h.to_string()).unwrap_or_default(),
-                )
-            })
-            .collect();
-        let file = arg
-            .get_value_names()
-            .is_some_and(|names| names.iter().any(|name| name.contains("FILE")));
-        let wanted = Wanted::Candidates {
-            candidates: filtered(values),
-            directive: if file { FILES } else { NO_FILES },
-        };
-        return (wanted, options);
+    Typed {
+        path,
+        options,
+        positionals,
+        pending,
     }
-    if partial.starts_with('-') {
-        let mut flags: Vec<(String, String)> = Vec::new();
-        for (depth, command) in path.iter().enumerate() {
-            let innermost = depth + 1 == path.len();
-            for arg in command.get_arguments() {
-                if arg.is_hide_set() || !(innermost || arg.is_global_set()) {
-                    continue;
-                }
-                if let Some(long) = arg.get_long() {
-                    flags.push((format!("--{long}"), first_line(arg.get_help())));
-                }
+}
+
+/// The objects a value names: a flag's (`--mount`) or a positional argument's of the
+/// innermost command (`clients inspect ID`, `mount delete NAME`, `bridge delete NAME`).
+fn names_for(path: &[&Command], arg: &Arg) -> Option<Names> {
+    let id = arg.get_id().as_str();
+    if id.starts_with("client_id") {
+        return Some(Names::Clients);
+    }
+    if id == "mount" {
+        return Some(Names::Mounts);
+    }
+    let names: Vec<&str> = path.iter().map(|command| command.get_name()).collect();
+    match names.as_slice() {
+        [.., "mount", "delete"] => Some(Names::Mounts),
+        [.., "bridge", "delete"] => Some(Names::Bridges),
+        _ => None,
+    }
+}
+
+/// A flag's values: its possible values, a name from the cluster, or file names.
+fn flag_values(path: &[&Command], arg: &Arg, partial: &str) -> Wanted {
+    if let Some(names) = names_for(path, arg) {
+        return Wanted::Names {
+            names,
+            prefix: partial.to_string(),
+        };
+    }
+    let values: Vec<(String, String)> = arg
+        .get_possible_values()
+        .iter()
+        .filter(|value| !value.is_hide_set())
+        .map(|value| {
+            (
+                value.get_name().to_string(),
+                value.get_help().map(|h| h.to_string()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let file = arg
+        .get_value_names()
+        .is_some_and(|names| names.iter().any(|name| name.contains("FILE")));
+    Wanted::Candidates {
+        candidates: filtered(values, partial),
+        directive: if file { FILES } else { NO_FILES },
+    }
+}
+
+/// The long flags of the innermost command and the global ones.
+fn flags(path: &[&Command], partial: &str) -> Wanted {
+    let mut flags: Vec<(String, String)> = Vec::new();
+    for (depth, command) in path.iter().enumerate() {
+        let innermost = depth + 1 == path.len();
+        for arg in command.get_arguments() {
+            if arg.is_hide_set() || !(innermost || arg.is_global_set()) {
+                continue;
+            }
+            if let Some(long) = arg.get_long() {
+                flags.push((format!("--{long}"), first_line(arg.get_help())));
             }
         }
-        flags.sort();
-        flags.dedup_by(|a, b| a.0 == b.0);
-        let wanted = Wanted::Candidates {
-            candidates: filtered(flags),
-            directive: NO_FILES,
-        };
-        return (wanted, options);
     }
-    if current.has_subcommands() {
+    flags.sort();
+    flags.dedup_by(|a, b| a.0 == b.0);
+    Wanted::Candidates {
+        candidates: filtered(flags, partial),
+        directive: NO_FILES,
+    }
+}
+
+fn filtered(candidates: Vec<(String, String)>, partial: &str) -> Vec<(String, String)> {
+    candidates
+        .into_iter()
+        .filter(|(value, _)| value.starts_with(partial))
+        .collect()
+}
+
+/// What to offer for `words` (the last one is the partial word, possibly empty) typed
+/// after `kubectl gefyra`, and the cluster options found among them.
+pub fn wanted(root: &Command, words: &[String]) -> (Wanted, ClusterOptions) {
+    let empty = String::new();
+    let (partial, typed) = words.split_last().unwrap_or((&empty, &[]));
+    let Typed {
+        path,
+        options,
+        positionals,
+        pending,
+    } = read_typed(root, typed);
+    let current = *path.last().unwrap_or(&root);
+    let wanted = if let Some(arg) = pending {
+        flag_values(&path, arg, partial)
+    } else if partial.starts_with('-') {
+        flags(&path, partial)
+    } else if current.has_subcommands() {
         let names = current
             .get_subcommands()
             .filter(|sub| !sub.is_hide_set() && sub.get_name() != "help")
             .map(|sub| (sub.get_name().to_string(), first_line(sub.get_about())))
             .collect();
-        let wanted = Wanted::Candidates {
-            candidates: filtered(names),
+        Wanted::Candidates {
+            candidates: filtered(names, partial),
             directive: NO_FILES,
-        };
-        return (wanted, options);
-    }
-    let client_ids = current
-        .get_positionals()
-        .find(|arg| arg.get_id().as_str().starts_with("client_id"));
-    if let Some(arg) = client_ids {
-        let multiple = arg
-            .get_num_args()
-            .is_some_and(|range| range.max_values() > 1);
-        if positionals == 0 || multiple {
-            return (
-                Wanted::ClientIds {
-                    prefix: partial.clone(),
-                },
-                options,
-            );
         }
-    }
-    let wanted = Wanted::Candidates {
-        candidates: Vec::new(),
-        directive: NO_FILES,
+    } else {
+        // The first positional names an object (several when it takes several).
+        let named = current.get_positionals().next().and_then(|arg| {
+            let multiple = arg
+                .get_num_args()
+                .is_some_and(|range| range.max_values() > 1);
+            (positionals == 0 || multiple)
+                .then(|| names_for(&path, arg))
+                .flatten()
+        });
+        match named {
+            Some(names) => Wanted::Names {
+                names,
+                prefix: partial.clone(),
+            },
+            None => Wanted::Candidates {
+                candidates: Vec::new(),
+                directive: NO_FILES,
+            },
+        }
     };
     (wanted, options)
 }
@@ -249,7 +319,7 @@ mod tests {
             Wanted::Candidates { candidates, .. } => {
                 candidates.iter().map(|(value, _)| value.as_str()).collect()
             }
-            Wanted::ClientIds { .. } => vec!["<client ids>"],
+            Wanted::Names { .. } => vec!["<names>"],
         }
     }
 
@@ -293,7 +363,8 @@ mod tests {
         ]);
         assert_eq!(
             ids,
-            Wanted::ClientIds {
+            Wanted::Names {
+                names: Names::Clients,
                 prefix: "an".into()
             }
         );
@@ -306,8 +377,57 @@ mod tests {
         );
         assert!(matches!(
             ask(&["clients", "rm", "anna", ""]).0,
-            Wanted::ClientIds { .. }
+            Wanted::Names {
+                names: Names::Clients,
+                ..
+            }
         ));
         assert_eq!(render(&[("a".into(), "b".into())], NO_FILES), "a\tb\n:4\n");
+    }
+
+    #[test]
+    fn mounts_and_bridges_are_completed_by_name() {
+        let (top, _) = ask(&[""]);
+        for expected in ["mount", "bridge"] {
+            assert!(names(&top).contains(&expected), "{top:?}");
+        }
+        assert_eq!(names(&ask(&["bridge", ""]).0), ["create", "list", "delete"]);
+        let (flags, _) = ask(&["bridge", "create", "--match-h"]);
+        assert_eq!(
+            names(&flags),
+            [
+                "--match-header-exact",
+                "--match-header-prefix",
+                "--match-header-regex"
+            ]
+        );
+        let (mounts, options) = ask(&["bridge", "create", "-f", "dev.json", "--mount", "w"]);
+        assert_eq!(
+            mounts,
+            Wanted::Names {
+                names: Names::Mounts,
+                prefix: "w".into()
+            }
+        );
+        assert_eq!(options.file.as_deref(), Some("dev.json"));
+        // A new bridge's name is not completed; an existing one's is, to delete it.
+        assert_eq!(names(&ask(&["bridge", "create", ""]).0), Vec::<&str>::new());
+        let (bridges, options) = ask(&["bridge", "rm", "--file=dev.json", "d"]);
+        assert_eq!(
+            bridges,
+            Wanted::Names {
+                names: Names::Bridges,
+                prefix: "d".into()
+            }
+        );
+        assert_eq!(options.file.as_deref(), Some("dev.json"));
+        assert!(matches!(
+            ask(&["mount", "delete", "web", ""]).0,
+            Wanted::Names {
+                names: Names::Mounts,
+                ..
+            }
+        ));
+        assert_eq!(names(&ask(&["mount", "ls", "-o", "w"]).0), ["wide"]);
     }
 }

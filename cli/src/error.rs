@@ -12,7 +12,7 @@ pub enum Kind {
     Usage = 2,
     /// No kubeconfig, or the API server cannot be reached.
     NoCluster = 3,
-    /// The GefyraClient (or the Service asked for) does not exist.
+    /// The object asked for (a GefyraClient, bridge, mount, Service) does not exist.
     NotFound = 4,
     /// The API server refused the credentials or the request (401/403).
     Forbidden = 5,
@@ -22,8 +22,8 @@ pub enum Kind {
     BadClientFile = 7,
     /// The request conflicts with what exists: an ID that is taken, a client in the wrong state.
     Conflict = 8,
-    /// The operator put the client in state ERROR.
-    ClientError = 9,
+    /// The operator put the object (a client, a bridge, a mount) in state ERROR.
+    InError = 9,
     /// The client file's credentials were revoked (the client was deleted).
     Revoked = 10,
 }
@@ -150,7 +150,7 @@ mod tests {
             Kind::Timeout,
             Kind::BadClientFile,
             Kind::Conflict,
-            Kind::ClientError,
+            Kind::InError,
             Kind::Revoked,
         ]
         .into_iter()

@@ -1,8 +1,10 @@
-//! kubectl-gefyra: the companion CLI for GefyraClient resources. It only creates, patches,
-//! reads and deletes GefyraClients (and reads Stowaway's Service to find its address);
-//! all real work is the operator's.
+//! kubectl-gefyra: the companion CLI for GefyraClient, GefyraBridgeMount and GefyraBridge
+//! resources. It only creates, patches, reads and deletes them (and reads Stowaway's Service
+//! to find its address); all real work is the operator's.
 
 pub mod args;
+pub mod bridges;
+pub mod bridging;
 pub mod clients;
 pub mod cluster;
 pub mod complete;
@@ -11,6 +13,7 @@ pub mod credential;
 pub mod duration;
 pub mod error;
 pub mod files;
+pub mod mounts;
 pub mod render;
 pub mod status;
 pub mod tunnel;
@@ -20,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use crate::args::{Cli, ClientsCommand, Command, ShortNamespace};
+use crate::args::{BridgeCommand, Cli, ClientsCommand, Command, MountCommand, ShortNamespace};
 use crate::cluster::Admin;
 use crate::error::Result;
 
@@ -61,6 +64,27 @@ async fn dispatch(cli: &Cli) -> Result<()> {
                 ClientsCommand::Delete(args) => clients::delete(&admin, args).await,
             }
         }
+        Command::Mount(command) => {
+            let mut global = cli.global.clone();
+            let short = match command {
+                MountCommand::Create(_) => None,
+                MountCommand::List(args) => args.namespace.namespace.clone(),
+                MountCommand::Delete(args) => args.namespace.namespace.clone(),
+            };
+            if let Some(namespace) = short {
+                global.namespace = namespace;
+            }
+            let admin = Admin::connect(&global).await?;
+            match command {
+                MountCommand::Create(args) => mounts::create(&admin, args).await,
+                MountCommand::List(args) => mounts::list(&admin, args).await,
+                MountCommand::Delete(args) => mounts::delete(&admin, args).await,
+            }
+        }
+        // The client file says where and who: no kubeconfig, no --namespace.
+        Command::Bridge(BridgeCommand::Create(args)) => bridges::create(args).await,
+        Command::Bridge(BridgeCommand::List(args)) => bridges::list(args).await,
+        Command::Bridge(BridgeCommand::Delete(args)) => bridges::delete(args).await,
         Command::Connect(args) => connect::connect(args).await,
         Command::Disconnect(args) => connect::disconnect(args).await,
         Command::Status(args) => status::status(args).await,
@@ -83,8 +107,83 @@ async fn dispatch(cli: &Cli) -> Result<()> {
     }
 }
 
+/// The names (and states, as descriptions) of `names` in the cluster, read as the command
+/// would: clients and mounts with the kubeconfig, bridges and (given `-f`) mounts with the
+/// client file.
+async fn cluster_names(
+    names: complete::Names,
+    options: complete::ClusterOptions,
+) -> Result<Vec<(String, String)>> {
+    use complete::Names;
+    use kube::ResourceExt;
+    let file = match &options.file {
+        Some(path) => Some(cluster::read_client_file(std::path::Path::new(path))?),
+        None => None,
+    };
+    let global = args::Global {
+        kubeconfig: options.kubeconfig.map(std::path::PathBuf::from),
+        context: options.context,
+        namespace: options
+            .namespace
+            .or_else(|| std::env::var("GEFYRA_NAMESPACE").ok())
+            .unwrap_or_else(|| gefyra_api::client::DEFAULT_NAMESPACE.to_string()),
+        verbose: 0,
+    };
+    match names {
+        Names::Clients => {
+            let admin = Admin::connect(&global).await?;
+            Ok(clients::all_clients(&admin, None)
+                .await?
+                .iter()
+                .map(|client| (client.name_any(), client.state.to_string()))
+                .collect())
+        }
+        Names::Mounts => object_names(file.as_ref(), &global, bridging::mount_resource(), "").await,
+        // Only a client file's own bridges can be deleted with it.
+        Names::Bridges => match &file {
+            Some(file) => {
+                let own = format!("{}={}", gefyra_api::bridge::CLIENT_LABEL, file.client_id);
+                object_names(Some(file), &global, bridging::bridge_resource(), &own).await
+            }
+            None => Ok(Vec::new()),
+        },
+    }
+}
+
+/// The names and states of the mounts or bridges (matching `selector`) in Gefyra's
+/// namespace, read with the client file if given, else with the kubeconfig.
+async fn object_names(
+    file: Option<&gefyra_api::client_file::ClientFile>,
+    global: &args::Global,
+    resource: kube::api::ApiResource,
+    selector: &str,
+) -> Result<Vec<(String, String)>> {
+    use kube::ResourceExt;
+    let (client, namespace) = match file {
+        Some(file) => (cluster::file_client(file).await?, file.namespace.clone()),
+        None => {
+            let admin = Admin::connect(global).await?;
+            (admin.client, admin.namespace)
+        }
+    };
+    let api: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(client, &namespace, &resource);
+    let listed = api
+        .list(&kube::api::ListParams::default().labels(selector))
+        .await
+        .map_err(|error| error::CliError::kube("listing names", error))?;
+    Ok(listed
+        .items
+        .iter()
+        .map(|object| {
+            let state = bridging::Progress::of(object).state().to_string();
+            (object.name_any(), state)
+        })
+        .collect())
+}
+
 /// `kubectl gefyra <TAB>` (see [`complete`]): the candidates for `words`, in Cobra's
-/// protocol. Completion is silent: a cluster that cannot be read offers no client IDs.
+/// protocol. Completion is silent: a cluster that cannot be read offers no names.
 async fn complete_words(words: &[String]) -> ExitCode {
     use complete::Wanted;
     let (wanted, options) = complete::wanted(&complete::definition(), words);
@@ -93,33 +192,20 @@ async fn complete_words(words: &[String]) -> ExitCode {
             candidates,
             directive,
         } => (candidates, directive),
-        Wanted::ClientIds { prefix } => {
-            let global = args::Global {
-                kubeconfig: options.kubeconfig.map(std::path::PathBuf::from),
-                context: options.context,
-                namespace: options
-                    .namespace
-                    .or_else(|| std::env::var("GEFYRA_NAMESPACE").ok())
-                    .unwrap_or_else(|| gefyra_api::client::DEFAULT_NAMESPACE.to_string()),
-                verbose: 0,
-            };
-            let listed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                let admin = Admin::connect(&global).await.ok()?;
-                clients::all_clients(&admin, None).await.ok()
-            })
+        Wanted::Names { names, prefix } => {
+            let listed = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                cluster_names(names, options),
+            )
             .await
             .ok()
-            .flatten()
+            .and_then(Result::ok)
             .unwrap_or_default();
-            let ids = listed
-                .iter()
-                .map(|client| {
-                    use kube::ResourceExt;
-                    (client.name_any(), client.state.to_string())
-                })
-                .filter(|(id, _)| id.starts_with(&prefix))
+            let matching = listed
+                .into_iter()
+                .filter(|(name, _)| name.starts_with(&prefix))
                 .collect();
-            (ids, complete::NO_FILES)
+            (matching, complete::NO_FILES)
         }
     };
     print!("{}", complete::render(&candidates, directive));

@@ -1,5 +1,6 @@
 //! What `clients list` and `clients inspect` print: pure views of GefyraClients and Events,
-//! rendered as a table (text), JSON or YAML. No credentials or keys ever appear.
+//! rendered as a table (text), JSON or YAML (the table, the ages and the escaping are the
+//! bridge and mount lists' too). No credentials or keys ever appear.
 
 use std::io::Write as _;
 
@@ -118,13 +119,13 @@ fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-fn or_dash(value: &Option<String>) -> String {
+pub(crate) fn or_dash(value: &Option<String>) -> String {
     value.clone().unwrap_or_else(|| "-".into())
 }
 
-/// How `kubectl get -o name` names a GefyraClient.
-fn resource_name(client_id: &str) -> String {
-    format!("gefyraclient.gefyra.dev/{}\n", printable(client_id))
+/// How `kubectl get -o name` names an object of `kind` (`gefyraclient`).
+fn resource_name(kind: &str, name: &str) -> String {
+    format!("{kind}.gefyra.dev/{}\n", printable(name))
 }
 
 /// The age of something created at `then`, seen at `now`, as kubectl's AGE column shows
@@ -192,6 +193,48 @@ impl TableView {
             headers: true,
         }
     }
+
+    /// The AGE cell of something created at `created` (RFC 3339); `-` if unknown.
+    pub fn age(&self, created: Option<&str>) -> String {
+        created
+            .and_then(|created| created.parse::<jiff::Timestamp>().ok())
+            .map_or_else(|| "-".to_string(), |created| human_age(created, self.now))
+    }
+}
+
+/// A line of a list (`clients list`, `mount list`, `bridge list`).
+pub trait ListRow: Serialize {
+    /// The kind `-o name` prints (`gefyraclient`).
+    const KIND: &'static str;
+    /// The table's columns, and those `-o wide` adds.
+    const COLUMNS: &'static [&'static str];
+    const WIDE_COLUMNS: &'static [&'static str];
+    fn name(&self) -> &str;
+    /// The table's cells, the wide ones too when `wide`.
+    fn cells(&self, wide: bool, view: &TableView) -> Vec<String>;
+}
+
+/// A list as `-o` asks: a table (kubectl's alignment, `-o wide` with more columns), the
+/// names as `kubectl get -o name` prints them, or the rows as JSON or YAML.
+pub fn list<R: ListRow>(rows: &[R], format: OutputFormat, view: TableView) -> String {
+    let wide = format == OutputFormat::Wide;
+    match format {
+        OutputFormat::Table | OutputFormat::Wide => {
+            let mut header = R::COLUMNS.to_vec();
+            if wide {
+                header.extend(R::WIDE_COLUMNS);
+            }
+            if !view.headers {
+                header.clear();
+            }
+            table(&header, rows.iter().map(|row| row.cells(wide, &view)))
+        }
+        OutputFormat::Name => rows
+            .iter()
+            .map(|row| resource_name(R::KIND, row.name()))
+            .collect(),
+        OutputFormat::Json | OutputFormat::Yaml => structured(&rows, format),
+    }
 }
 
 fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
@@ -207,41 +250,31 @@ fn structured<T: Serialize>(value: &T, format: OutputFormat) -> String {
 
 /// `clients list` output; `-o wide` adds the Ready condition's reason and the sunset.
 pub fn client_list(rows: &[ClientRow], format: OutputFormat, view: TableView) -> String {
-    let wide = format == OutputFormat::Wide;
-    let mut header = vec!["ID", "STATE", "ADDRESS", "AGE", "WIREGUARD HANDSHAKE"];
-    if wide {
-        header.extend(["REASON", "SUNSET"]);
+    list(rows, format, view)
+}
+
+impl ListRow for ClientRow {
+    const KIND: &'static str = gefyra_api::client::KIND;
+    const COLUMNS: &'static [&'static str] =
+        &["ID", "STATE", "ADDRESS", "AGE", "WIREGUARD HANDSHAKE"];
+    const WIDE_COLUMNS: &'static [&'static str] = &["REASON", "SUNSET"];
+
+    fn name(&self) -> &str {
+        &self.client_id
     }
-    if !view.headers {
-        header.clear();
-    }
-    match format {
-        OutputFormat::Table | OutputFormat::Wide => table(
-            &header,
-            rows.iter().map(|row| {
-                let age = row
-                    .created
-                    .as_deref()
-                    .and_then(|created| created.parse::<jiff::Timestamp>().ok())
-                    .map(|created| human_age(created, view.now));
-                let mut cells = vec![
-                    row.client_id.clone(),
-                    row.state.clone(),
-                    or_dash(&row.address),
-                    or_dash(&age),
-                    or_dash(&row.wireguard_handshake),
-                ];
-                if wide {
-                    cells.extend([or_dash(&row.reason), or_dash(&row.sunset)]);
-                }
-                cells
-            }),
-        ),
-        OutputFormat::Name => rows
-            .iter()
-            .map(|row| resource_name(&row.client_id))
-            .collect(),
-        OutputFormat::Json | OutputFormat::Yaml => structured(&rows, format),
+
+    fn cells(&self, wide: bool, view: &TableView) -> Vec<String> {
+        let mut cells = vec![
+            self.client_id.clone(),
+            self.state.clone(),
+            or_dash(&self.address),
+            view.age(self.created.as_deref()),
+            or_dash(&self.wireguard_handshake),
+        ];
+        if wide {
+            cells.extend([or_dash(&self.reason), or_dash(&self.sunset)]);
+        }
+        cells
     }
 }
 
@@ -392,7 +425,7 @@ impl Inspection {
     pub fn render(&self, format: OutputFormat) -> String {
         match format {
             OutputFormat::Table | OutputFormat::Wide => {}
-            OutputFormat::Name => return resource_name(&self.client_id),
+            OutputFormat::Name => return resource_name(gefyra_api::client::KIND, &self.client_id),
             OutputFormat::Json | OutputFormat::Yaml => return structured(self, format),
         }
         let mut fields: Vec<(&str, String)> = vec![

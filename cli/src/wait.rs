@@ -107,7 +107,7 @@ pub fn in_error(client: &GefyraClient) -> CliError {
         .filter(|message| !message.is_empty())
         .unwrap_or_else(|| "no reason recorded".into());
     CliError::new(
-        Kind::ClientError,
+        Kind::InError,
         format!(
             "GefyraClient {} is in state ERROR: {reason}",
             kube::ResourceExt::name_any(client)

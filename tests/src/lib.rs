@@ -663,6 +663,30 @@ pub async fn install_admission_policy(admin: Client, namespace: &str) -> Result<
     Ok(())
 }
 
+/// Installs (server-side apply) the four bridge admission policies and their bindings for the
+/// bridges and mounts of `namespace` (a client's own bridges only, the bridging grant,
+/// destinations in the client's own ranges), as the chart does for its namespace.
+pub async fn install_bridge_admission_policies(admin: Client, namespace: &str) -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use kube::api::{Patch, PatchParams};
+    let params = PatchParams::apply("gefyra-e2e").force();
+    for (policy, binding) in gefyra_api::admission::bridge_policies(namespace) {
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        Api::<ValidatingAdmissionPolicy>::all(admin.clone())
+            .patch(&name, &params, &Patch::Apply(&policy))
+            .await
+            .with_context(|| format!("applying ValidatingAdmissionPolicy {name}"))?;
+        let name = binding.metadata.name.clone().unwrap_or_default();
+        Api::<ValidatingAdmissionPolicyBinding>::all(admin.clone())
+            .patch(&name, &params, &Patch::Apply(&binding))
+            .await
+            .with_context(|| format!("applying ValidatingAdmissionPolicyBinding {name}"))?;
+    }
+    Ok(())
+}
+
 /// Installs (server-side apply) the GefyraClient, GefyraBridge and GefyraBridgeMount CRDs
 /// and waits until they are served.
 pub async fn install_crd(cluster: &Cluster) -> Result<()> {

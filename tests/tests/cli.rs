@@ -9,15 +9,21 @@ use anyhow::{Context, Result, ensure};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::lab::Deployment;
 use gefyra_e2e::{
-    Cluster, KubectlGefyra, Operator, controlplane_tool, decoded, eventually, install_crd,
-    kubectl_gefyra_binary, parse_client_file, wait_for_state,
+    Cluster, KubectlGefyra, Operator, controlplane_tool, decoded, eventually,
+    install_bridge_admission_policies, install_crd, kubectl_gefyra_binary, parse_client_file,
+    wait_for_state,
 };
+use k8s_openapi::api::apps::v1::Deployment as K8sDeployment;
 use k8s_openapi::api::core::v1::{
     LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service,
     ServiceAccount, ServicePort, ServiceSpec, ServiceStatus,
 };
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
+    PostParams,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -27,8 +33,10 @@ const USAGE: i32 = 2;
 const NO_CLUSTER: i32 = 3;
 const NOT_FOUND: i32 = 4;
 const FORBIDDEN: i32 = 5;
+const TIMEOUT: i32 = 6;
 const BAD_CLIENT_FILE: i32 = 7;
 const CONFLICT: i32 = 8;
+const IN_ERROR: i32 = 9;
 
 /// `kubectl gefyra <TAB>` through the kubectl we build: it finds kubectl_complete-gefyra
 /// (a symlink to the CLI) on the PATH and offers what it prints.
@@ -976,5 +984,653 @@ async fn connect_with_a_client_file_reaches_the_cluster_through_stowaway() -> Re
         .fails(&["connect", "-f", "dev.json"], FORBIDDEN)
         .await?;
     ensure!(stale.contains("ask your Gefyra admin"), "{stale}");
+    Ok(())
+}
+
+/// A bridge as a client would write it, for the probes that the admission policies are in
+/// effect (dry runs: nothing is stored).
+fn probe_bridge(ns: &str, client: &str, destination: &str) -> Result<DynamicObject> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "gefyra.dev/v1", "kind": "gefyrabridge",
+        "metadata": {"name": format!("probe-{client}"), "namespace": ns,
+            "labels": {"gefyra.dev/client": client, "gefyra.dev/bridge-mount": "web"}},
+        "client": client, "destinationIP": destination, "target": "web",
+        "portMappings": ["8080:80"],
+    }))?)
+}
+
+/// Waits until a dry-run create of `bridge` is refused with a message holding `expected`
+/// (a new admission policy takes a moment to be enforced).
+async fn refused_by_policy(
+    api: &Api<DynamicObject>,
+    bridge: &DynamicObject,
+    expected: &str,
+) -> Result<()> {
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    eventually(
+        &format!("a policy refuses with {expected:?}"),
+        WAIT,
+        || async {
+            Ok(match api.create(&dry_run, bridge).await {
+                Err(kube::Error::Api(status))
+                    if status.code == 403 && status.message.contains(expected) =>
+                {
+                    Some(())
+                }
+                _ => None,
+            })
+        },
+    )
+    .await
+}
+
+/// The target workload of the mounts: a Deployment (container `web`, port 80) and its
+/// Service. There is no node: its Pods, and the routers the mounts put in front of them,
+/// never run, so a mount stays INSTALLING here (the data path is tested on a node).
+async fn web_workload(admin: &kube::Client, namespace: &str) -> Result<()> {
+    let deployment: K8sDeployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "nginx",
+                    "ports": [{"name": "http", "containerPort": 80}]}]},
+            },
+        },
+    }))?;
+    Api::<K8sDeployment>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 80}]},
+    }))?;
+    Api::<Service>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &service)
+        .await?;
+    Ok(())
+}
+
+/// Grants client `client` (of Gefyra's namespace `gefyra_ns`) bridging in `namespace`, as an
+/// admin does with a RoleBinding of ClusterRole gefyra-bridge (here a Role with its rule).
+async fn grant_bridging(
+    admin: &kube::Client,
+    namespace: &str,
+    gefyra_ns: &str,
+    client: &str,
+) -> Result<()> {
+    let name = format!("gefyra-bridge-{client}");
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "rules": [{"apiGroups": ["gefyra.dev"], "resources": ["gefyrabridges"], "verbs": ["bridge"]}],
+    }))?;
+    Api::<Role>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "namespace": gefyra_ns,
+            "name": GefyraClient::service_account_name_for(client)}],
+    }))?;
+    Api::<RoleBinding>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    Ok(())
+}
+
+/// The tunnel address the operator gave a connected client.
+async fn tunnel_address(clients: &Api<GefyraClient>, id: &str) -> Result<String> {
+    clients
+        .get(id)
+        .await?
+        .provider_config
+        .as_ref()
+        .and_then(|config| config.get("Interface.Address"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .context("a tunnel address")
+}
+
+/// `mount` and `bridge` against the real operator and the real admission policies. An admin
+/// mounts a workload with the kubeconfig (Gefyra's mount shape; a missing target and a
+/// missing container end the wait with where it is stuck and why); a developer bridges it
+/// with nothing but a connected client's file: the exact wire shape (labels, portMappings
+/// local first, Gefyra's one rule), INSTALLING while the mount is not ACTIVE, the operator's
+/// MountNotFound, the admission refusals (another client's address, no grant, another
+/// client's bridge), list and delete of the client's own bridges only.
+#[tokio::test]
+async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("cli-bridges").await?;
+    let demo = cluster.namespace("cli-bridges-demo").await?;
+    let admin = cluster.admin()?;
+    install_bridge_admission_policies(admin.clone(), &ns).await?;
+    web_workload(&admin, &demo).await?;
+    // Stowaway's bridges Service: the operator gives its address to the routers.
+    let stowaway_bridges: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "gefyra-stowaway-bridges", "namespace": ns},
+        "spec": {"selector": {"app": "stowaway"}, "ports": [{"name": "bridges", "port": 8082}]},
+    }))?;
+    Api::<Service>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &stowaway_bridges)
+        .await?;
+    let _operator = Operator::start(&cluster, &ns, &[])?;
+    let cli = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let resource = |kind: &str, plural: &str| {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gefyra.dev", "v1", kind), plural)
+    };
+    let bridge_resource = resource("gefyrabridge", "gefyrabridges");
+    let bridges: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &ns, &bridge_resource);
+    let mounts: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &ns,
+        &resource("gefyrabridgemount", "gefyrabridgemounts"),
+    );
+
+    // mount create --no-wait: Gefyra's body, Gefyra's KIND/NAME/CONTAINER understood.
+    let created = cli
+        .ok(&[
+            "mount",
+            "create",
+            "--target",
+            "deployment/web/web",
+            "--target-namespace",
+            &demo,
+            "--name",
+            "web",
+            "--no-wait",
+        ])
+        .await?;
+    ensure!(
+        created.contains("GefyraBridgeMount web created"),
+        "{created}"
+    );
+    let mount = mounts.get("web").await?;
+    for (field, expected) in [
+        ("target", serde_json::json!("deployment/web")),
+        ("targetNamespace", serde_json::json!(demo)),
+        ("targetContainer", serde_json::json!("web")),
+        ("provider", serde_json::json!("carrier2mount")),
+        ("providerParameter", serde_json::json!({})),
+    ] {
+        ensure!(mount.data[field] == expected, "{field}: {:?}", mount.data);
+    }
+    // No node runs its router: it stays INSTALLING, and mount list says so and why.
+    let row = eventually("mount list shows web INSTALLING", WAIT, || async {
+        let table = cli.ok(&["mount", "list"]).await?;
+        Ok(table
+            .lines()
+            .find(|line| line.starts_with("web ") && line.contains(" INSTALLING "))
+            .map(str::to_string))
+    })
+    .await?;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    ensure!(
+        cells[..6]
+            == [
+                "web",
+                demo.as_str(),
+                "deployment/web",
+                "web",
+                "INSTALLING",
+                "Installing"
+            ],
+        "{row}"
+    );
+    let listed: Vec<Value> = serde_json::from_str(&cli.ok(&["mount", "ls", "-o", "json"]).await?)?;
+    ensure!(
+        listed.len() == 1 && listed[0]["name"] == "web" && listed[0]["target"] == "deployment/web",
+        "{listed:?}"
+    );
+
+    // Waiting: a missing target times out saying where it is stuck and why; a missing
+    // container ends the wait with the operator's reason.
+    let stuck = cli
+        .fails(
+            &[
+                "mount",
+                "create",
+                "--target",
+                "deployment/nothing",
+                "--target-namespace",
+                &demo,
+                "--name",
+                "nothing",
+                "--timeout",
+                "3s",
+            ],
+            TIMEOUT,
+        )
+        .await?;
+    ensure!(
+        stuck.contains("GefyraBridgeMount nothing is not ACTIVE after 3s: it is MISSING (TargetNotFound: deployment/nothing does not exist in namespace")
+            && stuck.contains("`kubectl gefyra mount delete nothing`"),
+        "{stuck}"
+    );
+    let no_container = cli
+        .fails(
+            &[
+                "mount",
+                "create",
+                "--target",
+                "deployment/web",
+                "--container",
+                "nope",
+                "--target-namespace",
+                &demo,
+                "--name",
+                "nope",
+            ],
+            IN_ERROR,
+        )
+        .await?;
+    ensure!(
+        no_container.contains("GefyraBridgeMount nope is in state ERROR: ContainerNotFound: deployment/web has no container nope (it has: web)"),
+        "{no_container}"
+    );
+    cli.fails(
+        &[
+            "mount",
+            "create",
+            "--target",
+            "cronjob/x",
+            "--target-namespace",
+            &demo,
+        ],
+        USAGE,
+    )
+    .await?;
+    let deleted = cli
+        .ok(&[
+            "mount",
+            "delete",
+            "nothing",
+            "nope",
+            "--wait",
+            "--timeout",
+            "30s",
+        ])
+        .await?;
+    ensure!(
+        deleted.contains("GefyraBridgeMount nothing deleted")
+            && deleted.contains("GefyraBridgeMount nope deleted"),
+        "{deleted}"
+    );
+    ensure!(
+        mounts.get_opt("nothing").await?.is_none() && mounts.get_opt("nope").await?.is_none(),
+        "gone when delete --wait returns"
+    );
+    cli.fails(&["mount", "delete", "nothing"], NOT_FOUND)
+        .await?;
+
+    // Two developers, each with a client file and no kubeconfig.
+    for id in ["dev", "other"] {
+        cli.ok(&["clients", "create", "--client-id", id]).await?;
+        cli.ok(&[
+            "clients",
+            "config",
+            id,
+            "--host",
+            "203.0.113.7",
+            "-o",
+            &format!("{id}.json"),
+        ])
+        .await?;
+    }
+    let developer = KubectlGefyra::new(&cli.workdir.join("no-kubeconfig"), &ns)?;
+    for id in ["dev", "other"] {
+        std::fs::copy(
+            cli.workdir.join(format!("{id}.json")),
+            developer.workdir.join(format!("{id}.json")),
+        )?;
+    }
+    let not_connected = developer
+        .fails(
+            &[
+                "bridge", "create", "-f", "dev.json", "--mount", "web", "-p", "80:8080",
+            ],
+            CONFLICT,
+        )
+        .await?;
+    ensure!(
+        not_connected.contains("GefyraClient dev is not connected (state WAITING): connect first with `kubectl gefyra connect -f dev.json`"),
+        "{not_connected}"
+    );
+    for id in ["dev", "other"] {
+        developer
+            .connect_wg(&format!("{id}.json"), &format!("{id}.conf"), &[])
+            .await?;
+    }
+    let dev_address = tunnel_address(&clients, "dev").await?;
+    let other_address = tunnel_address(&clients, "other").await?;
+    grant_bridging(&admin, &demo, &ns, "dev").await?;
+    let as_other = cluster.with_token(&decoded(
+        &parse_client_file(&std::fs::read_to_string(
+            developer.workdir.join("other.json"),
+        )?)?,
+        "token",
+    )?)?;
+    let other_bridges: Api<DynamicObject> = Api::namespaced_with(as_other, &ns, &bridge_resource);
+    refused_by_policy(
+        &other_bridges,
+        &probe_bridge(&ns, "other", &other_address)?,
+        "is not granted to",
+    )
+    .await?;
+    refused_by_policy(
+        &bridges,
+        &probe_bridge(&ns, "dev", &other_address)?,
+        "is neither the tunnel address of client dev",
+    )
+    .await?;
+
+    // bridge create --no-wait: the exact wire shape, Gefyra's default name.
+    let created = developer
+        .ok(&[
+            "bridge",
+            "create",
+            "-f",
+            "dev.json",
+            "--mount",
+            "web",
+            "-p",
+            "80:8080",
+            "--match-path-prefix",
+            "/api",
+            "--match-header-exact",
+            "x-gefyra:dev",
+            "--no-wait",
+        ])
+        .await?;
+    let name = created
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("GefyraBridge "))
+        .and_then(|rest| rest.split(' ').next())
+        .context("the bridge's name")?
+        .to_string();
+    ensure!(
+        name.len() == "dev-web-".len() + 5
+            && name.starts_with("dev-web-")
+            && created.contains(&format!("port:    80 -> {dev_address}:8080"))
+            && created.contains("HTTP requests matching x-gefyra=dev & path^=/api"),
+        "{created}"
+    );
+    let bridge = bridges.get(&name).await?;
+    ensure!(
+        bridge.metadata.labels
+            == Some(
+                [
+                    ("gefyra.dev/bridge-mount".to_string(), "web".to_string()),
+                    ("gefyra.dev/client".to_string(), "dev".to_string()),
+                ]
+                .into()
+            ),
+        "{:?}",
+        bridge.metadata.labels
+    );
+    for (field, expected) in [
+        ("provider", serde_json::json!("carrier2")),
+        ("connectionProvider", serde_json::json!("stowaway")),
+        ("client", serde_json::json!("dev")),
+        ("destinationIP", serde_json::json!(dev_address)),
+        ("target", serde_json::json!("web")),
+        ("portMappings", serde_json::json!(["8080:80"])),
+        (
+            "providerParameter",
+            serde_json::json!({"rules": [{"match": [
+                {"matchHeader": {"name": "x-gefyra", "value": "dev", "type": "exact"}},
+                {"matchPath": {"path": "/api", "type": "prefix"}},
+            ]}]}),
+        ),
+    ] {
+        ensure!(bridge.data[field] == expected, "{field}: {:?}", bridge.data);
+    }
+    // The mount is not ACTIVE: the operator holds the bridge at INSTALLING and says why.
+    let row = eventually("bridge list shows it INSTALLING", WAIT, || async {
+        let table = developer.ok(&["bridge", "list", "-f", "dev.json"]).await?;
+        Ok(table
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} ")) && line.contains(" INSTALLING "))
+            .map(str::to_string))
+    })
+    .await?;
+    ensure!(
+        row.split("   ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect::<Vec<_>>()
+            == [
+                name.as_str(),
+                "web",
+                "80->8080",
+                "x-gefyra=dev & path^=/api",
+                "INSTALLING",
+                "WaitingForMount"
+            ],
+        "{row}"
+    );
+    // Waiting for it: the timeout names the state and the operator's message.
+    let waiting = developer
+        .fails(
+            &[
+                "bridge",
+                "create",
+                "mine",
+                "-f",
+                "dev.json",
+                "--mount",
+                "web",
+                "-p",
+                "80:8081",
+                "--timeout",
+                "3s",
+            ],
+            TIMEOUT,
+        )
+        .await?;
+    ensure!(
+        waiting.contains("GefyraBridge mine is not ACTIVE after 3s: it is INSTALLING (WaitingForMount: waiting for GefyraBridgeMount web to be ACTIVE (it is INSTALLING))"),
+        "{waiting}"
+    );
+    // The router no node runs stands in: the mount is marked ACTIVE as the operator marks it
+    // once its router is Ready (it keeps an ACTIVE mount so while the router is away). The
+    // bridge the CLI waits for becomes ACTIVE, and it says what goes where.
+    mounts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "state": "ACTIVE",
+                "status": {"reason": "Ready", "message": "a stand-in for the router", "ports": [80, 443]},
+            })),
+        )
+        .await?;
+    let active = developer
+        .ok(&[
+            "bridge",
+            "create",
+            "v2",
+            "-f",
+            "dev.json",
+            "--mount",
+            "web",
+            "-p",
+            "443:8443",
+            "--match-path-prefix",
+            "/v2",
+        ])
+        .await?;
+    ensure!(
+        active
+            == format!(
+                "GefyraBridge v2 is ACTIVE:\n  \
+                 mount:   web (deployment/web in namespace {demo})\n  \
+                 port:    443 -> {dev_address}:8443\n  \
+                 traffic: HTTP requests matching path^=/v2; the rest goes to the workload\n"
+            ),
+        "{active}"
+    );
+    // A mount that does not exist: the operator's reason, exit code 9.
+    let missing = developer
+        .fails(
+            &[
+                "bridge", "create", "lost", "-f", "dev.json", "--mount", "nothing", "-p", "80:8080",
+            ],
+            IN_ERROR,
+        )
+        .await?;
+    ensure!(
+        missing.contains("GefyraBridge lost is in state ERROR: MountNotFound: GefyraBridgeMount nothing does not exist"),
+        "{missing}"
+    );
+    // The admission policies: another client's address, and a client without the grant.
+    let hijack = developer
+        .fails(
+            &[
+                "bridge",
+                "create",
+                "-f",
+                "dev.json",
+                "--mount",
+                "web",
+                "-p",
+                "80:8080",
+                "--destination-ip",
+                &other_address,
+            ],
+            FORBIDDEN,
+        )
+        .await?;
+    ensure!(
+        hijack.contains(&format!("was refused: destinationIP {other_address} is neither the tunnel address of client dev nor in its routed subnet")),
+        "{hijack}"
+    );
+    let ungranted = developer
+        .fails(
+            &[
+                "bridge",
+                "create",
+                "theirs",
+                "-f",
+                "other.json",
+                "--mount",
+                "web",
+                "-p",
+                "80:8080",
+                "--no-wait",
+            ],
+            FORBIDDEN,
+        )
+        .await?;
+    ensure!(
+        ungranted.contains(&format!("bridging workloads in namespace {demo} is not granted to system:serviceaccount:{ns}:gefyra-client-other")),
+        "{ungranted}"
+    );
+    grant_bridging(&admin, &demo, &ns, "other").await?;
+    developer
+        .ok(&[
+            "bridge",
+            "create",
+            "theirs",
+            "-f",
+            "other.json",
+            "--mount",
+            "web",
+            "-p",
+            "443:8443",
+            "--no-wait",
+        ])
+        .await?;
+
+    let taken = developer
+        .fails(
+            &[
+                "bridge", "create", "mine", "-f", "dev.json", "--mount", "web", "-p", "80:8082",
+            ],
+            CONFLICT,
+        )
+        .await?;
+    ensure!(
+        taken.contains("creating GefyraBridge mine failed: the name is taken"),
+        "{taken}"
+    );
+    // list and delete: the client's own bridges only.
+    let listed: Vec<Value> = serde_json::from_str(
+        &developer
+            .ok(&["bridge", "ls", "-f", "dev.json", "-o", "json"])
+            .await?,
+    )?;
+    let names: BTreeSet<&str> = listed
+        .iter()
+        .filter_map(|row| row["name"].as_str())
+        .collect();
+    ensure!(
+        names == BTreeSet::from([name.as_str(), "mine", "lost", "v2"]),
+        "dev's bridges only: {listed:?}"
+    );
+    let not_yours = developer
+        .fails(&["bridge", "delete", "theirs", "-f", "dev.json"], FORBIDDEN)
+        .await?;
+    ensure!(
+        not_yours.contains("a client may change and delete only its own GefyraBridges"),
+        "{not_yours}"
+    );
+    let deleted = developer
+        .ok(&["bridge", "delete", &name, "-f", "dev.json", "--wait"])
+        .await?;
+    ensure!(
+        deleted == format!("GefyraBridge {name} deleted\n"),
+        "{deleted}"
+    );
+    ensure!(bridges.get_opt(&name).await?.is_none(), "gone");
+    developer
+        .fails(&["bridge", "rm", &name, "-f", "dev.json"], NOT_FOUND)
+        .await?;
+    let all = developer
+        .ok(&["bridge", "rm", "--all", "-f", "dev.json", "--wait"])
+        .await?;
+    ensure!(
+        ["mine", "lost", "v2"]
+            .iter()
+            .all(|bridge| all.contains(&format!("GefyraBridge {bridge} deleted\n"))),
+        "{all}"
+    );
+    ensure!(
+        bridges.get_opt("theirs").await?.is_some(),
+        "another client's bridge is kept"
+    );
+    let none = developer.run(&["bridge", "list", "-f", "dev.json"]).await?;
+    ensure!(
+        none.code == 0
+            && none.stdout.is_empty()
+            && none.stderr.contains("No GefyraBridges of client dev"),
+        "{none:?}"
+    );
+
+    // mount delete --wait: the operator restores the Services and removes the mount's
+    // bridges before the mount goes.
+    let deleted = cli.ok(&["mount", "rm", "web", "--wait"]).await?;
+    ensure!(
+        deleted.contains("GefyraBridgeMount web deleted"),
+        "{deleted}"
+    );
+    ensure!(mounts.get_opt("web").await?.is_none(), "gone");
+    eventually("the mount's bridges are gone with it", WAIT, || async {
+        Ok(bridges.get_opt("theirs").await?.is_none().then_some(()))
+    })
+    .await?;
+    let empty = cli.run(&["mount", "list"]).await?;
+    ensure!(
+        empty.code == 0 && empty.stderr.contains("No GefyraBridgeMounts"),
+        "{empty:?}"
+    );
     Ok(())
 }
