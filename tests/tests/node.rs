@@ -562,7 +562,22 @@ async fn without_gefyra(cluster: &Cluster) -> Result<()> {
     .await
     .is_ok();
     if released {
-        // The operator still runs: it revokes each client and releases its ranges.
+        // The operator still runs: it removes each mount's router (switching the Services
+        // back), revokes each client and releases its ranges.
+        let _ = run(
+            "kubectl",
+            &cluster.kubeconfig,
+            &[
+                "delete",
+                "gefyrabridgemounts",
+                "--all",
+                "--namespace",
+                NAMESPACE,
+                "--wait",
+                "--timeout=120s",
+            ],
+        )
+        .await;
         let _ = run(
             "kubectl",
             &cluster.kubeconfig,
@@ -590,6 +605,23 @@ async fn without_gefyra(cluster: &Cluster) -> Result<()> {
         for client in clients.list(&ListParams::default()).await? {
             let name = client.metadata.name.clone().unwrap_or_default();
             clients
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+                )
+                .await?;
+        }
+    }
+    if crds
+        .get_opt("gefyrabridgemounts.gefyra.dev")
+        .await?
+        .is_some()
+    {
+        let mounts = bridge_api(admin.clone(), "gefyrabridgemounts", "gefyrabridgemount");
+        for mount in mounts.list(&ListParams::default()).await? {
+            let name = mount.metadata.name.clone().unwrap_or_default();
+            mounts
                 .patch(
                     &name,
                     &kube::api::PatchParams::default(),
@@ -879,9 +911,9 @@ async fn from_a_pod(pods: &Api<Pod>, name: &str, requests: &[Option<&str>]) -> R
         .iter()
         .map(|header| match header {
             Some(header) => {
-                format!("echo \"$(wget -q -T 5 -O - --header '{header}' http://web/ 2>&1)\"")
+                format!("echo \"$(busybox timeout 10 busybox wget -q -O - --header '{header}' http://web/ 2>&1)\"")
             }
-            None => "echo \"$(wget -q -T 5 -O - http://web/ 2>&1)\"".to_string(),
+            None => "echo \"$(busybox timeout 10 busybox wget -q -O - http://web/ 2>&1)\"".to_string(),
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -982,6 +1014,23 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     let cluster = Cluster::from_env().await?;
     without_gefyra(&cluster).await?;
     let admin = cluster.admin()?;
+    // What an earlier run may have left in `demo`: its grants, its Pod, a switched Service.
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "delete",
+            "rolebinding/gefyra-bridge-alice",
+            "rolebinding/gefyra-bridge-bob",
+            "pod/others",
+            "service/web",
+            "--ignore-not-found",
+            "--wait",
+        ],
+    )
+    .await?;
     let demo = repo_root().join("deploy/demo/web.yaml");
     run(
         "kubectl",
@@ -1069,7 +1118,7 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     // answer, an F per failure).
     let load = busybox_pod(
         "others",
-        "while true; do if wget -q -T 5 -O /dev/null http://web/ 2>/dev/null; then echo -n .; else echo -n F; fi; done",
+        "while true; do if busybox timeout 10 busybox wget -q -O /dev/null http://web/ 2>/dev/null; then echo -n .; else echo -n F; fi; done",
     )?;
     demo_pods.create(&PostParams::default(), &load).await?;
     let answered = || async {
