@@ -533,4 +533,70 @@ mod tests {
         );
         assert_eq!(binding.spec.policy_name, "gefyra-client-fields-team-a");
     }
+
+    #[test]
+    fn the_four_bridge_policies_are_bound_denying_and_fail_closed() {
+        let rendered = bridge_policies("team-a");
+        let names: Vec<String> = rendered
+            .iter()
+            .map(|(policy, binding)| {
+                let name = policy.metadata.name.clone().unwrap();
+                let spec = policy.spec.as_ref().unwrap();
+                assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "{name}");
+                assert_eq!(binding.metadata.name.as_deref(), Some(name.as_str()));
+                assert_eq!(binding.spec.policy_name, name);
+                assert_eq!(binding.spec.validation_actions, ["Deny"], "{name}");
+                let selected = binding
+                    .spec
+                    .match_resources
+                    .as_ref()
+                    .and_then(|m| m.namespace_selector.as_ref())
+                    .and_then(|s| s.match_labels.as_ref())
+                    .and_then(|labels| labels.get("kubernetes.io/metadata.name"));
+                assert_eq!(selected.map(String::as_str), Some("team-a"), "{name}");
+                // A policy with params is bound to them, and one without is not.
+                assert_eq!(
+                    spec.param_kind.is_some(),
+                    binding.spec.param_ref.is_some(),
+                    "{name}"
+                );
+                name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "gefyra-client-bridges-team-a",
+                "gefyra-bridge-mount-grants-team-a",
+                "gefyra-bridge-grants-team-a",
+                "gefyra-bridge-destinations-team-a",
+            ]
+        );
+        // The grants are checked against the mounts, the destinations against the clients:
+        // every one of the namespace's, none found meaning nothing to check against.
+        for ((policy, binding), kind) in rendered[2..]
+            .iter()
+            .zip(["gefyrabridgemount", "gefyraclient"])
+        {
+            let param_kind = policy.spec.as_ref().unwrap().param_kind.as_ref().unwrap();
+            assert_eq!(param_kind.api_version.as_deref(), Some("gefyra.dev/v1"));
+            assert_eq!(param_kind.kind.as_deref(), Some(kind));
+            let param_ref = binding.spec.param_ref.as_ref().unwrap();
+            assert_eq!(param_ref.namespace.as_deref(), Some("team-a"));
+            assert_eq!(param_ref.selector, Some(LabelSelector::default()));
+            assert_eq!(
+                param_ref.parameter_not_found_action.as_deref(),
+                Some("Allow")
+            );
+            assert_eq!(param_ref.name, None);
+        }
+        let yaml = policy_yaml("team-a");
+        for name in &names {
+            assert_eq!(
+                yaml.matches(&format!("name: {name}\n")).count(),
+                2,
+                "{name}"
+            );
+        }
+    }
 }
