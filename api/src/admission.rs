@@ -387,19 +387,26 @@ pub fn bridge_destination_policy_name(namespace: &str) -> String {
     format!("gefyra-bridge-destinations-{namespace}")
 }
 
-/// A GefyraBridge's `destinationIP` is its client's tunnel address or in its routed subnet,
-/// whoever writes it: a bridge never reaches another client or an arbitrary cluster address.
-/// The clients are the policy's params (only the one the bridge names matters); a client not
-/// connected has no address yet, so its bridges wait for its connection.
+/// CEL: the operator has accepted the client's current `providerParameter` (its Ready
+/// condition describes the object's generation, and it is connected). The subnet is written
+/// by the client itself: one the operator refused, or has not looked at yet, is no range of
+/// the client's.
+const PARAMS_CONNECTION_ACCEPTED: &str = "has(params.state) && params.state == 'ACTIVE' && has(params.status) && has(params.status.conditions) && params.status.conditions.exists(c, c.type == 'Ready' && c.status == 'True' && has(c.observedGeneration) && c.observedGeneration == params.metadata.generation)";
+
+/// A GefyraBridge's `destinationIP` is its client's tunnel address or in its routed subnet
+/// (once the operator accepted it), whoever writes it: a bridge never reaches another client
+/// or an arbitrary cluster address. The clients are the policy's params (only the one the
+/// bridge names matters); a client not connected has no address yet, so its bridges wait
+/// for its connection.
 pub fn bridge_destination_policy(namespace: &str) -> ValidatingAdmissionPolicy {
     let address = "params.providerConfig['Interface.Address']";
     let subnet = "params.providerParameter.subnet";
     let validation = Validation {
         expression: format!(
-            "params.metadata.name != object.client || (has(params.providerConfig) && 'Interface.Address' in params.providerConfig && {address} == object.destinationIP) || (has(params.providerParameter) && has({subnet}) && isCIDR({subnet}) && isIP(object.destinationIP) && cidr({subnet}).containsIP(object.destinationIP))"
+            "params.metadata.name != object.client || (has(params.providerConfig) && 'Interface.Address' in params.providerConfig && {address} == object.destinationIP) || ({PARAMS_CONNECTION_ACCEPTED} && has(params.providerParameter) && has({subnet}) && isCIDR({subnet}) && isIP(object.destinationIP) && cidr({subnet}).containsIP(object.destinationIP))"
         ),
         message_expression: Some(
-            "'destinationIP ' + object.destinationIP + ' is neither the tunnel address of client ' + object.client + ' nor in its routed subnet: a bridge reaches only its own client (connect first; gefyra bridge uses the container address in its own network)'".into(),
+            "'destinationIP ' + object.destinationIP + ' is neither the tunnel address of client ' + object.client + ' nor in a routed subnet the operator accepted for it: a bridge reaches only its own client (connect first; gefyra bridge uses the container address in its own network)'".into(),
         ),
         reason: Some("Forbidden".into()),
         ..Validation::default()
@@ -590,6 +597,27 @@ mod tests {
             );
             assert_eq!(param_ref.name, None);
         }
+        // A subnet counts only once the operator accepted it: the client writes it itself.
+        let destinations = &rendered[3]
+            .0
+            .spec
+            .as_ref()
+            .unwrap()
+            .validations
+            .as_ref()
+            .unwrap()[0];
+        let (address, subnet) = destinations
+            .expression
+            .split_once("|| (has(params.state)")
+            .unwrap();
+        assert!(
+            address.contains("params.providerConfig['Interface.Address'] == object.destinationIP")
+        );
+        assert!(subnet.contains("c.observedGeneration == params.metadata.generation"));
+        assert!(
+            subnet
+                .contains("cidr(params.providerParameter.subnet).containsIP(object.destinationIP)")
+        );
         let yaml = policy_yaml("team-a");
         for name in &names {
             assert_eq!(
