@@ -387,19 +387,26 @@ pub fn bridge_destination_policy_name(namespace: &str) -> String {
     format!("gefyra-bridge-destinations-{namespace}")
 }
 
-/// A GefyraBridge's `destinationIP` is its client's tunnel address or in its routed subnet,
-/// whoever writes it: a bridge never reaches another client or an arbitrary cluster address.
-/// The clients are the policy's params (only the one the bridge names matters); a client not
-/// connected has no address yet, so its bridges wait for its connection.
+/// CEL: the operator has accepted the client's current `providerParameter` (its Ready
+/// condition describes the object's generation, and it is connected). The subnet is written
+/// by the client itself: one the operator refused, or has not looked at yet, is no range of
+/// the client's.
+const PARAMS_CONNECTION_ACCEPTED: &str = "has(params.state) && params.state == 'ACTIVE' && has(params.status) && has(params.status.conditions) && params.status.conditions.exists(c, c.type == 'Ready' && c.status == 'True' && has(c.observedGeneration) && c.observedGeneration == params.metadata.generation)";
+
+/// A GefyraBridge's `destinationIP` is its client's tunnel address or in its routed subnet
+/// (once the operator accepted it), whoever writes it: a bridge never reaches another client
+/// or an arbitrary cluster address. The clients are the policy's params (only the one the
+/// bridge names matters); a client not connected has no address yet, so its bridges wait
+/// for its connection.
 pub fn bridge_destination_policy(namespace: &str) -> ValidatingAdmissionPolicy {
     let address = "params.providerConfig['Interface.Address']";
     let subnet = "params.providerParameter.subnet";
     let validation = Validation {
         expression: format!(
-            "params.metadata.name != object.client || (has(params.providerConfig) && 'Interface.Address' in params.providerConfig && {address} == object.destinationIP) || (has(params.providerParameter) && has({subnet}) && isCIDR({subnet}) && isIP(object.destinationIP) && cidr({subnet}).containsIP(object.destinationIP))"
+            "params.metadata.name != object.client || (has(params.providerConfig) && 'Interface.Address' in params.providerConfig && {address} == object.destinationIP) || ({PARAMS_CONNECTION_ACCEPTED} && has(params.providerParameter) && has({subnet}) && isCIDR({subnet}) && isIP(object.destinationIP) && cidr({subnet}).containsIP(object.destinationIP))"
         ),
         message_expression: Some(
-            "'destinationIP ' + object.destinationIP + ' is neither the tunnel address of client ' + object.client + ' nor in its routed subnet: a bridge reaches only its own client (connect first; gefyra bridge uses the container address in its own network)'".into(),
+            "'destinationIP ' + object.destinationIP + ' is neither the tunnel address of client ' + object.client + ' nor in a routed subnet the operator accepted for it: a bridge reaches only its own client (connect first; gefyra bridge uses the container address in its own network)'".into(),
         ),
         reason: Some("Forbidden".into()),
         ..Validation::default()
@@ -532,5 +539,92 @@ mod tests {
             Some("gefyra-client-fields-team-a")
         );
         assert_eq!(binding.spec.policy_name, "gefyra-client-fields-team-a");
+    }
+
+    #[test]
+    fn the_four_bridge_policies_are_bound_denying_and_fail_closed() {
+        let rendered = bridge_policies("team-a");
+        let names: Vec<String> = rendered
+            .iter()
+            .map(|(policy, binding)| {
+                let name = policy.metadata.name.clone().unwrap();
+                let spec = policy.spec.as_ref().unwrap();
+                assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "{name}");
+                assert_eq!(binding.metadata.name.as_deref(), Some(name.as_str()));
+                assert_eq!(binding.spec.policy_name, name);
+                assert_eq!(binding.spec.validation_actions, ["Deny"], "{name}");
+                let selected = binding
+                    .spec
+                    .match_resources
+                    .as_ref()
+                    .and_then(|m| m.namespace_selector.as_ref())
+                    .and_then(|s| s.match_labels.as_ref())
+                    .and_then(|labels| labels.get("kubernetes.io/metadata.name"));
+                assert_eq!(selected.map(String::as_str), Some("team-a"), "{name}");
+                // A policy with params is bound to them, and one without is not.
+                assert_eq!(
+                    spec.param_kind.is_some(),
+                    binding.spec.param_ref.is_some(),
+                    "{name}"
+                );
+                name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "gefyra-client-bridges-team-a",
+                "gefyra-bridge-mount-grants-team-a",
+                "gefyra-bridge-grants-team-a",
+                "gefyra-bridge-destinations-team-a",
+            ]
+        );
+        // The grants are checked against the mounts, the destinations against the clients:
+        // every one of the namespace's, none found meaning nothing to check against.
+        for ((policy, binding), kind) in rendered[2..]
+            .iter()
+            .zip(["gefyrabridgemount", "gefyraclient"])
+        {
+            let param_kind = policy.spec.as_ref().unwrap().param_kind.as_ref().unwrap();
+            assert_eq!(param_kind.api_version.as_deref(), Some("gefyra.dev/v1"));
+            assert_eq!(param_kind.kind.as_deref(), Some(kind));
+            let param_ref = binding.spec.param_ref.as_ref().unwrap();
+            assert_eq!(param_ref.namespace.as_deref(), Some("team-a"));
+            assert_eq!(param_ref.selector, Some(LabelSelector::default()));
+            assert_eq!(
+                param_ref.parameter_not_found_action.as_deref(),
+                Some("Allow")
+            );
+            assert_eq!(param_ref.name, None);
+        }
+        // A subnet counts only once the operator accepted it: the client writes it itself.
+        let destinations = &rendered[3]
+            .0
+            .spec
+            .as_ref()
+            .unwrap()
+            .validations
+            .as_ref()
+            .unwrap()[0];
+        let (address, subnet) = destinations
+            .expression
+            .split_once("|| (has(params.state)")
+            .unwrap();
+        assert!(
+            address.contains("params.providerConfig['Interface.Address'] == object.destinationIP")
+        );
+        assert!(subnet.contains("c.observedGeneration == params.metadata.generation"));
+        assert!(
+            subnet
+                .contains("cidr(params.providerParameter.subnet).containsIP(object.destinationIP)")
+        );
+        let yaml = policy_yaml("team-a");
+        for name in &names {
+            assert_eq!(
+                yaml.matches(&format!("name: {name}\n")).count(),
+                2,
+                "{name}"
+            );
+        }
     }
 }

@@ -14,6 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use gefyra_api::{ClientState, GefyraClient};
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
@@ -638,26 +641,40 @@ impl Operator {
 /// Installs (server-side apply) the admission policy and binding that restrict what a
 /// client's own identity may change in `namespace`, as the chart does for its namespace.
 pub async fn install_admission_policy(admin: Client, namespace: &str) -> Result<()> {
-    use k8s_openapi::api::admissionregistration::v1::{
-        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-    };
+    apply_policy(
+        admin,
+        gefyra_api::admission::policy(namespace),
+        gefyra_api::admission::binding(namespace),
+    )
+    .await
+}
+
+/// Installs (server-side apply) the four bridge policies and their bindings for the bridges
+/// and mounts of `namespace`, as the chart does for its namespace. The two whose params are
+/// custom resources may refuse everything for a while after their CRD first appears (the
+/// API server's RESTMapper refresh): a test waits for a policy's own message.
+pub async fn install_bridge_policies(admin: Client, namespace: &str) -> Result<()> {
+    for (policy, binding) in gefyra_api::admission::bridge_policies(namespace) {
+        apply_policy(admin.clone(), policy, binding).await?;
+    }
+    Ok(())
+}
+
+async fn apply_policy(
+    admin: Client,
+    policy: ValidatingAdmissionPolicy,
+    binding: ValidatingAdmissionPolicyBinding,
+) -> Result<()> {
     use kube::api::{Patch, PatchParams};
     let params = PatchParams::apply("gefyra-e2e").force();
-    let name = gefyra_api::admission::policy_name(namespace);
+    let name = policy.metadata.name.clone().unwrap_or_default();
     Api::<ValidatingAdmissionPolicy>::all(admin.clone())
-        .patch(
-            &name,
-            &params,
-            &Patch::Apply(gefyra_api::admission::policy(namespace)),
-        )
+        .patch(&name, &params, &Patch::Apply(policy))
         .await
         .with_context(|| format!("applying ValidatingAdmissionPolicy {name}"))?;
+    let name = binding.metadata.name.clone().unwrap_or_default();
     Api::<ValidatingAdmissionPolicyBinding>::all(admin)
-        .patch(
-            &name,
-            &params,
-            &Patch::Apply(gefyra_api::admission::binding(namespace)),
-        )
+        .patch(&name, &params, &Patch::Apply(binding))
         .await
         .with_context(|| format!("applying ValidatingAdmissionPolicyBinding {name}"))?;
     Ok(())

@@ -1,19 +1,26 @@
 //! The trust boundary against the real API server, each attack made with the attacker's own
 //! credentials: a client's token may change its providerParameter and nothing else (the
 //! admission policy), hostile values never stop the operator, names never collide, a
-//! duplicated public key is refused, and a failed connect leaks no range.
+//! duplicated public key is refused, and a failed connect leaks no range; a client's token
+//! bridges only its own traffic, where an admin granted it, within the schema's bounds.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use gefyra_api::bridge::{
+    BRIDGE_KIND, BRIDGE_MOUNT_KIND, BRIDGE_MOUNT_PLURAL, CLIENT_LABEL, GRANT_CLUSTER_ROLE,
+    MOUNT_LABEL,
+};
 use gefyra_api::{ClientState, GefyraClient};
 use gefyra_e2e::{
-    Cluster, Operator, WAIT, api_status, create_client, eventually, install_crd,
-    set_provider_parameter as connect, token_of, wait_for_ready, wait_for_state,
+    Cluster, Operator, WAIT, api_status, create_client, eventually, install_bridge_policies,
+    install_crd, set_provider_parameter as connect, token_of, wait_for_ready, wait_for_state,
 };
+use gefyra_operator::bridging::{bridge_resource, mount_resource};
 use gefyra_operator::route_budget;
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
+use kube::api::{DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
@@ -612,5 +619,752 @@ async fn one_clients_route_changes_cost_a_bounded_number_of_shards_and_requests(
         .then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+// ---- Bridges: what a client's own token may create, and what the operator refuses ----
+
+/// The identities and places of the bridge attacks: the operator's namespace `ns` (clients
+/// `dev` and `other`, both connected; mounts `web` into `granted` and `elsewhere` into
+/// `ungranted`), with dev's own token.
+struct BridgeScene {
+    ns: String,
+    granted: String,
+    ungranted: String,
+    admin: kube::Client,
+    clients: Api<GefyraClient>,
+    /// GefyraBridges as the admin.
+    bridges: Api<DynamicObject>,
+    /// GefyraBridges as dev's own token.
+    as_dev: Api<DynamicObject>,
+    dev_address: String,
+    other_address: String,
+}
+
+/// A GefyraBridge as Gefyra's CLI writes one: for `client`, on mount `mount`, to
+/// `destination`, port 8080 on the developer's side for container port 80.
+fn bridge_body(name: &str, client: &str, mount: &str, destination: &str) -> Value {
+    json!({
+        "apiVersion": "gefyra.dev/v1",
+        "kind": BRIDGE_KIND,
+        "metadata": {"name": name, "labels": {CLIENT_LABEL: client, MOUNT_LABEL: mount}},
+        "provider": "carrier2",
+        "client": client,
+        "destinationIP": destination,
+        "target": mount,
+        "portMappings": ["8080:80"],
+    })
+}
+
+fn mount_body(name: &str, namespace: &str) -> Value {
+    json!({
+        "apiVersion": "gefyra.dev/v1",
+        "kind": BRIDGE_MOUNT_KIND,
+        "metadata": {"name": name},
+        "target": "deployment/web",
+        "targetNamespace": namespace,
+    })
+}
+
+/// Creates `body` as `api`'s identity: `None` if admitted, else the refusal (status, message).
+async fn create(api: &Api<DynamicObject>, body: &Value) -> Result<Option<(u16, String)>> {
+    let object: DynamicObject = serde_json::from_value(body.clone())?;
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) => Ok(Some((status.code, status.message))),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// `body` is refused as `api`'s identity with `status` and a message containing `expected`;
+/// the message.
+async fn refused(
+    api: &Api<DynamicObject>,
+    body: &Value,
+    status: u16,
+    expected: &str,
+) -> Result<String> {
+    let name = &body["metadata"]["name"];
+    match create(api, body).await? {
+        None => anyhow::bail!("{name} was admitted, expected {status} {expected:?}"),
+        Some((code, message)) => {
+            ensure!(
+                code == status && message.contains(expected),
+                "{name}: {code} {message} (expected {status} {expected:?})"
+            );
+            eprintln!("refused {name}: {code} {message}");
+            Ok(message)
+        }
+    }
+}
+
+async fn admitted(api: &Api<DynamicObject>, body: &Value) -> Result<()> {
+    if let Some((code, message)) = create(api, body).await? {
+        anyhow::bail!("{} refused: {code} {message}", body["metadata"]["name"]);
+    }
+    Ok(())
+}
+
+/// The ClusterRole `gefyra-bridge` as the chart ships it.
+async fn install_grant_role(admin: &kube::Client) -> Result<()> {
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(GRANT_CLUSTER_ROLE.into()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(gefyra_operator::rbac::grant_rules()),
+        ..ClusterRole::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(
+            GRANT_CLUSTER_ROLE,
+            &PatchParams::apply("gefyra-e2e").force(),
+            &Patch::Apply(role),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The admin's grant: a RoleBinding of ClusterRole `gefyra-bridge` in `target` to
+/// ServiceAccount `account` of namespace `ns`.
+async fn grant(admin: &kube::Client, target: &str, ns: &str, account: &str) -> Result<()> {
+    let binding = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(format!("bridge-{account}")),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: GRANT_CLUSTER_ROLE.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: account.into(),
+            namespace: Some(ns.into()),
+            ..Subject::default()
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(admin.clone(), target)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    Ok(())
+}
+
+/// A ServiceAccount in `ns` that may create GefyraBridgeMounts there (a team member, not a
+/// client), and a token of it.
+async fn mount_maker(cluster: &Cluster, ns: &str) -> Result<String> {
+    let yaml = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: mounter}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: mounter}}\n\
+         rules: [{{apiGroups: [gefyra.dev], resources: [{BRIDGE_MOUNT_PLURAL}], verbs: [get, create, delete]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: mounter}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: mounter}}\n\
+         subjects: [{{kind: ServiceAccount, name: mounter, namespace: {ns}}}]\n"
+    );
+    gefyra_e2e::apply_identity(cluster.admin()?, ns, &yaml).await?;
+    cluster.mint_token(ns, "mounter", 3600).await
+}
+
+/// Connects `name` with its own token's `api` and `parameter`; its tunnel address.
+async fn connected_address(
+    clients: &Api<GefyraClient>,
+    api: &Api<GefyraClient>,
+    name: &str,
+    parameter: Value,
+) -> Result<String> {
+    connect(api, name, parameter).await?;
+    let active = wait_for_state(clients, name, ClientState::Active).await?;
+    let config = active
+        .provider_config
+        .as_ref()
+        .context("an ACTIVE client has a providerConfig")?;
+    Ok(gefyra_api::connection::ProviderConfig::parse(config)?
+        .address
+        .to_string())
+}
+
+/// A new client `name` in `clients`' namespace, connected with its own token: that token
+/// and its tunnel address.
+async fn connected_client(
+    cluster: &Cluster,
+    clients: &Api<GefyraClient>,
+    name: &str,
+) -> Result<(String, String)> {
+    let ns = clients.namespace().context("namespaced")?;
+    create_client(cluster.admin()?, ns, name)
+        .await
+        .with_context(|| format!("creating client {name}"))?;
+    let token = token_of(&wait_for_ready(clients, name).await?)?;
+    let own: Api<GefyraClient> = Api::namespaced(cluster.with_token(&token)?, ns);
+    let parameter = json!({"publicKey": key_pair().1});
+    let address = connected_address(clients, &own, name, parameter).await?;
+    Ok((token, address))
+}
+
+/// The two policies whose params are custom resources refuse everything ("failed to find
+/// resource referenced by paramKind") until the API server's RESTMapper knows the CRDs, and
+/// admit everything until their bindings are loaded: each is probed until it answers with
+/// its own message. How long that took since `started` (when they were installed).
+async fn wait_for_bridge_policies(
+    scene: &BridgeScene,
+    started: std::time::Instant,
+) -> Result<Duration> {
+    let probes = [
+        (
+            bridge_body("probe-grant", "dev", "web", &scene.dev_address),
+            "is not granted",
+        ),
+        (
+            bridge_body("probe-destination", "dev", "no-mount", &scene.other_address),
+            "is neither the tunnel address",
+        ),
+    ];
+    for (body, expected) in &probes {
+        let seen = std::cell::RefCell::new(Vec::new());
+        let seen = &seen;
+        eventually(
+            &format!("the bridge policies answer {expected:?}"),
+            Duration::from_secs(90),
+            || async {
+                match create(&scene.as_dev, body).await? {
+                    None => {
+                        // Admitted before the binding was loaded: take it back.
+                        let name = body["metadata"]["name"].as_str().unwrap_or_default();
+                        scene.bridges.delete(name, &Default::default()).await?;
+                        Ok(None)
+                    }
+                    Some((_, message)) if message.contains(expected) => Ok(Some(())),
+                    Some((code, message)) => {
+                        if !seen.borrow().contains(&message) {
+                            eprintln!(
+                                "{:?} into the policies' warm-up: {code} {message}",
+                                started.elapsed()
+                            );
+                            seen.borrow_mut().push(message);
+                        }
+                        Ok(None)
+                    }
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Attack 1: a mount, and a bridge on a mount, where no grant reaches.
+async fn mounts_and_bridges_need_the_grant(scene: &BridgeScene, cluster: &Cluster) -> Result<()> {
+    let mounts: Api<DynamicObject> = Api::namespaced_with(
+        cluster.with_token(&token_of(&scene.clients.get("dev").await?)?)?,
+        &scene.ns,
+        &mount_resource(),
+    );
+    let as_mounter: Api<DynamicObject> = Api::namespaced_with(
+        cluster.with_token(&mount_maker(cluster, &scene.ns).await?)?,
+        &scene.ns,
+        &mount_resource(),
+    );
+    let dev_account = format!(
+        "system:serviceaccount:{}:{}",
+        scene.ns,
+        GefyraClient::service_account_name_for("dev")
+    );
+    let on_web = bridge_body("on-web", "dev", "web", &scene.dev_address);
+    let message = refused(&scene.as_dev, &on_web, 403, "is not granted").await?;
+    ensure!(
+        message.contains(&format!(
+            "bridging workloads in namespace {} is not granted to {dev_account}",
+            scene.granted
+        )) && message.contains(GRANT_CLUSTER_ROLE),
+        "{message}"
+    );
+    // A client creates no mount at all, granted or not: its Role has no such verb.
+    let cannot = "cannot create resource \"gefyrabridgemounts\"";
+    refused(&mounts, &mount_body("dev-web", &scene.granted), 403, cannot).await?;
+    let mounting = |ns: &str| format!("mounting workloads in namespace {ns} is not granted");
+    let mounter_web = mount_body("mounter-web", &scene.granted);
+    refused(&as_mounter, &mounter_web, 403, &mounting(&scene.granted)).await?;
+
+    grant(
+        &scene.admin,
+        &scene.granted,
+        &scene.ns,
+        &GefyraClient::service_account_name_for("dev"),
+    )
+    .await?;
+    grant(&scene.admin, &scene.granted, &scene.ns, "mounter").await?;
+    let started = std::time::Instant::now();
+    eventually("the grant takes effect", WAIT, || async {
+        Ok(create(&scene.as_dev, &on_web)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    eprintln!("the RoleBinding took effect in {:?}", started.elapsed());
+    admitted(&as_mounter, &mounter_web).await?;
+    refused(&mounts, &mount_body("dev-web", &scene.granted), 403, cannot).await?;
+
+    // Elsewhere nothing changed.
+    let on_elsewhere = bridge_body("on-elsewhere", "dev", "elsewhere", &scene.dev_address);
+    let message = refused(&scene.as_dev, &on_elsewhere, 403, "is not granted").await?;
+    ensure!(message.contains(&scene.ungranted), "{message}");
+    let mounter_elsewhere = mount_body("mounter-elsewhere", &scene.ungranted);
+    refused(
+        &as_mounter,
+        &mounter_elsewhere,
+        403,
+        &mounting(&scene.ungranted),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Attack 2: another client's bridges, by name, by label, by deletion; one's own, patched.
+async fn a_client_writes_only_its_own_bridges(scene: &BridgeScene) -> Result<()> {
+    let itself = "a client creates GefyraBridges for itself only";
+    let for_other = bridge_body("for-other", "other", "web", &scene.other_address);
+    refused(&scene.as_dev, &for_other, 403, itself).await?;
+    let mut mislabelled = bridge_body("mislabelled", "dev", "web", &scene.dev_address);
+    mislabelled["metadata"]["labels"][CLIENT_LABEL] = json!("other");
+    refused(&scene.as_dev, &mislabelled, 403, itself).await?;
+    let mut unlabelled = bridge_body("unlabelled", "dev", "web", &scene.dev_address);
+    unlabelled["metadata"]["labels"] = json!({MOUNT_LABEL: "web"});
+    refused(&scene.as_dev, &unlabelled, 403, itself).await?;
+
+    admitted(
+        &scene.bridges,
+        &bridge_body("others", "other", "web", &scene.other_address),
+    )
+    .await?;
+    let deleted = scene.as_dev.delete("others", &Default::default()).await;
+    let Err(kube::Error::Api(status)) = deleted else {
+        anyhow::bail!("dev deleted other's bridge: {deleted:?}");
+    };
+    ensure!(
+        status.code == 403
+            && status
+                .message
+                .contains("a client may change and delete only its own GefyraBridges"),
+        "{status:?}"
+    );
+    eprintln!(
+        "refused delete of others: {} {}",
+        status.code, status.message
+    );
+    ensure!(scene.bridges.get_opt("others").await?.is_some());
+
+    // Its own bridge is fixed once created: no patch right, no update right.
+    let patched = scene
+        .as_dev
+        .patch(
+            "on-web",
+            &PatchParams::default(),
+            &merge(json!({"destinationIP": scene.other_address, "state": "ACTIVE"})),
+        )
+        .await;
+    let Err(kube::Error::Api(status)) = patched else {
+        anyhow::bail!("dev patched its bridge: {patched:?}");
+    };
+    ensure!(
+        status.code == 403
+            && status
+                .message
+                .contains("cannot patch resource \"gefyrabridges\""),
+        "{status:?}"
+    );
+    eprintln!(
+        "refused patch of on-web: {} {}",
+        status.code, status.message
+    );
+    let mut own = scene.as_dev.get("on-web").await?;
+    own.data["state"] = json!("ACTIVE");
+    let replaced = scene
+        .as_dev
+        .replace("on-web", &PostParams::default(), &own)
+        .await;
+    let Err(kube::Error::Api(status)) = replaced else {
+        anyhow::bail!("dev replaced its bridge: {replaced:?}");
+    };
+    ensure!(
+        status.code == 403
+            && status
+                .message
+                .contains("cannot update resource \"gefyrabridges\""),
+        "{status:?}"
+    );
+    eprintln!(
+        "refused update of on-web: {} {}",
+        status.code, status.message
+    );
+    Ok(())
+}
+
+/// Attack 3: a destination that is not the client's own, whoever writes it.
+async fn a_bridge_reaches_only_its_own_client(
+    scene: &BridgeScene,
+    cluster: &Cluster,
+    kubernetes_ip: &str,
+) -> Result<()> {
+    let neither = |address: &str| {
+        format!("destinationIP {address} is neither the tunnel address of client dev")
+    };
+    let to_other = bridge_body("to-other", "dev", "web", &scene.other_address);
+    refused(
+        &scene.as_dev,
+        &to_other,
+        403,
+        &neither(&scene.other_address),
+    )
+    .await?;
+    let to_cluster = bridge_body("to-cluster", "dev", "web", kubernetes_ip);
+    refused(&scene.as_dev, &to_cluster, 403, &neither(kubernetes_ip)).await?;
+    refused(&scene.bridges, &to_cluster, 403, &neither(kubernetes_ip)).await?;
+    admitted(
+        &scene.as_dev,
+        &bridge_body("to-itself", "dev", "web", &scene.dev_address),
+    )
+    .await?;
+
+    // A subnet the client asks for and the operator refuses (the cluster's own range) is no
+    // range of its own; one the operator accepts is.
+    create_client(scene.admin.clone(), &scene.ns, "wide").await?;
+    let wide = wait_for_ready(&scene.clients, "wide").await?;
+    let as_wide: Api<GefyraClient> =
+        Api::namespaced(cluster.with_token(&token_of(&wide)?)?, &scene.ns);
+    let bridges_as_wide: Api<DynamicObject> = Api::namespaced_with(
+        cluster.with_token(&token_of(&wide)?)?,
+        &scene.ns,
+        &bridge_resource(),
+    );
+    connected_address(
+        &scene.clients,
+        &as_wide,
+        "wide",
+        json!({"publicKey": key_pair().1, "subnet": "172.30.0.0/16"}),
+    )
+    .await?;
+    admitted(
+        &bridges_as_wide,
+        &bridge_body("wide-to-subnet", "wide", "no-mount", "172.30.0.5"),
+    )
+    .await?;
+    connect(
+        &as_wide,
+        "wide",
+        json!({"publicKey": key_pair().1, "subnet": "10.0.0.0/24"}),
+    )
+    .await?;
+    refusal_message(&scene.clients, "wide", "reserved range").await?;
+    refused(
+        &bridges_as_wide,
+        &bridge_body("wide-to-cluster", "wide", "no-mount", kubernetes_ip),
+        403,
+        "is neither the tunnel address of client wide",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Attack 4: what the CRD schema bounds, and the operator's fields at creation.
+async fn the_schema_bounds_what_a_client_writes(scene: &BridgeScene) -> Result<()> {
+    let path_rule = |path: &str| json!({"match": [{"matchPath": {"path": path, "type": "regex"}}]});
+    let regex = "a regex of at most 512 characters that compiles";
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "bad-regex",
+            json!({"providerParameter": {"rules": [path_rule("(a")]}}),
+            422,
+            regex,
+        ),
+        (
+            "long-regex",
+            json!({"providerParameter": {"rules": [path_rule(&"a".repeat(600))]}}),
+            422,
+            regex,
+        ),
+        (
+            "many-rules",
+            json!({"providerParameter": {"rules": vec![path_rule("/a"); 17]}}),
+            422,
+            "must have at most 16 items",
+        ),
+        (
+            "many-matches",
+            json!({"providerParameter": {"rules": [{"match": vec![json!({"matchPath": {"path": "/a"}}); 9]}]}}),
+            422,
+            "must have at most 8 items",
+        ),
+        (
+            "port-70000",
+            json!({"portMappings": ["70000:80"]}),
+            422,
+            "both 1-65535",
+        ),
+        (
+            "remote-twice",
+            json!({"portMappings": ["8080:80", "9090:80"]}),
+            422,
+            "each remote (container) port at most once",
+        ),
+        (
+            "same-twice",
+            json!({"portMappings": ["8080:80", "8080:80"]}),
+            422,
+            "each remote (container) port at most once",
+        ),
+        (
+            "abc",
+            json!({"portMappings": ["abc"]}),
+            422,
+            "portMappings[0]",
+        ),
+        (
+            "state-active",
+            json!({"state": "ACTIVE"}),
+            403,
+            "are the operator's",
+        ),
+        (
+            "endpoint",
+            json!({"clusterEndpoint": {"stowaway": "evil:1"}}),
+            403,
+            "are the operator's",
+        ),
+        (
+            "status",
+            json!({"status": {"reason": "Ready"}}),
+            403,
+            "are the operator's",
+        ),
+        (
+            "transitions",
+            json!({"stateTransitions": {"ACTIVE": "2026-01-01T00:00:00Z"}}),
+            403,
+            "are the operator's",
+        ),
+    ];
+    for (name, fields, status, expected) in cases {
+        let mut body = bridge_body(name, "dev", "web", &scene.dev_address);
+        for (key, value) in fields.as_object().context("an object")? {
+            body[key] = value.clone();
+        }
+        refused(&scene.as_dev, &body, status, expected).await?;
+    }
+    Ok(())
+}
+
+/// The bridge `name` in ERROR with `reason`, and the Warning Event saying so.
+async fn in_error(scene: &BridgeScene, name: &str, reason: &str) -> Result<String> {
+    let message = eventually(
+        &format!("bridge {name} is in ERROR {reason}"),
+        WAIT,
+        || async {
+            let bridge = scene.bridges.get(name).await?;
+            let state = bridge.data["state"].as_str();
+            let recorded = bridge
+                .data
+                .pointer("/status/reason")
+                .and_then(Value::as_str);
+            Ok(
+                (state == Some("ERROR") && recorded == Some(reason)).then(|| {
+                    bridge.data["status"]["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                }),
+            )
+        },
+    )
+    .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(scene.admin.clone(), &scene.ns);
+    eventually(
+        &format!("a Warning Event {reason} on {name}"),
+        WAIT,
+        || async {
+            Ok(events
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|event| {
+                    event.type_.as_deref() == Some("Warning")
+                        && event.reason.as_deref() == Some(reason)
+                        && event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                }))
+        },
+    )
+    .await?;
+    eprintln!("bridge {name}: ERROR {reason}: {message}");
+    Ok(message)
+}
+
+/// Attack 5: what admission lets through and the operator refuses.
+async fn the_operator_refuses_what_admission_lets_through(scene: &BridgeScene) -> Result<()> {
+    // A bridge naming a mount that does not exist passes the grant policy (no mount, no
+    // namespace to check): the operator refuses it.
+    admitted(
+        &scene.as_dev,
+        &bridge_body("ghost", "dev", "ghost-mount", &scene.dev_address),
+    )
+    .await?;
+    let message = in_error(scene, "ghost", "MountNotFound").await?;
+    ensure!(message.contains("ghost-mount does not exist"), "{message}");
+
+    // An admin's bridge for a client that then disconnects (a disconnected client's is
+    // refused at admission: it has no address).
+    connect(&scene.clients, "other", Value::Null).await?;
+    wait_for_state(&scene.clients, "other", ClientState::Waiting).await?;
+    let message = in_error(scene, "others", "ClientNotConnected").await?;
+    ensure!(
+        message.contains("client other is not connected"),
+        "{message}"
+    );
+    refused(
+        &scene.bridges,
+        &bridge_body("for-disconnected", "other", "web", &scene.other_address),
+        403,
+        "is neither the tunnel address of client other",
+    )
+    .await?;
+    Ok(())
+}
+
+impl BridgeScene {
+    /// The scene, its operator (the cluster's Service range reserved, as the chart sets it)
+    /// and the kubernetes Service's address; the bridge policies answering.
+    async fn set_up(cluster: &Cluster) -> Result<(Self, Operator, String)> {
+        install_crd(cluster).await?;
+        let ns = cluster.namespace("bridge-trust").await?;
+        let granted = cluster.namespace("bridge-granted").await?;
+        let ungranted = cluster.namespace("bridge-ungranted").await?;
+        let admin = cluster.admin()?;
+        install_bridge_policies(admin.clone(), &ns).await?;
+        let policies_installed = std::time::Instant::now();
+        install_grant_role(&admin).await?;
+        let kubernetes_ip = Api::<Service>::namespaced(admin.clone(), "default")
+            .get("kubernetes")
+            .await?
+            .spec
+            .and_then(|spec| spec.cluster_ip)
+            .context("the kubernetes Service has a cluster IP")?;
+        let reserved = format!("{kubernetes_ip}/24");
+        let operator = Operator::start(cluster, &ns, &["--reserved-ranges", &reserved])?;
+        let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+        let (dev_token, dev_address) = connected_client(cluster, &clients, "dev").await?;
+        let (_, other_address) = connected_client(cluster, &clients, "other").await?;
+        let mounts: Api<DynamicObject> =
+            Api::namespaced_with(admin.clone(), &ns, &mount_resource());
+        for (name, target) in [("web", &granted), ("elsewhere", &ungranted)] {
+            admitted(&mounts, &mount_body(name, target))
+                .await
+                .with_context(|| format!("the admin's mount {name}"))?;
+        }
+        let scene = Self {
+            bridges: Api::namespaced_with(admin.clone(), &ns, &bridge_resource()),
+            as_dev: Api::namespaced_with(cluster.with_token(&dev_token)?, &ns, &bridge_resource()),
+            ns,
+            granted,
+            ungranted,
+            admin,
+            clients,
+            dev_address,
+            other_address,
+        };
+        let warm_up = wait_for_bridge_policies(&scene, policies_installed).await?;
+        eprintln!(
+            "the bridge policies answered with their own messages {warm_up:?} after they were installed"
+        );
+        Ok((scene, operator, kubernetes_ip))
+    }
+}
+
+/// Attack 6: after it all the operator runs, does not loop, and another client connects.
+async fn the_operator_serves_others_afterwards(
+    scene: &BridgeScene,
+    operator: &mut Operator,
+) -> Result<()> {
+    ensure!(
+        operator.child.try_wait()?.is_none() && !operator.log_text().contains("panicked"),
+        "the operator died:\n{}",
+        operator.log_text()
+    );
+    // The mounts waiting for their workload look for it every 5 s, the bridges in ERROR
+    // every 30 s: a handful of requests, not a loop.
+    let before = api_requests(operator).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let spent = api_requests(operator).await? - before;
+    eprintln!("the operator's requests in 5 quiet seconds after the attacks: {spent}");
+    ensure!(spent <= 20.0, "{spent} requests in 5 quiet seconds");
+    create_client(scene.admin.clone(), &scene.ns, "bystander").await?;
+    wait_for_ready(&scene.clients, "bystander").await?;
+    connect(
+        &scene.clients,
+        "bystander",
+        json!({"publicKey": key_pair().1}),
+    )
+    .await?;
+    wait_for_state(&scene.clients, "bystander", ClientState::Active).await?;
+    ensure!(operator.child.try_wait()?.is_none(), "the operator died");
+    Ok(())
+}
+
+/// A client's own token bridges only its own traffic, only where an admin granted it, within
+/// the bounds of the schema: each attack refused by the API server with a message naming
+/// the problem, what admission lets through refused by the operator (ERROR, reason, Warning
+/// Event), and the operator alive and serving others afterwards.
+#[tokio::test]
+async fn a_clients_token_bridges_only_its_own_traffic_where_granted() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let (scene, mut operator, kubernetes_ip) = BridgeScene::set_up(&cluster).await?;
+    mounts_and_bridges_need_the_grant(&scene, &cluster).await?;
+    a_client_writes_only_its_own_bridges(&scene).await?;
+    a_bridge_reaches_only_its_own_client(&scene, &cluster, &kubernetes_ip).await?;
+    the_schema_bounds_what_a_client_writes(&scene).await?;
+    the_operator_refuses_what_admission_lets_through(&scene).await?;
+    // The honest way out: a client deletes its own bridge.
+    scene.as_dev.delete("on-web", &Default::default()).await?;
+    the_operator_serves_others_afterwards(&scene, &mut operator).await
+}
+
+/// A restarted operator keeps the bridges of clients that exist: it releases a bridge as
+/// "its client was deleted" only once its cache of clients is filled.
+#[tokio::test]
+#[ignore = "finding for the lead: a new operator releases every bridge (\"its client was deleted\") before its cache of clients is filled; remove with the fix in operator/src/bridging"]
+async fn a_restarted_operator_keeps_the_bridges_of_present_clients() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    install_crd(&cluster).await?;
+    let ns = cluster.namespace("bridge-restart").await?;
+    let admin = cluster.admin()?;
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), &ns);
+    let mut operator = Operator::start(&cluster, &ns, &[])?;
+    let (_, address) = connected_client(&cluster, &clients, "dev").await?;
+    let bridges: Api<DynamicObject> = Api::namespaced_with(admin, &ns, &bridge_resource());
+    admitted(&bridges, &bridge_body("kept", "dev", "no-mount", &address)).await?;
+    eventually("the operator looked at bridge kept", WAIT, || async {
+        let bridge = bridges.get("kept").await?;
+        Ok((bridge.data["state"].as_str() == Some("ERROR")).then_some(()))
+    })
+    .await?;
+    operator.terminate().await?;
+
+    let restarted = Operator::start(&cluster, &ns, &[])?;
+    eventually("the restarted operator is ready", WAIT, || async {
+        Ok((restarted.http_get("/readyz").await.map(|r| r.0).ok() == Some(200)).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        bridges.get_opt("kept").await?.is_some(),
+        "bridge kept of client dev (ACTIVE) was released by the restarted operator:\n{}",
+        restarted
+            .log_text()
+            .lines()
+            .filter(|line| line.contains("released"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     Ok(())
 }
