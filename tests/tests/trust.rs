@@ -1332,7 +1332,6 @@ async fn a_clients_token_bridges_only_its_own_traffic_where_granted() -> Result<
 /// A restarted operator keeps the bridges of clients that exist: it releases a bridge as
 /// "its client was deleted" only once its cache of clients is filled.
 #[tokio::test]
-#[ignore = "finding for the lead: a new operator releases every bridge (\"its client was deleted\") before its cache of clients is filled; remove with the fix in operator/src/bridging"]
 async fn a_restarted_operator_keeps_the_bridges_of_present_clients() -> Result<()> {
     let cluster = Cluster::from_env().await?;
     install_crd(&cluster).await?;

@@ -89,9 +89,16 @@ fn client_holds(client: &GefyraClient, address: IpAddr) -> bool {
         .as_ref()
         .and_then(|config| ProviderConfig::parse(config).ok())
         .map(|config| config.address);
+    // The subnet is the client's own writing: it counts once the operator accepted it (the
+    // client's Ready condition true for its current generation), as the admission policy
+    // gefyra-bridge-destinations-<ns> reads it.
+    let accepted = client.ready_condition().is_some_and(|ready| {
+        ready.status == "True" && ready.observed_generation == client.metadata.generation
+    });
     let subnet = client
         .provider_parameter
         .as_ref()
+        .filter(|_| accepted)
         .and_then(|parameter| parameter.get("subnet"))
         .and_then(|subnet| subnet.as_str())
         .and_then(|subnet| subnet.parse::<ipnet::IpNet>().ok());
@@ -125,10 +132,22 @@ pub(super) async fn reconcile(
     let rules = Rules::compile(fields.provider_parameter.as_ref())
         .map_err(|error| Failure::error("InvalidRules", error.to_string()))?;
 
-    // The client: present, connected, alive; destinationIP its own.
-    let client = bridging.ctx.clients.get().and_then(|store| {
-        store.get(&ObjectRef::<GefyraClient>::new(&fields.client).within(namespace))
-    });
+    // The client: present, connected, alive; destinationIP its own. Absent from a cache
+    // not yet filled is not deleted.
+    let store = bridging
+        .ctx
+        .clients
+        .get()
+        .filter(|store| {
+            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+        })
+        .ok_or_else(|| {
+            Failure::transient(
+                "ReadClients",
+                "the cache of clients is not filled yet".into(),
+            )
+        })?;
+    let client = store.get(&ObjectRef::<GefyraClient>::new(&fields.client).within(namespace));
     let now = Timestamp::now();
     if let Some(why) = vanished(
         client.as_deref(),
@@ -494,8 +513,24 @@ mod tests {
                 .unwrap()
                 .clone(),
         );
+        assert!(
+            !client_holds(&dev, "172.30.0.9".parse().unwrap()),
+            "a subnet the operator has not accepted (no Ready condition) counts for nothing"
+        );
+        dev.metadata.generation = Some(3);
+        dev.status = Some(
+            serde_json::from_value(json!({"conditions": [{"type": "Ready", "status": "True",
+                "reason": "Connected", "message": "", "observedGeneration": 3,
+                "lastTransitionTime": "2026-12-07T12:00:00Z"}]}))
+            .unwrap(),
+        );
         assert!(client_holds(&dev, "172.30.0.9".parse().unwrap()));
         assert!(!client_holds(&dev, "172.31.0.9".parse().unwrap()));
         assert!(!client_holds(&dev, "10.96.0.1".parse().unwrap()));
+        dev.metadata.generation = Some(4);
+        assert!(
+            !client_holds(&dev, "172.30.0.9".parse().unwrap()),
+            "a subnet changed since the operator last looked counts for nothing"
+        );
     }
 }
