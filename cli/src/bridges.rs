@@ -487,7 +487,7 @@ pub async fn create(args: &BridgeCreateArgs) -> Result<()> {
     let api = bridges_api(client.clone(), &file);
     let object: DynamicObject =
         serde_json::from_value(request.body()).expect("a bridge is a DynamicObject");
-    api.create(&PostParams::default(), &object)
+    create_admitted(&api, &object)
         .await
         .map_err(|error| refused(&format!("creating GefyraBridge {name}"), error))?;
     let file_arg = args.file.display().to_string();
@@ -615,6 +615,31 @@ pub async fn delete(args: &BridgeDeleteArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long a bridge refused by the destinations policy is tried again: the API server
+/// checks the destination against its own cache of the GefyraClients, which may not yet
+/// show a connection made a moment ago (`connect`, then `bridge create`).
+const DESTINATION_CACHE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Creates `object`, trying again within [`DESTINATION_CACHE_GRACE`] while the destinations
+/// policy refuses it (any other refusal is final at once).
+async fn create_admitted(
+    api: &kube::Api<DynamicObject>,
+    object: &DynamicObject,
+) -> Result<DynamicObject, kube::Error> {
+    let deadline = std::time::Instant::now() + DESTINATION_CACHE_GRACE;
+    loop {
+        match api.create(&PostParams::default(), object).await {
+            Err(kube::Error::Api(status))
+                if status.code == 403
+                    && status.message.contains("gefyra-bridge-destinations-")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            result => return result,
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

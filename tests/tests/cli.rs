@@ -1510,7 +1510,7 @@ async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
         )
         .await?;
     ensure!(
-        hijack.contains(&format!("was refused: destinationIP {other_address} is neither the tunnel address of client dev nor in its routed subnet")),
+        hijack.contains(&format!("was refused: destinationIP {other_address} is neither the tunnel address of client dev nor in a routed subnet")),
         "{hijack}"
     );
     let ungranted = developer
