@@ -537,8 +537,8 @@ pub fn api_requests_by_verb(metrics: &str) -> std::collections::BTreeMap<String,
     by_verb
 }
 
-/// Creates the ServiceAccount, Role and RoleBinding of a component's `rbac` output in
-/// `namespace` (nothing else is accepted).
+/// Creates the ServiceAccount, Roles and RoleBinding of a component's `rbac` output in
+/// `namespace`, and its ClusterRole once (nothing else is accepted).
 pub async fn apply_identity(admin: Client, namespace: &str, yaml: &str) -> Result<()> {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -561,6 +561,16 @@ pub async fn apply_identity(admin: Client, namespace: &str, yaml: &str) -> Resul
                     .create(&pp, &serde_json::from_value(document)?)
                     .await?,
             ),
+            // The bridging grant (`gefyra-bridge`), cluster-wide and the same for every
+            // install: created once, whichever test comes first.
+            Some("ClusterRole") => {
+                let api = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(admin.clone());
+                match api.create(&pp, &serde_json::from_value(document)?).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 409 => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
             other => bail!("unexpected object in an `rbac` output: {other:?}"),
         }
     }

@@ -872,6 +872,39 @@ async fn the_docs_commands_run_as_written() -> Result<()> {
     result
 }
 
+/// Runs `code` with Gefyra's own modules (the pinned CLI's Python, `GEFYRA_CLI`), with
+/// `config` as its functions take it (`K8S_CUSTOM_OBJECT_API`, `K8S_CORE_API` of
+/// `kubeconfig`, `NAMESPACE`) and `args` from `sys.argv[3]` on; its output.
+async fn gefyras_code(kubeconfig: &std::path::Path, code: &str, args: &[&str]) -> Result<String> {
+    let program = gefyra_cli_program()?;
+    let python = std::path::Path::new(&program).with_file_name("python");
+    let script = format!(
+        "import sys, types, kubernetes\n\
+         kubernetes.config.load_kube_config(config_file=sys.argv[1])\n\
+         config = types.SimpleNamespace(K8S_CUSTOM_OBJECT_API=kubernetes.client.CustomObjectsApi(), K8S_CORE_API=kubernetes.client.CoreV1Api(), NAMESPACE=sys.argv[2])\n\
+         {code}"
+    );
+    let output = tokio::process::Command::new(&python)
+        .arg("-c")
+        .arg(&script)
+        .arg(kubeconfig)
+        .arg(NAMESPACE)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running {}", python.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        output.status.success(),
+        "Gefyra's code failed:\n{code}\n--- its output:\n{text}"
+    );
+    Ok(text)
+}
+
 /// The bridge kinds as the tests write them (Gefyra's wire layout).
 fn bridge_api(client: kube::Client, plural: &str, kind: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
@@ -1044,7 +1077,13 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         ],
     )
     .await?;
-    helm_install(&cluster, "install", ",bridging.namespaces={demo}").await?;
+    // gefyra-compat: Gefyra's code waits for a bridge's Event, which a client reads only there.
+    helm_install(
+        &cluster,
+        "install",
+        ",bridging.namespaces={demo},operator.clientRbac=gefyra-compat",
+    )
+    .await?;
     run(
         "kubectl",
         &cluster.kubeconfig,
@@ -1134,15 +1173,17 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     })
     .await?;
 
-    // The admin mounts the workload: a router in front, the Service switched to it.
+    // The admin mounts the workload with Gefyra's own code (its body for `gefyra mount
+    // create`): a router in front, the Service switched to it.
     let mounts = bridge_api(admin.clone(), "gefyrabridgemounts", "gefyrabridgemount");
-    let mount: DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "gefyra.dev/v1", "kind": "gefyrabridgemount",
-        "metadata": {"name": "web", "namespace": NAMESPACE},
-        "target": "deployment/web", "targetNamespace": "demo", "targetContainer": "web",
-        "provider": "carrier2mount",
-    }))?;
-    mounts.create(&PostParams::default(), &mount).await?;
+    gefyras_code(
+        &cluster.kubeconfig,
+        "from gefyra.local.mount import get_gbridgemount_body, handle_create_gefyrabridgemount\n\
+         body = get_gbridgemount_body(config, 'web', 'deployment/web', 'carrier2mount', 'demo', 'web')\n\
+         handle_create_gefyrabridgemount(config, body, 'deployment/web')\n",
+        &[],
+    )
+    .await?;
     let mounted_in = wait_state(&mounts, "web", "ACTIVE").await?;
     println!("mount create → ACTIVE (router Ready, Service switched): {mounted_in:?}");
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), "demo");
@@ -1166,16 +1207,40 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
 
     // Each developer bridges their header, with their own client's token.
     let mut created = Vec::new();
+    // Alice's with Gefyra's own code and her token, as `gefyra bridge create` sends it (its
+    // body, its create, then its wait for the `Ready` Event); Bob's as a manifest.
     for (id, _, address, own) in &laptops {
         let bridges = bridge_api(own.clone(), "gefyrabridges", "gefyrabridge");
         let started = Instant::now();
-        bridges
-            .create(
-                &PostParams::default(),
-                &bridge_body(id, id, address, Some(("x-gefyra", id)))?,
+        if *id == "alice" {
+            let kubeconfig =
+                cluster.kubeconfig_with_token(&gefyra_e2e::token_of(&clients.get(id).await?)?)?;
+            let waited = gefyras_code(
+                &kubeconfig,
+                "from gefyra.types.bridge import GefyraBridge, ExactMatchHeader\n\
+                 from gefyra.local.bridge import handle_create_gefyrabridge\n\
+                 client, address = sys.argv[3], sys.argv[4]\n\
+                 bridge = GefyraBridge(name=client, client=client, local_container_ip=address, local_container_name='app', port_mappings=['8080:8080'], target='web', rules=[[ExactMatchHeader(name='x-gefyra', value=client)]])\n\
+                 raw = handle_create_gefyrabridge(config, bridge.get_k8s_bridge_body(config), 'web')\n\
+                 created = GefyraBridge.from_raw(raw, config)\n\
+                 print('timed out' if created.watch_events(print, timeout=60) else 'Ready')\n",
+                &[id, address],
             )
-            .await
-            .with_context(|| format!("{id} creates a bridge with its own token"))?;
+            .await?;
+            let _ = std::fs::remove_file(&kubeconfig);
+            ensure!(
+                waited.trim_end().ends_with("Ready"),
+                "Gefyra's wait for its bridge: {waited}"
+            );
+        } else {
+            bridges
+                .create(
+                    &PostParams::default(),
+                    &bridge_body(id, id, address, Some(("x-gefyra", id)))?,
+                )
+                .await
+                .with_context(|| format!("{id} creates a bridge with its own token"))?;
+        }
         wait_state(&bridges, id, "ACTIVE").await?;
         created.push((id.to_string(), started.elapsed()));
     }

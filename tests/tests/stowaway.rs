@@ -1208,6 +1208,7 @@ async fn a_bridge_reaches_its_own_clients_peer_and_nothing_else() -> Result<()> 
             },
             "provider": "carrier2",
             "client": "a",
+            "target": "web-mount",
             "destinationIP": destination.to_string(),
             "portMappings": ["8080:80"],
             "state": state,
