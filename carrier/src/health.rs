@@ -1,5 +1,7 @@
-//! The router's HTTP endpoints: /livez, /ready (the first list of bridges is in and every
-//! port listens; 503 from SIGTERM on, so endpoints drop the Pod while it drains), /metrics.
+//! The router's HTTP endpoints: /livez, /ready (the first list of bridges is in, every port
+//! listens and every original accepts a connection — so a mount switches its Services only
+//! to a router that reaches the original Pods; 503 from SIGTERM on, so endpoints drop the
+//! Pod while it drains), /metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +21,8 @@ pub struct Health {
     pub listed: Arc<AtomicBool>,
     /// SIGTERM arrived: the router drains.
     pub stopping: Arc<AtomicBool>,
+    /// Each port's original, which must accept a TCP connection for /ready.
+    pub originals: Arc<Vec<Arc<crate::upstream::Upstream>>>,
 }
 
 pub fn routes(health: Health) -> Router {
@@ -50,6 +54,14 @@ async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
             "not ready: waiting for the first list of GefyraBridges",
         )
     } else {
+        for original in health.originals.iter() {
+            if original.connect().await.is_err() {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: an original does not accept connections yet",
+                );
+            }
+        }
         (StatusCode::OK, "ok")
     }
 }
@@ -68,6 +80,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             listed: Arc::new(AtomicBool::new(false)),
             stopping: Arc::new(AtomicBool::new(false)),
+            originals: Arc::new(Vec::new()),
         };
         let status = || async { ready(State(health.clone())).await.0 };
         assert_eq!(status().await, StatusCode::SERVICE_UNAVAILABLE);
@@ -78,11 +91,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ready_only_while_every_original_accepts_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let original = Arc::new(crate::upstream::Upstream::new(
+            address.to_string().parse().unwrap(),
+            std::time::Duration::from_secs(1),
+        ));
+        let health = Health {
+            metrics: Arc::new(Metrics::default()),
+            listed: Arc::new(AtomicBool::new(true)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            originals: Arc::new(vec![original]),
+        };
+        let status = || async { ready(State(health.clone())).await.0 };
+        assert_eq!(
+            status().await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the original refuses"
+        );
+        let _listening = tokio::net::TcpListener::bind(address).await.unwrap();
+        assert_eq!(status().await, StatusCode::OK, "the original accepts");
+    }
+
+    #[tokio::test]
     async fn the_endpoints_are_served() {
         let health = Health {
             metrics: Arc::new(Metrics::default()),
             listed: Arc::new(AtomicBool::new(true)),
             stopping: Arc::new(AtomicBool::new(false)),
+            originals: Arc::new(Vec::new()),
         };
         health.metrics.connections.with_label_values(&["raw"]).inc();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

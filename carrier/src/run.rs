@@ -150,6 +150,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             metrics: Arc::clone(&metrics),
             listed: Arc::clone(&listed),
             stopping: Arc::clone(&stopping),
+            originals: Arc::new(
+                cli.ports
+                    .iter()
+                    .map(|spec| {
+                        Arc::new(crate::upstream::Upstream::new(
+                            spec.original.clone(),
+                            Duration::from_secs(1),
+                        ))
+                    })
+                    .collect(),
+            ),
         },
         async move {
             let _ = health_stopped.await;

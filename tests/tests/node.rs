@@ -1036,9 +1036,11 @@ fn bridge_body(
 /// Bridging on a node, as users do it: the admin mounts deployment/web (a router in front,
 /// the Service switched; the Pods untouched) and grants two clients bridging in `demo`;
 /// each developer, with their client's own token, bridges the requests carrying their
-/// header to the server on their laptop (a real wireguard-go peer); requests without go to
-/// the original. A rule-less bridge takes all traffic; a laptop that disconnects releases
-/// its bridge; unbridge and unmount return everything to the original. Meanwhile a Pod
+/// header to the server on their laptop (a real wireguard-go peer; Alice with Gefyra's own
+/// code, waiting for its Ready Event); requests without go to the original. A revoked
+/// grant stops a bridge (the operator's LocalSubjectAccessReview); a rule-less bridge takes
+/// all traffic; a laptop that disconnects releases its bridge; unbridge and unmount return
+/// everything to the original. Meanwhile a Pod
 /// requests the Service without a header, and not one of its requests fails; the web Pods
 /// keep their UIDs and restart counts.
 #[tokio::test]
@@ -1154,11 +1156,12 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         laptops.push((id, peer, address, own));
     }
 
-    // Other users: a Pod requesting the Service without a header, all along (a dot per
-    // answer, an F per failure).
+    // Other users: a Pod requesting the Service without a header, all along (a line per
+    // request: a dot per answer, an F per failure; lines, as the container runtime cuts a
+    // longer line into 16 KiB pieces).
     let load = busybox_pod(
         "others",
-        "while true; do if busybox timeout 10 busybox wget -q -O /dev/null http://web/ 2>/dev/null; then echo -n .; else echo -n F; fi; done",
+        "while true; do if busybox timeout 10 busybox wget -q -O /dev/null http://web/ 2>/dev/null; then echo .; else echo F; fi; done",
     )?;
     demo_pods.create(&PostParams::default(), &load).await?;
     let answered = || async {
@@ -1166,7 +1169,10 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
             .logs("others", &Default::default())
             .await
             .unwrap_or_default();
-        (log.matches('.').count(), log.matches('F').count())
+        (
+            log.lines().filter(|line| *line == ".").count(),
+            log.lines().filter(|line| *line == "F").count(),
+        )
     };
     eventually("the others' requests are answered", WAIT, || async {
         Ok((answered().await.0 > 20).then_some(()))
@@ -1261,29 +1267,38 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         "each developer gets the requests with their header, everyone else the original: {answers:?}"
     );
 
-    // A laptop that disconnects: its bridge is released, its header goes to the original.
-    let (_, bob_peer, _, _) = &laptops[1];
+    // The admin revokes Bob's grant: the operator's own check (a LocalSubjectAccessReview
+    // for Bob's identity) puts his bridge in ERROR NotGranted, and it is routed no more.
     let admin_bridges = bridge_api(admin.clone(), "gefyrabridges", "gefyrabridge");
     let started = Instant::now();
-    developer.ok(&["disconnect", "-f", "bob.json"]).await?;
-    gefyra_e2e::wait_gone(&admin_bridges, "bob").await?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &["-n", "demo", "delete", "rolebinding", "gefyra-bridge-bob"],
+    )
+    .await?;
+    wait_state(&admin_bridges, "bob", "ERROR").await?;
+    let reason = admin_bridges.get("bob").await?.data["status"]["reason"].clone();
+    ensure!(
+        reason == "NotGranted",
+        "bob's bridge without the grant: {reason}"
+    );
     println!(
-        "bob disconnected → bridge released after {:?}",
+        "bob's grant revoked → his bridge ERROR NotGranted after {:?}",
         started.elapsed()
     );
-    let _ = bob_peer;
     let answers = from_a_pod(
         &demo_pods,
-        "check-released",
+        "check-revoked",
         &[Some("x-gefyra: bob"), Some("x-gefyra: alice")],
     )
     .await?;
     ensure!(
         answers == ["web", "alice"],
-        "bob's bridge released, alice's kept: {answers:?}"
+        "bob's bridge no longer routed, alice's kept: {answers:?}"
     );
 
-    // Alice's header bridge goes; a rule-less bridge of hers takes every request, then goes.
+    // Alice's header bridge goes; a rule-less bridge of hers takes every request.
     let (_, _, alice_address, alice_own) = &laptops[0];
     let alice_bridges = bridge_api(alice_own.clone(), "gefyrabridges", "gefyrabridge");
     let started = Instant::now();
@@ -1291,19 +1306,13 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         .delete("alice", &DeleteParams::default())
         .await?;
     gefyra_e2e::wait_gone(&alice_bridges, "alice").await?;
-    let back = eventually(
-        "alice's header goes to the original again",
-        WAIT,
-        || async {
-            let answers =
-                from_a_pod(&demo_pods, "check-unbridged", &[Some("x-gefyra: alice")]).await?;
-            Ok((answers == ["web"]).then_some(()))
-        },
-    )
-    .await;
-    back?;
+    let answers = from_a_pod(&demo_pods, "check-unbridged", &[Some("x-gefyra: alice")]).await?;
+    ensure!(
+        answers == ["web"],
+        "alice's header after her bridge went: {answers:?}"
+    );
     println!(
-        "bridge delete → traffic back to the original within {:?}",
+        "bridge delete → traffic back to the original (checked from a new Pod) within {:?}",
         started.elapsed()
     );
     alice_bridges
@@ -1318,10 +1327,25 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         answers == ["alice", "alice"],
         "a rule-less bridge takes all traffic: {answers:?}"
     );
-    alice_bridges
-        .delete("alice-all", &DeleteParams::default())
-        .await?;
-    gefyra_e2e::wait_gone(&alice_bridges, "alice-all").await?;
+
+    // Alice's laptop disconnects: her bridge is released, all traffic goes to the original.
+    let started = Instant::now();
+    developer.ok(&["disconnect", "-f", "alice.json"]).await?;
+    gefyra_e2e::wait_gone(&admin_bridges, "alice-all").await?;
+    println!(
+        "alice disconnected → her bridge released after {:?}",
+        started.elapsed()
+    );
+    let answers = from_a_pod(
+        &demo_pods,
+        "check-released",
+        &[None, Some("x-gefyra: alice")],
+    )
+    .await?;
+    ensure!(
+        answers == ["web", "web"],
+        "alice's bridge released: {answers:?}"
+    );
 
     // Unmount: the Service selects the web Pods again, the router goes.
     let started = Instant::now();
