@@ -33,7 +33,7 @@ use super::{Bridging, Failure, bridge_resource, mount_resource};
 /// How often an ACTIVE bridge is looked at again without a change (grant revoked, laptop idle).
 const RECHECK: Duration = Duration::from_secs(30);
 
-fn fields(bridge: &DynamicObject) -> BridgeFields {
+fn bridge_fields(bridge: &DynamicObject) -> BridgeFields {
     serde_json::from_value(bridge.data.clone()).unwrap_or_default()
 }
 
@@ -113,7 +113,7 @@ pub(super) async fn reconcile(
         return Ok(Action::await_change());
     }
     let name = bridge.name_any();
-    let fields = fields(&bridge);
+    let fields = bridge_fields(&bridge);
     let namespace = &bridging.ctx.settings.namespace;
     let labels = bridge.labels();
     if labels.get(CLIENT_LABEL) != Some(&fields.client)
@@ -264,7 +264,7 @@ pub(super) async fn reconcile(
         let key = |b: &DynamicObject| (b.creation_timestamp().map(|t| t.0), b.name_any());
         let mine = key(&bridge);
         let older = store.state().into_iter().find(|other| {
-            let other_fields = fields_of(other);
+            let other_fields = bridge_fields(other);
             other.name_any() != name
                 && other_fields.target == fields.target
                 && other_fields.state.as_deref() == Some("ACTIVE")
@@ -334,25 +334,12 @@ pub(super) async fn reconcile(
             .await?;
         info!(bridge = %name, client = %fields.client, mount = %fields.target, "bridge ACTIVE");
     }
-    Ok(Action::requeue(next_check(
-        &fields,
-        &client,
-        bridging.settings.idle_timeout,
-        now,
-    )))
+    Ok(Action::requeue(next_check(&fields, now)))
 }
 
-fn fields_of(bridge: &DynamicObject) -> BridgeFields {
-    fields(bridge)
-}
-
-/// When to look again: the recheck period, or earlier when the sunset or idle deadline falls.
-fn next_check(
-    fields: &BridgeFields,
-    _client: &GefyraClient,
-    _idle: Option<SignedDuration>,
-    now: Timestamp,
-) -> Duration {
+/// When to look again: the recheck period (a revoked grant, an idle laptop), or earlier when
+/// the bridge's sunset falls.
+fn next_check(fields: &BridgeFields, now: Timestamp) -> Duration {
     let sunset = fields
         .sunset
         .as_deref()

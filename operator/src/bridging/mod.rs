@@ -327,37 +327,9 @@ pub async fn run(ctx: Arc<Context>, settings: BridgingSettings) {
         bridge_resource(),
     );
     let _ = bridging.bridges.set(bridges.store());
-    let by_label = |store: Store<DynamicObject>, label: &'static str| {
-        move |object: DynamicObject| {
-            let name = object.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|bridge| bridge.labels().get(label) == Some(&name))
-                .map(|bridge| {
-                    ObjectRef::new_with(&bridge.name_any(), bridge_resource())
-                        .within(&bridge.namespace().unwrap_or_default())
-                })
-                .collect::<Vec<_>>()
-        }
-    };
     let store = bridges.store();
-    let mounts_changed = by_label(store.clone(), MOUNT_LABEL);
-    let clients_changed = {
-        let store = store.clone();
-        move |client: GefyraClient| {
-            let name = client.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|bridge| bridge.labels().get(CLIENT_LABEL) == Some(&name))
-                .map(|bridge| {
-                    ObjectRef::new_with(&bridge.name_any(), bridge_resource())
-                        .within(&bridge.namespace().unwrap_or_default())
-                })
-                .collect::<Vec<_>>()
-        }
-    };
+    let mounts_changed = bridges_labelled(store.clone(), MOUNT_LABEL);
+    let clients_changed = bridges_labelled(store, CLIENT_LABEL);
     // A client's own changes (state, parameters: its generation), not Stowaway's status
     // writes; an idle laptop is found by each ACTIVE bridge's periodic check.
     let clients = watcher(clients_api, watcher::Config::default().any_semantic())
@@ -388,6 +360,25 @@ pub async fn run(ctx: Arc<Context>, settings: BridgingSettings) {
         )
         .for_each(|_| async {});
     tokio::join!(mounts, bridges);
+}
+
+/// A watch mapper: the bridges whose `label` names the changed object (a mount or a client).
+fn bridges_labelled<K: ResourceExt>(
+    store: Store<DynamicObject>,
+    label: &'static str,
+) -> impl Fn(K) -> Vec<ObjectRef<DynamicObject>> {
+    move |object: K| {
+        let name = object.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|bridge| bridge.labels().get(label) == Some(&name))
+            .map(|bridge| {
+                ObjectRef::new_with(&bridge.name_any(), bridge_resource())
+                    .within(&bridge.namespace().unwrap_or_default())
+            })
+            .collect()
+    }
 }
 
 /// A failure recorded, with the delay before the next try.
