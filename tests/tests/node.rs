@@ -1388,6 +1388,20 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         failed == 0,
         "{failed} of the others' requests failed ({ok} answered)"
     );
+    // Alice's grant goes with her (Bob's went above): the docs' steps grant it again.
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "delete",
+            "rolebinding",
+            "gefyra-bridge-alice",
+            "--ignore-not-found",
+        ],
+    )
+    .await?;
     let after = web_pods(&demo_pods).await?;
     ensure!(
         before == after,
