@@ -279,29 +279,19 @@ pub fn client_bridges_policy(namespace: &str) -> ValidatingAdmissionPolicy {
         format!("request.operation == 'DELETE' || {MANAGED_FIELDS_BOUNDED_ON_ANY}"),
         "metadata.managedFields: a client's request may add one entry (its own) with a manager name of at most 128 characters".into(),
     ));
-    ValidatingAdmissionPolicy {
-        metadata: ObjectMeta {
-            name: Some(client_bridges_policy_name(namespace)),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ValidatingAdmissionPolicySpec {
-            failure_policy: Some("Fail".into()),
-            match_constraints: Some(MatchResources {
-                resource_rules: Some(vec![rule_for(
-                    crate::bridge::BRIDGE_PLURAL,
-                    &["CREATE", "UPDATE", "DELETE"],
-                )]),
-                ..MatchResources::default()
-            }),
-            match_conditions: Some(vec![MatchCondition {
-                name: "made-with-a-client-identity".into(),
-                expression: client_identity_condition(),
-            }]),
-            validations: Some(validations),
-            ..ValidatingAdmissionPolicySpec::default()
-        }),
-        status: None,
-    }
+    fail_closed_policy(
+        client_bridges_policy_name(namespace),
+        rule_for(
+            crate::bridge::BRIDGE_PLURAL,
+            &["CREATE", "UPDATE", "DELETE"],
+        ),
+        None,
+        Some(vec![MatchCondition {
+            name: "made-with-a-client-identity".into(),
+            expression: client_identity_condition(),
+        }]),
+        validations,
+    )
 }
 
 /// Whoever creates a GefyraBridgeMount (or moves one to another namespace) holds the
@@ -319,25 +309,13 @@ pub fn mount_grant_policy(namespace: &str) -> ValidatingAdmissionPolicy {
         reason: Some("Forbidden".into()),
         ..Validation::default()
     };
-    ValidatingAdmissionPolicy {
-        metadata: ObjectMeta {
-            name: Some(mount_grant_policy_name(namespace)),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ValidatingAdmissionPolicySpec {
-            failure_policy: Some("Fail".into()),
-            match_constraints: Some(MatchResources {
-                resource_rules: Some(vec![rule_for(
-                    crate::bridge::BRIDGE_MOUNT_PLURAL,
-                    &["CREATE", "UPDATE"],
-                )]),
-                ..MatchResources::default()
-            }),
-            validations: Some(vec![validation]),
-            ..ValidatingAdmissionPolicySpec::default()
-        }),
-        status: None,
-    }
+    fail_closed_policy(
+        mount_grant_policy_name(namespace),
+        rule_for(crate::bridge::BRIDGE_MOUNT_PLURAL, &["CREATE", "UPDATE"]),
+        None,
+        None,
+        vec![validation],
+    )
 }
 
 /// Whoever creates a GefyraBridge holds the bridging grant in the target namespace of the
@@ -356,29 +334,13 @@ pub fn bridge_grant_policy(namespace: &str) -> ValidatingAdmissionPolicy {
         reason: Some("Forbidden".into()),
         ..Validation::default()
     };
-    ValidatingAdmissionPolicy {
-        metadata: ObjectMeta {
-            name: Some(bridge_grant_policy_name(namespace)),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ValidatingAdmissionPolicySpec {
-            failure_policy: Some("Fail".into()),
-            param_kind: Some(ParamKind {
-                api_version: Some(format!("{GROUP}/{VERSION}")),
-                kind: Some(crate::bridge::BRIDGE_MOUNT_KIND.into()),
-            }),
-            match_constraints: Some(MatchResources {
-                resource_rules: Some(vec![rule_for(
-                    crate::bridge::BRIDGE_PLURAL,
-                    &["CREATE", "UPDATE"],
-                )]),
-                ..MatchResources::default()
-            }),
-            validations: Some(vec![validation]),
-            ..ValidatingAdmissionPolicySpec::default()
-        }),
-        status: None,
-    }
+    fail_closed_policy(
+        bridge_grant_policy_name(namespace),
+        rule_for(crate::bridge::BRIDGE_PLURAL, &["CREATE", "UPDATE"]),
+        Some(crate::bridge::BRIDGE_MOUNT_KIND),
+        None,
+        vec![validation],
+    )
 }
 
 /// The name of the policy (and binding) that admits a GefyraBridge only to its own
@@ -411,29 +373,58 @@ pub fn bridge_destination_policy(namespace: &str) -> ValidatingAdmissionPolicy {
         reason: Some("Forbidden".into()),
         ..Validation::default()
     };
+    fail_closed_policy(
+        bridge_destination_policy_name(namespace),
+        rule_for(crate::bridge::BRIDGE_PLURAL, &["CREATE", "UPDATE"]),
+        Some(crate::client::KIND),
+        None,
+        vec![validation],
+    )
+}
+
+/// A fail-closed policy named `name` matching `rule`, with the objects of kind `param_kind`
+/// (group gefyra.dev) as params if any, for requests that meet `conditions`.
+fn fail_closed_policy(
+    name: String,
+    rule: NamedRuleWithOperations,
+    param_kind: Option<&str>,
+    conditions: Option<Vec<MatchCondition>>,
+    validations: Vec<Validation>,
+) -> ValidatingAdmissionPolicy {
     ValidatingAdmissionPolicy {
         metadata: ObjectMeta {
-            name: Some(bridge_destination_policy_name(namespace)),
+            name: Some(name),
             ..ObjectMeta::default()
         },
         spec: Some(ValidatingAdmissionPolicySpec {
             failure_policy: Some("Fail".into()),
-            param_kind: Some(ParamKind {
+            param_kind: param_kind.map(|kind| ParamKind {
                 api_version: Some(format!("{GROUP}/{VERSION}")),
-                kind: Some(crate::client::KIND.into()),
+                kind: Some(kind.into()),
             }),
             match_constraints: Some(MatchResources {
-                resource_rules: Some(vec![rule_for(
-                    crate::bridge::BRIDGE_PLURAL,
-                    &["CREATE", "UPDATE"],
-                )]),
+                resource_rules: Some(vec![rule]),
                 ..MatchResources::default()
             }),
-            validations: Some(vec![validation]),
+            match_conditions: conditions,
+            validations: Some(validations),
             ..ValidatingAdmissionPolicySpec::default()
         }),
         status: None,
     }
+}
+
+/// A binding of policy `name` in `namespace` whose params are every object of the policy's
+/// param kind in `namespace` (none found: nothing is refused for want of one).
+fn binding_over_params(name: String, namespace: &str) -> ValidatingAdmissionPolicyBinding {
+    let mut binding = denying_binding(name, Some(in_namespace(namespace)));
+    binding.spec.param_ref = Some(ParamRef {
+        namespace: Some(namespace.into()),
+        selector: Some(LabelSelector::default()),
+        parameter_not_found_action: Some("Allow".into()),
+        ..ParamRef::default()
+    });
+    binding
 }
 
 fn in_namespace(namespace: &str) -> MatchResources {
@@ -453,26 +444,6 @@ fn in_namespace(namespace: &str) -> MatchResources {
 pub fn bridge_policies(
     namespace: &str,
 ) -> Vec<(ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding)> {
-    let mut bridge_grants = denying_binding(
-        bridge_grant_policy_name(namespace),
-        Some(in_namespace(namespace)),
-    );
-    bridge_grants.spec.param_ref = Some(ParamRef {
-        namespace: Some(namespace.into()),
-        selector: Some(LabelSelector::default()),
-        parameter_not_found_action: Some("Allow".into()),
-        ..ParamRef::default()
-    });
-    let mut destinations = denying_binding(
-        bridge_destination_policy_name(namespace),
-        Some(in_namespace(namespace)),
-    );
-    destinations.spec.param_ref = Some(ParamRef {
-        namespace: Some(namespace.into()),
-        selector: Some(LabelSelector::default()),
-        parameter_not_found_action: Some("Allow".into()),
-        ..ParamRef::default()
-    });
     vec![
         (
             client_bridges_policy(namespace),
@@ -488,8 +459,14 @@ pub fn bridge_policies(
                 Some(in_namespace(namespace)),
             ),
         ),
-        (bridge_grant_policy(namespace), bridge_grants),
-        (bridge_destination_policy(namespace), destinations),
+        (
+            bridge_grant_policy(namespace),
+            binding_over_params(bridge_grant_policy_name(namespace), namespace),
+        ),
+        (
+            bridge_destination_policy(namespace),
+            binding_over_params(bridge_destination_policy_name(namespace), namespace),
+        ),
     ]
 }
 
