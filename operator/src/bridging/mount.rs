@@ -13,9 +13,9 @@ use gefyra_api::bridge::{
     self, CARRIER_LABEL, MOUNT_LABEL, MountFields, WorkloadKind, original_service_name, router_name,
 };
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -90,57 +90,45 @@ async fn read_workload(
             format!("reading {target} in namespace {namespace} failed: {other}"),
         ),
     };
+    // A Deployment's or StatefulSet's Pods: its selector and Pod template, one check for both.
+    let from_template = |selector: LabelSelector, template: PodTemplateSpec| {
+        if selector
+            .match_expressions
+            .as_ref()
+            .is_some_and(|e| !e.is_empty())
+        {
+            return Err(Failure::error(
+                "UnsupportedSelector",
+                format!(
+                    "{target} selects its Pods with matchExpressions: only matchLabels selectors can be mounted"
+                ),
+            ));
+        }
+        Ok((
+            template.metadata.and_then(|m| m.labels),
+            selector.match_labels,
+            template.spec,
+        ))
+    };
     let (template_labels, selector, spec): (_, Option<BTreeMap<String, String>>, Option<PodSpec>) =
         match kind {
             WorkloadKind::Deployment => {
-                let deployment = Api::<Deployment>::namespaced(client, namespace)
+                let spec = Api::<Deployment>::namespaced(client, namespace)
                     .get(name)
                     .await
-                    .map_err(not_found)?;
-                let spec = deployment.spec.unwrap_or_default();
-                if spec
-                    .selector
-                    .match_expressions
-                    .as_ref()
-                    .is_some_and(|e| !e.is_empty())
-                {
-                    return Err(Failure::error(
-                        "UnsupportedSelector",
-                        format!(
-                            "{target} selects its Pods with matchExpressions: only matchLabels selectors can be mounted"
-                        ),
-                    ));
-                }
-                (
-                    spec.template.metadata.and_then(|m| m.labels),
-                    spec.selector.match_labels,
-                    spec.template.spec,
-                )
+                    .map_err(not_found)?
+                    .spec
+                    .unwrap_or_default();
+                from_template(spec.selector, spec.template)?
             }
             WorkloadKind::StatefulSet => {
-                let set = Api::<StatefulSet>::namespaced(client, namespace)
+                let spec = Api::<StatefulSet>::namespaced(client, namespace)
                     .get(name)
                     .await
-                    .map_err(not_found)?;
-                let spec = set.spec.unwrap_or_default();
-                if spec
-                    .selector
-                    .match_expressions
-                    .as_ref()
-                    .is_some_and(|e| !e.is_empty())
-                {
-                    return Err(Failure::error(
-                        "UnsupportedSelector",
-                        format!(
-                            "{target} selects its Pods with matchExpressions: only matchLabels selectors can be mounted"
-                        ),
-                    ));
-                }
-                (
-                    spec.template.metadata.and_then(|m| m.labels),
-                    spec.selector.match_labels,
-                    spec.template.spec,
-                )
+                    .map_err(not_found)?
+                    .spec
+                    .unwrap_or_default();
+                from_template(spec.selector, spec.template)?
             }
             WorkloadKind::Pod => {
                 let pod = Api::<Pod>::namespaced(client, namespace)
