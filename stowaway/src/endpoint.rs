@@ -16,6 +16,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use gefyra_netstack::session::{self, Decapsulated, Timers};
 
 use crate::peers::{self, Key, PeerSpec, Plan};
 use crate::shard::{Shard, worker_of_index, worker_of_key};
@@ -287,48 +288,39 @@ impl Endpoint {
         // initiation it answered, a response it accepted, data it decrypted. Anything
         // anyone can send (a replayed initiation, a cookie reply) leaves it where it is.
         let kind = datagram.first().copied();
-        let mut input: &[u8] = datagram;
-        loop {
-            let first = !input.is_empty();
-            match tunnel.decapsulate(Some(from.ip()), input, &mut self.buffer) {
-                TunnResult::Done => {
-                    // A decrypted keep-alive.
-                    if first && kind == Some(4) {
-                        peer.endpoint = Some(from);
-                    }
-                    break;
-                }
-                TunnResult::Err(_) => {
-                    handled.dropped = Some(DropReason::Rejected);
-                    break;
-                }
-                TunnResult::WriteToNetwork(reply) => {
+        let spec = &peer.spec;
+        let endpoint = &mut peer.endpoint;
+        session::decapsulate(
+            tunnel,
+            Some(from.ip()),
+            datagram,
+            &mut self.buffer,
+            |step| match step {
+                // A decrypted keep-alive.
+                Decapsulated::KeepAlive => *endpoint = Some(from),
+                Decapsulated::Rejected => handled.dropped = Some(DropReason::Rejected),
+                Decapsulated::Reply {
+                    datagram: reply,
+                    first,
+                } => {
                     // The tunnel's limiter never asks for cookies: a reply to an initiation
                     // is its response (type 2), to a response the first data; then the
                     // queued packets.
                     let answered_initiation = is_init && reply.first() == Some(&2);
                     if first && (answered_initiation || kind == Some(2)) {
-                        peer.endpoint = Some(from);
+                        *endpoint = Some(from);
                     }
                     if first && answered_initiation {
-                        handled.handshake_with = Some(peer.spec.client.clone());
+                        handled.handshake_with = Some(spec.client.clone());
                     }
                     handled.replies.push(reply.to_vec());
-                    // Queued packets follow a handshake: drain them.
-                    input = &[];
                 }
-                TunnResult::WriteToTunnelV4(packet, source) => {
-                    peer.endpoint = Some(from);
-                    deliver(&mut handled, &peer.spec, IpAddr::V4(source), packet);
-                    break;
+                Decapsulated::Packet { source, packet } => {
+                    *endpoint = Some(from);
+                    deliver(&mut handled, spec, source, packet);
                 }
-                TunnResult::WriteToTunnelV6(packet, source) => {
-                    peer.endpoint = Some(from);
-                    deliver(&mut handled, &peer.spec, IpAddr::V6(source), packet);
-                    break;
-                }
-            }
-        }
+            },
+        );
         handled
     }
 
@@ -356,15 +348,8 @@ impl Endpoint {
         };
         let peer = self.peers.get_mut(&index)?;
         let endpoint = peer.endpoint?;
-        // Room for the packet and WireGuard's overhead (boringtun panics on less).
-        let needed = packet.len().saturating_add(148);
-        if self.buffer.len() < needed {
-            self.buffer.resize(needed, 0);
-        }
-        match peer.tunnel.as_mut()?.encapsulate(packet, &mut self.buffer) {
-            TunnResult::WriteToNetwork(datagram) => Some((endpoint, datagram)),
-            _ => None,
-        }
+        let datagram = session::encapsulate(peer.tunnel.as_mut()?, packet, &mut self.buffer)?;
+        Some((endpoint, datagram))
     }
 
     /// Every peer's counters, by client.
@@ -403,8 +388,8 @@ impl Endpoint {
             let Some(tunnel) = peer.tunnel.as_mut() else {
                 continue;
             };
-            if let (TunnResult::WriteToNetwork(datagram), Some(endpoint)) =
-                (tunnel.update_timers(&mut self.buffer), peer.endpoint)
+            if let (Timers::Send(datagram), Some(endpoint)) =
+                (session::timers(tunnel, &mut self.buffer), peer.endpoint)
             {
                 out.push((endpoint, datagram.to_vec()));
             }

@@ -6,7 +6,8 @@ pub mod endpoint;
 pub mod http;
 pub mod metrics;
 pub mod own_services;
-pub mod packet;
+/// Packets (moved to the shared `gefyra_netstack`; named here for the fuzz target).
+pub use gefyra_netstack::packet;
 pub mod peer_sync;
 pub mod peers;
 pub mod policy;

@@ -8,14 +8,14 @@
 //! on another worker (an initiation, a forward's connection) is handed over through a
 //! bounded queue. The flow limits (`policy::Ledger`) and the handshake rate are shared.
 //!
-//! By concept: `device` (the stack's in-memory device), `tunnel` (the WireGuard socket, its
+//! What the userspace client shares with Stowaway (the stack's in-memory device, TCP
+//! splices, packets, WireGuard sessions) lives in `gefyra_netstack`. By concept: `tunnel` (the WireGuard socket, its
 //! outbox, packets to and from peers), `tcp` (dials and flows), `udp` (the relay),
 //! `forward` (cluster-side listeners into the tunnel, and the bridges' connections handed
 //! in through `Handle::hand_in`), `flows` (the flow table: whose each
 //! flow is, what it holds, which end when the peer table changes). What a peer may reach
 //! and hold is decided by `crate::policy`.
 
-mod device;
 mod flows;
 mod forward;
 mod inbox;
@@ -35,8 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gefyra_api::ipam::SERVER_ADDRESS;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
-use smoltcp::iface::{Config as StackConfig, Interface, SocketSet};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+use smoltcp::iface::{Interface, SocketSet};
 
 pub use forward::{Bridged, Forward};
 pub use tcp::TCP_FLOW_BUFFERS;
@@ -46,8 +45,8 @@ use crate::metrics::Metrics;
 use crate::peers::{Key, PeerSpec};
 use crate::policy::{EgressPolicy, GlobalLimits, Holding, Ledger, PeerLimits};
 use crate::shard::{self, Shard};
-use device::Queues;
 use flows::{FlowTable, Lookup, PeerId, Tuple};
+use gefyra_netstack::device::Queues;
 
 /// The server's IPv6 address inside the userspace stack (never on a wire: it only lets the
 /// stack accept IPv6 flows).
@@ -548,9 +547,7 @@ impl DataPlane {
     }
 
     fn stack_now(&self) -> smoltcp::time::Instant {
-        smoltcp::time::Instant::from_micros(
-            i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX),
-        )
+        gefyra_netstack::interface::clock(self.started, Instant::now())
     }
 
     /// Applies the control plane's commands; `false` to stop.
@@ -825,36 +822,14 @@ fn bind_listeners(forwards: &[Forward], poll: &Poll) -> io::Result<Vec<(TcpListe
     Ok(listeners)
 }
 
-/// A worker's userspace stack: it answers for every destination.
+/// A worker's userspace stack: it answers for every destination (it stands in for the
+/// whole cluster).
 fn new_stack(queues: &mut Queues) -> Interface {
-    let mut stack = Interface::new(
-        StackConfig::new(HardwareAddress::Ip),
+    gefyra_netstack::interface::new(
         queues,
-        smoltcp::time::Instant::ZERO,
-    );
-    // Accept every destination: the stack stands in for the whole cluster.
-    stack.set_any_ip(true);
-    stack.update_ip_addrs(|addresses| {
-        let server = match SERVER_ADDRESS {
-            IpAddr::V4(v4) => IpCidr::new(IpAddress::Ipv4(v4), 32),
-            IpAddr::V6(v6) => IpCidr::new(IpAddress::Ipv6(v6), 128),
-        };
-        addresses.push(server).expect("room for two addresses");
-        addresses
-            .push(IpCidr::new(IpAddress::Ipv6(SERVER_ADDRESS_V6), 128))
-            .expect("room for two addresses");
-    });
-    if let IpAddr::V4(v4) = SERVER_ADDRESS {
-        stack
-            .routes_mut()
-            .add_default_ipv4_route(v4)
-            .expect("room for a route");
-    }
-    stack
-        .routes_mut()
-        .add_default_ipv6_route(SERVER_ADDRESS_V6)
-        .expect("room for a route");
-    stack
+        &[SERVER_ADDRESS, IpAddr::V6(SERVER_ADDRESS_V6)],
+        true,
+    )
 }
 
 /// A worker's share of the ICMP errors sent per second (all workers together keep to

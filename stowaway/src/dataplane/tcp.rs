@@ -2,15 +2,16 @@
 //! connection and bytes are copied between its socket and the cluster-side socket, each
 //! flow a bounded share per round.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use mio::net::TcpStream;
 use mio::{Interest, Token};
-use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpListenEndpoint;
+
+use gefyra_netstack::splice::{Splice, tcp_socket};
 
 use super::flows::{Flow, PeerId, Protocol, Tuple};
 use super::{Config, DataPlane, FlowKind};
@@ -47,18 +48,9 @@ pub(super) struct Dial {
     syn: Vec<u8>,
 }
 
-/// A TCP flow: a stack socket on the tunnel side, an ordinary socket on the cluster side.
-pub(super) struct TcpFlow {
-    pub socket: SocketHandle,
-    stream: TcpStream,
-    /// Edge-triggered readiness not yet used up.
-    pub readable: bool,
-    pub writable: bool,
-    /// The cluster side finished sending (FIN queued towards the peer).
-    cluster_done: bool,
-    /// The peer finished sending and it was passed on (cluster side shut down for writing).
-    peer_done: bool,
-}
+/// A TCP flow: a stack socket on the tunnel side (the peer), an ordinary socket on the
+/// cluster side (`stream`).
+pub(super) type TcpFlow = Splice;
 
 /// Which timeout a TCP flow has run out of, if any: the handshake's, the peer's silence
 /// (`idle`: not even a keep-alive answered), or no payload either way (`inactive`: a live
@@ -218,9 +210,7 @@ impl DataPlane {
             if socket.state() == tcp::State::Closed {
                 continue;
             }
-            let to_cluster = peer_to_cluster(tcp, socket);
-            let to_peer = cluster_to_peer(tcp, socket);
-            if to_cluster || to_peer {
+            if tcp.pump(socket, FLOW_SHARE).any() {
                 flow.last_active = now;
                 moved = true;
             }
@@ -253,8 +243,8 @@ impl DataPlane {
             tracing::debug!(
                 ?tuple,
                 state = %self.sockets.get::<tcp::Socket>(flow.socket).state(),
-                peer_done = flow.peer_done,
-                cluster_done = flow.cluster_done,
+                peer_done = flow.tunnel_done,
+                cluster_done = flow.stream_done,
                 "TCP flow ended"
             );
             let _ = self.poll.registry().deregister(&mut flow.stream);
@@ -319,103 +309,12 @@ impl DataPlane {
     }
 }
 
-impl TcpFlow {
-    fn new(socket: SocketHandle, stream: TcpStream) -> Self {
-        Self {
-            socket,
-            stream,
-            readable: true,
-            writable: true,
-            cluster_done: false,
-            peer_done: false,
-        }
-    }
-}
-
 fn new_socket(config: &Config) -> tcp::Socket<'static> {
-    let mut socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; TCP_RECEIVE_BUFFER]),
-        tcp::SocketBuffer::new(vec![0; TCP_SEND_BUFFER]),
-    );
-    socket.set_nagle_enabled(false);
-    socket.set_congestion_control(tcp::CongestionControl::Cubic);
-    socket.set_ack_delay(None);
-    socket.set_keep_alive(Some(keep_alive(config)));
-    socket
-}
-
-/// Bytes the peer sent, on to the cluster side (at most a share); its FIN becomes a write
-/// shutdown.
-fn peer_to_cluster(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
-    let mut moved = false;
-    let mut share = FLOW_SHARE;
-    while share > 0 && flow.writable && socket.can_recv() {
-        let stream = &mut flow.stream;
-        match socket.recv(|bytes| {
-            let bytes = &bytes[..bytes.len().min(share)];
-            match stream.write(bytes) {
-                Ok(written) => (written, Ok(written)),
-                Err(error) => (0, Err(error)),
-            }
-        }) {
-            Ok(Ok(0)) => break,
-            Ok(Ok(written)) => {
-                moved = true;
-                share = share.saturating_sub(written);
-            }
-            Ok(Err(error)) if error.kind() == io::ErrorKind::WouldBlock => {
-                flow.writable = false;
-            }
-            Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(_)) => {
-                socket.abort();
-                return true;
-            }
-            Err(_) => break,
-        }
-    }
-    if !flow.peer_done && matches!(socket.recv(|_| (0, ())), Err(tcp::RecvError::Finished)) {
-        flow.peer_done = true;
-        let _ = flow.stream.shutdown(Shutdown::Write);
-        moved = true;
-    }
-    moved
-}
-
-/// Bytes the cluster side sent, on to the peer (at most a share); its end becomes a FIN.
-fn cluster_to_peer(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
-    let mut moved = false;
-    let mut share = FLOW_SHARE;
-    while share > 0 && flow.readable && !flow.cluster_done && socket.can_send() {
-        let stream = &mut flow.stream;
-        match socket.send(|room| {
-            let limit = room.len().min(share);
-            match stream.read(&mut room[..limit]) {
-                Ok(read) => (read, Ok(read)),
-                Err(error) => (0, Err(error)),
-            }
-        }) {
-            Ok(Ok(0)) => {
-                flow.cluster_done = true;
-                socket.close();
-                moved = true;
-            }
-            Ok(Ok(read)) => {
-                moved = true;
-                share = share.saturating_sub(read);
-            }
-            Ok(Err(error)) if error.kind() == io::ErrorKind::WouldBlock => {
-                flow.readable = false;
-            }
-            Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(_)) => {
-                socket.abort();
-                return true;
-            }
-            Err(_) => break,
-        }
-    }
-    moved
+    tcp_socket(
+        TCP_RECEIVE_BUFFER,
+        TCP_SEND_BUFFER,
+        Some(keep_alive(config)),
+    )
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::outbox::Transmit;
 use super::reader::Reader;
 use super::{DataPlane, FlowKind, Handoff};
 use crate::endpoint::DropReason;
-use crate::packet::{self, Inbound};
+use gefyra_netstack::packet::{self, Inbound};
 
 /// Datagrams read from the WireGuard socket in one turn of the event loop.
 const READS_PER_TURN: usize = 512;

@@ -9,8 +9,8 @@ use mio::{Interest, Token};
 
 use super::flows::{Flow, Lookup, PeerId, Tuple};
 use super::{DataPlane, FlowKind};
-use crate::packet;
 use crate::policy::Holding;
+use gefyra_netstack::packet;
 
 /// Datagrams relayed from one flow's cluster side in one turn of the event loop.
 const DATAGRAMS_PER_TURN: usize = 64;

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 
 /// IP packets between the stack and the tunnels.
-pub(super) struct Queues {
+pub struct Queues {
     /// Decrypted packets from peers, for the stack.
     pub inbound: VecDeque<Vec<u8>>,
     /// Packets the stack wrote, for the peers.
@@ -13,8 +13,8 @@ pub(super) struct Queues {
     pub mtu: usize,
 }
 
-pub(super) struct RxToken(Vec<u8>);
-pub(super) struct TxToken<'a>(&'a mut Vec<Vec<u8>>);
+pub struct RxToken(Vec<u8>);
+pub struct TxToken<'a>(&'a mut Vec<Vec<u8>>);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
