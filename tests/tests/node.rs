@@ -1161,7 +1161,7 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     // longer line into 16 KiB pieces).
     let load = busybox_pod(
         "others",
-        "while true; do if busybox timeout 10 busybox wget -q -O /dev/null http://web/ 2>/dev/null; then echo .; else echo F; fi; done",
+        "while true; do if busybox timeout 10 busybox wget -q -O /dev/null http://web/ 2>/dev/null; then echo .; else echo \"F $(busybox date -u +%T)\"; fi; done",
     )?;
     demo_pods.create(&PostParams::default(), &load).await?;
     let answered = || async {
@@ -1171,7 +1171,10 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
             .unwrap_or_default();
         (
             log.lines().filter(|line| *line == ".").count(),
-            log.lines().filter(|line| *line == "F").count(),
+            log.lines()
+                .filter(|line| line.starts_with('F'))
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
         )
     };
     eventually("the others' requests are answered", WAIT, || async {
@@ -1191,7 +1194,10 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     )
     .await?;
     let mounted_in = wait_state(&mounts, "web", "ACTIVE").await?;
-    println!("mount create → ACTIVE (router Ready, Service switched): {mounted_in:?}");
+    println!(
+        "[{} UTC] mount create → ACTIVE (router Ready, Service switched): {mounted_in:?}",
+        utc_clock()
+    );
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), "demo");
     let selector = services
         .get("web")
@@ -1250,7 +1256,7 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         wait_state(&bridges, id, "ACTIVE").await?;
         created.push((id.to_string(), started.elapsed()));
     }
-    println!("bridge create → ACTIVE: {created:?}");
+    println!("[{} UTC] bridge create → ACTIVE: {created:?}", utc_clock());
     let answers = from_a_pod(
         &demo_pods,
         "check-bridged",
@@ -1284,7 +1290,8 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         "bob's bridge without the grant: {reason}"
     );
     println!(
-        "bob's grant revoked → his bridge ERROR NotGranted after {:?}",
+        "[{} UTC] bob's grant revoked → his bridge ERROR NotGranted after {:?}",
+        utc_clock(),
         started.elapsed()
     );
     let answers = from_a_pod(
@@ -1312,7 +1319,8 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         "alice's header after her bridge went: {answers:?}"
     );
     println!(
-        "bridge delete → traffic back to the original (checked from a new Pod) within {:?}",
+        "[{} UTC] bridge delete → traffic back to the original (checked from a new Pod) within {:?}",
+        utc_clock(),
         started.elapsed()
     );
     alice_bridges
@@ -1333,7 +1341,8 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     developer.ok(&["disconnect", "-f", "alice.json"]).await?;
     gefyra_e2e::wait_gone(&admin_bridges, "alice-all").await?;
     println!(
-        "alice disconnected → her bridge released after {:?}",
+        "[{} UTC] alice disconnected → her bridge released after {:?}",
+        utc_clock(),
         started.elapsed()
     );
     let answers = from_a_pod(
@@ -1352,7 +1361,8 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     mounts.delete("web", &DeleteParams::default()).await?;
     gefyra_e2e::wait_gone(&mounts, "web").await?;
     println!(
-        "mount delete → gone (Service switched back, router drained): {:?}",
+        "[{} UTC] mount delete → gone (Service switched back, router drained): {:?}",
+        utc_clock(),
         started.elapsed()
     );
     let selector = services
@@ -1379,14 +1389,15 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     ensure!(answers == ["web", "web"], "unmounted: {answers:?}");
 
     // Nobody else noticed: every request of the others answered, the Pods untouched.
-    let (ok, failed) = answered().await;
+    let (ok, failures) = answered().await;
+    let failed = failures.len();
     demo_pods.delete("others", &DeleteParams::default()).await?;
     println!(
         "the others' requests during mount, bridges, release, unbridge, unmount: {ok} answered, {failed} failed"
     );
     ensure!(
         failed == 0,
-        "{failed} of the others' requests failed ({ok} answered)"
+        "{failed} of the others' requests failed ({ok} answered), at (UTC): {failures:?}"
     );
     // Alice's grant goes with her (Bob's went above): the docs' steps grant it again.
     run(
@@ -1408,4 +1419,18 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
         "the web Pods' UIDs and restart counts: {before:?} → {after:?}"
     );
     Ok(())
+}
+
+/// The time of day (UTC, HH:MM:SS), to line the test's steps up with the others' failures.
+fn utc_clock() -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_secs() % 86_400)
+        .unwrap_or_default();
+    format!(
+        "{:02}:{:02}:{:02}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
 }

@@ -29,6 +29,7 @@ use serde_json::json;
 use tracing::info;
 
 use super::{Bridging, Failure, bridge_resource, mount_resource};
+use crate::context::Context;
 
 /// How often an ACTIVE bridge is looked at again without a change (grant revoked, laptop idle).
 const RECHECK: Duration = Duration::from_secs(30);
@@ -394,33 +395,67 @@ async fn granted(bridging: &Bridging, client: &str, namespace: &str) -> Result<b
 /// A vanished laptop's bridge: a Warning Event saying why, then the bridge deleted; the
 /// router and Stowaway stop routing it at once.
 async fn release(bridge: &DynamicObject, bridging: &Bridging, why: &str) -> Result<(), Failure> {
+    release_bridge(&bridging.ctx, bridge, why)
+        .await
+        .map_err(|error| {
+            Failure::transient(
+                "ReleaseBridge",
+                format!("deleting bridge {} failed: {error}", bridge.name_any()),
+            )
+        })
+}
+
+async fn release_bridge(
+    ctx: &Context,
+    bridge: &DynamicObject,
+    why: &str,
+) -> Result<(), kube::Error> {
     let name = bridge.name_any();
     let message =
         format!("bridge {name} released: {why}; its traffic goes to the original workload again");
-    bridging
-        .event(
-            bridge,
-            &bridge_resource(),
-            EventType::Warning,
-            "Released",
-            "Release",
-            message.clone(),
-        )
-        .await;
+    super::event(
+        ctx,
+        bridge,
+        &bridge_resource(),
+        EventType::Warning,
+        "Released",
+        "Release",
+        message,
+    )
+    .await;
     info!(bridge = %name, %why, "bridge released");
     let api: Api<DynamicObject> = Api::namespaced_with(
-        bridging.ctx.client.clone(),
-        &bridging.ctx.settings.namespace,
+        ctx.client.clone(),
+        &ctx.settings.namespace,
         &bridge_resource(),
     );
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(error) => Err(Failure::transient(
-            "ReleaseBridge",
-            format!("deleting bridge {name} failed: {error}"),
-        )),
+        Err(error) => Err(error),
     }
+}
+
+/// A disconnecting client's bridges, released before its peer goes: the routers send new
+/// connections to the original while the tunnel still carries what is in flight, instead
+/// of to a tunnel that is closing. How many there were.
+pub async fn release_bridges_of(
+    ctx: &Context,
+    client: &str,
+    why: &str,
+) -> Result<usize, kube::Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &ctx.settings.namespace,
+        &bridge_resource(),
+    );
+    let bridges = api
+        .list(&kube::api::ListParams::default().labels(&format!("{CLIENT_LABEL}={client}")))
+        .await?;
+    for bridge in &bridges.items {
+        release_bridge(ctx, bridge, why).await?;
+    }
+    Ok(bridges.items.len())
 }
 
 #[cfg(test)]

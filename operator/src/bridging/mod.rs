@@ -217,21 +217,7 @@ impl Bridging {
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .ctx
-            .recorder
-            .publish(&event, &object.object_ref(kind))
-            .await
-        {
-            warn!(kind = %kind.kind, name = %object.name_any(), %error, "could not publish event {reason}");
-        }
+        event(&self.ctx, object, kind, type_, reason, action, note).await;
     }
 
     /// A failure in the object (ERROR or MISSING with its reason, unless already there with
@@ -385,3 +371,25 @@ fn bridges_labelled<K: ResourceExt>(
 #[derive(Debug, thiserror::Error)]
 #[error("{1}")]
 struct Retry(Duration, Failure);
+
+/// An Event on a bridge or mount (a failure to publish is logged, never fatal).
+pub async fn event(
+    ctx: &Context,
+    object: &DynamicObject,
+    kind: &ApiResource,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(kind)).await {
+        warn!(kind = %kind.kind, name = %object.name_any(), %error, "could not publish event {reason}");
+    }
+}

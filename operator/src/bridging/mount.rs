@@ -38,6 +38,8 @@ pub const CARRIER_ROLE: &str = "gefyra-carrier";
 /// How long a router keeps serving after its Services are switched back, so that every
 /// node's proxy sends new connections to the original Pods before it goes.
 const DRAIN: Duration = Duration::from_secs(3);
+/// How long an unmount waits for the router's Pods to go before it retries.
+const ROUTER_GONE_WITHIN: Duration = Duration::from_secs(60);
 
 pub(super) async fn reconcile(
     mount: Arc<DynamicObject>,
@@ -600,13 +602,46 @@ async fn cleanup(mount: &DynamicObject, bridging: &Bridging) -> Result<Action, F
             )),
         };
         let router = router_name(&name);
+        // Foreground: the Deployment stays until its Pods are gone. Until then a node whose
+        // proxy still sends to the router has its requests forwarded to the original, so the
+        // original-Pods Service (the router's upstream) goes only after the router.
+        let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
         gone(
-            Api::<Deployment>::namespaced(client.clone(), namespace)
-                .delete(&router, &DeleteParams::background())
+            deployments
+                .delete(&router, &DeleteParams::foreground())
                 .await
                 .map(|_| ()),
             "the router Deployment",
         )?;
+        // Within the cleanup (the finalizer goes as soon as it returns Ok): the router's
+        // grace period is its shutdown delay plus its drain time, well under this.
+        let mut waited = Duration::ZERO;
+        loop {
+            match deployments.get_opt(&router).await {
+                Ok(None) => break,
+                Ok(Some(_)) if waited < ROUTER_GONE_WITHIN => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    waited += Duration::from_secs(1);
+                }
+                Ok(Some(_)) => {
+                    return Err(Failure::transient(
+                        "RemoveRouter",
+                        format!(
+                            "the router {router} in namespace {namespace} has not gone after {}s; its Pods may be stuck terminating (kubectl -n {namespace} get pods -l {CARRIER_LABEL}={name})",
+                            ROUTER_GONE_WITHIN.as_secs()
+                        ),
+                    ));
+                }
+                Err(error) => {
+                    return Err(Failure::transient(
+                        "RemoveRouter",
+                        format!(
+                            "reading the router Deployment in namespace {namespace} failed: {error}"
+                        ),
+                    ));
+                }
+            }
+        }
         gone(
             Api::<Service>::namespaced(client.clone(), namespace)
                 .delete(&original_service_name(&name), &DeleteParams::default())

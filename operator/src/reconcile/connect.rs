@@ -12,6 +12,11 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::allocator::ClaimError;
+
+/// How long a disconnect waits after releasing the client's bridges before its peer goes:
+/// the routers follow the bridges by watch (milliseconds), so in-flight bridged requests
+/// finish through the tunnel and new ones already reach the original.
+const ROUTERS_FOLLOW_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::connection;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -119,6 +124,22 @@ pub async fn connect_or_disconnect(
             Ok(Connected::not(None))
         }
         Connection::Disconnect { enter_disabling } => {
+            // Its bridges first: the routers send new connections to the originals while
+            // the tunnel still carries what is in flight (Stowaway drops the
+            // peer once the client leaves ACTIVE).
+            let name = client.name_any();
+            match crate::bridging::bridge::release_bridges_of(ctx, &name, "its client disconnected")
+                .await
+            {
+                Ok(0) => {}
+                Ok(released) => {
+                    info!(client = %name, released, "bridges released before the disconnect");
+                    tokio::time::sleep(ROUTERS_FOLLOW_WITHIN).await;
+                }
+                Err(error) => {
+                    warn!(client = %name, %error, "releasing the bridges before the disconnect failed; they go after it");
+                }
+            }
             if enter_disabling {
                 record_transition(client, state, ClientState::Disabling, json!({}), ctx).await?;
             }
