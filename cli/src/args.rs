@@ -549,6 +549,32 @@ pub struct ConnectArgs {
     /// systemd-resolved), others with this machine's resolver.
     #[arg(long, value_name = "DOMAIN", default_value = "cluster.local", value_parser = crate::tunnel::parse_cluster_domain)]
     pub cluster_domain: String,
+    /// Connect from this process, without root, Docker or a WireGuard device: it speaks
+    /// WireGuard over a plain UDP socket and offers a SOCKS5 proxy, forwards (-L) and
+    /// exposed ports (--expose); it runs until Ctrl-C, which disconnects.
+    #[arg(long, conflicts_with_all = ["wg_config", "format"])]
+    pub userspace: bool,
+    /// With --userspace: where the SOCKS5 proxy listens (cluster names are resolved by the
+    /// cluster's DNS: use socks5h / --socks5-hostname).
+    #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:1080")]
+    pub socks5: std::net::SocketAddr,
+    /// With --userspace: an HTTP CONNECT proxy too, listening here.
+    #[arg(long, value_name = "ADDRESS", requires = "userspace")]
+    pub http_proxy: Option<std::net::SocketAddr>,
+    /// With --userspace: forward a local port to HOST:PORT in the cluster, as ssh -L does
+    /// ([BIND:]PORT:HOST:PORT, BIND 127.0.0.1 by default; repeatable).
+    #[arg(
+        short = 'L',
+        long = "forward",
+        value_name = "[BIND:]PORT:HOST:PORT",
+        requires = "userspace"
+    )]
+    pub forwards: Vec<crate::userspace::spec::LocalForward>,
+    /// With --userspace: connections that arrive through the tunnel at your tunnel address
+    /// on REMOTE (a bridge's destination) go to 127.0.0.1:LOCAL on this machine
+    /// ([REMOTE:]LOCAL; repeatable).
+    #[arg(long, value_name = "[REMOTE:]LOCAL", requires = "userspace")]
+    pub expose: Vec<crate::userspace::spec::Expose>,
 }
 
 #[cfg(test)]

@@ -70,7 +70,22 @@ fn provider_config(client: &GefyraClient) -> Option<Result<ProviderConfig, Contr
     client.provider_config.as_ref().map(ProviderConfig::parse)
 }
 
-pub async fn connect(args: &ConnectArgs) -> Result<()> {
+/// A client connected with a key of this machine's making: what either way of bringing
+/// the tunnel up needs.
+pub(crate) struct Activated {
+    pub api: Api<GefyraClient>,
+    pub id: String,
+    pub private_key: WireGuardKey,
+    pub public_key: WireGuardKey,
+    pub config: ProviderConfig,
+    /// Where the client file says Stowaway is.
+    pub endpoint: gefyra_api::connection::Endpoint,
+    pub mtu: Option<u16>,
+}
+
+/// Asks the operator to connect the client file's client with a new key pair and waits
+/// until it is ACTIVE with it.
+pub(crate) async fn activate(args: &ConnectArgs) -> Result<Activated> {
     let file = read_client_file(&args.file.file)?;
     let mtu = file
         .mtu()
@@ -132,6 +147,31 @@ pub async fn connect(args: &ConnectArgs) -> Result<()> {
     let endpoint = file
         .endpoint()
         .map_err(|error| CliError::new(Kind::BadClientFile, error.to_string()))?;
+    Ok(Activated {
+        id: id.to_string(),
+        api,
+        private_key,
+        public_key,
+        config,
+        endpoint,
+        mtu,
+    })
+}
+
+pub async fn connect(args: &ConnectArgs) -> Result<()> {
+    let activated = activate(args).await?;
+    if args.userspace {
+        return crate::userspace::run(args, activated).await;
+    }
+    let Activated {
+        id,
+        private_key,
+        config,
+        endpoint,
+        mtu,
+        ..
+    } = activated;
+    let id = id.as_str();
     let address = config.address;
     let prefix = if address.is_ipv6() { 128 } else { 32 };
     let routes = tunnel::routes(&args.allowed_ips, &config);

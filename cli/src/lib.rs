@@ -17,6 +17,7 @@ pub mod mounts;
 pub mod render;
 pub mod status;
 pub mod tunnel;
+pub mod userspace;
 pub mod wait;
 
 use std::process::ExitCode;

@@ -1434,3 +1434,348 @@ fn utc_clock() -> String {
         seconds % 60
     )
 }
+
+/// `setpriv` to uid/gid 65534 (nobody) with no groups, no capabilities (none inherited,
+/// none in the bounding set) and no way to gain any: an unprivileged developer.
+fn as_nobody(program: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(program);
+    command
+}
+
+/// `/proc/PID/status`'s `Uid:` and `CapEff:` lines of a process.
+fn credentials_of(pid: u32) -> Result<(String, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    Ok((field("Uid:"), field("CapEff:")))
+}
+
+/// `kubectl gefyra connect -f carol.json --userspace ...` as nobody, in `home`, its output
+/// in `log`; running once it printed its listeners.
+async fn connect_in_userspace(
+    home: &std::path::Path,
+    log: &str,
+) -> Result<gefyra_e2e::lab::Process> {
+    let mut command = as_nobody(&gefyra_e2e::kubectl_gefyra_binary());
+    command
+        .args([
+            "connect",
+            "-f",
+            "carol.json",
+            "--userspace",
+            "--socks5",
+            "127.0.0.1:11080",
+            "-L",
+            "18000:web.demo.svc.cluster.local:80",
+            "--expose",
+            "8080:18080",
+        ])
+        .current_dir(home)
+        .env_clear()
+        .env("HOME", home)
+        .env("PATH", "/usr/bin:/bin");
+    let mut process = gefyra_e2e::lab::Process::spawn(&mut command, home.join(log))?;
+    let started = Instant::now();
+    loop {
+        ensure!(
+            process.is_running(),
+            "connect --userspace ended: {}",
+            process.log_text()
+        );
+        if process.log_text().contains("Press Ctrl-C") {
+            break;
+        }
+        ensure!(
+            started.elapsed() < WAIT,
+            "connect --userspace not up within {WAIT:?}: {}",
+            process.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(process)
+}
+
+/// Waits for a process to end by itself; its exit code.
+async fn exit_code_of(process: &mut gefyra_e2e::lab::Process, within: Duration) -> Result<i32> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = process.child.try_wait()? {
+            return Ok(status.code().unwrap_or(-1));
+        }
+        ensure!(
+            started.elapsed() < within,
+            "still running after {within:?}: {}",
+            process.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A developer with no root, no capabilities, no Docker and no WireGuard device (uid
+/// 65534): `connect --userspace` reaches the demo Service by name through its SOCKS5
+/// proxy and a `-L` forward, and its `--expose`d local server receives the requests a
+/// bridge of the developer's own sends it from a Pod; Ctrl-C (SIGINT) leaves the client
+/// WAITING and the bridge released; a deleted client ends the process with exit code 10.
+#[tokio::test]
+#[ignore = "needs a node: make e2e-node"]
+async fn a_developer_without_privileges_connects_in_userspace_and_receives_a_bridge() -> Result<()>
+{
+    let _one_at_a_time = NODE_CLUSTER.lock().await;
+    let cluster = Cluster::from_env().await?;
+    without_gefyra(&cluster).await?;
+    let admin = cluster.admin()?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "delete",
+            "rolebinding/gefyra-bridge-carol",
+            "service/web",
+            "--ignore-not-found",
+            "--wait",
+        ],
+    )
+    .await?;
+    let demo = repo_root().join("deploy/demo/web.yaml");
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            demo.to_str().context("utf-8")?,
+        ],
+    )
+    .await?;
+    helm_install(&cluster, "install", ",bridging.namespaces={demo}").await?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ],
+    )
+    .await?;
+
+    // The admin: Carol's client, her file (handed to her: her home, hers alone), her grant
+    // to bridge in `demo`, the mount.
+    let gefyra = KubectlGefyra::new(&cluster.kubeconfig, NAMESPACE)?;
+    gefyra
+        .ok(&["clients", "create", "--client-id", "carol"])
+        .await?;
+    gefyra
+        .ok(&[
+            "clients",
+            "config",
+            "carol",
+            "--host",
+            &NODE_IP.to_string(),
+            "--port",
+            "31820",
+            "-o",
+            "carol.json",
+        ])
+        .await?;
+    let home = std::env::temp_dir().join(format!("gefyra-carol-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&home)?;
+    std::fs::copy(gefyra.workdir.join("carol.json"), home.join("carol.json"))?;
+    gefyra_e2e::lab::run(
+        "chown",
+        &["-R", "65534:65534", home.to_str().context("utf-8")?],
+    )?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "create",
+            "rolebinding",
+            "gefyra-bridge-carol",
+            "--clusterrole=gefyra-bridge",
+            &format!("--serviceaccount={NAMESPACE}:gefyra-client-carol"),
+        ],
+    )
+    .await?;
+    gefyra
+        .ok(&[
+            "mount",
+            "create",
+            "--target",
+            "deployment/web",
+            "--target-namespace",
+            "demo",
+            "--name",
+            "web",
+        ])
+        .await?;
+
+    // Carol's machine: her local server (as nobody too) and the userspace connect.
+    let mut server_command = as_nobody(&gefyra_e2e::lab::lab_binary());
+    server_command.args(["serve", "--http", "127.0.0.1:18080", "--name", "carol"]);
+    let _server = gefyra_e2e::lab::Process::spawn(&mut server_command, home.join("server.log"))?;
+    let started = Instant::now();
+    let mut connected = connect_in_userspace(&home, "connect.log").await?;
+    println!("connect --userspace up after {:?}", started.elapsed());
+    let (uid, capabilities) = credentials_of(connected.child.id())?;
+    ensure!(
+        uid == "65534 65534 65534 65534" && capabilities == "0000000000000000",
+        "connect runs unprivileged: Uid {uid}, CapEff {capabilities}"
+    );
+
+    // The demo Service by name through the SOCKS5 proxy, and through the -L forward.
+    let through_socks = gefyra_e2e::lab::run(
+        "curl",
+        &[
+            "--fail",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--retry",
+            "5",
+            "--retry-all-errors",
+            "--socks5-hostname",
+            "127.0.0.1:11080",
+            WEB,
+        ],
+    )?;
+    ensure!(
+        through_socks.trim() == "web",
+        "through SOCKS5: {through_socks:?}"
+    );
+    let through_forward = gefyra_e2e::lab::run(
+        "curl",
+        &[
+            "--fail",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "http://127.0.0.1:18000/",
+        ],
+    )?;
+    ensure!(
+        through_forward.trim() == "web",
+        "through -L: {through_forward:?}"
+    );
+
+    // Carol bridges her header to her tunnel address, port 8080: the exposed local server.
+    let mut bridge = as_nobody(&gefyra_e2e::kubectl_gefyra_binary());
+    bridge
+        .args([
+            "bridge",
+            "create",
+            "carol-web",
+            "-f",
+            "carol.json",
+            "--mount",
+            "web",
+            "-p",
+            "8080:8080",
+            "--match-header-exact",
+            "x-gefyra:carol",
+        ])
+        .current_dir(&home)
+        .env_clear()
+        .env("HOME", &home);
+    let output = bridge.output()?;
+    ensure!(
+        output.status.success(),
+        "bridge create as carol: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let demo_pods: Api<Pod> = Api::namespaced(admin.clone(), "demo");
+    let answers = from_a_pod(
+        &demo_pods,
+        "check-userspace",
+        &[Some("x-gefyra: carol"), None],
+    )
+    .await?;
+    ensure!(
+        answers == ["carol", "web"],
+        "from a Pod, with Carol's header and without: {answers:?}"
+    );
+
+    // Ctrl-C: the process disconnects and ends; the client is WAITING, the bridge released.
+    let clients: Api<GefyraClient> = Api::namespaced(admin.clone(), NAMESPACE);
+    gefyra_e2e::lab::run("kill", &["-INT", &connected.child.id().to_string()])?;
+    let code = exit_code_of(&mut connected, Duration::from_secs(60)).await?;
+    ensure!(
+        code == 0,
+        "Ctrl-C exits 0: {code}, {}",
+        connected.log_text()
+    );
+    let state = clients.get("carol").await?.state;
+    ensure!(
+        state == gefyra_api::ClientState::Waiting,
+        "after Ctrl-C the client is WAITING: {state}"
+    );
+    let bridges = bridge_api(admin.clone(), "gefyrabridges", "gefyrabridge");
+    gefyra_e2e::wait_gone(&bridges, "carol-web").await?;
+    let answers = from_a_pod(
+        &demo_pods,
+        "check-userspace-gone",
+        &[Some("x-gefyra: carol")],
+    )
+    .await?;
+    ensure!(answers == ["web"], "Carol disconnected: {answers:?}");
+    // Nothing is left behind: the ports are free again.
+    for port in [11080, 18000] {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("port {port} still taken after Ctrl-C"))?;
+    }
+
+    // Connected again, then the admin deletes the client: the process ends with the exit
+    // code of revoked credentials.
+    let mut connected = connect_in_userspace(&home, "connect-again.log").await?;
+    gefyra.ok(&["clients", "delete", "carol"]).await?;
+    let code = exit_code_of(&mut connected, Duration::from_secs(60)).await?;
+    ensure!(
+        code == 10,
+        "a deleted client ends connect --userspace with exit code 10: {code}, {}",
+        connected.log_text()
+    );
+    println!("deleted client → the process ended with exit code {code}");
+
+    gefyra.ok(&["mount", "delete", "web", "--wait"]).await?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "delete",
+            "rolebinding/gefyra-bridge-carol",
+            "--ignore-not-found",
+        ],
+    )
+    .await?;
+    let _ = std::fs::remove_dir_all(&home);
+    Ok(())
+}
