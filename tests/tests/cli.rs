@@ -1634,3 +1634,178 @@ async fn admins_mount_and_developers_bridge_with_a_client_file() -> Result<()> {
     );
     Ok(())
 }
+
+/// `connect --userspace` in the developer's namespace as uid 65534 with no capabilities:
+/// the lab's cluster Service by name through the SOCKS5 proxy (the name resolved by the
+/// cluster's DNS through the tunnel), through the HTTP CONNECT proxy and through a `-L`
+/// forward; garbage and an oversized request on the proxies get an answer or a close and
+/// leave it serving; SIGTERM (what Ctrl-C does) disconnects: the client is WAITING, the
+/// process exits 0, its ports are free.
+#[tokio::test]
+async fn connect_in_userspace_reaches_the_cluster_by_name_without_privileges() -> Result<()> {
+    let cluster = Cluster::from_env().await?;
+    let mut deployment = Deployment::start(&cluster, "cli-userspace", &[]).await?;
+    let ns = deployment
+        .clients
+        .namespace()
+        .context("namespaced")?
+        .to_string();
+    let cluster_subnet = deployment.lab.cluster_subnet();
+    deployment.operator = Operator::start(&cluster, &ns, &["--reserved-ranges", &cluster_subnet])?;
+    let admin = KubectlGefyra::new(&cluster.kubeconfig, &ns)?;
+    admin
+        .ok(&["clients", "create", "--client-id", "dev"])
+        .await?;
+    let peer = deployment.lab.new_peer()?;
+    admin
+        .ok(&[
+            "clients",
+            "config",
+            "dev",
+            "--host",
+            &peer.gateway.to_string(),
+            "--port",
+            &deployment.stowaway.port.to_string(),
+            "-o",
+            "dev.json",
+        ])
+        .await?;
+    let home = std::env::temp_dir().join(format!("gefyra-userspace-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&home)?;
+    std::fs::copy(admin.workdir.join("dev.json"), home.join("dev.json"))?;
+    gefyra_e2e::lab::run(
+        "chown",
+        &["-R", "65534:65534", home.to_str().context("utf-8")?],
+    )?;
+
+    // Loopback ports of its own (tests run side by side on this machine).
+    let free = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (socks, http, forward) = (free()?, free()?, free()?);
+    let (socks, http) = (format!("127.0.0.1:{socks}"), format!("127.0.0.1:{http}"));
+    let binary = kubectl_gefyra_binary();
+    // On this machine (the API server and Stowaway are reachable here, as from a laptop);
+    // the lab's cluster only through the tunnel.
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--pdeathsig=SIGKILL",
+            "--",
+        ])
+        .arg(&binary)
+        .args([
+            "connect",
+            "-f",
+            "dev.json",
+            "--userspace",
+            "--cluster-domain",
+            "lab.test",
+            "--socks5",
+            &socks,
+            "--http-proxy",
+            &http,
+            "-L",
+            &format!("{forward}:{}:8080", gefyra_e2e::lab::DNS_NAME),
+        ])
+        .current_dir(&home)
+        .env_clear()
+        .env("HOME", &home)
+        .env("PATH", "/usr/bin:/bin");
+    let mut connected = gefyra_e2e::lab::Process::spawn(&mut command, home.join("connect.log"))?;
+    let started = std::time::Instant::now();
+    while !connected.log_text().contains("Press Ctrl-C") {
+        ensure!(
+            connected.is_running() && started.elapsed() < WAIT,
+            "connect --userspace is not up: {}",
+            connected.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("http://{}:8080/", gefyra_e2e::lab::DNS_NAME);
+    let curl = |args: &[&str]| {
+        let mut all = vec!["--fail", "--silent", "--show-error", "--max-time", "20"];
+        all.extend_from_slice(args);
+        gefyra_e2e::lab::run("curl", &all)
+    };
+    let by_socks = curl(&[
+        "--retry",
+        "5",
+        "--retry-all-errors",
+        "--socks5-hostname",
+        &socks,
+        &url,
+    ])?;
+    ensure!(
+        by_socks == "cluster",
+        "through SOCKS5 by name: {by_socks:?}"
+    );
+    let by_connect = curl(&["--proxytunnel", "--proxy", &format!("http://{http}"), &url])?;
+    ensure!(
+        by_connect == "cluster",
+        "through HTTP CONNECT: {by_connect:?}"
+    );
+    let by_forward = curl(&[&format!("http://127.0.0.1:{forward}/")])?;
+    ensure!(by_forward == "cluster", "through -L: {by_forward:?}");
+
+    // Hostile local clients: a plain GET at the CONNECT proxy, garbage at the SOCKS5 port.
+    let refused = gefyra_e2e::lab::run(
+        "curl",
+        &[
+            "--silent",
+            "--max-time",
+            "10",
+            "--proxy",
+            &format!("http://{http}"),
+            &url,
+        ],
+    )?;
+    ensure!(
+        refused.contains("HTTP CONNECT proxy"),
+        "a plain GET is refused with a reason: {refused:?}"
+    );
+    let garbage = gefyra_e2e::lab::run(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "head -c 100000 /dev/urandom | timeout 5 curl --silent --max-time 5 telnet://{socks} >/dev/null; echo done"
+            ),
+        ],
+    )?;
+    ensure!(garbage.trim() == "done", "{garbage}");
+    let still = curl(&["--socks5-hostname", &socks, &url])?;
+    ensure!(still == "cluster", "still serving after garbage: {still:?}");
+
+    // SIGTERM, as Ctrl-C: disconnected, WAITING, exit 0, the ports free.
+    gefyra_e2e::lab::run("kill", &["-TERM", &connected.child.id().to_string()])?;
+    let started = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = connected.child.try_wait()? {
+            break status.code().unwrap_or(-1);
+        }
+        ensure!(
+            started.elapsed() < WAIT,
+            "still running: {}",
+            connected.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(code == 0, "exit code {code}: {}", connected.log_text());
+    let state = deployment.clients.get("dev").await?.state;
+    ensure!(state == ClientState::Waiting, "after SIGTERM: {state}");
+    for address in [socks.clone(), http.clone(), format!("127.0.0.1:{forward}")] {
+        std::net::TcpListener::bind(&address)
+            .with_context(|| format!("{address} still taken after SIGTERM"))?;
+    }
+    let _ = std::fs::remove_dir_all(&home);
+    Ok(())
+}

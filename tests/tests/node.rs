@@ -525,10 +525,11 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
 
 /// The pages whose marked commands run, in this order: the install page's `helm install`
 /// first (the README's first client needs it), the full uninstall (upgrade.md) last.
-const DOC_PAGES: [&str; 6] = [
+const DOC_PAGES: [&str; 7] = [
     "docs/install.md",
     "README.md",
     "docs/bridging.md",
+    "docs/userspace.md",
     "docs/cli.md",
     "docs/troubleshooting.md",
     "docs/upgrade.md",

@@ -60,6 +60,8 @@ const LOOKUPS: usize = 16;
 const TICK: Duration = Duration::from_millis(250);
 /// Keep-alives on an otherwise quiet tunnel (a NAT on the way forgets an idle mapping).
 const PERSISTENT_KEEPALIVE: u16 = 25;
+/// A session that gave up (no answer for 90 s) tries a new handshake this often.
+const RETRY_HANDSHAKE: Duration = Duration::from_secs(5);
 /// Requests waiting for the loop.
 const REQUESTS: usize = 256;
 
@@ -234,6 +236,12 @@ struct Loop {
     datagram: Vec<u8>,
     sealed: Vec<u8>,
     last_tick: Instant,
+    /// The last initiation sent because the session had given up (at most one every
+    /// `RETRY_HANDSHAKE`).
+    last_retry: Option<Instant>,
+    /// The last round still moved bytes: poll again at once (readiness is edge-triggered,
+    /// what is left would not be announced again).
+    busy: bool,
 }
 
 impl Loop {
@@ -283,6 +291,8 @@ impl Loop {
             datagram: vec![0; DATAGRAM],
             sealed: vec![0; DATAGRAM],
             last_tick: now - TICK,
+            last_retry: None,
+            busy: false,
         }
     }
 
@@ -325,6 +335,9 @@ impl Loop {
     }
 
     fn timeout(&mut self) -> Duration {
+        if self.busy {
+            return Duration::ZERO;
+        }
         let now = gefyra_netstack::interface::clock(self.epoch, Instant::now());
         let stack = self
             .stack
@@ -563,7 +576,15 @@ impl Loop {
             Timers::Send(datagram) => {
                 let _ = self.udp.send(datagram);
             }
-            Timers::Expired => self.handshake(),
+            Timers::Expired
+                if self
+                    .last_retry
+                    .is_none_or(|last| last.elapsed() >= RETRY_HANDSHAKE) =>
+            {
+                self.last_retry = Some(Instant::now());
+                self.handshake();
+            }
+            Timers::Expired => {}
             Timers::Idle => {}
         }
     }
@@ -571,7 +592,8 @@ impl Loop {
     /// Polls the stack and copies bytes until nothing moves (or enough rounds went), then
     /// sends what the stack wrote.
     fn pump(&mut self) {
-        for _ in 0..ROUNDS {
+        self.busy = false;
+        for round in 0..ROUNDS {
             let now = gefyra_netstack::interface::clock(self.epoch, Instant::now());
             let polled = self.stack.poll(now, &mut self.queues, &mut self.sockets);
             let moved = self.copy();
@@ -580,6 +602,7 @@ impl Loop {
             if !moved && polled == smoltcp::iface::PollResult::None {
                 break;
             }
+            self.busy = round + 1 == ROUNDS;
         }
         self.end_finished();
     }
