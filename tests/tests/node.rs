@@ -556,6 +556,22 @@ fn every_command_block_of_the_docs_says_whether_the_docs_test_runs_it() -> Resul
 /// same name adopts them.
 async fn without_gefyra(cluster: &Cluster) -> Result<()> {
     let admin = cluster.admin()?;
+    // The grants the tests and the docs give in `demo` (a failed test leaves its own).
+    let _ = run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "delete",
+            "rolebinding/gefyra-bridge-alice",
+            "rolebinding/gefyra-bridge-bob",
+            "rolebinding/gefyra-bridge-carol",
+            "rolebinding/gefyra-bridge-dev",
+            "--ignore-not-found",
+        ],
+    )
+    .await;
     let released = run(
         "helm",
         &cluster.kubeconfig,
@@ -1637,8 +1653,20 @@ async fn a_developer_without_privileges_connects_in_userspace_and_receives_a_bri
 
     // Carol's machine: her local server (as nobody too) and the userspace connect.
     let mut server_command = as_nobody(&gefyra_e2e::lab::lab_binary());
-    server_command.args(["serve", "--http", "127.0.0.1:18080", "--name", "carol"]);
+    server_command.args([
+        "serve",
+        "--http",
+        "127.0.0.1:18080",
+        "--udp-echo",
+        "127.0.0.1:17007",
+        "--name",
+        "carol",
+    ]);
     let _server = gefyra_e2e::lab::Process::spawn(&mut server_command, home.join("server.log"))?;
+    eventually("Carol's local server answers", WAIT, || async {
+        Ok(gefyra_e2e::lab::run("curl", &["--silent", "--fail", "http://127.0.0.1:18080/"]).ok())
+    })
+    .await?;
     let started = Instant::now();
     let mut connected = connect_in_userspace(&home, "connect.log").await?;
     println!("connect --userspace up after {:?}", started.elapsed());

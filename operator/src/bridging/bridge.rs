@@ -29,6 +29,10 @@ use serde_json::json;
 use tracing::info;
 
 use super::{Bridging, Failure, bridge_resource, mount_resource};
+
+/// How long a bridge stays CREATING (served by Stowaway) before it is ACTIVE (routed to by
+/// the routers): the lag between two watches, with room.
+const STOWAWAY_FIRST: Duration = Duration::from_secs(1);
 use crate::context::Context;
 
 /// How often an ACTIVE bridge is looked at again without a change (grant revoked, laptop idle).
@@ -304,36 +308,75 @@ pub(super) async fn reconcile(
         ));
     }
 
-    if fields.state.as_deref() != Some("ACTIVE") {
-        let endpoint = json!({"clusterEndpoint": {"stowaway": bridging.stowaway_name()}});
-        bridging
-            .patch(&bridge, &bridge_resource(), endpoint)
-            .await?;
-        let routes = mappings
-            .iter()
-            .map(|m| format!("{} → {destination}:{}", m.remote, m.local))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let what = if rules.is_empty() {
-            "all traffic"
-        } else {
-            "requests matching its rules"
-        };
-        bridging
-            .enter(
-                &bridge,
-                &bridge_resource(),
-                "ACTIVE",
-                &["INSTALLING", "INSTALLED", "CREATING"],
-                "Ready",
-                format!(
-                    "{what} of mount {} (ports {routes}) go to client {}",
-                    fields.target, fields.client
-                ),
-                EventType::Normal,
-            )
-            .await?;
-        info!(bridge = %name, client = %fields.client, mount = %fields.target, "bridge ACTIVE");
+    // CREATING first, ACTIVE a moment later: Stowaway serves a bridge from CREATING on,
+    // routers send to it from ACTIVE on; each follows the bridges by its own watch, and so
+    // Stowaway is ready before the first connection comes.
+    match fields.state.as_deref() {
+        Some("ACTIVE") => {}
+        Some("CREATING") => {
+            let since = bridge
+                .data
+                .pointer("/stateTransitions/CREATING")
+                .and_then(|at| at.as_str())
+                .and_then(|at| at.parse::<Timestamp>().ok());
+            let waited = since
+                .map(|since| now.duration_since(since))
+                .unwrap_or(SignedDuration::MAX);
+            let grace = SignedDuration::try_from(STOWAWAY_FIRST).unwrap_or(SignedDuration::MAX);
+            if waited < grace {
+                let left = (grace - waited)
+                    .try_into()
+                    .unwrap_or(STOWAWAY_FIRST)
+                    .max(Duration::from_millis(50));
+                return Ok(Action::requeue(left));
+            }
+            let routes = mappings
+                .iter()
+                .map(|m| format!("{} → {destination}:{}", m.remote, m.local))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let what = if rules.is_empty() {
+                "all traffic"
+            } else {
+                "requests matching its rules"
+            };
+            bridging
+                .enter(
+                    &bridge,
+                    &bridge_resource(),
+                    "ACTIVE",
+                    &[],
+                    "Ready",
+                    format!(
+                        "{what} of mount {} (ports {routes}) go to client {}",
+                        fields.target, fields.client
+                    ),
+                    EventType::Normal,
+                )
+                .await?;
+            info!(bridge = %name, client = %fields.client, mount = %fields.target, "bridge ACTIVE");
+        }
+        _ => {
+            let endpoint = json!({"clusterEndpoint": {"stowaway": bridging.stowaway_name()}});
+            bridging
+                .patch(&bridge, &bridge_resource(), endpoint)
+                .await?;
+            bridging
+                .enter(
+                    &bridge,
+                    &bridge_resource(),
+                    "CREATING",
+                    &["INSTALLING", "INSTALLED"],
+                    "Creating",
+                    format!(
+                        "Stowaway serves the bridge to client {}; the router sends to it in a moment",
+                        fields.client
+                    ),
+                    EventType::Normal,
+                )
+                .await?;
+            return Ok(Action::requeue(STOWAWAY_FIRST));
+        }
     }
     Ok(Action::requeue(next_check(&fields, now)))
 }

@@ -22,6 +22,10 @@ pub use source::{Bridges, keep_bridges};
 
 /// The state in which a bridge is served (the operator sets it).
 pub const ACTIVE: &str = "ACTIVE";
+/// The states in which Stowaway serves a bridge: from CREATING on (the operator holds a
+/// bridge there for a moment before ACTIVE, when routers start sending to it), so that
+/// Stowaway, which follows the bridges by a watch of its own, is ready before any router.
+pub const SERVED: [&str; 2] = ["CREATING", ACTIVE];
 
 pub use gefyra_api::bridge_rules::PortMapping;
 
@@ -34,7 +38,7 @@ pub fn port_mappings(texts: &[String]) -> Result<Vec<PortMapping>, String> {
 /// What Stowaway knows of one GefyraBridge (nothing else of the object is kept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bridge {
-    /// `state` is ACTIVE.
+    /// `state` is one Stowaway serves ([`SERVED`]: CREATING or ACTIVE).
     pub active: bool,
     /// The owning GefyraClient's name.
     pub client: String,
@@ -61,7 +65,8 @@ pub enum Refusal {
     /// No newline within the preamble's bound.
     OversizedPreamble,
     UnknownBridge,
-    /// The bridge is not in state ACTIVE.
+    /// The bridge is not in a served state (CREATING or ACTIVE), nor was within the last
+    /// moments.
     NotActive,
     /// The bridge's client, destinationIP or portMappings do not parse.
     InvalidBridge,

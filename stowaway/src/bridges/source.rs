@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gefyra_api::bridge::{BRIDGE_KIND, BRIDGE_PLURAL};
@@ -14,7 +15,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde::Deserialize;
 
-use super::{ACTIVE, Bridge, Destination, port_mappings};
+use super::{Bridge, Destination, SERVED, port_mappings};
 
 /// The fields of a GefyraBridge Stowaway reads (Gefyra 2.x's layout: top level, no spec).
 #[derive(Debug, Default, Deserialize)]
@@ -43,7 +44,10 @@ impl Bridge {
             }
         };
         Self {
-            active: fields.state.as_deref() == Some(ACTIVE),
+            active: fields
+                .state
+                .as_deref()
+                .is_some_and(|state| SERVED.contains(&state)),
             client: fields.client.unwrap_or_default(),
             destination: destination(
                 fields.destination_ip.as_deref(),
@@ -70,31 +74,95 @@ fn destination(address: Option<&str>, mappings: &[String]) -> Result<Destination
     })
 }
 
+/// How long a bridge is still served after it stopped being served (deleted, or out of
+/// CREATING/ACTIVE): the routers follow the bridges by their own watches, and one that has
+/// not yet seen the change still sends a connection or two; they reach the developer
+/// instead of failing. The bridge's peer must still be there (the data plane checks).
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// One bridge as last seen, and what it was while it was served, if it stopped lately.
+#[derive(Clone)]
+struct Entry {
+    /// `None` once deleted.
+    bridge: Option<Bridge>,
+    /// The last served version and when it stopped being served.
+    lingering: Option<(Bridge, Instant)>,
+}
+
+impl Entry {
+    fn served_at(&self, now: Instant) -> Option<Bridge> {
+        if let Some(bridge) = self.bridge.as_ref().filter(|bridge| bridge.active) {
+            return Some(bridge.clone());
+        }
+        if let Some((bridge, since)) = &self.lingering
+            && now.saturating_duration_since(*since) < LINGER
+        {
+            return Some(bridge.clone());
+        }
+        self.bridge.clone()
+    }
+
+    /// `next` replaces what is known (`None`: deleted); a served bridge that stops being
+    /// served lingers.
+    fn change(&mut self, next: Option<Bridge>, now: Instant) {
+        let was_served = self.bridge.as_ref().filter(|bridge| bridge.active).cloned();
+        let served = next.as_ref().is_some_and(|bridge| bridge.active);
+        if served {
+            self.lingering = None;
+        } else if let Some(previous) = was_served {
+            self.lingering = Some((previous, now));
+        }
+        self.bridge = next;
+    }
+
+    fn gone_at(&self, now: Instant) -> bool {
+        self.bridge.is_none()
+            && self
+                .lingering
+                .as_ref()
+                .is_none_or(|(_, since)| now.saturating_duration_since(*since) >= LINGER)
+    }
+}
+
 /// The bridges as last seen, by name; shared by the watch and the listener.
 #[derive(Clone, Default)]
-pub struct Bridges(Arc<RwLock<HashMap<String, Bridge>>>);
+pub struct Bridges(Arc<RwLock<HashMap<String, Entry>>>);
 
 impl Bridges {
     pub fn get(&self, name: &str) -> Option<Bridge> {
+        self.get_at(name, Instant::now())
+    }
+
+    fn get_at(&self, name: &str, now: Instant) -> Option<Bridge> {
         self.0
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(name)
-            .cloned()
+            .and_then(|entry| entry.served_at(now))
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Bridge>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
         self.0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Applies one watch event; `listing` holds a relist until it is complete (then it
-    /// replaces the map at once, so that bridges deleted meanwhile go).
     fn apply(
         &self,
         event: watcher::Event<DynamicObject>,
         listing: &mut Option<HashMap<String, Bridge>>,
+    ) {
+        self.apply_at(event, listing, Instant::now());
+    }
+
+    /// Applies one watch event; `listing` holds a relist until it is complete (then it
+    /// replaces the map at once, so that bridges deleted meanwhile go, lingering if they
+    /// were served).
+    fn apply_at(
+        &self,
+        event: watcher::Event<DynamicObject>,
+        listing: &mut Option<HashMap<String, Bridge>>,
+        now: Instant,
     ) {
         match event {
             watcher::Event::Init => *listing = Some(HashMap::new()),
@@ -106,23 +174,45 @@ impl Bridges {
                     .insert(object.name_any(), bridge);
             }
             watcher::Event::InitDone => {
-                let listed = listing.take().unwrap_or_default();
+                let mut listed = listing.take().unwrap_or_default();
                 tracing::info!(bridges = listed.len(), "GefyraBridges listed");
-                *self.write() = listed;
+                let mut bridges = self.write();
+                for (name, entry) in bridges.iter_mut() {
+                    entry.change(listed.remove(name), now);
+                }
+                for (name, bridge) in listed {
+                    bridges.insert(
+                        name,
+                        Entry {
+                            bridge: Some(bridge),
+                            lingering: None,
+                        },
+                    );
+                }
+                bridges.retain(|_, entry| !entry.gone_at(now));
             }
             watcher::Event::Apply(object) => {
                 let name = object.name_any();
                 let bridge = Bridge::of(&object.data);
                 let mut bridges = self.write();
-                if bridges.get(&name) != Some(&bridge) {
+                bridges.retain(|_, entry| !entry.gone_at(now));
+                let entry = bridges.entry(name.clone()).or_insert(Entry {
+                    bridge: None,
+                    lingering: None,
+                });
+                if entry.bridge.as_ref() != Some(&bridge) {
                     report(&name, &bridge);
-                    bridges.insert(name, bridge);
+                    entry.change(Some(bridge), now);
                 }
             }
             watcher::Event::Delete(object) => {
                 let name = object.name_any();
-                tracing::info!(bridge = %name, "GefyraBridge deleted: no longer served");
-                self.write().remove(&name);
+                tracing::info!(bridge = %name, "GefyraBridge deleted: no longer served (after {}s for routers still sending)", LINGER.as_secs());
+                let mut bridges = self.write();
+                if let Some(entry) = bridges.get_mut(&name) {
+                    entry.change(None, now);
+                }
+                bridges.retain(|_, entry| !entry.gone_at(now));
             }
         }
     }
@@ -271,12 +361,36 @@ mod tests {
         let mut error = active.clone();
         error["state"] = json!("ERROR");
         bridges.apply(watcher::Event::Apply(object("b1", error)), &mut listing);
-        assert!(bridges.get("b1").is_some_and(|bridge| !bridge.active));
+        assert!(
+            bridges.get("b1").is_some_and(|bridge| bridge.active),
+            "a bridge that stopped being served is still served for a moment"
+        );
+        let later = || Instant::now() + LINGER + Duration::from_millis(100);
+        assert!(
+            bridges
+                .get_at("b1", later())
+                .is_some_and(|bridge| !bridge.active)
+        );
         bridges.apply(
             watcher::Event::Delete(object("b2", active.clone())),
             &mut listing,
         );
-        assert!(bridges.get("b2").is_none());
+        assert!(
+            bridges.get("b2").is_some_and(|bridge| bridge.active),
+            "lingers"
+        );
+        assert!(bridges.get_at("b2", later()).is_none());
+        let mut creating = active.clone();
+        creating["state"] = json!("CREATING");
+        bridges.apply(watcher::Event::Apply(object("b4", creating)), &mut listing);
+        assert!(
+            bridges.get("b4").is_some_and(|bridge| bridge.active),
+            "served from CREATING on, before routers send to it"
+        );
+        let mut requested = active.clone();
+        requested["state"] = json!("REQUESTED");
+        bridges.apply(watcher::Event::Apply(object("b5", requested)), &mut listing);
+        assert!(bridges.get("b5").is_some_and(|bridge| !bridge.active));
         // A relist that no longer has b1 (deleted while the watch was down).
         for event in [
             watcher::Event::Init,
@@ -286,7 +400,7 @@ mod tests {
         }
         assert!(bridges.get("b1").is_some(), "kept until the relist is done");
         bridges.apply(watcher::Event::InitDone, &mut listing);
-        assert!(bridges.get("b1").is_none());
+        assert!(bridges.get_at("b1", later()).is_none());
         assert!(bridges.get("b3").is_some());
     }
 }
