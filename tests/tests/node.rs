@@ -1783,6 +1783,36 @@ async fn a_developer_without_privileges_connects_in_userspace_and_receives_a_bri
     // Connected again, then the admin deletes the client: the process ends with the exit
     // code of revoked credentials.
     let mut connected = connect_in_userspace(&home, "connect-again.log").await?;
+    // Stowaway's Pod replaced: the lost session comes back by itself (a new handshake).
+    let gefyra_pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+    let started = Instant::now();
+    gefyra_pods
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app.kubernetes.io/name=gefyra-stowaway"),
+        )
+        .await?;
+    eventually("the SOCKS5 proxy reaches web again", WAIT, || async {
+        Ok(gefyra_e2e::lab::run(
+            "curl",
+            &[
+                "--fail",
+                "--silent",
+                "--max-time",
+                "5",
+                "--socks5-hostname",
+                "127.0.0.1:11080",
+                WEB,
+            ],
+        )
+        .ok()
+        .filter(|body| body.trim() == "web"))
+    })
+    .await?;
+    println!(
+        "Stowaway's Pod deleted: connect --userspace reaches {WEB} again after {:?}",
+        started.elapsed()
+    );
     gefyra.ok(&["clients", "delete", "carol"]).await?;
     let code = exit_code_of(&mut connected, Duration::from_secs(60)).await?;
     ensure!(

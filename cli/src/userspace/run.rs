@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gefyra_api::ClientState;
+use gefyra_api::connection::ProviderParameter;
 use ipnet::IpNet;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
@@ -407,9 +408,8 @@ async fn check_client(
             let ours = client
                 .provider_parameter
                 .as_ref()
-                .and_then(|parameter| parameter.get("publicKey").or(parameter.get("public_key")))
-                .and_then(Value::as_str)
-                .and_then(|key| key.parse::<gefyra_api::connection::WireGuardKey>().ok())
+                .and_then(|parameter| ProviderParameter::parse(parameter).ok())
+                .and_then(|parameter| parameter.public_key)
                 .is_some_and(|key| key == *public_key);
             match client.state {
                 ClientState::Terminating => {
