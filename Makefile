@@ -146,11 +146,12 @@ BENCH_CLIENTS ?= 1000
 BENCH_LIVE_RANGES ?= 10000
 BENCH_IPERF_SECONDS ?= 5
 bench: controlplane
-	cargo build --release --locked -p gefyra-operator -p stowaway -p gefyra-carrier -p gefyra-e2e --bin gefyra-operator --bin stowaway --bin gefyra-carrier --bin lab --bin bench-clients --bin bench-ipam --bin bench-routes --bin bench-stowaway --bin bench-bridge
+	cargo build --release --locked -p gefyra-operator -p stowaway -p gefyra-carrier -p kubectl-gefyra -p gefyra-e2e --bin gefyra-operator --bin stowaway --bin gefyra-carrier --bin kubectl-gefyra --bin lab --bin bench-clients --bin bench-ipam --bin bench-routes --bin bench-stowaway --bin bench-bridge --bin bench-userspace
 	GEFYRA_BENCH_LIVE_RANGES=$(BENCH_LIVE_RANGES) target/release/bench-ipam
 	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/gefyra-bench-cluster.XXXXXX"); \
 	export GEFYRA_BENCH_CLIENTS=$(BENCH_CLIENTS) BENCH_IPERF_SECONDS=$(BENCH_IPERF_SECONDS) \
 	  GEFYRA_OPERATOR_BINARY=$(CURDIR)/target/release/gefyra-operator \
 	  GEFYRA_STOWAWAY_BINARY=$(CURDIR)/target/release/stowaway \
-	  GEFYRA_CARRIER_BINARY=$(CURDIR)/target/release/gefyra-carrier; \
-	$(CONTROLPLANE) run "$$dir" -- sh -c 'target/release/bench-clients && target/release/bench-routes && target/release/bench-stowaway && target/release/bench-bridge'
+	  GEFYRA_CARRIER_BINARY=$(CURDIR)/target/release/gefyra-carrier \
+	  KUBECTL_GEFYRA_BINARY=$(CURDIR)/target/release/kubectl-gefyra; \
+	$(CONTROLPLANE) run "$$dir" -- sh -c 'target/release/bench-clients && target/release/bench-routes && target/release/bench-stowaway && target/release/bench-bridge && target/release/bench-userspace'

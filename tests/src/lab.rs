@@ -54,6 +54,25 @@ pub fn lab_binary() -> PathBuf {
     sibling_binary("lab")
 }
 
+/// `program` run as nobody: no groups, no capabilities, and gone with the test, even when
+/// the test is killed.
+pub fn unprivileged(program: &Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            &format!("--reuid={UNPRIVILEGED}"),
+            &format!("--regid={UNPRIVILEGED}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--pdeathsig=SIGKILL",
+            "--",
+        ])
+        .arg(program);
+    command
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Process {
     pub child: std::process::Child,
@@ -504,21 +523,8 @@ impl Lab {
         if extra.contains(&"--bridges-listen") {
             bridges.clear();
         }
-        let binary = stowaway_binary();
-        let mut command = Command::new("setpriv");
+        let mut command = unprivileged(&stowaway_binary());
         command
-            .args([
-                &format!("--reuid={UNPRIVILEGED}"),
-                &format!("--regid={UNPRIVILEGED}"),
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--bounding-set=-all",
-                "--no-new-privs",
-                // Gone with the test, even when the test is killed.
-                "--pdeathsig=SIGKILL",
-                "--",
-            ])
-            .arg(&binary)
             .args([
                 "--namespace",
                 namespace,
@@ -634,6 +640,39 @@ impl PeerConfig {
 
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str().context("a UTF-8 path")
+}
+
+/// The CPU time (user + system) process `pid` has spent, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a /proc stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |field: usize| -> Result<f64> {
+        Ok(fields
+            .get(field - 3)
+            .context("a /proc stat field")?
+            .parse::<f64>()?)
+    };
+    // /proc reports in USER_HZ, 100 on Linux whatever the kernel's tick.
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
+}
+
+/// The peak resident memory of process `pid`, MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// Writes a file only its owner can read.

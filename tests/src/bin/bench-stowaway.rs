@@ -27,7 +27,9 @@ use base64::Engine;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use gefyra_e2e::Cluster;
-use gefyra_e2e::lab::{Deployment, Lab, key_pair_of_worker, run, write_secret};
+use gefyra_e2e::lab::{
+    Deployment, Lab, cpu_seconds, key_pair_of_worker, peak_rss_mib, run, write_secret,
+};
 use serde_json::json;
 use stowaway::endpoint::Endpoint;
 use stowaway::peers::{self, PeerSpec};
@@ -204,26 +206,6 @@ fn memory() -> Result<()> {
     println!("each after one handshake         {}", per_peer(handshaken));
     std::hint::black_box(&endpoint);
     Ok(())
-}
-
-/// The CPU time (user + system) process `pid` has spent, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("a /proc stat line")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |field: usize| -> Result<f64> {
-        Ok(fields
-            .get(field - 3)
-            .context("a /proc stat field")?
-            .parse::<f64>()?)
-    };
-    // /proc reports in USER_HZ, 100 on Linux whatever the kernel's tick.
-    Ok((ticks(14)? + ticks(15)?) / 100.0)
 }
 
 /// One stream count and direction of the throughput table.
@@ -587,18 +569,6 @@ fn reachable(lab: &Lab, netns: &str, address: Ipv4Addr) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     bail!("{netns} cannot reach {address}")
-}
-
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 async fn throughput(seconds: u64) -> Result<()> {
