@@ -1689,19 +1689,8 @@ async fn connect_in_userspace_reaches_the_cluster_by_name_without_privileges() -
     let binary = kubectl_gefyra_binary();
     // On this machine (the API server and Stowaway are reachable here, as from a laptop);
     // the lab's cluster only through the tunnel.
-    let mut command = std::process::Command::new("setpriv");
+    let mut command = gefyra_e2e::lab::unprivileged(&binary);
     command
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--no-new-privs",
-            "--pdeathsig=SIGKILL",
-            "--",
-        ])
-        .arg(&binary)
         .args([
             "connect",
             "-f",

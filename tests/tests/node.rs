@@ -1452,24 +1452,6 @@ fn utc_clock() -> String {
     )
 }
 
-/// `setpriv` to uid/gid 65534 (nobody) with no groups, no capabilities (none inherited,
-/// none in the bounding set) and no way to gain any: an unprivileged developer.
-fn as_nobody(program: &std::path::Path) -> std::process::Command {
-    let mut command = std::process::Command::new("setpriv");
-    command
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--no-new-privs",
-            "--",
-        ])
-        .arg(program);
-    command
-}
-
 /// `/proc/PID/status`'s `Uid:` and `CapEff:` lines of a process.
 fn credentials_of(pid: u32) -> Result<(String, String)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -1489,7 +1471,7 @@ async fn connect_in_userspace(
     home: &std::path::Path,
     log: &str,
 ) -> Result<gefyra_e2e::lab::Process> {
-    let mut command = as_nobody(&gefyra_e2e::kubectl_gefyra_binary());
+    let mut command = gefyra_e2e::lab::unprivileged(&gefyra_e2e::kubectl_gefyra_binary());
     command
         .args([
             "connect",
@@ -1652,7 +1634,7 @@ async fn a_developer_without_privileges_connects_in_userspace_and_receives_a_bri
         .await?;
 
     // Carol's machine: her local server (as nobody too) and the userspace connect.
-    let mut server_command = as_nobody(&gefyra_e2e::lab::lab_binary());
+    let mut server_command = gefyra_e2e::lab::unprivileged(&gefyra_e2e::lab::lab_binary());
     server_command.args([
         "serve",
         "--http",
@@ -1714,7 +1696,7 @@ async fn a_developer_without_privileges_connects_in_userspace_and_receives_a_bri
     );
 
     // Carol bridges her header to her tunnel address, port 8080: the exposed local server.
-    let mut bridge = as_nobody(&gefyra_e2e::kubectl_gefyra_binary());
+    let mut bridge = gefyra_e2e::lab::unprivileged(&gefyra_e2e::kubectl_gefyra_binary());
     bridge
         .args([
             "bridge",

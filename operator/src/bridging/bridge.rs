@@ -479,7 +479,7 @@ async fn release_bridge(
     }
 }
 
-/// A disconnecting client's bridges, released before its peer goes: the routers send new
+/// A disconnecting client's bridges that were ACTIVE, released before its peer goes: the routers send new
 /// connections to the original while the tunnel still carries what is in flight, instead
 /// of to a tunnel that is closing. How many there were.
 pub async fn release_bridges_of(
@@ -495,10 +495,14 @@ pub async fn release_bridges_of(
     let bridges = api
         .list(&kube::api::ListParams::default().labels(&format!("{CLIENT_LABEL}={client}")))
         .await?;
-    for bridge in &bridges.items {
+    // As the vanished-laptop rule has it: a bridge goes with its client's connection once it
+    // was ACTIVE; one that never was stays, in ERROR ClientNotConnected.
+    let mut released = 0;
+    for bridge in bridges.items.iter().filter(|bridge| was_active(bridge)) {
         release_bridge(ctx, bridge, why).await?;
+        released += 1;
     }
-    Ok(bridges.items.len())
+    Ok(released)
 }
 
 #[cfg(test)]
