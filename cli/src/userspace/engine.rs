@@ -783,3 +783,114 @@ fn write_all_now(stream: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loop that is never run: its socket points nowhere, its requests come from here.
+    fn idle_loop(exposes: &[(u16, u16)]) -> Loop {
+        let poll = Poll::new().unwrap();
+        let mut udp = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        udp.connect("127.0.0.1:9".parse().unwrap()).unwrap();
+        poll.registry()
+            .register(&mut udp, TUNNEL, Interest::READABLE)
+            .unwrap();
+        let (_, inbox) = mpsc::sync_channel(1);
+        let config = Config {
+            private_key: [1; 32],
+            server_public_key: *PublicKey::from(&StaticSecret::from([2; 32])).as_bytes(),
+            preshared_key: None,
+            endpoint: "127.0.0.1:9".parse().unwrap(),
+            address: Ipv4Addr::new(192, 168, 99, 2),
+            dns: Ipv4Addr::new(192, 168, 99, 1),
+            mtu: 1420,
+            exposes: exposes.iter().copied().collect(),
+        };
+        Loop::new(config, poll, udp, inbox, Arc::new(Stats::default()))
+    }
+
+    /// A TCP packet from `source` to the tunnel address on `port`, as Stowaway forwards one.
+    fn tcp(source: SocketAddr, port: u16, syn: bool, ack: bool) -> Vec<u8> {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{
+            IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+        };
+        let IpAddr::V4(from) = source.ip() else {
+            unreachable!()
+        };
+        let repr = TcpRepr {
+            src_port: source.port(),
+            dst_port: port,
+            control: if syn {
+                TcpControl::Syn
+            } else {
+                TcpControl::None
+            },
+            seq_number: TcpSeqNumber(1),
+            ack_number: ack.then_some(TcpSeqNumber(1)),
+            window_len: 1024,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip = Ipv4Repr {
+            src_addr: from,
+            dst_addr: Ipv4Addr::new(192, 168, 99, 2),
+            next_header: IpProtocol::Tcp,
+            payload_len: repr.header_len(),
+            hop_limit: 64,
+        };
+        let mut bytes = vec![0u8; ip.buffer_len() + repr.header_len()];
+        let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
+        ip.emit(&mut packet, &ChecksumCapabilities::default());
+        repr.emit(
+            &mut TcpPacket::new_unchecked(packet.payload_mut()),
+            &IpAddress::Ipv4(from),
+            &IpAddress::Ipv4(Ipv4Addr::new(192, 168, 99, 2)),
+            &ChecksumCapabilities::default(),
+        );
+        bytes
+    }
+
+    #[test]
+    fn the_cluster_side_holds_at_most_its_bound_of_exposed_connections() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = server.local_addr().unwrap().port();
+        let mut engine = idle_loop(&[(8080, local)]);
+        // A flood of SYNs from as many source ports: each would cost a local connection.
+        for port in 1..=1_000u16 {
+            let source = SocketAddr::from(([10, 0, 0, 7], port));
+            engine.inbound(tcp(source, 8080, true, false));
+        }
+        assert_eq!(engine.connections.len(), MAX_EXPOSED);
+        // The same SYN again (a retransmission) opens nothing more.
+        engine.connections.clear();
+        let source = SocketAddr::from(([10, 0, 0, 7], 40_000));
+        engine.inbound(tcp(source, 8080, true, false));
+        engine.inbound(tcp(source, 8080, true, false));
+        assert_eq!(engine.connections.len(), 1);
+    }
+
+    #[test]
+    fn only_syns_to_an_exposed_port_of_the_tunnel_address_dial_this_machine() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = server.local_addr().unwrap().port();
+        let mut engine = idle_loop(&[(8080, local)]);
+        let source = SocketAddr::from(([10, 0, 0, 7], 5_000));
+        // Another port, a non-SYN, garbage, a truncated header: nothing dialled, no panic.
+        engine.inbound(tcp(source, 8081, true, false));
+        engine.inbound(tcp(source, 8080, false, true));
+        engine.inbound(vec![0x45; 7]);
+        engine.inbound(Vec::new());
+        let mut truncated = tcp(source, 8080, true, false);
+        truncated.truncate(30);
+        engine.inbound(truncated);
+        assert!(engine.connections.is_empty());
+        // Whatever arrived went to the stack, which drops or resets it.
+        assert!(!engine.queues.inbound.is_empty());
+    }
+}

@@ -33,6 +33,8 @@ use crate::wait::{self, Goal};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the client's own GefyraClient is read (a deleted client ends the process).
 const WATCH_EVERY: Duration = Duration::from_secs(5);
+/// After a failed accept (out of descriptors), before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The default MTU of a Gefyra tunnel.
 const DEFAULT_MTU: u16 = 1340;
 
@@ -184,6 +186,8 @@ fn serve_proxy(listener: TcpListener, router: Router, protocol: Protocol) {
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
+                // Out of descriptors, most likely: a pause, not a spin.
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             };
             let router = router.clone();
@@ -210,6 +214,7 @@ fn serve_forward(listener: TcpListener, router: Router, forward: LocalForward) {
         };
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             };
             let router = router.clone();
