@@ -12,17 +12,17 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::allocator::ClaimError;
-
-/// How long a disconnect waits after releasing the client's bridges before its peer goes:
-/// the routers follow the bridges by watch (milliseconds), so in-flight bridged requests
-/// finish through the tunnel and new ones already reach the original.
-const ROUTERS_FOLLOW_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::connection;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::lifecycle::enter_action;
 use crate::lifecycle::{self, Connection};
 use crate::routes::Refused;
+
+/// How long a disconnect waits after releasing the client's bridges before its peer goes:
+/// the routers follow the bridges by watch (milliseconds), so in-flight bridged requests
+/// finish through the tunnel and new ones already reach the original.
+const ROUTERS_FOLLOW_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Records the state `to` (coming from `from`) with any `extra` fields in one patch, then
 /// logs it and posts a `StateChanged` Event (with `note`, if any). Returns the generation
