@@ -923,6 +923,52 @@ async fn gefyras_code(kubeconfig: &std::path::Path, code: &str, args: &[&str]) -
 }
 
 /// The bridge kinds as the tests write them (Gefyra's wire layout).
+/// The demo workload as `make up` makes it, anew (a Pod or a switched Service an earlier
+/// run left is replaced), and the chart installed with `values` (`,key=value...`).
+async fn demo_and_chart(cluster: &Cluster, values: &str) -> Result<()> {
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "delete",
+            "pod/others",
+            "service/web",
+            "--ignore-not-found",
+            "--wait",
+        ],
+    )
+    .await?;
+    let demo = repo_root().join("deploy/demo/web.yaml");
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            demo.to_str().context("utf-8")?,
+        ],
+    )
+    .await?;
+    helm_install(cluster, "install", values).await?;
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 fn bridge_api(client: kube::Client, plural: &str, kind: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
         client,
@@ -1067,53 +1113,10 @@ async fn bridges_send_a_workloads_requests_to_developers_and_leave_its_pods_alon
     let cluster = Cluster::from_env().await?;
     without_gefyra(&cluster).await?;
     let admin = cluster.admin()?;
-    // What an earlier run may have left in `demo`: its grants, its Pod, a switched Service.
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "delete",
-            "rolebinding/gefyra-bridge-alice",
-            "rolebinding/gefyra-bridge-bob",
-            "pod/others",
-            "service/web",
-            "--ignore-not-found",
-            "--wait",
-        ],
-    )
-    .await?;
-    let demo = repo_root().join("deploy/demo/web.yaml");
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            demo.to_str().context("utf-8")?,
-        ],
-    )
-    .await?;
     // gefyra-compat: Gefyra's code waits for a bridge's Event, which a client reads only there.
-    helm_install(
+    demo_and_chart(
         &cluster,
-        "install",
         ",bridging.namespaces={demo},operator.clientRbac=gefyra-compat",
-    )
-    .await?;
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=120s",
-        ],
     )
     .await?;
     let demo_pods: Api<Pod> = Api::namespaced(admin.clone(), "demo");
@@ -1539,46 +1542,7 @@ async fn a_developer_without_privileges_connects_in_userspace_and_receives_a_bri
     let cluster = Cluster::from_env().await?;
     without_gefyra(&cluster).await?;
     let admin = cluster.admin()?;
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "delete",
-            "rolebinding/gefyra-bridge-carol",
-            "service/web",
-            "--ignore-not-found",
-            "--wait",
-        ],
-    )
-    .await?;
-    let demo = repo_root().join("deploy/demo/web.yaml");
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            demo.to_str().context("utf-8")?,
-        ],
-    )
-    .await?;
-    helm_install(&cluster, "install", ",bridging.namespaces={demo}").await?;
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=120s",
-        ],
-    )
-    .await?;
+    demo_and_chart(&cluster, ",bridging.namespaces={demo}").await?;
 
     // The admin: Carol's client, her file (handed to her: her home, hers alone), her grant
     // to bridge in `demo`, the mount.
