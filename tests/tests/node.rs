@@ -220,18 +220,7 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
 
     // The demo workload and the chart with its defaults (namespace created, restricted).
-    let demo = repo_root().join("deploy/demo/web.yaml");
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            demo.to_str().context("utf-8")?,
-        ],
-    )
-    .await?;
+    apply_demo(&cluster).await?;
     let started = Instant::now();
     helm_install(&cluster, "install", "").await?;
     println!(
@@ -284,19 +273,7 @@ async fn the_chart_runs_on_a_node_and_a_developer_reaches_a_service_by_name() ->
         "the chart's NetworkPolicies are applied"
     );
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "demo");
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=120s",
-        ],
-    )
-    .await?;
+    demo_rolled_out(&cluster).await?;
     ensure!(deployments.get("web").await?.status.is_some(), "web runs");
     let web_pods: Api<Pod> = Api::namespaced(admin.clone(), "demo");
     let web_ip = web_pods
@@ -836,31 +813,8 @@ async fn the_docs_commands_run_as_written() -> Result<()> {
     );
     without_gefyra(&cluster).await?;
     // What `make up` adds besides the chart (tests/system.sh): the demo workload.
-    let demo = repo_root().join("deploy/demo/web.yaml");
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            demo.to_str().context("utf-8")?,
-        ],
-    )
-    .await?;
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=120s",
-        ],
-    )
-    .await?;
+    apply_demo(&cluster).await?;
+    demo_rolled_out(&cluster).await?;
 
     let scratch = Scratch::new()?;
     let mut lab = Lab::new()?;
@@ -923,6 +877,41 @@ async fn gefyras_code(kubeconfig: &std::path::Path, code: &str, args: &[&str]) -
 }
 
 /// The bridge kinds as the tests write them (Gefyra's wire layout).
+/// `deploy/demo/web.yaml` applied: the demo workload `make up` adds (tests/system.sh).
+async fn apply_demo(cluster: &Cluster) -> Result<()> {
+    let demo = repo_root().join("deploy/demo/web.yaml");
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            demo.to_str().context("utf-8")?,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Waits until the demo Deployment `web` has rolled out.
+async fn demo_rolled_out(cluster: &Cluster) -> Result<()> {
+    run(
+        "kubectl",
+        &cluster.kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The demo workload as `make up` makes it, anew (a Pod or a switched Service an earlier
 /// run left is replaced), and the chart installed with `values` (`,key=value...`).
 async fn demo_and_chart(cluster: &Cluster, values: &str) -> Result<()> {
@@ -940,32 +929,9 @@ async fn demo_and_chart(cluster: &Cluster, values: &str) -> Result<()> {
         ],
     )
     .await?;
-    let demo = repo_root().join("deploy/demo/web.yaml");
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            demo.to_str().context("utf-8")?,
-        ],
-    )
-    .await?;
+    apply_demo(cluster).await?;
     helm_install(cluster, "install", values).await?;
-    run(
-        "kubectl",
-        &cluster.kubeconfig,
-        &[
-            "-n",
-            "demo",
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=120s",
-        ],
-    )
-    .await?;
+    demo_rolled_out(cluster).await?;
     Ok(())
 }
 
